@@ -1,0 +1,1 @@
+"""Backends: onnxruntime (reference and baseline) and TVM."""

@@ -1,0 +1,1 @@
+"""TVM TensorIR kernels and schedules the stock TVM wheel lacks."""
