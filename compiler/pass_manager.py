@@ -1,0 +1,149 @@
+"""Run a pipeline of passes over a model, measuring and checking each step.
+
+For every pass the manager records wall time, what changed (nodes, params, MACs
+before/after, the pass's own stats) and its numeric effect on calibration
+inputs. Exact passes (fusion, folding, cleanup) must keep outputs equal within
+`rtol` (relative L2) of the model before the pass, else the run stops with a
+VerificationError naming the pass; lossy passes get their error recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .calibration import CalibrationSource
+from .errors import OnnxforgeError, PassFailedError, VerificationError
+from .ir import load_model, save_model, validate_model
+from .metrics import compute_metrics
+from .passes.base import ForgePass, PassContext
+from .pipeline import Pipeline
+from .verify import Comparison, compare_models
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepReport:
+    pass_text: str
+    exact: bool
+    seconds: float
+    modified: bool
+    before: dict[str, int]
+    after: dict[str, int]
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: Comparison | None = None  # against the model before this pass
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_text,
+            "exact": self.exact,
+            "seconds": round(self.seconds, 4),
+            "modified": self.modified,
+            "before": self.before,
+            "after": self.after,
+            "stats": self.stats,
+            "error": self.error.to_dict() if self.error else None,
+            "note": self.note,
+        }
+
+
+def _summary(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    metrics = compute_metrics(model, input_shapes)
+    return {"nodes": metrics.nodes, "params": metrics.params, "macs": metrics.macs}
+
+
+class PassManager:
+    """Runs passes in order on an `onnx_ir.Model` (in place) and reports each step."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline | str | list[ForgePass],
+        context: PassContext | None = None,
+        *,
+        verify_source: CalibrationSource | None = None,
+        verify_batches: int = 4,
+        rtol: float = 1e-4,
+        dump_dir: str | Path | None = None,
+        print_after: set[str] | None = None,
+        console: Console | None = None,
+        progress: bool = False,
+    ):
+        self.context = context or PassContext()
+        if isinstance(pipeline, str):
+            pipeline = Pipeline.parse(pipeline, self.context)
+        elif isinstance(pipeline, list):
+            pipeline = Pipeline(pipeline)
+        for p in pipeline:
+            p.context = self.context
+        self.pipeline = pipeline
+        self.verify_source = verify_source
+        self.verify_batches = verify_batches
+        self.rtol = rtol
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+        self.print_after = print_after or set()
+        self.console = console or Console(stderr=True)
+        self.progress = progress
+
+    def run(self, model: ir.Model) -> tuple[ir.Model, list[StepReport]]:
+        steps: list[StepReport] = []
+        shapes = self.context.input_shapes
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                      console=self.console, disable=not self.progress, transient=True) as bar:
+            task = bar.add_task("passes", total=len(self.pipeline))
+            for index, p in enumerate(self.pipeline):
+                bar.update(task, description=f"pass {index + 1}/{len(self.pipeline)}: {p.name}")
+                steps.append(self._run_one(index, p, model, shapes))
+                bar.advance(task)
+        return model, steps
+
+    def _run_one(self, index: int, p: ForgePass, model: ir.Model,
+                 shapes: dict[str, tuple[int, ...]]) -> StepReport:
+        before = _summary(model, shapes)
+        reference = load_model(model, check=False) if self.verify_source is not None else None
+        p.stats = {}
+        start = time.perf_counter()
+        try:
+            result = p(model)
+        except OnnxforgeError:
+            raise
+        except Exception as exc:
+            raise PassFailedError(f"pass {p.describe()} failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        model = result.model
+        try:
+            validate_model(model, f"after pass {p.name}")
+        except OnnxforgeError as exc:
+            raise PassFailedError(f"pass {p.describe()} left an invalid graph: {exc}") from exc
+        step = StepReport(p.describe(), p.exact, seconds, bool(result.modified), before,
+                          _summary(model, shapes), dict(p.stats))
+        if reference is not None and result.modified:
+            step.error = compare_models(reference, model, self.verify_source,
+                                        limit=self.verify_batches, threads=self.context.threads)
+            if p.exact and not step.error.within(self.rtol):
+                raise VerificationError(
+                    f"exact pass {p.describe()} changed the outputs: relative L2 error "
+                    f"{step.error.max_rel_l2:.3g} > {self.rtol:g} (max abs "
+                    f"{step.error.max_abs:.3g}). This is a bug in the pass; run without it or "
+                    "report the model."
+                )
+        logger.info("%s: %.3fs, nodes %d -> %d", p.describe(), seconds, before["nodes"],
+                    step.after["nodes"])
+        if self.dump_dir is not None:
+            save_model(model, self.dump_dir / f"{index:02d}_{p.name}.onnx")
+        if p.name in self.print_after:
+            self._print_model(p, model)
+        return step
+
+    def _print_model(self, p: ForgePass, model: ir.Model) -> None:
+        counts = compute_metrics(model, with_macs=False).op_counts
+        ops = ", ".join(f"{op}×{n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        self.console.print(f"[bold]after {p.describe()}[/]: {sum(counts.values())} nodes: {ops}")

@@ -1,0 +1,208 @@
+"""The project's thin base over onnx_ir's pass infrastructure, and the pass registry.
+
+A pass is an `onnx_ir.passes.InPlacePass` with:
+- a registry `name` (what a pipeline string uses) and a one-line `summary`;
+- typed options as a dataclass `Options` (parsed from pipeline text by type hints);
+- `exact`: True when the rewrite must not change outputs (the pass manager checks);
+- `stats`: a dict the pass fills with what it changed, copied into the report;
+- `context`: calibration data, input shapes and threads shared by the whole run.
+
+Pass modules register themselves with `@register` when imported;
+`load_builtin_passes()` imports every module in this package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import InputSpecError, PipelineError
+
+
+@dataclass
+class PassContext:
+    """What every pass of one run may use besides the model itself."""
+
+    calibration: Any = None  # onnxforge.calibration.CalibrationSource | None
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    threads: int = 1
+    seed: int = 0
+    # Largest number of calibration batches a data-driven pass should read.
+    max_calibration_batches: int = 64
+
+    def calibration_batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Stream calibration batches (name -> array); error if none were given."""
+        if self.calibration is None:
+            raise InputSpecError(
+                "this pass needs calibration data: pass --calib data.npz (or a folder of "
+                ".npy files / images, or 'random')"
+            )
+        yield from self.calibration.batches(limit or self.max_calibration_batches)
+
+    @property
+    def has_calibration(self) -> bool:
+        return self.calibration is not None
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class ForgePass(ir.passes.InPlacePass):
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    Options: ClassVar[type] = NoOptions
+    # Option names that may be given without `key=` in pipeline text, in order
+    # (e.g. `quantize(int8)` sets `mode`).
+    positional: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: Any = None, context: PassContext | None = None, **kwargs: Any):
+        super().__init__()
+        if options is None:
+            options = self.Options(**kwargs)
+        elif kwargs:
+            options = dataclasses.replace(options, **kwargs)
+        self.options = options
+        self.context = context or PassContext()
+        self.stats: dict[str, Any] = {}
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add `n` to a counter in this pass's stats (e.g. 'bn_folded')."""
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def describe(self) -> str:
+        """Pipeline text for this pass: name plus the options that differ from defaults."""
+        parts = []
+        defaults = self.Options()
+        for f in dataclasses.fields(self.options):
+            value = getattr(self.options, f.name)
+            if value != getattr(defaults, f.name):
+                parts.append(f"{f.name}={format_option_value(value)}")
+        return f"{self.name}({','.join(parts)})" if parts else self.name
+
+
+PASSES: dict[str, type[ForgePass]] = {}
+
+
+def register(cls: type[ForgePass]) -> type[ForgePass]:
+    """Class decorator: make a pass available by its `name` in pipelines."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no registry name")
+    if cls.name in PASSES and PASSES[cls.name] is not cls:
+        raise TypeError(f"pass name {cls.name!r} registered twice")
+    PASSES[cls.name] = cls
+    return cls
+
+
+_loaded = False
+
+
+def load_builtin_passes() -> dict[str, type[ForgePass]]:
+    """Import every module of `onnxforge.passes` so their passes register."""
+    global _loaded
+    if not _loaded:
+        package = importlib.import_module("onnxforge.passes")
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_") and info.name != "base":
+                importlib.import_module(f"onnxforge.passes.{info.name}")
+        _loaded = True
+    return PASSES
+
+
+def get_pass(name: str) -> type[ForgePass]:
+    passes = load_builtin_passes()
+    if name not in passes:
+        raise PipelineError(
+            f"unknown pass {name!r}; available passes: {', '.join(sorted(passes))} "
+            "(run `onnxforge passes` for their options)"
+        )
+    return passes[name]
+
+
+# ---------------------------------------------------------------- option typing
+
+
+def option_specs(cls: type[ForgePass]) -> list[tuple[str, str, Any]]:
+    """(name, type description, default) for each option of a pass."""
+    hints = typing.get_type_hints(cls.Options)
+    specs = []
+    for f in dataclasses.fields(cls.Options):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        specs.append((f.name, _type_name(hints[f.name]), default))
+    return specs
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + "?"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def coerce_option(pass_name: str, option: str, text: Any, tp: Any) -> Any:
+    """Convert pipeline text to the option's declared type, or raise PipelineError."""
+    if not isinstance(text, str):
+        return text
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if text.lower() in ("none", "null"):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce_option(pass_name, option, text, arg)
+            except PipelineError as exc:
+                errors.append(str(exc))
+        raise PipelineError(errors[-1] if errors else f"{pass_name}: bad value for {option}")
+    if origin is typing.Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        raise PipelineError(
+            f"{pass_name}: option {option}={text!r} is not one of {', '.join(map(str, args))}"
+        )
+    try:
+        if tp is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError(text)
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+    except ValueError:
+        raise PipelineError(
+            f"{pass_name}: option {option}={text!r} is not a valid {_type_name(tp)}"
+        ) from None
+    raise PipelineError(f"{pass_name}: option {option} has an unsupported type {tp}")
+
+
+def format_option_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and any(c in value for c in ",()= "):
+        return f'"{value}"'
+    return str(value)
