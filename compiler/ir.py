@@ -40,7 +40,9 @@ def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
     """
     label = "<model>"
     if isinstance(source, ir.Model):
-        model = ir.from_proto(ir.to_proto(source)) if _is_small(source) else _clone(source)
+        # Tensors are shared with the source, so they are handed out read-only
+        # (see constant_array): a pass replaces a weight, it never edits one in place.
+        model = source.clone()
     elif isinstance(source, onnx.ModelProto):
         model = ir.from_proto(source)
     elif isinstance(source, (bytes, bytearray)):
@@ -82,8 +84,9 @@ def _is_small(model: ir.Model) -> bool:
     return sum(nbytes(v) for v in model.graph.initializers.values()) < PROTOBUF_LIMIT // 2
 
 
-def _clone(model: ir.Model) -> ir.Model:
-    return model.clone() if hasattr(model, "clone") else ir.from_proto(ir.to_proto(model))
+def _has_external(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor)
+               for v in model.graph.initializers.values())
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:
@@ -167,7 +170,13 @@ def _check_acyclic(graph: ir.Graph, producer_of: dict[str, ir.Node], label: str)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialize to a ModelProto that onnxruntime 1.31 accepts (IR version clamped)."""
+    """Serialize to a ModelProto that onnxruntime 1.31 accepts (IR version clamped).
+
+    External tensors of a model under 2 GiB are read into memory first, so the proto
+    is self-contained (onnxruntime cannot resolve external data of in-memory bytes).
+    """
+    if _is_small(model) and _has_external(model):
+        ir.external_data.load_to_model(model)
     proto = ir.to_proto(model)
     proto.ir_version = min(proto.ir_version, MAX_ORT_IR_VERSION)
     return proto
@@ -211,11 +220,17 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool 
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of an initializer or of a `Constant` node's output, else None."""
+    """The numpy value of an initializer or of a `Constant` node's output, else None.
+
+    The array is read-only: tensors are shared between a model and its clones, so
+    a pass must build a new array and store it (e.g. with `add_initializer`).
+    """
     if value is None:
         return None
     if value.const_value is not None:
-        return value.const_value.numpy()
+        arr = value.const_value.numpy().view()
+        arr.flags.writeable = False
+        return arr
     node = value.producer()
     if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
         return None

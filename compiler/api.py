@@ -1,0 +1,305 @@
+"""The public Python API; the CLI is a thin layer over these functions.
+
+    import onnxforge
+    result = onnxforge.optimize("model.onnx", "cleanup,fuse", output="out.onnx")
+    print(result.report["steps"])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from rich.console import Console
+
+from .backends.ort import OrtArtifact
+from .calibration import CalibrationSource, open_calibration
+from .errors import BudgetExceededError, InputSpecError
+from .ir import ModelSource, load_model, save_model
+from .metrics import compute_metrics
+from .pass_manager import PassManager, StepReport
+from .passes.base import PassContext
+from .report import write_json
+from .shapes import model_inputs, resolve_input_shapes
+from .verify import Comparison, compare_models
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).parent / "data"
+EXAMPLE_MODEL = DATA_DIR / "digits_cnn.onnx"
+EXAMPLE_CALIBRATION = DATA_DIR / "digits_calib.npz"
+EXAMPLE_TEST_DATA = DATA_DIR / "digits_test.npz"
+EXAMPLE_INPUT_SHAPES = {"input": (1, 1, 8, 8)}
+DEFAULT_PIPELINE = "cleanup,fuse"
+
+
+@dataclass
+class OptimizeResult:
+    model: ir.Model
+    steps: list[StepReport]
+    report: dict[str, Any]
+    output: Path | None = None
+    error: Comparison | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _try_shapes(model: ir.Model, input_shapes) -> tuple[dict, str | None]:
+    try:
+        return resolve_input_shapes(model, input_shapes), None
+    except InputSpecError as exc:
+        return dict(input_shapes or {}), str(exc)
+
+
+def optimize(
+    model: ModelSource,
+    pipeline: str = DEFAULT_PIPELINE,
+    *,
+    output: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | dict | CalibrationSource | None = None,
+    verify_data: str | os.PathLike | dict | CalibrationSource | None = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    max_error: float | None = None,
+    max_accuracy_drop: float | None = None,
+    force: bool = False,
+    verify: bool = True,
+    verify_batches: int = 64,
+    rtol: float = 1e-4,
+    threads: int = 1,
+    measure_latency: bool = False,
+    report_path: str | os.PathLike | None = None,
+    dump_dir: str | os.PathLike | None = None,
+    print_after: Sequence[str] = (),
+    console: Console | None = None,
+    progress: bool = False,
+) -> OptimizeResult:
+    """Run `pipeline` on `model`, verify it, and (if within budget) write `output`.
+
+    - `calibration`: data for data-driven passes (`.npz`, folder, images, `random:N`).
+    - `verify_data`: data to measure the final error on (default: the calibration
+      data, else random inputs). With labels (`labels` in the .npz), accuracy is
+      measured too.
+    - `max_error` bounds the relative L2 output error of the result against the
+      input model; `max_accuracy_drop` bounds the top-1 accuracy drop (needs
+      labels). Past either, BudgetExceededError is raised and nothing is written,
+      unless `force`.
+    The input model is never modified; `output` is written atomically.
+    """
+    console = console or Console(stderr=True)
+    original = load_model(model)
+    working = load_model(original, check=False)
+    shapes, shape_problem = _try_shapes(original, input_shapes)
+    context = PassContext(input_shapes=shapes, threads=threads)
+    if calibration is not None:
+        if shape_problem:
+            raise InputSpecError(shape_problem)
+        context.calibration = open_calibration(calibration, original, shapes)
+    verify_source = None
+    if verify:
+        if shape_problem:
+            raise InputSpecError(f"{shape_problem} (or pass --no-verify to skip verification)")
+        if verify_data is not None:
+            verify_source = open_calibration(verify_data, original, shapes)
+        elif context.calibration is not None:
+            verify_source = context.calibration
+        else:
+            verify_source = open_calibration("random:4", original, shapes)
+
+    manager = PassManager(pipeline, context, verify_source=verify_source, rtol=rtol,
+                          dump_dir=dump_dir, print_after=set(print_after), console=console,
+                          progress=progress)
+    started = time.perf_counter()
+    working, steps = manager.run(working)
+    seconds = time.perf_counter() - started
+
+    before = compute_metrics(original, shapes if not shape_problem else None)
+    after = compute_metrics(working, shapes if not shape_problem else None)
+    error = None
+    if verify_source is not None:
+        # A labelled set is measured whole: an accuracy on a slice would mislead.
+        limit = None if verify_source.labels() is not None else verify_batches
+        error = compare_models(original, working, verify_source, limit=limit, threads=threads)
+    report: dict[str, Any] = {
+        "input": str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory>",
+        "output": str(output) if output else None,
+        "pipeline": manager.pipeline.text,
+        "seconds": round(seconds, 3),
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "steps": [s.to_dict() for s in steps],
+        "error": error.to_dict() if error else None,
+        "verification": None if verify_source is not None else "skipped (--no-verify)",
+        "budget": {"max_error": max_error, "max_accuracy_drop": max_accuracy_drop,
+                   "forced": force},
+    }
+    if measure_latency and not shape_problem:
+        report["latency"] = compare_latency(original, working, verify_source or
+                                            open_calibration("random:1", original, shapes),
+                                            threads=threads)
+    result = OptimizeResult(working, steps, report, error=error)
+    _enforce_budget(result, max_error, max_accuracy_drop, force)
+    if output is not None:
+        result.output = save_model(working, output)
+        report["output_bytes"] = result.output.stat().st_size
+    if report_path is not None:
+        write_json(report_path, report)
+    return result
+
+
+def _enforce_budget(result: OptimizeResult, max_error: float | None,
+                    max_accuracy_drop: float | None, force: bool) -> None:
+    error = result.error
+    problems = []
+    if (max_error is not None or max_accuracy_drop is not None) and error is None:
+        problems.append("the error budget cannot be checked without verification")
+    if error is not None and max_error is not None and error.max_rel_l2 > max_error:
+        problems.append(f"relative L2 error {error.max_rel_l2:.4g} exceeds --max-error {max_error:g}")
+    if error is not None and max_accuracy_drop is not None:
+        drop = error.accuracy_drop
+        if drop is None:
+            problems.append("--max-accuracy-drop needs labels in the verification data")
+        elif drop > max_accuracy_drop:
+            problems.append(f"accuracy drop {drop * 100:.2f} pt exceeds --max-accuracy-drop "
+                            f"{max_accuracy_drop * 100:.2f} pt")
+    if not problems:
+        return
+    if force:
+        result.warnings.extend(problems)
+        result.report["budget"]["violations"] = problems
+        return
+    raise BudgetExceededError(
+        "; ".join(problems) + ". Nothing was written; loosen the budget, change the pipeline, "
+        "or pass --force to write anyway."
+    )
+
+
+def compare_latency(a: ir.Model, b: ir.Model, source: CalibrationSource, *, threads: int = 1,
+                    warmup: int = 5, repeat: int = 30) -> dict[str, Any]:
+    """Median ORT latency of two models on the same input, interleaved in one process."""
+    timings = benchmark_artifacts([OrtArtifact(a, threads=threads), OrtArtifact(b, threads=threads)],
+                                  source.first(), warmup=warmup, repeat=repeat)
+    before, after = (t["median_ms"] for t in timings)
+    return {"threads": threads, "before_ms": before, "after_ms": after,
+            "speedup": before / after if after else float("nan")}
+
+
+def benchmark_artifacts(artifacts: Sequence[Any], inputs: dict, *, warmup: int = 5,
+                        repeat: int = 30, rounds: int = 5) -> list[dict[str, Any]]:
+    """Time several artifacts side by side: rounds alternate between them so that
+    machine noise hits all of them alike; the median over all samples is reported."""
+    samples: list[list[float]] = [[] for _ in artifacts]
+    for art in artifacts:
+        for _ in range(warmup):
+            art.run(inputs)
+    per_round = max(1, repeat // rounds)
+    for _ in range(rounds):
+        for i, art in enumerate(artifacts):
+            timing = art.benchmark(inputs, warmup=0, repeat=per_round)
+            samples[i].extend(timing.samples_ms)
+    results = []
+    for art, values in zip(artifacts, samples):
+        results.append({
+            "backend": art.backend,
+            "median_ms": statistics.median(values),
+            "min_ms": min(values),
+            "stdev_ms": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "repeat": len(values),
+        })
+    return results
+
+
+def benchmark_models(
+    models: Sequence[ModelSource],
+    *,
+    backend: str = "ort",
+    threads: int = 1,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    warmup: int = 5,
+    repeat: int = 30,
+    target: str = "host",
+) -> list[dict[str, Any]]:
+    """Latency of each model (and, for backend='tvm', ORT vs TVM) measured side by side.
+
+    All models are timed in one process on the same random input (the first
+    model's inputs; models must share input names and shapes). Ratios are relative
+    to the first row.
+    """
+    loaded = [load_model(m) for m in models]
+    shapes = resolve_input_shapes(loaded[0], input_shapes)
+    inputs = open_calibration("random:1", loaded[0], shapes).first()
+    labels, artifacts = [], []
+    for src, model in zip(models, loaded):
+        name = Path(src).name if isinstance(src, (str, os.PathLike)) else "<model>"
+        got = {v.name for v in model_inputs(model)}
+        if got != set(inputs):
+            raise InputSpecError(f"{name}: inputs {sorted(got)} differ from {sorted(inputs)}; "
+                                 "bench compares models with the same inputs")
+        if backend in ("ort", "tvm"):
+            labels.append(name)
+            artifacts.append(OrtArtifact(model, threads=threads))
+        if backend == "tvm":
+            from .backends.tvm import compile_model  # imported lazily: TVM is optional
+
+            labels.append(name)
+            artifacts.append(compile_model(model, target, input_shapes=shapes, threads=threads))
+        if backend not in ("ort", "tvm"):
+            raise InputSpecError(f"unknown backend {backend!r}: use ort or tvm")
+    timings = benchmark_artifacts(artifacts, inputs, warmup=warmup, repeat=repeat)
+    base = timings[0]["median_ms"]
+    for label, row in zip(labels, timings):
+        row["label"] = label
+        row["threads"] = threads
+        row["ratio"] = row["median_ms"] / base if base else float("nan")
+    return timings
+
+
+def inspect_model(model: ModelSource, input_shapes: dict[str, tuple[int, ...]] | None = None
+                  ) -> dict[str, Any]:
+    """Structure and cost of a model: I/O, opset, params, weight bytes, MACs, op counts."""
+    loaded = load_model(model)
+    shapes, problem = _try_shapes(loaded, input_shapes)
+    metrics = compute_metrics(loaded, shapes if not problem else None, with_macs=not problem)
+    path = Path(model) if isinstance(model, (str, os.PathLike)) else None
+
+    def describe(value: ir.Value) -> dict[str, Any]:
+        shape = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape else None
+        return {"name": value.name, "dtype": value.dtype.name if value.dtype else "?",
+                "shape": shape}
+
+    top = sorted(metrics.node_macs.items(), key=lambda kv: -kv[1])[:10]
+    return {
+        "path": str(path) if path else "<in-memory>",
+        "file_bytes": path.stat().st_size if path else 0,
+        "opset": loaded.opset_imports.get("", None),
+        "ir_version": loaded.ir_version,
+        "producer": loaded.producer_name,
+        "inputs": [describe(v) for v in model_inputs(loaded)],
+        "outputs": [describe(v) for v in loaded.graph.outputs],
+        "nodes": metrics.nodes,
+        "params": metrics.params,
+        "weight_bytes": metrics.weight_bytes,
+        "macs": None if problem else metrics.macs,
+        "macs_note": f"MACs need concrete input shapes: {problem}" if problem else (
+            f"MACs unknown for {len(metrics.unknown_mac_nodes)} node(s) with dynamic shapes"
+            if metrics.unknown_mac_nodes else None),
+        "op_counts": metrics.op_counts,
+        "top_nodes": top,
+    }
+
+
+def verify_models(reference: ModelSource, candidate: ModelSource, *,
+                  data: Any = None, input_shapes=None, batches: int = 16,
+                  threads: int = 1) -> Comparison:
+    """Compare two models' outputs on the same inputs with onnxruntime."""
+    ref = load_model(reference)
+    cand = load_model(candidate)
+    shapes = resolve_input_shapes(ref, input_shapes)
+    source = open_calibration(data if data is not None else f"random:{batches}", ref, shapes)
+    return compare_models(ref, cand, source, limit=batches, threads=threads)
