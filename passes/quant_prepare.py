@@ -1,0 +1,133 @@
+"""Exact float rewrites that quantization needs first, plus small IR helpers.
+
+Rewrite rules (each exact up to float rounding):
+  * Conv/ConvTranspose(x, W, b) -> BatchNormalization(inference)  ==>  Conv(x, W', b')
+    with W' = W * g / sqrt(var + eps) per output channel, b' = (b - mean) * g/sqrt(var+eps) + beta.
+    Precondition: the conv output feeds only the BN, W/b and BN parameters are constants,
+    BN has one output (inference mode).
+  * Gemm(alpha, beta) ==> Gemm(alpha=1, beta=1) with alpha folded into B and beta into C.
+    Precondition: B (and C) constant.
+
+Weights may live in initializers or Constant nodes (`constant_array` reads both);
+rewritten weights always become fresh initializers, and dead Constant nodes and
+initializers are removed by `remove_unused`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ..ir import add_initializer, constant_array
+
+logger = logging.getLogger(__name__)
+
+
+def attr(node: ir.Node, name: str, default=None):
+    """Python value of a node attribute, or `default`."""
+    a = node.attributes.get(name)
+    if a is None:
+        return default
+    return a.value
+
+
+def only_consumer(value: ir.Value) -> ir.Node | None:
+    """The single node consuming `value` (None if several, none, or a graph output)."""
+    if value.is_graph_output():
+        return None
+    consumers = value.consumers()
+    return consumers[0] if len(consumers) == 1 else None
+
+
+def is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in (None, ir.DataType.FLOAT)
+
+
+def remove_unused(model: ir.Model) -> None:
+    """Dead-code elimination of nodes and initializers (onnx_ir's common pass)."""
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+
+
+def fold_batchnorm(model: ir.Model) -> int:
+    """Fold inference BatchNormalization nodes into the preceding Conv/ConvTranspose."""
+    graph = model.graph
+    folded = 0
+    for bn in list(graph):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            continue
+        if len(bn.outputs) != 1 or attr(bn, "training_mode", 0):
+            continue
+        x = bn.inputs[0]
+        conv = x.producer() if x is not None else None
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or only_consumer(x) is not bn:
+            continue
+        w = constant_array(conv.inputs[1])
+        b = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+        params = [constant_array(v) for v in bn.inputs[1:5]]
+        if w is None or any(p is None for p in params) or (len(conv.inputs) > 2 and conv.inputs[2] is not None and b is None):
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
+        eps = float(attr(bn, "epsilon", 1e-5))
+        factor = gamma / np.sqrt(var + eps)
+        cout = factor.size
+        if conv.op_type == "Conv":
+            if w.shape[0] != cout:
+                continue
+            w_new = w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))
+        else:
+            group = int(attr(conv, "group", 1))
+            cin = w.shape[0]
+            if w.shape[1] * group != cout:
+                continue
+            w6 = w.astype(np.float64).reshape(group, cin // group, w.shape[1], *w.shape[2:])
+            f = factor.reshape(group, 1, w.shape[1], *([1] * (w.ndim - 2)))
+            w_new = (w6 * f).reshape(w.shape)
+        b0 = b.astype(np.float64) if b is not None else np.zeros(cout)
+        b_new = (b0 - mean) * factor + beta
+        w_val = add_initializer(graph, f"{conv.name or 'conv'}_bnfold_W", w_new.astype(np.float32))
+        b_val = add_initializer(graph, f"{conv.name or 'conv'}_bnfold_B", b_new.astype(np.float32))
+        if len(conv.inputs) < 3:
+            conv.resize_inputs(3)
+        conv.replace_input_with(1, w_val)
+        conv.replace_input_with(2, b_val)
+        y = bn.outputs[0]
+        if y.is_graph_output():
+            # Keep the graph output's name on the conv output.
+            idx = next(i for i, o in enumerate(graph.outputs) if o is y)
+            name = y.name
+            graph.outputs[idx] = x
+            graph.remove(bn, safe=False)
+            x.name = name
+        else:
+            y.replace_all_uses_with(x)
+            graph.remove(bn, safe=True)
+        folded += 1
+    if folded:
+        remove_unused(model)
+        logger.info("folded %d BatchNormalization nodes", folded)
+    return folded
+
+
+def normalize_gemm(model: ir.Model) -> int:
+    """Rewrite Gemm alpha/beta != 1 into B*alpha, C*beta (constant B/C only)."""
+    graph = model.graph
+    changed = 0
+    for node in list(graph):
+        if node.op_type != "Gemm":
+            continue
+        alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+        if alpha == 1.0 and beta == 1.0:
+            continue
+        b = constant_array(node.inputs[1])
+        c = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if b is None or (len(node.inputs) > 2 and node.inputs[2] is not None and c is None):
+            continue
+        node.replace_input_with(1, add_initializer(graph, f"{node.name}_B", (b * alpha).astype(b.dtype)))
+        if c is not None:
+            node.replace_input_with(2, add_initializer(graph, f"{node.name}_C", (c * beta).astype(c.dtype)))
+        node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+        node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        changed += 1
+    return changed

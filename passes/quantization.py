@@ -1,0 +1,770 @@
+"""`quantize`: post-training quantization to standard QDQ ONNX (int8), dynamic int8, fp16.
+
+mode=int8 (static PTQ) rewrite rules:
+  * Conv / ConvTranspose / Gemm / MatMul ("compute ops") get
+      activation inputs   Q -> DQ, per-tensor: u8 asymmetric or s8 symmetric
+      constant weights    int8 initializer -> DQ, symmetric, per output channel
+                          (Conv axis 0, ConvTranspose axis 1, Gemm transB=1 axis 0,
+                          Gemm transB=0 / MatMul axis 1)
+      bias (Conv, Gemm C) int32 initializer -> DQ with scale s_in * s_w, zero point 0
+      output              Q -> DQ (always for Conv/ConvTranspose so onnxruntime
+                          fuses QLinearConv; for Gemm/MatMul only when a consumer
+                          is quantized, else the fused kernel writes float)
+  * Relu (and Clip(0, c)) directly after a quantized op whose output feeds only it is
+    removed: the producer's output is quantized on [0, max] with the zero point at the
+    grid minimum, so the Q itself clamps (exactly Relu).
+  * Data-movement ops (MaxPool, Reshape, Flatten, Transpose, Squeeze, Unsqueeze,
+    Identity, Slice, Resize, Pad, Gather, Expand, Tile, Depth/SpaceToDepth) and Concat
+    share one scale with their inputs, so onnxruntime runs them on int8 without
+    requantizing (no Q/DQ pair is needed between them).
+  * Add, Mul, AveragePool, GlobalAveragePool, Sigmoid, LeakyRelu whose activation inputs
+    are all quantized get their output quantized too (QLinearAdd, QLinearGlobalAveragePool...).
+  * Each quantized tensor gets exactly one Q -> DQ pair, shared by all its consumers;
+    graph outputs keep their float value (never re-quantized under their name).
+  Preconditions / refusals: weights must be constant (initializer or Constant node);
+  Gemm with transA=1 and MatMul with a constant first input stay float; opset < 13
+  falls back to per-tensor weights (< 10: no quantization). Nodes named in
+  `keep_float` (or "first"/"last" compute op) stay float.
+
+Calibration streams `context.calibration_batches()` through the float model once
+(twice with `smooth`), feeding bounded observers (passes/quant_observers.py).
+
+Accuracy repair (passes/quant_repair.py): bias correction (on by default),
+cross-layer equalization (`equalize=true`), SmoothQuant (`smooth=0.5`).
+
+mode=dynamic: weights int8, activations quantized at run time
+(DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses into
+DynamicQuantizeMatMul / MatMulIntegerToFloat) for MatMul / Gemm.
+mode=fp16: weights and compute in float16, float32 graph inputs/outputs via Cast.
+mode=mixed: per-layer int8 / fp16 / fp32 under an error budget (passes/mixed_precision.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from ..activations import iter_activations
+from ..errors import InputSpecError
+from ..ir import add_initializer, constant_array, load_model
+from .base import ForgePass, register
+from .quant_observers import (
+    ChannelMeanObserver,
+    QuantRange,
+    TensorObserver,
+    choose_range,
+    make_range,
+    quantize_weight,
+)
+from .quant_prepare import (
+    attr,
+    fold_batchnorm,
+    is_float,
+    normalize_gemm,
+    only_consumer,
+    remove_unused,
+)
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PASSTHROUGH_OPS = {
+    "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity",
+    "Slice", "Resize", "Pad", "Gather", "Expand", "Tile", "DepthToSpace", "SpaceToDepth",
+}
+INT8_OPS = {"Add", "Mul", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"}
+
+
+@dataclass
+class QuantizeOptions:
+    mode: Literal["int8", "dynamic", "fp16", "mixed"] = "int8"
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    percentile: float = 99.99
+    activations: Literal["u8", "s8"] = "u8"
+    per_channel: bool = True
+    keep_float: str = ""
+    ops: str = "Conv,ConvTranspose,Gemm,MatMul"
+    # Quantize MatMul of two activations (attention) too.
+    matmul_activations: bool = True
+    # Quantize the int8-capable elementwise ops (Add, Mul, pooling, Sigmoid...).
+    elementwise: bool = True
+    fold_relu: bool = True
+    bias_correction: bool = True
+    equalize: bool = False
+    smooth: float = 0.0
+    calib_batches: int = 0  # 0: the context's default
+    weight_calibration: Literal["minmax", "mse"] = "minmax"
+    # mode=mixed
+    max_error: float = 0.01
+    max_accuracy_drop: float = -1.0
+    max_size_ratio: float = -1.0
+    fp16_fallback: bool = True
+    metric: Callable[..., float] | None = None
+    fp16_keep_fp32: str = ""
+
+
+@dataclass
+class TensorQuant:
+    """One tensor to quantize: the value, its scale group and where its data comes from."""
+
+    value: ir.Value
+    data_name: str  # tensor read during calibration (the Relu output for a folded Relu)
+    one_sided: bool = False
+
+
+@dataclass
+class QuantPlan:
+    compute: list[ir.Node] = field(default_factory=list)
+    int8_ops: list[ir.Node] = field(default_factory=list)
+    shared: list[ir.Node] = field(default_factory=list)
+    folded: list[ir.Node] = field(default_factory=list)  # Relu/Clip nodes to remove
+    tensors: dict[str, TensorQuant] = field(default_factory=dict)
+    parent: dict[str, str] = field(default_factory=dict)  # union-find of scale groups
+    skipped: dict[str, str] = field(default_factory=dict)  # node -> reason
+
+    def find(self, name: str) -> str:
+        root = name
+        while self.parent.get(root, root) != root:
+            root = self.parent[root]
+        while self.parent.get(name, name) != root:
+            self.parent[name], name = root, self.parent[name]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name in self.tensors:
+            out.setdefault(self.find(name), []).append(name)
+        return out
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _is_activation(v: ir.Value | None) -> bool:
+    return v is not None and constant_array(v) is None and is_float(v)
+
+
+def _weight_axis(node: ir.Node, w: np.ndarray) -> int | None:
+    """Output-channel axis of a compute node's weight, None when per-tensor only."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if int(attr(node, "group", 1)) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if int(attr(node, "transB", 0)) else 1
+    if node.op_type == "MatMul":
+        return 1 if w.ndim == 2 else None
+    return None
+
+
+def compute_eligibility(node: ir.Node, opts: QuantizeOptions, allowed: set[str]) -> str | None:
+    """None if `node` can be quantized as a compute op, else the reason it cannot."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") or op not in allowed:
+        return "not a quantized op type"
+    x = node.inputs[0]
+    if not _is_activation(x):
+        return "first input is constant or not float32"
+    if op in ("Conv", "ConvTranspose"):
+        w = constant_array(node.inputs[1])
+        if w is None or w.dtype != np.float32 or w.ndim < 3:
+            return "weight is not a constant float32 tensor"
+        return None
+    if op == "Gemm":
+        if int(attr(node, "transA", 0)):
+            return "Gemm transA=1 is not supported"
+        w = constant_array(node.inputs[1])
+        if w is None or w.dtype != np.float32 or w.ndim != 2:
+            return "Gemm B is not a constant 2-D float32 tensor"
+        if float(attr(node, "alpha", 1.0)) != 1.0 or float(attr(node, "beta", 1.0)) != 1.0:
+            return "Gemm alpha/beta != 1 with non-constant operands"
+        return None
+    if op == "MatMul":
+        w = constant_array(node.inputs[1])
+        if w is None:
+            if not opts.matmul_activations:
+                return "MatMul of two activations (matmul_activations=false)"
+            return None if _is_activation(node.inputs[1]) else "second input not float32"
+        if w.dtype != np.float32 or w.ndim < 2:
+            return "MatMul weight is not a float32 matrix"
+        return None
+    return "unsupported"
+
+
+def _keep_float_set(graph: ir.Graph, spec: str, eligible: list[ir.Node]) -> set[str]:
+    names: set[str] = set()
+    known = {n.name for n in graph}
+    for token in (t.strip() for t in spec.split(",")):
+        if not token:
+            continue
+        if token == "first" and eligible:
+            names.add(eligible[0].name)
+        elif token == "last" and eligible:
+            names.add(eligible[-1].name)
+        elif token in known:
+            names.add(token)
+        else:
+            raise InputSpecError(
+                f"quantize: keep_float names {token!r}, which is neither 'first', 'last' nor "
+                f"a node of the model (node names look like {sorted(known)[:3]})"
+            )
+    return names
+
+
+def make_plan(model: ir.Model, opts: QuantizeOptions,
+              only: set[str] | None = None) -> QuantPlan:
+    """Decide which nodes run in int8 and which tensors get a Q/DQ pair.
+
+    `only` (node names) restricts the compute ops quantized (used by mixed precision).
+    """
+    graph = model.graph
+    plan = QuantPlan()
+    allowed = {o.strip() for o in opts.ops.split(",") if o.strip()}
+    nodes = list(graph)
+    for n in nodes:
+        if not n.name:
+            n.name = f"{n.op_type}_{id(n):x}"
+    eligible = []
+    for n in nodes:
+        if n.op_type in COMPUTE_OPS:
+            reason = compute_eligibility(n, opts, allowed)
+            if reason is None:
+                eligible.append(n)
+            else:
+                plan.skipped[n.name] = reason
+    keep = _keep_float_set(graph, opts.keep_float, eligible)
+    compute_set: set[ir.Node] = set()
+    for n in eligible:
+        if n.name in keep:
+            plan.skipped[n.name] = "kept float (keep_float)"
+        elif only is not None and n.name not in only:
+            continue
+        else:
+            compute_set.add(n)
+    plan.compute = [n for n in nodes if n in compute_set]
+
+    # Forward: which values can be produced in int8.
+    avail: set[str] = set()
+    one_sided: set[str] = set()
+    in_n: set[ir.Node] = set(compute_set)
+    folded_alias: dict[str, str] = {}  # relu output -> quantized pre-relu value
+    for n in nodes:
+        if n in compute_set:
+            avail.update(o.name for o in n.outputs)
+            continue
+        acts = [v for v in n.inputs if _is_activation(v)]
+        if not acts:
+            continue
+        if n.op_type in ("Relu", "Clip") and opts.fold_relu and _foldable_relu(n, avail, in_n):
+            x, y = n.inputs[0], n.outputs[0]
+            plan.folded.append(n)
+            folded_alias[y.name] = x.name
+            one_sided.update((x.name, y.name))
+            avail.add(y.name)
+            plan.union(x.name, y.name)
+            continue
+        if n.op_type in PASSTHROUGH_OPS and n.inputs[0] is not None and n.inputs[0].name in avail \
+                and all(not _is_activation(v) for v in n.inputs[1:]):
+            in_n.add(n)
+            plan.shared.append(n)
+            for o in n.outputs:
+                avail.add(o.name)
+                plan.union(n.inputs[0].name, o.name)
+                if n.inputs[0].name in one_sided and n.op_type != "Pad":
+                    one_sided.add(o.name)
+            continue
+        if n.op_type == "Concat" and all(v.name in avail for v in acts) and len(acts) == len(n.inputs):
+            in_n.add(n)
+            plan.shared.append(n)
+            sides = {v.name in one_sided for v in acts}
+            out = n.outputs[0]
+            avail.add(out.name)
+            if len(sides) == 1:  # mixed one-sided / signed inputs keep separate scales
+                for v in acts:
+                    plan.union(v.name, out.name)
+                if True in sides:
+                    one_sided.add(out.name)
+            continue
+        if opts.elementwise and n.op_type in INT8_OPS and all(v.name in avail for v in acts) \
+                and len(acts) == len([v for v in n.inputs if v is not None]):
+            in_n.add(n)
+            plan.int8_ops.append(n)
+            avail.update(o.name for o in n.outputs)
+
+    # Backward: which values need a Q/DQ pair.
+    needs: set[str] = set()
+    folded_set = set(plan.folded)
+    for n in reversed(nodes):
+        if n in folded_set:
+            if n.outputs[0].name in needs or True:
+                needs.add(n.inputs[0].name)
+            continue
+        if n in compute_set or n in plan.int8_ops or (n in plan.shared and n.op_type == "Concat"):
+            for v in n.inputs:
+                if _is_activation(v):
+                    needs.add(v.name)
+            if n.op_type in ("Conv", "ConvTranspose") or n in plan.int8_ops:
+                for o in n.outputs:
+                    if not o.is_graph_output():
+                        needs.add(o.name)
+            continue
+        if n in plan.shared and any(o.name in needs for o in n.outputs):
+            needs.add(n.inputs[0].name)
+
+    values = {v.name: v for v in graph.inputs}
+    for n in nodes:
+        for o in n.outputs:
+            values[o.name] = o
+    for name in needs:
+        if name in folded_alias:  # quantized through its pre-relu value
+            continue
+        v = values.get(name)
+        if v is None or not is_float(v):
+            continue
+        data = name
+        # a folded relu's input is read after the relu (its quantized range is one-sided)
+        for relu in plan.folded:
+            if relu.inputs[0].name == name:
+                data = relu.outputs[0].name
+        plan.tensors[name] = TensorQuant(v, data, one_sided=name in one_sided)
+    # Groups may span values without Q/DQ (pass-through outputs); keep union info only.
+    return plan
+
+
+def _foldable_relu(n: ir.Node, avail: set[str], in_n: set[ir.Node]) -> bool:
+    x, y = n.inputs[0], n.outputs[0]
+    if x is None or x.name not in avail or y.is_graph_output() or x.is_graph_output():
+        return False
+    producer = x.producer()
+    if producer is None or producer not in in_n or only_consumer(x) is not n:
+        return False
+    if producer.op_type not in COMPUTE_OPS and producer.op_type not in INT8_OPS:
+        return False
+    if n.op_type == "Clip":
+        lo = constant_array(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] is not None else attr(n, "min")
+        if lo is None or float(np.asarray(lo)) != 0.0:
+            return False
+        # Clip(0, c) folds only if the calibrated max stays <= c (checked after calibration).
+    return True
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@dataclass
+class Calibration:
+    observers: dict[str, TensorObserver]  # by data tensor name
+    channel: dict[str, ChannelMeanObserver]  # compute-node input stats (by value name)
+    batches: int = 0
+    seconds: float = 0.0
+
+
+def _progress_batches(batches: Iterable[dict[str, np.ndarray]], total: int, label: str):
+    """Yield batches; after 2 s a rich progress bar appears on stderr."""
+    start = time.perf_counter()
+    bar = None
+    task = None
+    try:
+        for i, b in enumerate(batches):
+            if bar is None and time.perf_counter() - start > 2.0:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+                bar = Progress(label, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                               console=Console(stderr=True), transient=True)
+                bar.start()
+                task = bar.add_task(label, total=total, completed=i)
+            yield b
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def calibrate(model: ir.Model, context: Any, names: Iterable[str], *, method: str,
+              channel_inputs: dict[str, int] | None = None, limit: int | None = None) -> Calibration:
+    """One streaming pass over the calibration data, filling observers."""
+    names = sorted(set(names))
+    channel_inputs = channel_inputs or {}
+    all_names = sorted(set(names) | set(channel_inputs))
+    observers = {n: TensorObserver(method) for n in names}
+    channel: dict[str, ChannelMeanObserver] = {n: ChannelMeanObserver(a) for n, a in channel_inputs.items()}
+    start = time.perf_counter()
+    count = 0
+    limit = limit or context.max_calibration_batches
+    batches = _progress_batches(context.calibration_batches(limit), limit, "calibrating")
+    if all_names:
+        for acts in iter_activations(model, all_names, batches, threads=context.threads):
+            for n in names:
+                observers[n].add(acts[n])
+            for n, obs in channel.items():
+                obs.add(acts[n])
+            count += 1
+    else:
+        for _ in batches:
+            count += 1
+    if count == 0:
+        raise InputSpecError("quantize: the calibration source yielded no batches")
+    return Calibration(observers, channel, count, time.perf_counter() - start)
+
+
+def channel_axis_of_input(node: ir.Node) -> int:
+    """Axis of the reduction (input-channel) dimension of a compute node's data input."""
+    return 1 if node.op_type in ("Conv", "ConvTranspose") else -1
+
+
+def resolve_ranges(plan: QuantPlan, calib: Calibration, opts: QuantizeOptions) -> dict[str, QuantRange]:
+    """Ranges per scale group (union of members' observed ranges), keyed by tensor name."""
+    symmetric = opts.activations == "s8"
+    out: dict[str, QuantRange] = {}
+    for members in plan.groups().values():
+        obs_list = [calib.observers[plan.tensors[m].data_name] for m in members
+                    if plan.tensors[m].data_name in calib.observers]
+        one_sided = any(plan.tensors[m].one_sided for m in members)
+        merged = _merge_observers(obs_list, opts.calibration)
+        r = choose_range(merged, opts.activations, symmetric=symmetric, one_sided=one_sided,
+                         percentile=opts.percentile)
+        for m in members:
+            out[m] = r
+    return out
+
+
+def _merge_observers(obs_list: list[TensorObserver], method: str) -> TensorObserver:
+    if len(obs_list) == 1:
+        return obs_list[0]
+    merged = TensorObserver("minmax")
+    for o in obs_list:
+        merged.min, merged.max = min(merged.min, o.min), max(merged.max, o.max)
+    if method != "minmax":
+        # Union of histograms: take the observer with the widest span as the basis.
+        base = max(obs_list, key=lambda o: (o.max - o.min) if o.seen else -1)
+        merged.method, merged.hist = method, base.hist
+    return merged
+
+
+# ---------------------------------------------------------------- rewrite
+
+
+class _Builder:
+    """Creates Q/DQ nodes and quantized initializers on one graph."""
+
+    def __init__(self, model: ir.Model, opts: QuantizeOptions):
+        self.model = model
+        self.graph = model.graph
+        self.opts = opts
+        self.opset = model.opset_imports.get("", 13)
+        self.weight_cache: dict[tuple[int, int | None], tuple[ir.Value, np.ndarray]] = {}
+        self.scale_cache: dict[tuple[float, int, str], tuple[ir.Value, ir.Value]] = {}
+        self.qdq_pairs = 0
+        self.dq_of: dict[str, ir.Value] = {}
+
+    def qparams(self, r: QuantRange) -> tuple[ir.Value, ir.Value]:
+        key = (float(np.float32(r.scale)), int(r.zero_point), self.opts.activations)
+        if key not in self.scale_cache:
+            scale = add_initializer(self.graph, "qscale", np.array(r.scale, dtype=np.float32))
+            zp_dtype = np.uint8 if self.opts.activations == "u8" else np.int8
+            zp = add_initializer(self.graph, "qzp", np.array(r.zero_point, dtype=zp_dtype))
+            self.scale_cache[key] = (scale, zp)
+        return self.scale_cache[key]
+
+    def quantize_tensor(self, value: ir.Value, r: QuantRange, replaces: list[ir.Value]) -> ir.Value:
+        """Insert Q -> DQ after `value`; uses of `value` and of `replaces` read the DQ."""
+        scale, zp = self.qparams(r)
+        base = value.name
+        q = ir.node("QuantizeLinear", [value, scale, zp], name=f"{base}_QuantizeLinear")
+        q.outputs[0].name = f"{base}_quantized"
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{base}_DequantizeLinear")
+        out = dq.outputs[0]
+        out.name = f"{base}_dequantized"
+        out.dtype = ir.DataType.FLOAT
+        out.shape = value.shape
+        producer = value.producer()
+        if producer is not None:
+            self.graph.insert_after(producer, [q, dq])
+        else:
+            first = next(iter(self.graph), None)
+            if first is None:
+                self.graph.append(q)
+                self.graph.append(dq)
+            else:
+                self.graph.insert_before(first, [q, dq])
+        for v in [value, *replaces]:
+            for use in v.uses():
+                if use.node is q:
+                    continue
+                use.node.replace_input_with(use.idx, out)
+        self.qdq_pairs += 1
+        self.dq_of[value.name] = out
+        return out
+
+    def weight_dq(self, node: ir.Node, index: int, w: np.ndarray, axis: int | None) -> tuple[ir.Value, np.ndarray]:
+        """int8 symmetric weight + DQ before `node`; returns (DQ output, scales)."""
+        if not self.opts.per_channel or self.opset < 13:
+            axis = None
+        src = node.inputs[index]
+        key = (id(src), axis)
+        if key in self.weight_cache:
+            return self.weight_cache[key]
+        q, scales, _ = quantize_weight(w, axis, method=self.opts.weight_calibration)
+        base = (src.name if src is not None else node.name) or node.name
+        wq = add_initializer(self.graph, f"{base}_quantized", q)
+        if axis is None:
+            s_val = add_initializer(self.graph, f"{base}_scale", np.array(scales[0], dtype=np.float32))
+            z_val = add_initializer(self.graph, f"{base}_zero_point", np.array(0, dtype=np.int8))
+            attrs: dict[str, Any] = {}
+        else:
+            s_val = add_initializer(self.graph, f"{base}_scale", scales)
+            z_val = add_initializer(self.graph, f"{base}_zero_point", np.zeros(scales.size, dtype=np.int8))
+            attrs = {"axis": axis}
+        dq = ir.node("DequantizeLinear", [wq, s_val, z_val], attrs, name=f"{base}_DequantizeLinear")
+        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        self.graph.insert_before(node, dq)
+        result = (dq.outputs[0], scales)
+        if src is not None:
+            self.weight_cache[key] = result
+        return result
+
+    def bias_dq(self, node: ir.Node, index: int, b: np.ndarray, bias_scale: np.ndarray) -> ir.Value:
+        bias_scale = bias_scale.astype(np.float32)
+        if bias_scale.size == 1 and b.size > 1:
+            bias_scale = np.full(b.size, bias_scale.item(), dtype=np.float32)
+        q = np.clip(np.round(b.astype(np.float64) / bias_scale.astype(np.float64)), -(2**31 - 1), 2**31 - 1)
+        src = node.inputs[index] if len(node.inputs) > index else None
+        base = (src.name if src is not None else "") or f"{node.name}_bias"
+        bq = add_initializer(self.graph, f"{base}_quantized", q.astype(np.int32))
+        if self.opset >= 13:
+            s_val = add_initializer(self.graph, f"{base}_scale", bias_scale)
+            z_val = add_initializer(self.graph, f"{base}_zero_point", np.zeros(b.size, dtype=np.int32))
+            attrs = {"axis": 0}
+        else:
+            s_val = add_initializer(self.graph, f"{base}_scale", np.array(bias_scale[0], np.float32))
+            z_val = add_initializer(self.graph, f"{base}_zero_point", np.array(0, dtype=np.int32))
+            attrs = {}
+        dq = ir.node("DequantizeLinear", [bq, s_val, z_val], attrs, name=f"{base}_DequantizeLinear")
+        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        self.graph.insert_before(node, dq)
+        return dq.outputs[0]
+
+
+@dataclass
+class WeightRecord:
+    """What was done to a compute node's weight (for bias correction and reports)."""
+
+    node: ir.Node
+    w: np.ndarray
+    w_deq: np.ndarray
+    axis: int | None
+    input_scale: float | None
+
+
+def apply_plan(model: ir.Model, plan: QuantPlan, ranges: dict[str, QuantRange],
+               opts: QuantizeOptions, *, bias_shift: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Rewrite the graph per `plan` with calibrated `ranges`; returns counters."""
+    graph = model.graph
+    if model.opset_imports.get("", 13) < 10:
+        raise InputSpecError("quantize: the model's opset is < 10 (no QuantizeLinear); convert it first")
+    builder = _Builder(model, opts)
+    bias_shift = bias_shift or {}
+    stats: dict[str, Any] = {"weights_quantized": 0, "bias_int32": 0}
+    # Folded Clip(0, c): refuse when the calibrated max exceeds c.
+    for n in list(plan.folded):
+        if n.op_type == "Clip":
+            hi = constant_array(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] is not None else attr(n, "max")
+            r = ranges.get(n.inputs[0].name)
+            if r is not None and hi is not None and r.scale * (r.qmax - r.zero_point) > float(np.asarray(hi)) + 1e-6:
+                # Quantize on [0, c] exactly: the Q clamp at the grid top is then the clip.
+                c = float(np.asarray(hi))
+                new = make_range(0.0, c, opts.activations, symmetric=opts.activations == "s8", one_sided=True)
+                for name, rr in list(ranges.items()):
+                    if rr is r:
+                        ranges[name] = new
+    # Remove folded relus: their outputs become aliases of the pre-relu value.
+    relu_alias: dict[str, list[ir.Value]] = {}
+    for n in plan.folded:
+        relu_alias.setdefault(n.inputs[0].name, []).append(n.outputs[0])
+    for n in plan.folded:
+        if n.inputs[0].name in ranges:
+            ranges.setdefault(n.outputs[0].name, ranges[n.inputs[0].name])
+    # Input scale of each compute node (needed for bias) before rewiring.
+    input_range = {}
+    for n in plan.compute:
+        x = n.inputs[0]
+        input_range[n.name] = ranges.get(x.name) if x is not None else None
+    for name, tq in plan.tensors.items():
+        builder.quantize_tensor(tq.value, ranges[name], relu_alias.get(name, []))
+    for n in plan.folded:
+        graph.remove(n, safe=True)
+    records = []
+    for n in plan.compute:
+        rec = _quantize_compute(builder, n, input_range.get(n.name), bias_shift.get(n.name), stats)
+        if rec is not None:
+            records.append(rec)
+    remove_unused(model)
+    stats["qdq_pairs"] = builder.qdq_pairs
+    stats["records"] = records
+    return stats
+
+
+def _output_channels(n: ir.Node, w: np.ndarray) -> int:
+    if n.op_type == "Conv":
+        return int(w.shape[0])
+    if n.op_type == "ConvTranspose":
+        return int(w.shape[1] * int(attr(n, "group", 1)))
+    if n.op_type == "Gemm":
+        return int(w.shape[0] if int(attr(n, "transB", 0)) else w.shape[1])
+    return int(w.shape[-1])
+
+
+def _quantize_compute(builder: _Builder, n: ir.Node, r_in: QuantRange | None,
+                      shift: np.ndarray | None, stats: dict[str, Any]) -> WeightRecord | None:
+    if n.op_type == "MatMul" and constant_array(n.inputs[1]) is None:
+        return None  # two activations: both inputs were quantized as tensors
+    w = constant_array(n.inputs[1])
+    assert w is not None
+    axis = _weight_axis(n, w)
+    dq, scales = builder.weight_dq(n, 1, w, axis)
+    n.replace_input_with(1, dq)
+    stats["weights_quantized"] += 1
+    eff_axis = axis if builder.opts.per_channel and builder.opset >= 13 else None
+    _, _, w_deq = quantize_weight(w, eff_axis, method=builder.opts.weight_calibration)
+    if n.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        cout = _output_channels(n, w)
+        has_bias = len(n.inputs) > 2 and n.inputs[2] is not None
+        b = constant_array(n.inputs[2]) if has_bias else np.zeros(cout, dtype=np.float32)
+        if b is not None and b.dtype == np.float32 and b.size == cout and r_in is not None \
+                and (b.ndim == 1 or (b.ndim == 2 and b.shape[0] == 1)):
+            b = b.reshape(-1).astype(np.float64)
+            if shift is not None:
+                b = b - shift
+            s_w = scales if scales.size == cout else np.full(cout, scales[0], dtype=np.float32)
+            bias_scale = np.float32(r_in.scale) * s_w.astype(np.float32)
+            if len(n.inputs) < 3:
+                n.resize_inputs(3)
+            n.replace_input_with(2, builder.bias_dq(n, 2, b, bias_scale))
+            stats["bias_int32"] += 1
+        elif b is not None and has_bias and shift is not None and b.size == cout:
+            new_b = (b.reshape(-1) - shift).astype(np.float32).reshape(b.shape)
+            n.replace_input_with(2, add_initializer(builder.graph, f"{n.name}_bias_corrected", new_b))
+    return WeightRecord(n, w, w_deq, eff_axis, r_in.scale if r_in is not None else None)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
+                  stats: dict[str, Any], *, only: set[str] | None = None,
+                  calibration: Calibration | None = None) -> Calibration:
+    """Static INT8 QDQ quantization of `model` in place; returns the calibration used."""
+    from . import quant_repair
+
+    stats["bn_folded"] = fold_batchnorm(model)
+    stats["gemm_normalized"] = normalize_gemm(model)
+    if opts.equalize:
+        stats["equalized_pairs"] = quant_repair.equalize_model(model)
+    if opts.smooth > 0:
+        stats["smoothed"] = quant_repair.smooth_model(model, context, opts.smooth,
+                                                      limit=opts.calib_batches or None)
+    plan = make_plan(model, opts, only)
+    channel_inputs = {}
+    if opts.bias_correction:
+        for n in plan.compute:
+            if n.op_type != "MatMul" or constant_array(n.inputs[1]) is not None:
+                channel_inputs[n.inputs[0].name] = channel_axis_of_input(n)
+    if calibration is None:
+        calibration = calibrate(model, context, {t.data_name for t in plan.tensors.values()},
+                                method=opts.calibration, channel_inputs=channel_inputs,
+                                limit=opts.calib_batches or None)
+    ranges = resolve_ranges(plan, calibration, opts)
+    shifts: dict[str, np.ndarray] = {}
+    if opts.bias_correction:
+        shifts = quant_repair.analytic_bias_shifts(plan.compute, calibration.channel,
+                                                   per_channel=opts.per_channel,
+                                                   method=opts.weight_calibration)
+    applied = apply_plan(model, plan, ranges, opts, bias_shift=shifts)
+    stats.update({
+        "compute_quantized": len(plan.compute),
+        "compute_by_op": _count_ops(plan.compute),
+        "int8_elementwise": len(plan.int8_ops),
+        "shared_scale_ops": len(plan.shared),
+        "relu_folded": len(plan.folded),
+        "qdq_pairs": applied["qdq_pairs"],
+        "weights_quantized": applied["weights_quantized"],
+        "bias_int32": applied["bias_int32"],
+        "bias_corrected": len(shifts),
+        "calibration_batches": calibration.batches,
+        "calibration_seconds": round(calibration.seconds, 3),
+        "kept_float": {k: v for k, v in plan.skipped.items()},
+    })
+    return calibration
+
+
+def _count_ops(nodes: list[ir.Node]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in nodes:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+@register
+class QuantizePass(ForgePass):
+    """Post-training quantization: int8 QDQ (static), dynamic int8, fp16, or mixed."""
+
+    name = "quantize"
+    summary = "INT8 QDQ post-training quantization (static/dynamic), fp16, mixed precision"
+    exact = False
+    Options = QuantizeOptions
+    positional = ("mode",)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts: QuantizeOptions = self.options
+        before = _weight_bytes(model)
+        if opts.mode == "int8":
+            quantize_int8(model, opts, self.context, self.stats)
+        elif opts.mode == "dynamic":
+            from .quant_dynamic import quantize_dynamic
+
+            self.stats.update(quantize_dynamic(model, opts))
+        elif opts.mode == "fp16":
+            from .quant_fp16 import convert_fp16
+
+            self.stats.update(convert_fp16(model, opts))
+        elif opts.mode == "mixed":
+            from .mixed_precision import quantize_mixed
+
+            self.stats.update(quantize_mixed(model, opts, self.context))
+        after = _weight_bytes(model)
+        self.stats["weight_bytes_before"] = before
+        self.stats["weight_bytes_after"] = after
+        self.stats["size_ratio"] = round(before / after, 3) if after else None
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    total = 0
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            total += int(v.const_value.nbytes)
+    for n in model.graph:
+        if n.op_type == "Constant":
+            arr = constant_array(n.outputs[0])
+            if arr is not None:
+                total += arr.nbytes
+    return total
+
+
+def clone_model(model: ir.Model) -> ir.Model:
+    return load_model(model, check=False)
