@@ -45,6 +45,33 @@ def is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in (None, ir.DataType.FLOAT)
 
 
+def add_const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """`add_initializer` that keeps 0-d arrays 0-d (QuantizeLinear needs scalar scales).
+
+    (`np.ascontiguousarray` in onnxforge.ir.add_initializer promotes 0-d to 1-d.)
+    """
+    array = np.asarray(array)
+    if array.ndim:
+        return add_initializer(graph, name, array)
+    value = add_initializer(graph, name, array.reshape(1))
+    tensor = ir.tensor(array.copy(), name=value.name)
+    value.const_value = tensor
+    value.shape = tensor.shape
+    return value
+
+
+def ensure_node_names(graph: ir.Graph) -> None:
+    """Give every unnamed node a unique name (new value names derive from node names)."""
+    taken = {n.name for n in graph if n.name}
+    for i, n in enumerate(graph):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            n.name = name
+            taken.add(name)
+
+
 def remove_unused(model: ir.Model) -> None:
     """Dead-code elimination of nodes and initializers (onnx_ir's common pass)."""
     ir.passes.common.RemoveUnusedNodesPass()(model)

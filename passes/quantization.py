@@ -63,7 +63,9 @@ from .quant_observers import (
     quantize_weight,
 )
 from .quant_prepare import (
+    add_const,
     attr,
+    ensure_node_names,
     fold_batchnorm,
     is_float,
     normalize_gemm,
@@ -124,6 +126,7 @@ class QuantPlan:
     int8_ops: list[ir.Node] = field(default_factory=list)
     shared: list[ir.Node] = field(default_factory=list)
     folded: list[ir.Node] = field(default_factory=list)  # Relu/Clip nodes to remove
+    const_inputs: list[tuple[ir.Node, int]] = field(default_factory=list)  # int8-op constants
     tensors: dict[str, TensorQuant] = field(default_factory=dict)
     parent: dict[str, str] = field(default_factory=dict)  # union-find of scale groups
     skipped: dict[str, str] = field(default_factory=dict)  # node -> reason
@@ -231,10 +234,8 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
     graph = model.graph
     plan = QuantPlan()
     allowed = {o.strip() for o in opts.ops.split(",") if o.strip()}
+    ensure_node_names(graph)
     nodes = list(graph)
-    for n in nodes:
-        if not n.name:
-            n.name = f"{n.op_type}_{id(n):x}"
     eligible = []
     for n in nodes:
         if n.op_type in COMPUTE_OPS:
@@ -296,8 +297,17 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
                 if True in sides:
                     one_sided.add(out.name)
             continue
-        if opts.elementwise and n.op_type in INT8_OPS and all(v.name in avail for v in acts) \
-                and len(acts) == len([v for v in n.inputs if v is not None]):
+        if opts.elementwise and n.op_type in INT8_OPS and all(v.name in avail for v in acts):
+            consts = [i for i, v in enumerate(n.inputs) if v is not None and not _is_activation(v)]
+            if n.op_type in ("Add", "Mul") and consts:
+                arr = constant_array(n.inputs[consts[0]])
+                # A constant operand (e.g. a MatMul's bias) becomes a per-tensor
+                # quantized initializer so the op still runs as QLinearAdd/QLinearMul.
+                if len(consts) != 1 or arr is None or arr.dtype != np.float32:
+                    continue
+                plan.const_inputs.append((n, consts[0]))
+            elif consts and n.op_type not in ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"):
+                continue
             in_n.add(n)
             plan.int8_ops.append(n)
             avail.update(o.name for o in n.outputs)
@@ -473,9 +483,9 @@ class _Builder:
     def qparams(self, r: QuantRange) -> tuple[ir.Value, ir.Value]:
         key = (float(np.float32(r.scale)), int(r.zero_point), self.opts.activations)
         if key not in self.scale_cache:
-            scale = add_initializer(self.graph, "qscale", np.array(r.scale, dtype=np.float32))
+            scale = add_const(self.graph, "qscale", np.array(r.scale, dtype=np.float32))
             zp_dtype = np.uint8 if self.opts.activations == "u8" else np.int8
-            zp = add_initializer(self.graph, "qzp", np.array(r.zero_point, dtype=zp_dtype))
+            zp = add_const(self.graph, "qzp", np.array(r.zero_point, dtype=zp_dtype))
             self.scale_cache[key] = (scale, zp)
         return self.scale_cache[key]
 
@@ -488,7 +498,7 @@ class _Builder:
         dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{base}_DequantizeLinear")
         out = dq.outputs[0]
         out.name = f"{base}_dequantized"
-        out.dtype = ir.DataType.FLOAT
+        out.type = ir.TensorType(ir.DataType.FLOAT)
         out.shape = value.shape
         producer = value.producer()
         if producer is not None:
@@ -519,23 +529,36 @@ class _Builder:
             return self.weight_cache[key]
         q, scales, _ = quantize_weight(w, axis, method=self.opts.weight_calibration)
         base = (src.name if src is not None else node.name) or node.name
-        wq = add_initializer(self.graph, f"{base}_quantized", q)
+        wq = add_const(self.graph, f"{base}_quantized", q)
         if axis is None:
-            s_val = add_initializer(self.graph, f"{base}_scale", np.array(scales[0], dtype=np.float32))
-            z_val = add_initializer(self.graph, f"{base}_zero_point", np.array(0, dtype=np.int8))
+            s_val = add_const(self.graph, f"{base}_scale", np.array(scales[0], dtype=np.float32))
+            z_val = add_const(self.graph, f"{base}_zero_point", np.array(0, dtype=np.int8))
             attrs: dict[str, Any] = {}
         else:
-            s_val = add_initializer(self.graph, f"{base}_scale", scales)
-            z_val = add_initializer(self.graph, f"{base}_zero_point", np.zeros(scales.size, dtype=np.int8))
+            s_val = add_const(self.graph, f"{base}_scale", scales)
+            z_val = add_const(self.graph, f"{base}_zero_point", np.zeros(scales.size, dtype=np.int8))
             attrs = {"axis": axis}
         dq = ir.node("DequantizeLinear", [wq, s_val, z_val], attrs, name=f"{base}_DequantizeLinear")
         dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         self.graph.insert_before(node, dq)
         result = (dq.outputs[0], scales)
         if src is not None:
             self.weight_cache[key] = result
         return result
+
+    def constant_dq(self, node: ir.Node, index: int, arr: np.ndarray, r: QuantRange) -> ir.Value:
+        """A float constant operand of an int8 op as a per-tensor quantized initializer + DQ."""
+        dtype = np.uint8 if self.opts.activations == "u8" else np.int8
+        q = np.clip(np.round(arr / r.scale) + r.zero_point, r.qmin, r.qmax).astype(dtype)
+        base = node.inputs[index].name or f"{node.name}_const"
+        qv = add_const(self.graph, f"{base}_quantized", q)
+        scale, zp = self.qparams(r)
+        dq = ir.node("DequantizeLinear", [qv, scale, zp], name=f"{base}_DequantizeLinear")
+        dq.outputs[0].name = f"{base}_dequantized"
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        self.graph.insert_before(node, dq)
+        return dq.outputs[0]
 
     def bias_dq(self, node: ir.Node, index: int, b: np.ndarray, bias_scale: np.ndarray) -> ir.Value:
         bias_scale = bias_scale.astype(np.float32)
@@ -544,18 +567,18 @@ class _Builder:
         q = np.clip(np.round(b.astype(np.float64) / bias_scale.astype(np.float64)), -(2**31 - 1), 2**31 - 1)
         src = node.inputs[index] if len(node.inputs) > index else None
         base = (src.name if src is not None else "") or f"{node.name}_bias"
-        bq = add_initializer(self.graph, f"{base}_quantized", q.astype(np.int32))
+        bq = add_const(self.graph, f"{base}_quantized", q.astype(np.int32))
         if self.opset >= 13:
-            s_val = add_initializer(self.graph, f"{base}_scale", bias_scale)
-            z_val = add_initializer(self.graph, f"{base}_zero_point", np.zeros(b.size, dtype=np.int32))
+            s_val = add_const(self.graph, f"{base}_scale", bias_scale)
+            z_val = add_const(self.graph, f"{base}_zero_point", np.zeros(b.size, dtype=np.int32))
             attrs = {"axis": 0}
         else:
-            s_val = add_initializer(self.graph, f"{base}_scale", np.array(bias_scale[0], np.float32))
-            z_val = add_initializer(self.graph, f"{base}_zero_point", np.array(0, dtype=np.int32))
+            s_val = add_const(self.graph, f"{base}_scale", np.array(bias_scale[0], np.float32))
+            z_val = add_const(self.graph, f"{base}_zero_point", np.array(0, dtype=np.int32))
             attrs = {}
         dq = ir.node("DequantizeLinear", [bq, s_val, z_val], attrs, name=f"{base}_DequantizeLinear")
         dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         self.graph.insert_before(node, dq)
         return dq.outputs[0]
 
@@ -608,6 +631,11 @@ def apply_plan(model: ir.Model, plan: QuantPlan, ranges: dict[str, QuantRange],
         builder.quantize_tensor(tq.value, ranges[name], relu_alias.get(name, []))
     for n in plan.folded:
         graph.remove(n, safe=True)
+    for n, idx in plan.const_inputs:
+        arr = constant_array(n.inputs[idx])
+        r = make_range(float(arr.min()), float(arr.max()), opts.activations,
+                       symmetric=opts.activations == "s8")
+        n.replace_input_with(idx, builder.constant_dq(n, idx, arr, r))
     records = []
     for n in plan.compute:
         rec = _quantize_compute(builder, n, input_range.get(n.name), bias_shift.get(n.name), stats)
@@ -658,7 +686,7 @@ def _quantize_compute(builder: _Builder, n: ir.Node, r_in: QuantRange | None,
             stats["bias_int32"] += 1
         elif b is not None and has_bias and shift is not None and b.size == cout:
             new_b = (b.reshape(-1) - shift).astype(np.float32).reshape(b.shape)
-            n.replace_input_with(2, add_initializer(builder.graph, f"{n.name}_bias_corrected", new_b))
+            n.replace_input_with(2, add_const(builder.graph, f"{n.name}_bias_corrected", new_b))
     return WeightRecord(n, w, w_deq, eff_axis, r_in.scale if r_in is not None else None)
 
 
