@@ -52,7 +52,7 @@ import onnx_ir as ir
 
 from ..activations import iter_activations
 from ..errors import InputSpecError
-from ..ir import add_initializer, constant_array, load_model
+from ..ir import constant_array, load_model
 from .base import ForgePass, register
 from .quant_observers import (
     ChannelMeanObserver,
