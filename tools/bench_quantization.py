@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ import numpy as np
 import onnx
 
 REPO = Path(__file__).resolve().parents[1]
-ZOO = REPO / ".zoo"
+ZOO = Path(os.environ.get("ONNXFORGE_ZOO", REPO / ".zoo"))
 DATA = REPO / "compiler" / "data"
 
 from onnxforge.backends.ort import OrtArtifact
@@ -120,7 +121,8 @@ def minilm_task() -> Task | None:
     def metric(ref, cand):
         cos = []
         for r, c in zip(ref, cand):
-            a, b = next(iter(r.values())).ravel(), next(iter(c.values())).ravel()
+            key = "sentence_embedding" if "sentence_embedding" in r else next(iter(r))
+            a, b = r[key].ravel(), c[key].ravel()
             cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
         return {"cosine_min": min(cos), "cosine_mean": float(np.mean(cos))}
 
@@ -144,7 +146,8 @@ def skimage_images(size: int = 224) -> list[np.ndarray]:
             img = np.stack([img] * 3, -1)
         img = img[..., :3]
         if img.dtype != np.uint8:
-            img = (255 * (img - img.min()) / max(np.ptp(img), 1e-6)).astype(np.uint8)
+            img = img.astype(np.float32)
+            img = (255 * (img - img.min()) / max(float(np.ptp(img)), 1e-6)).astype(np.uint8)
         pil = Image.fromarray(img)
         w, h = pil.size
         s = min(w, h)
