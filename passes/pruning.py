@@ -1,0 +1,649 @@
+"""`prune`: structured channel pruning with dependency analysis and training-free recovery.
+
+Pipeline text: `prune(0.3)`, `prune(macs=0.5,criterion=l2,round_to=8)`,
+`prune(ratio=0.3,kinds=linear)` (transformer FFN neurons only),
+`prune(macs=0.5,overrides="conv1=0;layer4.*=0.6")`.
+
+What it does
+1. Analysis (`pruning_groups.analyze`) on a copy with concrete input shapes:
+   *units* (channels that must go together: a conv filter with its BN entries,
+   every consumer's input column, the matching channel of a residual Add or a
+   slice of a Concat; a whole conv group; an attention head with its Q/K/V
+   columns and output-projection rows; an FFN neuron) and *groups* of units.
+   Units that reach a graph output, an unknown op, a Softmax/LayerNorm over the
+   channel axis, etc. are never touched.
+2. Importance per unit, summed over every member: `l1`/`l2` of all weight
+   slices (producer filters and consumer columns), `bn` (|gamma| of the BNs in
+   the group), `activation` (mean |x| of the consumers' inputs on calibration
+   data). Groups without the criterion's data fall back to `l2`. Scores are
+   normalized by the group mean so groups can be ranked against each other.
+3. How much: `ratio` removes that fraction of the units of every group;
+   `macs=F` / `params=F` remove a fraction F of the model's MACs / parameters by
+   a global threshold over normalized scores (each group capped at
+   `max_ratio`); `overrides="pattern=ratio;..."` fixes the ratio of groups whose
+   layer or weight names match the fnmatch pattern (e.g. `layer4.*`); every
+   group keeps at least `min_channels` channels, and groups of single channels
+   keep a multiple of `round_to`.
+4. Physical removal (`pruning_apply`): smaller weights and ops, not masks.
+5. Recovery without training (`pruning_recover`, with calibration data and
+   `recover=true`): least-squares refit of every layer that lost inputs, against
+   the original layer outputs; then BN running statistics re-estimated
+   (`bn_recalib`).
+6. The pruned copy must load and run in onnxruntime with the original output
+   shapes; otherwise the pass refuses and leaves the model unchanged.
+
+Lossy (`exact = False`): the pass manager records the error; `stats` has MACs
+and parameters before/after, units and channels removed, and why the other
+units were not prunable. With nothing to remove (ratio 0) the model is left
+bit-identical.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from ..activations import iter_activations
+from ..backends.ort import OrtArtifact
+from ..errors import OnnxforgeError, PipelineError
+from ..ir import add_initializer, infer_shapes, load_model
+from ..metrics import MAC_OPS, compute_metrics, node_macs
+from ..shapes import model_inputs
+from .base import ForgePass, register
+from .pruning_apply import PruneApplyError, apply_plan, group_removed, kept_indices, set_constant
+from .pruning_groups import Analysis, Group, _attr, _Shapes, analyze
+from .pruning_recover import RefitTarget, conv_geometry, correct_batchnorm, refit_layers
+
+logger = logging.getLogger(__name__)
+
+Criterion = Literal["l1", "l2", "bn", "activation"]
+
+
+@dataclass
+class PruneOptions:
+    ratio: float = 0.3
+    macs: float | None = None
+    params: float | None = None
+    criterion: Criterion = "l2"
+    overrides: str = ""
+    min_channels: int = 1
+    round_to: int = 1
+    max_ratio: float = 0.8
+    kinds: str = "all"
+    recover: bool = True
+    bn_recalib: bool = True
+    calib_batches: int = 16
+    max_rows: int = 4096
+
+
+def parse_overrides(text: str) -> list[tuple[str, float]]:
+    """`"conv1=0.2;layer4.*=0.5"` -> [("conv1", 0.2), ("layer4.*", 0.5)]."""
+    out = []
+    for part in (text or "").replace(",", ";").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        pattern, sep, value = part.rpartition("=")
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = -1.0
+        if not sep or not pattern or not 0.0 <= ratio < 1.0:
+            raise PipelineError(
+                f"prune: override {part!r} must be PATTERN=RATIO with 0 <= RATIO < 1, "
+                "e.g. overrides=\"conv1=0.2;layer4.*=0.5\"")
+        out.append((pattern.strip(), ratio))
+    return out
+
+
+def _names_match(names: list[str], pattern: str) -> bool:
+    for name in names:
+        candidates = {name, name.removesuffix(".weight"), name.strip("/")}
+        if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+            return True
+    return False
+
+
+class CostModel:
+    """MACs and parameters of the model as a function of removed counts per axis node."""
+
+    def __init__(self, model: ir.Model, analysis: Analysis):
+        self.sizes = np.array([an.size for an in analysis.nodes], dtype=np.float64)
+        self.mac_terms: list[tuple[float, list[int]]] = []
+        self.total_macs = 0.0
+        kernel_axes = {id(k.node): k.mac_axes for k in analysis.kernels}
+        for node in model.graph:
+            if node.op_type not in MAC_OPS:
+                continue
+            macs = node_macs(node) or 0
+            self.total_macs += macs
+            axes = kernel_axes.get(id(node), [])
+            nids = sorted({analysis.index[(id(v), a)] for v, a in axes
+                           if (id(v), a) in analysis.index})
+            if macs and nids:
+                self.mac_terms.append((float(macs), nids))
+        self.total_params = float(compute_metrics(model, with_macs=False).params)
+        by_value: dict[int, list[int]] = defaultdict(list)
+        for an in analysis.nodes:
+            if an.constant:
+                by_value[id(an.value)].append(an.id)
+        s = _Shapes(model)
+        self.param_terms = []
+        for nids in by_value.values():
+            shape = s.shape(analysis.nodes[nids[0]].value) or ()
+            self.param_terms.append((float(np.prod(shape)), nids))
+
+    def removed(self, removed_counts: np.ndarray) -> tuple[float, float]:
+        """(MACs removed, params removed) for per-axis-node removed counts."""
+        frac = 1.0 - removed_counts / np.maximum(self.sizes, 1)
+        macs = sum(base * (1.0 - float(np.prod(frac[n]))) for base, n in self.mac_terms)
+        params = sum(size * (1.0 - float(np.prod(frac[n]))) for size, n in self.param_terms)
+        return macs, params
+
+
+@dataclass
+class PrunePlan:
+    """What `PrunePass.plan` decided; `work` is the shape-inferred copy it refers to."""
+
+    work: ir.Model
+    analysis: Analysis
+    chosen: list[int]
+    removed: dict[int, np.ndarray]
+    shapes: dict[str, tuple[int, ...]]
+    original_shapes: dict
+    cost: CostModel
+
+
+@register
+class PrunePass(ForgePass):
+    """Structured channel pruning (see module docstring for rules and options)."""
+
+    name = "prune"
+    summary = ("structured channel/neuron/head pruning with dependency analysis, "
+               "least-squares recovery and BN re-estimation")
+    exact = False
+    Options = PruneOptions
+    positional = ("ratio",)
+
+    # ------------------------------------------------------------ entry point
+
+    def plan(self, model: ir.Model) -> PrunePlan:
+        """Analyse `model` (not modified) and choose the units to remove."""
+        opts: PruneOptions = self.options
+        self._check_options(opts)
+        work = load_model(model, check=False)
+        original_shapes = {v.name: (v.shape, v.type) for v in _all_values(work)}
+        shapes = self._input_shapes(work)
+        for value in model_inputs(work):
+            if value.name in shapes:
+                value.shape = ir.Shape(shapes[value.name])
+        infer_shapes(work)
+        analysis = analyze(work)
+        groups = self._eligible_groups(analysis)
+        self.stats.update(
+            groups=len(analysis.groups),
+            eligible_groups=len(groups),
+            prunable_units=len(analysis.units),
+            unprunable_units=analysis.blocked_units,
+            unprunable_reasons=dict(sorted(analysis.block_reasons.items(),
+                                           key=lambda kv: -kv[1])[:8]),
+        )
+        cost = CostModel(work, analysis)
+        chosen: list[int] = []
+        if groups:
+            scores = self._unit_scores(model, work, analysis, groups)
+            chosen = self._select(analysis, groups, scores, cost)
+        removed = group_removed(analysis, chosen)
+        return PrunePlan(work, analysis, chosen, removed, shapes, original_shapes, cost)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts: PruneOptions = self.options
+        plan = self.plan(model)
+        if not plan.chosen:
+            logger.info("prune: nothing to remove")
+            self.stats["units_removed"] = 0
+            return ir.passes.PassResult(model, modified=False)
+        work, analysis, removed, cost = plan.work, plan.analysis, plan.removed, plan.cost
+        counts = np.zeros(len(analysis.nodes))
+        for nid, idx in removed.items():
+            counts[nid] = len(idx)
+        macs_removed, params_removed = cost.removed(counts)
+        self.stats.update(
+            units_removed=len(plan.chosen),
+            macs_before=int(cost.total_macs),
+            macs_after=round(cost.total_macs - macs_removed),
+            macs_removed_fraction=round(macs_removed / max(cost.total_macs, 1), 4),
+            params_before=int(cost.total_params),
+            params_after=round(cost.total_params - params_removed),
+            removed_by_kind=self._by_kind(analysis, plan.chosen),
+        )
+        try:
+            kept = kept_indices(analysis, removed)
+            targets = self._refit_targets(work, analysis, kept) if self._recovering() else []
+            refits = self._refit(model, targets)
+            self.stats.update(apply_plan(work, analysis, removed))
+            self._write_refits(work, targets, refits)
+            self.stats["refit_layers"] = len([t for t in targets if t.weight_name in refits])
+            _restore_shapes(work, plan.original_shapes, analysis, kept)
+            if self._recovering() and opts.bn_recalib:
+                kept_by_name = {analysis.nodes[n].value.name: k for n, k in kept.items()
+                                if analysis.nodes[n].axis == 1}
+                self.stats["bn_recalibrated"] = correct_batchnorm(
+                    model, work, kept_by_name, self._batches, threads=self.context.threads)
+            self._validate(model, work, plan.shapes)
+        except (PruneApplyError, ValueError, np.linalg.LinAlgError) as exc:
+            logger.error("prune: refused, model left unchanged: %s", exc)
+            self.stats["refused"] = str(exc)
+            return ir.passes.PassResult(model, modified=False)
+        model.graph = work.graph
+        return ir.passes.PassResult(model, modified=True)
+
+    # ------------------------------------------------------------ helpers
+
+    def _check_options(self, opts: PruneOptions) -> None:
+        for key in ("macs", "params"):
+            value = getattr(opts, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise PipelineError(f"prune: {key}={value} must be a fraction in [0, 1)")
+        if not 0.0 <= opts.ratio < 1.0:
+            raise PipelineError(f"prune: ratio={opts.ratio} must be in [0, 1)")
+        if opts.round_to < 1 or opts.min_channels < 0:
+            raise PipelineError("prune: round_to must be >= 1 and min_channels >= 0")
+        kinds = {k.strip() for k in opts.kinds.split(",") if k.strip()}
+        if not kinds <= {"all", "conv", "linear", "heads"}:
+            raise PipelineError(f"prune: kinds={opts.kinds!r}: use all or a list of "
+                                "conv,linear,heads")
+        parse_overrides(opts.overrides)
+
+    def _recovering(self) -> bool:
+        return bool(self.options.recover and self.context.has_calibration)
+
+    def _batches(self):
+        return self.context.calibration_batches(self.options.calib_batches)
+
+    def _input_shapes(self, model: ir.Model) -> dict[str, tuple[int, ...]]:
+        shapes = dict(self.context.input_shapes or {})
+        if self.context.has_calibration:
+            for batch in self.context.calibration_batches(1):
+                for name, arr in batch.items():
+                    shapes.setdefault(name, tuple(arr.shape))
+        for value in model_inputs(model):
+            if value.name not in shapes and value.shape is not None:
+                shapes[value.name] = tuple(d if isinstance(d, int) else 1 for d in value.shape)
+        return shapes
+
+    def _eligible_groups(self, analysis: Analysis) -> list[Group]:
+        kinds = {k.strip() for k in self.options.kinds.split(",") if k.strip()}
+        groups = []
+        for g in analysis.groups:
+            if "all" not in kinds and g.kind not in kinds:
+                continue
+            if len(g.units) < 2:
+                continue
+            groups.append(g)
+        return groups
+
+    @staticmethod
+    def _by_kind(analysis: Analysis, chosen: list[int]) -> dict[str, int]:
+        kind_of = {}
+        for g in analysis.groups:
+            for u in g.units:
+                kind_of[u.id] = g.kind
+        out: dict[str, int] = defaultdict(int)
+        for uid in chosen:
+            out[kind_of[uid]] += 1
+        return dict(out)
+
+    # ------------------------------------------------------------ importance
+
+    def _unit_scores(self, model: ir.Model, work: ir.Model, analysis: Analysis,
+                     groups: list[Group]) -> dict[int, float]:
+        """Normalized importance per unit id (group mean = 1)."""
+        criterion = self.options.criterion
+        s = _Shapes(work)
+        l2 = _weight_element_scores(s, analysis, squared=True)
+        elem = l2
+        if criterion == "l1":
+            elem = _weight_element_scores(s, analysis, squared=False)
+        elif criterion == "bn":
+            elem = _bn_element_scores(s, work, analysis)
+        elif criterion == "activation":
+            elem = self._activation_element_scores(model, analysis)
+        scores: dict[int, float] = {}
+        for g in groups:
+            use = elem if any(n in elem for n in g.nodes) else l2
+            raw = []
+            for u in g.units:
+                total = sum(float(np.sum(use[n][idx])) for n, idx in u.members.items()
+                            if n in use)
+                raw.append(math.sqrt(total) if use is l2 else total)
+            raw_arr = np.array(raw)
+            mean = float(raw_arr.mean()) if raw_arr.size else 0.0
+            norm = raw_arr / mean if mean > 0 else np.ones_like(raw_arr)
+            for u, v in zip(g.units, norm):
+                scores[u.id] = float(v)
+        return scores
+
+    def _activation_element_scores(self, model: ir.Model, analysis: Analysis) -> dict:
+        sinks: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for k in analysis.kernels:
+            if k.in_axis is None:
+                continue
+            nid = analysis.index.get((id(k.in_axis[0]), k.in_axis[1]))
+            if nid is not None:
+                sinks[k.in_axis[0].name].append((nid, k.in_axis[1]))
+        if not sinks:
+            return {}
+        sums: dict[int, np.ndarray] = {}
+        counts: dict[int, int] = defaultdict(int)
+        for acts in iter_activations(model, sorted(sinks), self._batches(),
+                                     threads=self.context.threads):
+            for name, entries in sinks.items():
+                x = np.abs(acts[name].astype(np.float64))
+                for nid, axis in entries:
+                    moved = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+                    sums[nid] = sums.get(nid, 0) + moved.sum(0)
+                    counts[nid] += len(moved)
+        return {nid: total / counts[nid] for nid, total in sums.items()}
+
+    # ------------------------------------------------------------ selection
+
+    def _select(self, analysis: Analysis, groups: list[Group], scores: dict[int, float],
+                cost: CostModel) -> list[int]:
+        opts: PruneOptions = self.options
+        overrides = parse_overrides(opts.overrides)
+        plans = []
+        for g in groups:
+            order = sorted(g.units, key=lambda u: (scores[u.id], u.id))
+            fixed = None
+            for pattern, ratio in overrides:
+                if _names_match(g.names, pattern):
+                    fixed = ratio
+                    break
+            plans.append((g, order, fixed))
+        global_target = opts.macs if opts.macs is not None else opts.params
+        if global_target is None:
+            chosen = []
+            for g, order, fixed in plans:
+                k = self._rounded(g, math.floor((opts.ratio if fixed is None else fixed)
+                                                * len(order)))
+                chosen.extend(u.id for u in order[:k])
+            return chosen
+        return self._select_global(analysis, plans, scores, cost, global_target,
+                                   "macs" if opts.macs is not None else "params")
+
+    def _rounded(self, g: Group, k: int, cap: int | None = None) -> int:
+        """Units to remove after min_channels / round_to; never more than asked."""
+        n = len(g.units)
+        if cap is not None:
+            k = min(k, cap)
+        width = g.width
+        keep = n - max(0, k)
+        if width == 1 and self.options.round_to > 1:
+            r = self.options.round_to
+            keep = min(n, -(-keep // r) * r)
+        min_keep = max(1, -(-self.options.min_channels // width))
+        keep = max(keep, min(min_keep, n))
+        return max(0, n - keep)
+
+    def _select_global(self, analysis, plans, scores, cost: CostModel, target: float,
+                       which: str) -> list[int]:
+        n_nodes = len(analysis.nodes)
+        base = np.zeros(n_nodes)
+        tables = []
+        for g, order, fixed in plans:
+            sig = list(g.nodes)
+            pos = {nid: j for j, nid in enumerate(sig)}
+            m = np.zeros((len(order) + 1, len(sig)))
+            for r, u in enumerate(order, start=1):
+                m[r] = m[r - 1]
+                for nid, idx in u.members.items():
+                    m[r, pos[nid]] += len(idx)
+            svals = np.array([scores[u.id] for u in order])
+            if fixed is not None:
+                k = self._rounded(g, math.floor(fixed * len(order)))
+                base[sig] += m[k]
+                tables.append((g, order, sig, m, None, k))
+            else:
+                cap = math.floor(self.options.max_ratio * len(order))
+                tables.append((g, order, sig, m, svals, cap))
+        total = cost.total_macs if which == "macs" else cost.total_params
+
+        def evaluate(tau: float) -> tuple[float, list[int]]:
+            counts = base.copy()
+            ks = []
+            for g, _order, sig, m, svals, cap in tables:
+                if svals is None:
+                    ks.append(cap)
+                    continue
+                k = self._rounded(g, int(np.searchsorted(svals, tau, side="left")), cap)
+                counts[sig] += m[k]
+                ks.append(k)
+            macs, params = cost.removed(counts)
+            return (macs if which == "macs" else params) / max(total, 1.0), ks
+
+        hi = max([float(t[4].max()) for t in tables if t[4] is not None and len(t[4])],
+                 default=0.0) * 2 + 1.0
+        reached, ks = evaluate(hi)
+        if reached < target:
+            logger.warning("prune: %s target %.2f not reachable; removing %.3f", which,
+                           target, reached)
+        else:
+            lo = 0.0
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                frac, _ks = evaluate(mid)
+                if frac >= target:
+                    hi = mid
+                else:
+                    lo = mid
+            reached, ks = evaluate(hi)
+        self.stats[f"{which}_target"] = target
+        chosen = []
+        for (_g, order, *_rest), k in zip(tables, ks):
+            chosen.extend(u.id for u in order[:k])
+        return chosen
+
+    # ------------------------------------------------------------ recovery
+
+    def _refit_targets(self, work: ir.Model, analysis: Analysis,
+                       kept: dict[int, np.ndarray]) -> list[RefitTarget]:
+        s = _Shapes(work)
+        targets = []
+        for k in analysis.kernels:
+            node = k.node
+            if k.weight is None or k.in_axis is None or node.op_type == "ConvTranspose":
+                continue
+            in_nid = analysis.index.get((id(k.in_axis[0]), k.in_axis[1]))
+            if in_nid is None or in_nid not in kept:
+                continue  # inputs unchanged: kept rows of the weight stay exact
+            w = s.const(k.weight)
+            if w is None or len(k.weight.uses()) != 1:
+                continue  # shared weight: a refit for one user would break the other
+            x, y = node.inputs[0], node.outputs[0]
+            out_axis = {"Conv": 0, "Gemm": 0 if int(_attr(node, "transB", 0)) else 1,
+                        "MatMul": 1}[node.op_type]
+            out_nid = analysis.index.get((id(k.weight), out_axis))
+            kept_out = kept.get(out_nid, np.arange(w.shape[out_axis])) if out_nid is not None \
+                else np.arange(w.shape[out_axis])
+            attrs: dict = {}
+            bias_name = None
+            if node.op_type == "Conv":
+                xs, ys = s.shape(x), s.shape(y)
+                if w.ndim != 4 or xs is None or ys is None or None in xs or None in ys:
+                    continue
+                attrs["geometry"] = conv_geometry(node, xs, w.shape, ys)
+                bias_name = "<new>"
+                if len(node.inputs) > 2 and node.inputs[2] is not None:
+                    bias_name = node.inputs[2].name
+            elif node.op_type == "Gemm":
+                if float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) \
+                        != 1.0 or int(_attr(node, "transA", 0)):
+                    continue
+                attrs["transB"] = int(_attr(node, "transB", 0))
+                bias_name = "<new>"
+                if len(node.inputs) > 2 and node.inputs[2] is not None:
+                    c = s.shape(node.inputs[2])
+                    bias_name = node.inputs[2].name if c is not None and len(c) == 1 else None
+            else:
+                bias_name = _matmul_bias(s, node)
+            targets.append(RefitTarget(node.name or y.name, node.op_type, x.name, y.name,
+                                       k.weight.name, w, kept[in_nid], np.asarray(kept_out),
+                                       bias_name, attrs))
+        return targets
+
+    def _refit(self, model: ir.Model, targets: list[RefitTarget]) -> dict[str, np.ndarray]:
+        if not targets:
+            return {}
+        # refit_layers writes the bias under bias_name; "<new>" is resolved per target
+        for t in targets:
+            if t.bias_name == "<new>":
+                t.bias_name = f"{t.node_name}::bias"
+        return refit_layers(model, targets, self._batches, threads=self.context.threads,
+                            max_rows=self.options.max_rows, seed=self.context.seed)
+
+    def _write_refits(self, work: ir.Model, targets: list[RefitTarget],
+                      refits: dict[str, np.ndarray]) -> None:
+        by_name = {n.name or (n.outputs[0].name if n.outputs else ""): n for n in work.graph}
+        for t in targets:
+            if t.weight_name not in refits:
+                continue
+            node = by_name.get(t.node_name)
+            if node is None:
+                raise PruneApplyError(f"refit target {t.node_name} vanished")
+            w_value = node.inputs[1]
+            new_w = refits[t.weight_name]
+            if tuple(w_value.shape) != new_w.shape:
+                raise PruneApplyError(f"{t.node_name}: refit weight shape {new_w.shape} != "
+                                      f"{tuple(w_value.shape)}")
+            set_constant(w_value, new_w)
+            if t.bias_name is None or t.bias_name not in refits:
+                continue
+            bias = refits[t.bias_name]
+            if t.bias_name.endswith("::bias"):
+                value = add_initializer(work.graph, f"{t.node_name}_bias", bias)
+                if len(node.inputs) < 3:
+                    node.resize_inputs(3)
+                node.replace_input_with(2, value)
+                continue
+            target_value = _find_constant(work, t.bias_name)
+            if target_value is None or len(target_value.uses()) != 1:
+                continue
+            if tuple(target_value.shape) == bias.shape:
+                set_constant(target_value, bias)
+
+    # ------------------------------------------------------------ validation
+
+    def _validate(self, original: ir.Model, pruned: ir.Model,
+                  shapes: dict[str, tuple[int, ...]]) -> None:
+        batch = None
+        if self.context.has_calibration:
+            batch = next(iter(self.context.calibration_batches(1)), None)
+        if batch is None:
+            rng = np.random.default_rng(0)
+            batch = {}
+            for value in model_inputs(original):
+                dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+                shape = shapes[value.name]
+                batch[value.name] = (rng.standard_normal(shape).astype(dtype)
+                                     if np.issubdtype(dtype, np.floating)
+                                     else np.zeros(shape, dtype))
+        try:
+            ref = OrtArtifact(original, threads=self.context.threads).run(batch)
+            got = OrtArtifact(pruned, threads=self.context.threads).run(batch)
+        except OnnxforgeError as exc:
+            raise PruneApplyError(f"pruned model does not run in onnxruntime: {exc}") from exc
+        for (name, a), b in zip(ref.items(), got.values()):
+            if a.shape != b.shape:
+                raise PruneApplyError(f"output {name}: shape {b.shape} != original {a.shape}")
+            if np.issubdtype(b.dtype, np.floating) and not np.all(np.isfinite(b)):
+                raise PruneApplyError(f"output {name}: non-finite values after pruning")
+
+
+def _weight_element_scores(s: _Shapes, analysis: Analysis, squared: bool) -> dict:
+    """Per axis node of a kernel weight: per-index sum |w| (or sum w^2) over other axes."""
+    out: dict[int, np.ndarray] = {}
+    for k in analysis.kernels:
+        w = s.const(k.weight) if k.weight is not None else None
+        if w is None:
+            continue
+        for axis in range(min(2, w.ndim)):
+            nid = analysis.index.get((id(k.weight), axis))
+            if nid is None or nid in out:
+                continue
+            other = tuple(i for i in range(w.ndim) if i != axis)
+            wf = w.astype(np.float64)
+            out[nid] = np.sum(wf * wf if squared else np.abs(wf), axis=other)
+    return out
+
+
+def _bn_element_scores(s: _Shapes, model: ir.Model, analysis: Analysis) -> dict:
+    out: dict[int, np.ndarray] = {}
+    for node in model.graph:
+        if node.op_type != "BatchNormalization":
+            continue
+        gamma = s.const(node.inputs[1])
+        nid = analysis.index.get((id(node.inputs[1]), 0))
+        if gamma is not None and nid is not None:
+            out[nid] = np.abs(gamma.astype(np.float64))
+    return out
+
+
+def _matmul_bias(s: _Shapes, node: ir.Node) -> str | None:
+    """The constant bias of `MatMul -> Add(const [N])`, if the Add is the only user."""
+    y = node.outputs[0]
+    uses = list(y.uses())
+    if len(uses) != 1 or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].idx]
+    arr = s.const(other)
+    if arr is None or arr.ndim != 1:
+        return None
+    return other.name
+
+
+def _find_constant(model: ir.Model, name: str) -> ir.Value | None:
+    value = model.graph.initializers.get(name)
+    if value is not None:
+        return value
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name == name and node.op_type == "Constant":
+                return out
+    return None
+
+
+def _all_values(model: ir.Model):
+    yield from model.graph.inputs
+    for node in model.graph:
+        yield from node.outputs
+
+
+def _restore_shapes(work: ir.Model, original: dict, analysis: Analysis,
+                    kept: dict[int, np.ndarray]) -> None:
+    """Put back the model's own shape annotations (dynamic dims), pruned axes resized."""
+    new_sizes: dict[str, dict[int, int]] = defaultdict(dict)
+    for nid, keep in kept.items():
+        an = analysis.nodes[nid]
+        new_sizes[an.value.name][an.axis] = len(keep)
+    for value in _all_values(work):
+        if value.is_initializer() or value.name not in original:
+            continue
+        shape, vtype = original[value.name]
+        if shape is not None and value.name in new_sizes:
+            dims = list(shape)
+            for axis, n in new_sizes[value.name].items():
+                if axis < len(dims) and isinstance(dims[axis], int):
+                    dims[axis] = n
+            shape = ir.Shape(dims)
+        value.shape = shape
+        if vtype is not None:
+            value.type = vtype

@@ -1,0 +1,272 @@
+"""Physical channel removal: slice weights and fix shape-carrying ops.
+
+Given the dependency analysis (`pruning_groups.analyze`) and, per axis node, the
+indices to remove, this rewrites the graph in place so every op is smaller (no
+masks):
+
+- weights (initializers and `Constant` nodes) are sliced along each pruned axis;
+  a weight shared by several ops is sliced once (the analysis coupled its users);
+- grouped / depthwise Conv: `group` drops by the number of removed groups;
+- Reshape: pruned positions of a constant target shape get the new size; a target
+  built at run time (Shape/Gather/Concat) gets a `Where` that overrides only the
+  constant positions that changed;
+- Split: the split sizes; Slice: starts/ends re-indexed into the kept channels;
+  Resize with `sizes`: the pruned axis size;
+- value shape annotations along pruned axes.
+
+Preconditions were checked by the analysis (an op it could not follow blocked
+the axis), so apply never guesses; it raises `PruneApplyError` on an
+inconsistency, and the pass then leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from ..ir import add_initializer
+from .pruning_groups import (
+    Analysis,
+    Blocked,
+    _attr,
+    _norm_axis,
+    _Shapes,
+    reshape_target,
+    slice_params,
+    slice_range,
+    split_sizes,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class PruneApplyError(RuntimeError):
+    """The plan could not be applied consistently (the pass refuses)."""
+
+
+def kept_indices(analysis: Analysis, removed: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Axis node id -> kept indices, for every axis node that loses something."""
+    kept = {}
+    for nid, rem in removed.items():
+        if len(rem) == 0:
+            continue
+        size = analysis.nodes[nid].size
+        keep = np.setdiff1d(np.arange(size), rem)
+        if len(keep) == 0:
+            raise PruneApplyError(f"{analysis.nodes[nid].label()}: every channel removed")
+        kept[nid] = keep
+    return kept
+
+
+def set_constant(value: ir.Value, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array)
+    if value.const_value is not None or value.is_initializer():
+        value.const_value = ir.tensor(array, name=value.name)
+    else:
+        node = value.producer()
+        if node is None or node.op_type != "Constant":
+            raise PruneApplyError(f"{value.name}: not a constant")
+        for key in list(node.attributes):
+            del node.attributes[key]
+        node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=value.name))
+    value.shape = ir.Shape(array.shape)
+
+
+def apply_plan(model: ir.Model, analysis: Analysis, removed: dict[int, np.ndarray]
+               ) -> dict[str, int]:
+    """Remove the channels in `removed` (axis node id -> indices) from `model` in place.
+
+    `model` must be the model `analysis` was computed on. Returns counts.
+    """
+    s = _Shapes(model)
+    graph = model.graph
+    kept = kept_indices(analysis, removed)
+    by_value: dict[int, tuple[ir.Value, dict[int, np.ndarray]]] = {}
+    for nid, keep in kept.items():
+        an = analysis.nodes[nid]
+        by_value.setdefault(id(an.value), (an.value, {}))[1][an.axis] = keep
+    def new_dim(value: ir.Value, axis: int) -> int | None:
+        entry = by_value.get(id(value))
+        if entry is None or axis not in entry[1]:
+            return None
+        return len(entry[1][axis])
+
+    # 1. node attributes / shape parameters (read the old constants before slicing)
+    edits = 0
+    for node in list(graph):
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            if op == "Conv" and int(_attr(node, "group", 1)) > 1:
+                edits += _fix_group(s, node, new_dim)
+            elif op == "Reshape":
+                edits += _fix_reshape(s, graph, node, new_dim)
+            elif op == "Split":
+                edits += _fix_split(s, graph, node, new_dim)
+            elif op == "Slice":
+                edits += _fix_slice(s, graph, node, by_value)
+            elif op == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None:
+                edits += _fix_resize_sizes(s, graph, node, new_dim)
+        except Blocked as exc:
+            raise PruneApplyError(f"{op} {node.name}: {exc}") from exc
+
+    # 2. slice constants, update shapes of activations
+    sliced = 0
+    for value, axes in by_value.values():
+        arr = s.const(value)
+        if arr is not None:
+            for axis, keep in sorted(axes.items()):
+                arr = np.take(arr, keep, axis=axis)
+            set_constant(value, arr)
+            sliced += 1
+        elif value.shape is not None:
+            dims = list(value.shape)
+            for axis, keep in axes.items():
+                if axis < len(dims) and isinstance(dims[axis], int):
+                    dims[axis] = len(keep)
+            value.shape = ir.Shape(dims)
+    logger.info("pruning applied: %d constants sliced, %d op parameters edited", sliced, edits)
+    return {"constants_sliced": sliced, "op_parameters_edited": edits}
+
+
+def _fix_group(s: _Shapes, node: ir.Node, new_dim) -> int:
+    w = node.inputs[1]
+    n = new_dim(w, 0)
+    if n is None:
+        return 0
+    group = int(_attr(node, "group", 1))
+    cout = s.dim(w, 0)
+    per_group = cout // group
+    if n % per_group:
+        raise PruneApplyError(f"Conv {node.name}: {n} channels left is not whole groups")
+    node.attributes["group"] = ir.AttrInt64("group", n // per_group)
+    return 1
+
+
+def _new_shape_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray,
+                     name: str) -> None:
+    value = add_initializer(graph, name, np.asarray(array, dtype=np.int64))
+    node.replace_input_with(index, value)
+
+
+def _fix_reshape(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
+    y = node.outputs[0]
+    rank = len(s.shape(y) or ())
+    changes = {}
+    for b in range(rank):
+        n = new_dim(y, b)
+        if n is None:
+            continue
+        tag = reshape_target(s, node, b)
+        if tag[0] == "const" and tag[1] > 0:
+            changes[b] = n
+    if not changes:
+        return 0
+    target = s.ints(node.inputs[1])
+    name = f"{node.name or 'reshape'}_pruned_shape"
+    if target is not None:
+        for b, n in changes.items():
+            target[b] = n
+        _new_shape_input(graph, node, 1, np.array(target), name)
+        return 1
+    # computed target: override the changed constant positions with Where
+    mask = np.zeros(rank, dtype=bool)
+    values = np.zeros(rank, dtype=np.int64)
+    for b, n in changes.items():
+        mask[b], values[b] = True, n
+    cond = add_initializer(graph, f"{name}_mask", mask)
+    new = add_initializer(graph, f"{name}_values", values)
+    out = ir.Value(name=f"{name}_computed", shape=ir.Shape([rank]),
+                   type=ir.TensorType(ir.DataType.INT64))
+    where = ir.Node("", "Where", [cond, new, node.inputs[1]], outputs=[out],
+                    name=f"{name}_where")
+    graph.insert_before(node, where)
+    node.replace_input_with(1, out)
+    return 1
+
+
+def _fix_split(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
+    x = node.inputs[0]
+    axis = _norm_axis(int(_attr(node, "axis", 0)), s.rank(x))
+    sizes = split_sizes(s, node)
+    new_sizes = []
+    changed = False
+    for out, size in zip(node.outputs, sizes):
+        n = new_dim(out, axis)
+        changed |= n is not None and n != size
+        new_sizes.append(size if n is None else n)
+    if not changed:
+        return 0
+    if s.opset < 13:
+        node.attributes["split"] = ir.AttrInt64s("split", new_sizes)
+        return 1
+    node.attributes.pop("num_outputs", None)
+    value = add_initializer(graph, f"{node.name or 'split'}_pruned_sizes",
+                            np.array(new_sizes, dtype=np.int64))
+    if len(node.inputs) > 1:
+        node.replace_input_with(1, value)
+    else:
+        node.resize_inputs(2)
+        node.replace_input_with(1, value)
+    return 1
+
+
+def _fix_slice(s: _Shapes, graph: ir.Graph, node: ir.Node, by_value) -> int:
+    x = node.inputs[0]
+    entry = by_value.get(id(x))
+    if entry is None:
+        return 0
+    r = s.rank(x)
+    starts, ends, axes, steps = slice_params(s, node)
+    axes_n = [_norm_axis(ax, r) for ax in axes]
+    changed = False
+    for k, ax in enumerate(axes_n):
+        keep = entry[1].get(ax)
+        if keep is None:
+            continue
+        start, end = slice_range(starts[k], ends[k], steps[k], s.dim(x, ax))
+        new_start = int(np.sum(keep < start))
+        new_end = new_start + int(np.sum((keep >= start) & (keep < end)))
+        if new_end == new_start:
+            raise PruneApplyError(f"Slice {node.name}: every sliced channel removed")
+        starts[k], ends[k] = new_start, new_end
+        changed = True
+    if not changed:
+        return 0
+    if len(node.inputs) == 1:
+        node.attributes["starts"] = ir.AttrInt64s("starts", starts)
+        node.attributes["ends"] = ir.AttrInt64s("ends", ends)
+        return 1
+    base = node.name or "slice"
+    _new_shape_input(graph, node, 1, np.array(starts), f"{base}_pruned_starts")
+    _new_shape_input(graph, node, 2, np.array(ends), f"{base}_pruned_ends")
+    return 1
+
+
+def _fix_resize_sizes(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
+    y = node.outputs[0]
+    sizes = s.ints(node.inputs[3])
+    if sizes is None:
+        raise PruneApplyError(f"Resize {node.name}: sizes are computed")
+    changed = False
+    for b in range(len(sizes)):
+        n = new_dim(y, b)
+        if n is not None:
+            sizes[b] = n
+            changed = True
+    if changed:
+        _new_shape_input(graph, node, 3, np.array(sizes), f"{node.name or 'resize'}_pruned_sizes")
+    return int(changed)
+
+
+def group_removed(analysis: Analysis, units_removed: list[int]) -> dict[int, np.ndarray]:
+    """Axis node id -> removed indices, from a list of unit ids."""
+    parts: dict[int, list[np.ndarray]] = defaultdict(list)
+    for uid in units_removed:
+        for nid, idx in analysis.units[uid].members.items():
+            parts[nid].append(idx)
+    return {nid: np.unique(np.concatenate(ix)) for nid, ix in parts.items()}
