@@ -1,0 +1,209 @@
+"""`fold-bn`: fold inference BatchNormalization into the producer's weights and bias.
+
+Rewrite rules, with s = scale / sqrt(var + epsilon), t = B - mean * s:
+
+- `Conv(x, W, b?) -> BN`  =>  `Conv(x, W * s[:, None, ...], b * s + t)` (b = 0 when absent;
+  grouped and depthwise convs included: the output channel is W's first axis).
+- `ConvTranspose(x, W, b?) -> BN`  =>  W of shape [C, M/g, k...]: output channel
+  `o = (c // (C/g)) * (M/g) + j` is scaled by s[o]; bias as for Conv.
+- `Gemm(A, B, C?) -> BN` (2-D output, channel = column)  =>  B's output columns scaled by s
+  (rows when transB=1), C' = beta * C * s + t, beta = 1.
+- `MatMul(A, W) [-> Add(bias)] -> BN` with a rank-2 MatMul output and a 2-D W  =>
+  `MatMul(A, W * s) -> Add(bias * s + t)`.
+
+Preconditions (otherwise the BN is left alone):
+- BN is in inference form: one used output (no running mean/var outputs read),
+  `training_mode` absent or 0, and its scale, B, mean and var are constants;
+- the BN input has exactly one consumer (the BN) and is not a graph output
+  (a BN feeding two consumers is fine: only its input matters);
+- the weight (and bias / Add constant) is a float constant read only by that node
+  (a shared initializer is never changed);
+- the channel axis of the BN (axis 1) is the producer's output-channel axis:
+  always for Conv/ConvTranspose; for Gemm/MatMul only with a rank-2 output.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from .base import register
+from .fuse_common import (
+    RewritePass,
+    attr,
+    bypass,
+    exclusive_const,
+    float_const,
+    is_op,
+    rank,
+    remove_nodes,
+    set_attr,
+    set_weight,
+    sole_consumer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _bn_params(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    if len(bn.inputs) < 5 or attr(bn, "training_mode", 0):
+        return None
+    if any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
+        return None
+    arrays = [float_const(v) for v in bn.inputs[1:5]]
+    if any(a is None for a in arrays):
+        return None
+    scale, bias, mean, var = (a.astype(np.float64).reshape(-1) for a in arrays)
+    if not (scale.size == bias.size == mean.size == var.size):
+        return None
+    eps = float(attr(bn, "epsilon", 1e-5))
+    s = scale / np.sqrt(var + eps)
+    t = bias - mean * s
+    return s, t
+
+
+def fold_batchnorm(model: ir.Model, bn: ir.Node) -> bool:
+    """Fold one BatchNormalization node into its producer; False when refused."""
+    if not is_op(bn, "BatchNormalization"):
+        return False
+    x = bn.inputs[0]
+    producer = x.producer() if x is not None else None
+    if producer is None or sole_consumer(x) is not bn:
+        return False
+    params = _bn_params(bn)
+    if params is None:
+        return False
+    s, t = params
+    out = bn.outputs[0]
+    if is_op(producer, "Conv", "ConvTranspose"):
+        done = _fold_conv(producer, s, t)
+    elif is_op(producer, "Gemm"):
+        done = _fold_gemm(producer, s, t)
+    elif is_op(producer, "MatMul"):
+        done = _fold_matmul(producer, s, t, None)
+    elif is_op(producer, "Add"):
+        mm = _matmul_add(producer)
+        done = mm is not None and _fold_matmul(mm, s, t, producer)
+    else:
+        return False
+    if not done:
+        return False
+    bypass(out, bn.inputs[0])  # re-read: a MatMul without Add now feeds BN through an Add
+    remove_nodes([bn])
+    return True
+
+
+def _fold_conv(conv: ir.Node, s: np.ndarray, t: np.ndarray) -> bool:
+    w = exclusive_const(conv.inputs[1] if len(conv.inputs) > 1 else None, conv)
+    if w is None or w.ndim < 3:
+        return False
+    has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
+    b = exclusive_const(conv.inputs[2], conv) if has_bias else None
+    if has_bias and b is None:
+        return False
+    group = int(attr(conv, "group", 1))
+    if conv.op_type == "Conv":
+        m = w.shape[0]
+        if m != s.size:
+            return False
+        w_new = w * s.reshape((m,) + (1,) * (w.ndim - 1))
+    else:
+        c, mg = w.shape[0], w.shape[1]
+        if c % group or mg * group != s.size:
+            return False
+        shaped = w.reshape((group, c // group, mg) + w.shape[2:])
+        w_new = (shaped * s.reshape((group, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape)
+        m = s.size
+    b_old = b.astype(np.float64).reshape(-1) if b is not None else np.zeros(m)
+    if b_old.size != m:
+        return False
+    b_new = b_old * s + t
+    set_weight(conv, 1, w_new.astype(w.dtype), "bnfold")
+    set_weight(conv, 2, b_new.astype(w.dtype), "bnfold")
+    return True
+
+
+def _fold_gemm(gemm: ir.Node, s: np.ndarray, t: np.ndarray) -> bool:
+    if rank(gemm.outputs[0]) not in (None, 2):
+        return False
+    w = exclusive_const(gemm.inputs[1], gemm)
+    if w is None or w.ndim != 2:
+        return False
+    trans_b = int(attr(gemm, "transB", 0))
+    m = w.shape[0] if trans_b else w.shape[1]
+    if m != s.size:
+        return False
+    w_new = w * (s[:, None] if trans_b else s[None, :])
+    has_c = len(gemm.inputs) > 2 and gemm.inputs[2] is not None
+    c = exclusive_const(gemm.inputs[2], gemm) if has_c else None
+    if has_c and (c is None or c.ndim > 2):
+        return False
+    beta = float(attr(gemm, "beta", 1.0))
+    c_old = beta * c.astype(np.float64) if c is not None else np.zeros(m)
+    if c_old.ndim >= 1 and c_old.shape[-1] not in (1, m):
+        return False
+    c_new = c_old * s + t  # broadcasts over the column axis; keeps rows of a [N, M] C
+    set_weight(gemm, 1, w_new.astype(w.dtype), "bnfold")
+    set_weight(gemm, 2, c_new.astype(w.dtype), "bnfold")
+    set_attr(gemm, "beta", 1.0)
+    return True
+
+
+def _matmul_add(add: ir.Node) -> ir.Node | None:
+    """The MatMul feeding `add` (as MatMul(A, W) + bias), if that is the pattern."""
+    for i in (0, 1):
+        v = add.inputs[i]
+        p = v.producer() if v is not None else None
+        if is_op(p, "MatMul") and sole_consumer(v) is add:
+            return p
+    return None
+
+
+def _fold_matmul(mm: ir.Node, s: np.ndarray, t: np.ndarray, add: ir.Node | None) -> bool:
+    out = add.outputs[0] if add is not None else mm.outputs[0]
+    if rank(mm.outputs[0]) != 2 or rank(out) != 2:
+        return False
+    w = exclusive_const(mm.inputs[1], mm)
+    if w is None or w.ndim != 2 or w.shape[1] != s.size:
+        return False
+    if add is not None:
+        bias_index = 1 if add.inputs[0] is mm.outputs[0] else 0
+        bias = exclusive_const(add.inputs[bias_index], add)
+        if bias is None or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1):
+            return False
+        if bias.ndim >= 1 and bias.shape[-1] not in (1, s.size):
+            return False
+        new_bias = (bias.astype(np.float64) * s + t).reshape(-1)
+        set_weight(mm, 1, (w * s[None, :]).astype(w.dtype), "bnfold")
+        set_weight(add, bias_index, new_bias.astype(w.dtype), "bnfold")
+        return True
+    graph = mm.graph
+    assert graph is not None
+    set_weight(mm, 1, (w * s[None, :]).astype(w.dtype), "bnfold")
+    # The BN's shift becomes an Add after the MatMul (fuse-matmul-add may make it a Gemm).
+    bias_node = ir.node("Add", [mm.outputs[0], None], name=f"{mm.name or 'matmul'}_bn_shift")
+    graph.insert_after(mm, bias_node)
+    mm_out = mm.outputs[0]
+    # every former reader of the MatMul output was the BN: move it to the Add
+    for use in list(mm_out.uses()):
+        if use.node is not bias_node:
+            use.node.replace_input_with(use.idx, bias_node.outputs[0])
+    set_weight(bias_node, 1, t.astype(w.dtype), "bnfold")
+    bias_node.outputs[0].shape = mm_out.shape
+    bias_node.outputs[0].type = mm_out.type
+    return True
+
+
+@register
+class FoldBatchNormPass(RewritePass):
+    """Fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul(+Add)."""
+
+    name = "fold-bn"
+    summary = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul(+Add)"
+    exact = True
+    stat = "bn_folded"
+
+    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
+        return fold_batchnorm(model, node)

@@ -1,0 +1,209 @@
+"""`fuse-horizontal`: merge sibling Conv / MatMul nodes reading the same input.
+
+Rewrite rules (x shared, k >= 2 siblings):
+
+- `Conv_i(x, W_i, b_i)` for i = 1..k  =>  `Conv(x, concat(W_i, axis 0), concat(b_i))` followed
+  by `Split(axis=1, [M_1..M_k])` whose outputs replace the sibling outputs.
+- `MatMul_i(x, W_i)` (2-D W_i) => `MatMul(x, concat(W_i, axis 1))` + `Split(axis=-1)`. When
+  every sibling is followed by its own `Add(Y_i, bias_i)` with a constant bias of
+  shape [M_i] (its only consumer), the biases are merged too: `MatMul -> Add(concat(bias_i))
+  -> Split` replaces the k Adds as well (Q/K/V projections of a transformer).
+
+Preconditions: the siblings read x as their data input (Conv input 0 / MatMul input
+0); weights (and biases) are float constants read by that sibling alone, of the
+same dtype; Conv siblings have identical attributes (kernel shape, strides, pads,
+dilations, auto_pad) and `group == 1` (a grouped conv maps channels by group, so
+concatenation would change which input channels each output sees) and the same
+weight shape apart from the output channels; MatMul weights have the same number
+of rows. A group whose members do not all satisfy this is split into the subsets
+that do (by attributes); singletons are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from .base import register
+from .fuse_common import (
+    RewritePass,
+    add_initializer,
+    bypass,
+    exclusive_const,
+    is_op,
+    opset,
+    remove_nodes,
+    sole_consumer,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _conv_key(conv: ir.Node) -> tuple | None:
+    w = exclusive_const(conv.inputs[1] if len(conv.inputs) > 1 else None, conv)
+    if w is None or int(conv.attributes["group"].value if "group" in conv.attributes else 1) != 1:
+        return None
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+        b = exclusive_const(conv.inputs[2], conv)
+        if b is None or b.dtype != w.dtype:
+            return None
+    attrs = tuple(sorted((k, repr(a.value)) for k, a in conv.attributes.items()))
+    return ("Conv", w.dtype.str, w.shape[1:], attrs)
+
+
+def _matmul_key(mm: ir.Node) -> tuple | None:
+    w = exclusive_const(mm.inputs[1], mm)
+    if w is None or w.ndim != 2:
+        return None
+    return ("MatMul", w.dtype.str, w.shape[0])
+
+
+def _bias_add(mm: ir.Node, m: int) -> tuple[ir.Node, np.ndarray] | None:
+    y = mm.outputs[0]
+    add = sole_consumer(y)
+    if not is_op(add, "Add") or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    if other is y:
+        return None
+    bias = exclusive_const(other, add)
+    if bias is None or bias.shape != (m,):
+        return None
+    return add, bias
+
+
+def fuse_siblings(model: ir.Model, x: ir.Value) -> bool:
+    """Merge each group of compatible sibling Conv/MatMul nodes reading `x`."""
+    groups: dict[tuple, list[ir.Node]] = defaultdict(list)
+    seen: set[int] = set()
+    for use in list(x.uses()):
+        node = use.node
+        if use.idx != 0 or id(node) in seen or node.graph is None:
+            continue
+        seen.add(id(node))
+        key = None
+        if is_op(node, "Conv"):
+            key = _conv_key(node)
+        elif is_op(node, "MatMul") and node.inputs[1] is not x:
+            key = _matmul_key(node)
+        if key is not None:
+            groups[(id(node.graph),) + key].append(node)
+    changed = False
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        if members[0].op_type == "Conv":
+            _merge_convs(model, x, members)
+        else:
+            _merge_matmuls(model, x, members)
+        changed = True
+    return changed
+
+
+def _split_node(model: ir.Model, graph: ir.Graph, data: ir.Value, sizes: list[int], axis: int,
+                name: str) -> ir.Node:
+    if opset(model) >= 13:
+        split = add_initializer(graph, f"{name}_split", np.asarray(sizes, np.int64))
+        return ir.node("Split", [data, split], {"axis": axis}, num_outputs=len(sizes), name=name)
+    return ir.node("Split", [data], {"axis": axis, "split": sizes}, num_outputs=len(sizes),
+                   name=name)
+
+
+def _first_in_graph(graph: ir.Graph, members: list[ir.Node]) -> ir.Node:
+    wanted = {id(n) for n in members}
+    for node in graph:
+        if id(node) in wanted:
+            return node
+    return members[0]
+
+
+def _merge_convs(model: ir.Model, x: ir.Value, convs: list[ir.Node]) -> None:
+    graph = convs[0].graph
+    assert graph is not None
+    weights = [exclusive_const(c.inputs[1], c) for c in convs]
+    sizes = [int(w.shape[0]) for w in weights]
+    biases = []
+    for c, w in zip(convs, weights):
+        if len(c.inputs) > 2 and c.inputs[2] is not None:
+            biases.append(exclusive_const(c.inputs[2], c).reshape(-1))
+        else:
+            biases.append(np.zeros(w.shape[0], w.dtype))
+    name = "_".join(c.name or "conv" for c in convs[:3]) + "_hfused"
+    w_all = add_initializer(graph, f"{name}_W", np.concatenate(weights, axis=0))
+    b_all = add_initializer(graph, f"{name}_B", np.concatenate(biases).astype(weights[0].dtype))
+    attrs = [ir.Attr(a.name, a.type, a.value) for a in convs[0].attributes.values()]
+    merged = ir.Node("", "Conv", [x, w_all, b_all], attributes=attrs, name=name)
+    split = _split_node(model, graph, merged.outputs[0], sizes, 1, f"{name}_split")
+    anchor = _first_in_graph(graph, convs)
+    graph.insert_before(anchor, [merged, split])
+    for conv, out in zip(convs, split.outputs):
+        bypass(conv.outputs[0], out)
+    remove_nodes(convs)
+    logger.debug("fuse-horizontal: merged %d Conv nodes reading %s", len(convs), x.name)
+
+
+def _merge_matmuls(model: ir.Model, x: ir.Value, mms: list[ir.Node]) -> None:
+    graph = mms[0].graph
+    assert graph is not None
+    weights = [exclusive_const(m.inputs[1], m) for m in mms]
+    sizes = [int(w.shape[1]) for w in weights]
+    adds = [_bias_add(m, s) for m, s in zip(mms, sizes)]
+    with_bias = all(a is not None and a[1].dtype == weights[0].dtype for a in adds)
+    name = "_".join(m.name or "matmul" for m in mms[:3]) + "_hfused"
+    w_all = add_initializer(graph, f"{name}_W", np.concatenate(weights, axis=1))
+    merged = ir.Node("", "MatMul", [x, w_all], name=name)
+    new_nodes = [merged]
+    data = merged.outputs[0]
+    if with_bias:
+        b_all = add_initializer(graph, f"{name}_B", np.concatenate([a[1] for a in adds]))
+        bias_node = ir.Node("", "Add", [data, b_all], name=f"{name}_bias")
+        new_nodes.append(bias_node)
+        data = bias_node.outputs[0]
+    split = _split_node(model, graph, data, sizes, -1, f"{name}_split")
+    new_nodes.append(split)
+    anchor = _first_in_graph(graph, mms)
+    graph.insert_before(anchor, new_nodes)
+    if with_bias:
+        for (add, _), out in zip(adds, split.outputs):
+            bypass(add.outputs[0], out)
+        remove_nodes([a[0] for a in adds])
+    else:
+        for mm, out in zip(mms, split.outputs):
+            bypass(mm.outputs[0], out)
+    remove_nodes(mms)
+    logger.debug("fuse-horizontal: merged %d MatMul nodes reading %s", len(mms), x.name)
+
+
+@register
+class FuseHorizontalPass(RewritePass):
+    """Merge sibling Conv/MatMul nodes with constant weights reading the same input."""
+
+    name = "fuse-horizontal"
+    summary = "merge sibling Conv/MatMul (e.g. Q/K/V projections) into one wider op + Split"
+    exact = True
+    stat = "sibling_groups_fused"
+
+    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
+        changed = False
+        for out in node.outputs:
+            changed |= fuse_siblings(model, out)
+        return changed
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        # Graph inputs have no producer node: handle their readers first.
+        done = 0
+        for graph in model.graphs():
+            for value in list(graph.inputs):
+                if fuse_siblings(model, value):
+                    done += 1
+        result = super().call(model)
+        if done:
+            self.count(self.stat, done)
+            if not result.modified:
+                from onnx_ir.passes import common as ir_common
+                ir_common.RemoveUnusedNodesPass()(model)
+                ir_common.TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=bool(done) or result.modified)
