@@ -47,19 +47,20 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
+import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
 from ..activations import iter_activations
 from ..backends.ort import OrtArtifact
 from ..errors import OnnxforgeError, PipelineError
-from ..ir import add_initializer, infer_shapes, load_model
+from ..ir import infer_shapes, load_model
 from ..metrics import MAC_OPS, compute_metrics, node_macs
 from ..shapes import model_inputs
 from .base import ForgePass, register
-from .pruning_apply import PruneApplyError, apply_plan, group_removed, kept_indices, set_constant
+from .pruning_apply import PruneApplyError, apply_plan, group_removed, kept_indices
 from .pruning_groups import Analysis, Group, _attr, _Shapes, analyze
-from .pruning_recover import RefitTarget, conv_geometry, correct_batchnorm, refit_layers
+from .pruning_recover import RefitTarget, conv_geometry, node_dag, recover
 
 logger = logging.getLogger(__name__)
 
@@ -226,17 +227,19 @@ class PrunePass(ForgePass):
         )
         try:
             kept = kept_indices(analysis, removed)
-            targets = self._refit_targets(work, analysis, kept) if self._recovering() else []
-            refits = self._refit(model, targets)
+            changed = _changed_kernels(analysis, kept)
+            targets = self._refit_targets(work, analysis, kept, changed) \
+                if self._recovering() else []
             self.stats.update(apply_plan(work, analysis, removed))
-            self._write_refits(work, targets, refits)
-            self.stats["refit_layers"] = len([t for t in targets if t.weight_name in refits])
             _restore_shapes(work, plan.original_shapes, analysis, kept)
-            if self._recovering() and opts.bn_recalib:
+            if self._recovering():
+                bns = _bns_downstream(work, changed) if opts.bn_recalib else []
                 kept_by_name = {analysis.nodes[n].value.name: k for n, k in kept.items()
                                 if analysis.nodes[n].axis == 1}
-                self.stats["bn_recalibrated"] = correct_batchnorm(
-                    model, work, kept_by_name, self._batches, threads=self.context.threads)
+                self.stats.update(recover(
+                    model, work, targets, bns, kept_by_name, self._batches,
+                    threads=self.context.threads, max_rows=opts.max_rows,
+                    seed=self.context.seed))
             self._validate(model, work, plan.shapes)
         except (PruneApplyError, ValueError, np.linalg.LinAlgError) as exc:
             logger.error("prune: refused, model left unchanged: %s", exc)
@@ -453,91 +456,38 @@ class PrunePass(ForgePass):
 
     # ------------------------------------------------------------ recovery
 
-    def _refit_targets(self, work: ir.Model, analysis: Analysis,
-                       kept: dict[int, np.ndarray]) -> list[RefitTarget]:
+    def _refit_targets(self, work: ir.Model, analysis: Analysis, kept: dict[int, np.ndarray],
+                       changed: list[ir.Node]) -> list[RefitTarget]:
+        """Layers that lost inputs and can be refit (computed before the removal)."""
         s = _Shapes(work)
+        kernels = {id(k.node): k for k in analysis.kernels}
         targets = []
-        for k in analysis.kernels:
-            node = k.node
-            if k.weight is None or k.in_axis is None or node.op_type == "ConvTranspose":
+        for node in changed:
+            k = kernels[id(node)]
+            if k.weight is None or node.op_type not in ("Conv", "Gemm", "MatMul"):
                 continue
-            in_nid = analysis.index.get((id(k.in_axis[0]), k.in_axis[1]))
-            if in_nid is None or in_nid not in kept:
-                continue  # inputs unchanged: kept rows of the weight stay exact
             w = s.const(k.weight)
             if w is None or len(k.weight.uses()) != 1:
                 continue  # shared weight: a refit for one user would break the other
-            x, y = node.inputs[0], node.outputs[0]
             out_axis = {"Conv": 0, "Gemm": 0 if int(_attr(node, "transB", 0)) else 1,
                         "MatMul": 1}[node.op_type]
             out_nid = analysis.index.get((id(k.weight), out_axis))
-            kept_out = kept.get(out_nid, np.arange(w.shape[out_axis])) if out_nid is not None \
-                else np.arange(w.shape[out_axis])
+            kept_out = kept.get(out_nid) if out_nid is not None else None
+            if kept_out is None:
+                kept_out = np.arange(w.shape[out_axis])
             attrs: dict = {}
-            bias_name = None
             if node.op_type == "Conv":
-                xs, ys = s.shape(x), s.shape(y)
+                xs, ys = s.shape(node.inputs[0]), s.shape(node.outputs[0])
                 if w.ndim != 4 or xs is None or ys is None or None in xs or None in ys:
                     continue
                 attrs["geometry"] = conv_geometry(node, xs, w.shape, ys)
-                bias_name = "<new>"
-                if len(node.inputs) > 2 and node.inputs[2] is not None:
-                    bias_name = node.inputs[2].name
             elif node.op_type == "Gemm":
                 if float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) \
                         != 1.0 or int(_attr(node, "transA", 0)):
                     continue
                 attrs["transB"] = int(_attr(node, "transB", 0))
-                bias_name = "<new>"
-                if len(node.inputs) > 2 and node.inputs[2] is not None:
-                    c = s.shape(node.inputs[2])
-                    bias_name = node.inputs[2].name if c is not None and len(c) == 1 else None
-            else:
-                bias_name = _matmul_bias(s, node)
-            targets.append(RefitTarget(node.name or y.name, node.op_type, x.name, y.name,
-                                       k.weight.name, w, kept[in_nid], np.asarray(kept_out),
-                                       bias_name, attrs))
+            targets.append(RefitTarget(node, np.asarray(kept_out), attrs))
         return targets
-
-    def _refit(self, model: ir.Model, targets: list[RefitTarget]) -> dict[str, np.ndarray]:
-        if not targets:
-            return {}
-        # refit_layers writes the bias under bias_name; "<new>" is resolved per target
-        for t in targets:
-            if t.bias_name == "<new>":
-                t.bias_name = f"{t.node_name}::bias"
-        return refit_layers(model, targets, self._batches, threads=self.context.threads,
-                            max_rows=self.options.max_rows, seed=self.context.seed)
-
-    def _write_refits(self, work: ir.Model, targets: list[RefitTarget],
-                      refits: dict[str, np.ndarray]) -> None:
-        by_name = {n.name or (n.outputs[0].name if n.outputs else ""): n for n in work.graph}
-        for t in targets:
-            if t.weight_name not in refits:
-                continue
-            node = by_name.get(t.node_name)
-            if node is None:
-                raise PruneApplyError(f"refit target {t.node_name} vanished")
-            w_value = node.inputs[1]
-            new_w = refits[t.weight_name]
-            if tuple(w_value.shape) != new_w.shape:
-                raise PruneApplyError(f"{t.node_name}: refit weight shape {new_w.shape} != "
-                                      f"{tuple(w_value.shape)}")
-            set_constant(w_value, new_w)
-            if t.bias_name is None or t.bias_name not in refits:
-                continue
-            bias = refits[t.bias_name]
-            if t.bias_name.endswith("::bias"):
-                value = add_initializer(work.graph, f"{t.node_name}_bias", bias)
-                if len(node.inputs) < 3:
-                    node.resize_inputs(3)
-                node.replace_input_with(2, value)
-                continue
-            target_value = _find_constant(work, t.bias_name)
-            if target_value is None or len(target_value.uses()) != 1:
-                continue
-            if tuple(target_value.shape) == bias.shape:
-                set_constant(target_value, bias)
 
     # ------------------------------------------------------------ validation
 
@@ -596,29 +546,24 @@ def _bn_element_scores(s: _Shapes, model: ir.Model, analysis: Analysis) -> dict:
     return out
 
 
-def _matmul_bias(s: _Shapes, node: ir.Node) -> str | None:
-    """The constant bias of `MatMul -> Add(const [N])`, if the Add is the only user."""
-    y = node.outputs[0]
-    uses = list(y.uses())
-    if len(uses) != 1 or uses[0].node.op_type != "Add":
-        return None
-    add = uses[0].node
-    other = add.inputs[1 - uses[0].idx]
-    arr = s.const(other)
-    if arr is None or arr.ndim != 1:
-        return None
-    return other.name
+def _changed_kernels(analysis: Analysis, kept: dict[int, np.ndarray]) -> list[ir.Node]:
+    """Weight layers whose inputs lose channels (their outputs change)."""
+    out = []
+    for k in analysis.kernels:
+        if k.in_axis is not None and analysis.index.get((id(k.in_axis[0]), k.in_axis[1])) in kept:
+            out.append(k.node)
+    return out
 
 
-def _find_constant(model: ir.Model, name: str) -> ir.Value | None:
-    value = model.graph.initializers.get(name)
-    if value is not None:
-        return value
-    for node in model.graph:
-        for out in node.outputs:
-            if out.name == name and node.op_type == "Constant":
-                return out
-    return None
+def _bns_downstream(model: ir.Model, changed: list[ir.Node]) -> list[ir.Node]:
+    """BatchNormalization nodes whose input depends on a changed layer."""
+    dag = node_dag(model.graph)
+    reach: set = set()
+    for node in changed:
+        if node in dag:
+            reach |= nx.descendants(dag, node)
+    return [n for n in model.graph if n in reach and n.op_type == "BatchNormalization"
+            and len(n.inputs) >= 5]
 
 
 def _all_values(model: ir.Model):

@@ -73,6 +73,7 @@ def set_constant(value: ir.Value, array: np.ndarray) -> None:
             del node.attributes[key]
         node.attributes["value"] = ir.AttrTensor("value", ir.tensor(array, name=value.name))
     value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
 
 
 def apply_plan(model: ir.Model, analysis: Analysis, removed: dict[int, np.ndarray]
@@ -173,7 +174,9 @@ def _fix_reshape(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
             target[b] = n
         _new_shape_input(graph, node, 1, np.array(target), name)
         return 1
-    # computed target: override the changed constant positions with Where
+    if _rebuild_concat_target(s, graph, node, changes, name):
+        return 1
+    # other computed targets: override the changed constant positions with Where
     mask = np.zeros(rank, dtype=bool)
     values = np.zeros(rank, dtype=np.int64)
     for b, n in changes.items():
@@ -187,6 +190,43 @@ def _fix_reshape(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
     graph.insert_before(node, where)
     node.replace_input_with(1, out)
     return 1
+
+
+def _rebuild_concat_target(s: _Shapes, graph: ir.Graph, node: ir.Node, changes: dict[int, int],
+                           name: str) -> bool:
+    """Target = Concat(Shape-read dims..., constants): a new Concat with updated constants.
+
+    Keeps the target readable by ONNX shape inference (data propagation), so MAC
+    counts of the pruned model stay exact. False if the target is not built so.
+    """
+    concat = node.inputs[1].producer()
+    if concat is None or concat.op_type != "Concat":
+        return False
+    new_inputs = []
+    pos = 0
+    for piece in concat.inputs:
+        elems = s.shape_elements(piece)
+        if piece is None or elems is None:
+            return False
+        touched = {b - pos: n for b, n in changes.items() if pos <= b < pos + len(elems)}
+        if touched:
+            if any(e is None or e[0] != "const" for e in elems):
+                return False
+            values = [e[1] for e in elems]
+            for k, n in touched.items():
+                values[k] = n
+            piece = add_initializer(graph, f"{name}_part", np.array(values, dtype=np.int64))
+        new_inputs.append(piece)
+        pos += len(elems)
+    out = ir.Value(name=f"{name}_target", shape=ir.Shape([pos]),
+                   type=ir.TensorType(ir.DataType.INT64))
+    rebuilt = ir.Node("", "Concat", new_inputs, attributes=[ir.AttrInt64("axis", 0)],
+                      outputs=[out], name=f"{name}_concat")
+    graph.insert_before(node, rebuilt)
+    node.replace_input_with(1, out)
+    if not concat.outputs[0].uses() and not concat.outputs[0].is_graph_output():
+        graph.remove(concat, safe=True)
+    return True
 
 
 def _fix_split(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
@@ -270,3 +310,48 @@ def group_removed(analysis: Analysis, units_removed: list[int]) -> dict[int, np.
         for nid, idx in analysis.units[uid].members.items():
             parts[nid].append(idx)
     return {nid: np.unique(np.concatenate(ix)) for nid, ix in parts.items()}
+
+
+def masked_reference(original: ir.Model, analysis: Analysis,
+                     removed: dict[int, np.ndarray]) -> ir.Model:
+    """A copy of `original` whose weight layers ignore the removed channels (test oracle).
+
+    Every kernel that reads removed channels (Conv group 1, ConvTranspose, Gemm,
+    MatMul with a constant weight) gets zeros in those input columns. Channels
+    only ever end in such kernels (units never reach a graph output), so the
+    pruned model without recovery must compute the same outputs as this copy:
+    a direct check that the dependency analysis and the removal agree.
+    """
+    from ..ir import load_model
+
+    copy = load_model(original, check=False)
+    consts: dict[str, ir.Value] = dict(copy.graph.initializers)
+    for node in copy.graph:
+        if node.op_type == "Constant":
+            consts[node.outputs[0].name] = node.outputs[0]
+    s = _Shapes(copy)
+    for k in analysis.kernels:
+        if k.in_axis is None or k.weight is None:
+            continue
+        nid = analysis.index.get((id(k.in_axis[0]), k.in_axis[1]))
+        if nid is None or nid not in removed or len(removed[nid]) == 0:
+            continue
+        op = k.node.op_type
+        if op == "Conv":
+            axis = 1
+        elif op == "ConvTranspose":
+            axis = 0
+        elif op == "Gemm":
+            axis = 1 if int(_attr(k.node, "transB", 0)) else 0
+        else:
+            axis = 0
+        value = consts.get(k.weight.name)
+        arr = s.const(value)
+        if value is None or arr is None:
+            raise PruneApplyError(f"{k.weight.name}: weight not found in the copy")
+        arr = arr.copy()
+        index = [slice(None)] * arr.ndim
+        index[axis] = removed[nid]
+        arr[tuple(index)] = 0
+        set_constant(value, arr)
+    return copy

@@ -1,71 +1,76 @@
 """Training-free recovery after channel removal.
 
 Least-squares refit of consumer layers
-    For every weight layer that lost input channels (Conv with group 1, Gemm,
-    MatMul with a constant 2-D weight), find new weights for the kept inputs
-    that best reproduce the *original* layer output on calibration data:
+    Every weight layer that lost input channels (Conv with group 1, Gemm,
+    MatMul with a constant 2-D weight) gets new weights for its kept inputs that
+    best reproduce the *original* layer output on calibration data:
 
-        min_{W', b'} || Y - [X_K, 1] [W'; b'] ||^2 + lam ||W'||^2
+        min_{W', b'} || Y_orig - [X'_pruned, 1] [W'; b'] ||^2 + lam ||W'||^2
 
-    where X_K are the kept input channels (im2col patches for a conv) and Y the
-    original output (kept output channels only). Closed form through the normal
-    equations, accumulated batch by batch in float64 (`G = A^T A`, `R = A^T Y`),
-    so memory is bounded by the layer's width, not by the data. The bias column
-    absorbs the mean contribution of removed channels; a layer without a bias
-    slot (MatMul not followed by a constant-bias Add) is refit without it.
+    X' is what the layer reads in the pruned model (im2col patches for a conv),
+    Y_orig the original model's output at that layer (kept output channels
+    only). Closed form through the normal equations, accumulated batch by batch
+    in float64 (`G = A^T A`, `R = A^T Y`), so memory is bounded by the layer's
+    width, not by the data. The bias column absorbs the mean contribution of the
+    removed channels (a Conv or Gemm without bias gets one; a MatMul is refit
+    with its following constant-bias Add, or without bias).
 
 BatchNorm statistics re-estimation
-    A BatchNormalization whose input statistics moved (because an upstream
-    layer changed) gets its running mean/variance re-estimated so that its
-    output moments per channel match the original model's:
+    A BatchNormalization whose input changed gets running mean/variance that
+    make its output moments per channel equal the original model's:
     sigma' = sigma * sqrt(var_pruned / var_orig) and
-    mu' = mean_pruned - sigma' * (mean_orig - mu) / sigma.
-    For a BN with accurate statistics this is the usual re-estimation (mu' ~
-    mean_pruned); for random-weight models it still preserves fidelity.
+    mu' = mean_pruned - sigma' * (mean_orig - mu) / sigma
+    (with accurate running statistics this is the usual re-estimation,
+    mu' ~ mean_pruned; with random weights it still preserves fidelity).
+
+Both are *sequential*: layers are processed in waves of increasing depth, and
+each wave reads the pruned model as already corrected by the earlier waves, so
+a refit compensates the error of everything upstream and no shift is corrected
+twice (one-shot BN re-estimation over a chain of BNs over-corrects).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
 from ..activations import iter_activations
-from ..ir import constant_array
+from ..ir import add_initializer, constant_array
+from .pruning_apply import set_constant
 from .pruning_groups import _attr
 
 logger = logging.getLogger(__name__)
 
+Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
+
 
 @dataclass
 class RefitTarget:
-    """One consumer layer to refit; indices refer to the original layer."""
+    """A layer of the pruned model to refit against the original layer output."""
 
-    node_name: str
-    op: str
-    x_name: str
-    y_name: str
-    weight_name: str
-    weight: np.ndarray  # original weight
-    kept_in: np.ndarray  # kept input channels / features
-    kept_out: np.ndarray  # kept output channels / features
-    bias_name: str | None = None  # constant to write the refit bias into
-    attrs: dict | None = None
+    node: ir.Node  # in the pruned model
+    kept_out: np.ndarray  # original output channels it still computes
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def op(self) -> str:
+        return self.node.op_type
 
 
-def _im2col(x: np.ndarray, kernel: tuple[int, int], strides, pads, dilations) -> np.ndarray:
+def _im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
     """[N, C, H, W] -> [N*Ho*Wo, C*kh*kw] with columns ordered (c, kh, kw)."""
-    n, c, _, _ = x.shape
+    n, c = x.shape[:2]
     kh, kw = kernel
     top, left, bottom, right = pads
     xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     eh, ew = (kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1
     win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
     win = win[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
-    # win: N, C, Ho, Wo, kh, kw
     ho, wo = win.shape[2], win.shape[3]
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
 
@@ -82,8 +87,7 @@ def conv_geometry(node: ir.Node, x_shape, w_shape, y_shape):
         for i in range(2):
             total = max((y_shape[2 + i] - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
                         - x_shape[2 + i], 0)
-            small, big = total // 2, total - total // 2
-            begin = small if auto == "SAME_UPPER" else big
+            begin = total // 2 if auto == "SAME_UPPER" else total - total // 2
             pads[i], pads[2 + i] = begin, total - begin
     elif auto == "VALID":
         pads = [0, 0, 0, 0]
@@ -92,21 +96,33 @@ def conv_geometry(node: ir.Node, x_shape, w_shape, y_shape):
     return kernel, strides, tuple(pads), dilations
 
 
-def _rows(target: RefitTarget, x: np.ndarray, y: np.ndarray,
-          rng: np.random.Generator, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Design matrix rows (kept inputs) and targets (kept outputs) for one batch."""
+def _bias_slot(target: RefitTarget) -> tuple[str, ir.Value | None]:
+    """Where the refit bias goes: ("input", value-or-None) | ("add", value) | ("none", None)."""
+    node = target.node
+    if target.op in ("Conv", "Gemm"):
+        value = node.inputs[2] if len(node.inputs) > 2 else None
+        if value is not None and (constant_array(value) is None
+                                  or constant_array(value).ndim != 1):
+            return "none", None
+        return "input", value
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        other = uses[0].node.inputs[1 - uses[0].idx]
+        arr = constant_array(other)
+        if arr is not None and arr.ndim == 1 and len(other.uses()) == 1:
+            return "add", other
+    return "none", None
+
+
+def _design(target: RefitTarget, x: np.ndarray, y: np.ndarray, rng, max_rows: int):
+    """Rows of kept inputs (pruned model) and original outputs (kept channels)."""
     if target.op == "Conv":
-        w = target.weight
-        geom = target.attrs["geometry"]
-        cols = _im2col(x[:, target.kept_in].astype(np.float32), *geom)
+        cols = _im2col(x.astype(np.float32), *target.attrs["geometry"])
         ys = y[:, target.kept_out].transpose(0, 2, 3, 1).reshape(-1, len(target.kept_out))
-        del w
     elif target.op == "Gemm":
-        xs = x.T if target.attrs.get("transA") else x
-        cols = xs[:, target.kept_in]
-        ys = y[:, target.kept_out]
-    else:  # MatMul
-        cols = x.reshape(-1, x.shape[-1])[:, target.kept_in]
+        cols, ys = x, y[:, target.kept_out]
+    else:
+        cols = x.reshape(-1, x.shape[-1])
         ys = y.reshape(-1, y.shape[-1])[:, target.kept_out]
     if len(cols) > max_rows:
         pick = rng.choice(len(cols), max_rows, replace=False)
@@ -114,142 +130,165 @@ def _rows(target: RefitTarget, x: np.ndarray, y: np.ndarray,
     return cols.astype(np.float64), ys.astype(np.float64)
 
 
-def refit_layers(model: ir.Model, targets: list[RefitTarget],
-                 batches: Callable[[], Iterable[dict[str, np.ndarray]]], *,
-                 threads: int | None = None, max_rows: int = 4096, ridge: float = 1e-3,
-                 seed: int = 0) -> dict[str, np.ndarray]:
-    """Least-squares refit of each target on the original `model`'s activations.
-
-    Returns constant name -> new array (pruned shape) for weights and biases.
-    """
-    if not targets:
-        return {}
-    names = sorted({t.x_name for t in targets} | {t.y_name for t in targets})
-    rng = np.random.default_rng(seed)
-    gram: dict[str, np.ndarray] = {}
-    cross: dict[str, np.ndarray] = {}
-    for acts in iter_activations(model, names, batches(), threads=threads):
-        for t in targets:
-            cols, ys = _rows(t, acts[t.x_name], acts[t.y_name], rng, max_rows)
-            a = np.hstack([cols, np.ones((len(cols), 1))])
-            if t.node_name not in gram:
-                gram[t.node_name] = a.T @ a
-                cross[t.node_name] = a.T @ ys
-            else:
-                gram[t.node_name] += a.T @ a
-                cross[t.node_name] += a.T @ ys
-    out: dict[str, np.ndarray] = {}
-    for t in targets:
-        if t.node_name not in gram:
-            continue
-        g, r = gram.pop(t.node_name), cross.pop(t.node_name)
-        use_bias = t.bias_name is not None
-        if not use_bias:
-            g, r = g[:-1, :-1], r[:-1]
-        m = len(g) - (1 if use_bias else 0)
-        lam = ridge * float(np.mean(np.diag(g)[:m])) + 1e-12
-        reg = np.eye(len(g)) * lam
-        if use_bias:
-            reg[-1, -1] = 0.0
-        try:
-            sol = np.linalg.solve(g + reg, r)
-        except np.linalg.LinAlgError:
-            sol = np.linalg.lstsq(g + reg, r, rcond=None)[0]
-        weights = sol[:m].T  # [out, in_cols]
-        bias = sol[m] if use_bias else None
-        dtype = t.weight.dtype
-        if t.op == "Conv":
-            w = t.weight
-            new_w = weights.reshape(len(t.kept_out), len(t.kept_in), *w.shape[2:])
-        elif t.op == "Gemm":
-            new_w = weights if t.attrs.get("transB") else weights.T
-        else:
-            new_w = weights.T
-        out[t.weight_name] = new_w.astype(dtype)
-        if bias is not None:
-            out[t.bias_name] = bias.astype(dtype)
-    logger.info("least-squares refit of %d layers", len([t for t in targets if t.weight_name in out]))
-    return out
-
-
-def correct_batchnorm(original: ir.Model, pruned: ir.Model, kept_channels: dict[str, np.ndarray],
-                      batches: Callable[[], Iterable[dict[str, np.ndarray]]], *,
-                      threads: int | None = None) -> int:
-    """Re-estimate running stats of the pruned model's BNs in place; returns how many changed.
-
-    `kept_channels` maps a BN input name to the original channel indices it kept
-    (absent: all kept).
-    """
-    bns = [n for n in pruned.graph if n.op_type == "BatchNormalization" and len(n.inputs) >= 5]
-    orig_names = {v.name for n in original.graph for v in n.outputs}
-    bns = [n for n in bns if n.inputs[0] is not None and n.inputs[0].name in orig_names]
-    if not bns:
-        return 0
-    names = sorted({n.inputs[0].name for n in bns})
-    stats_o = _moments(original, names, batches, threads)
-    stats_p = _moments(pruned, names, batches, threads)
-    changed = 0
-    for bn in bns:
-        name = bn.inputs[0].name
-        if name not in stats_o or name not in stats_p:
-            continue
-        mean_o, var_o = stats_o[name]
-        mean_p, var_p = stats_p[name]
-        keep = kept_channels.get(name)
-        if keep is not None:
-            mean_o, var_o = mean_o[keep], var_o[keep]
-        if mean_o.shape != mean_p.shape:
-            continue
-        mu = constant_array(bn.inputs[3])
-        var = constant_array(bn.inputs[4])
-        if mu is None or var is None or mu.shape != mean_p.shape:
-            continue
-        eps = float(_attr(bn, "epsilon", 1e-5))
-        sigma = np.sqrt(var.astype(np.float64) + eps)
-        ok = var_o > 1e-12
-        ratio = np.where(ok, np.sqrt(np.maximum(var_p, 0) / np.where(ok, var_o, 1)), 1.0)
-        moved = np.abs(mean_p - mean_o) > 1e-6 * (np.abs(mean_o) + sigma)
-        moved |= np.abs(ratio - 1) > 1e-6
-        if not moved.any():
-            continue
-        sigma_new = sigma * ratio
-        mu_new = mean_p - sigma_new * (mean_o - mu) / sigma
-        var_new = np.maximum(sigma_new**2 - eps, 1e-12)
-        mu_new = np.where(moved & ok, mu_new, mu)
-        var_new = np.where(moved & ok, var_new, var)
-        _replace_const(pruned.graph, bn, 3, mu_new.astype(mu.dtype))
-        _replace_const(pruned.graph, bn, 4, var_new.astype(var.dtype))
-        changed += 1
-    logger.info("re-estimated statistics of %d BatchNormalization nodes", changed)
-    return changed
-
-
-def _replace_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
-    from ..ir import add_initializer
-
-    value = node.inputs[index]
-    if value is not None and value.is_initializer() and len(value.uses()) == 1:
-        value.const_value = ir.tensor(array, name=value.name)
+def _solve(target: RefitTarget, g: np.ndarray, r: np.ndarray, ridge: float,
+           graph: ir.Graph) -> None:
+    """Solve the regularized normal equations and write weights (and bias) in place."""
+    kind, bias_value = _bias_slot(target)
+    use_bias = kind != "none"
+    if not use_bias:
+        g, r = g[:-1, :-1], r[:-1]
+    m = len(g) - (1 if use_bias else 0)
+    lam = ridge * float(np.mean(np.diag(g)[:m])) + 1e-12
+    reg = np.eye(len(g)) * lam
+    if use_bias:
+        reg[-1, -1] = 0.0
+    try:
+        sol = np.linalg.solve(g + reg, r)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(g + reg, r, rcond=None)[0]
+    weights = sol[:m].T  # [out, in_cols]
+    node = target.node
+    w_value = node.inputs[1]
+    w = constant_array(w_value)
+    if target.op == "Conv":
+        new_w = weights.reshape(w.shape)
+    elif target.op == "Gemm":
+        new_w = weights if target.attrs.get("transB") else weights.T
+    else:
+        new_w = weights.T
+    set_constant(w_value, new_w.astype(w.dtype))
+    if not use_bias:
         return
-    new = add_initializer(graph, f"{(value.name if value else 'bn')}_recal", array)
-    node.replace_input_with(index, new)
+    bias = sol[m].astype(w.dtype)
+    if kind == "add" or (bias_value is not None and len(bias_value.uses()) == 1):
+        set_constant(bias_value, bias)
+        return
+    new = add_initializer(graph, f"{node.name or w_value.name}_bias", bias)
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    node.replace_input_with(2, new)
 
 
-def _moments(model: ir.Model, names: list[str], batches, threads) -> dict[str, tuple]:
-    sums: dict[str, np.ndarray] = {}
-    sqs: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for acts in iter_activations(model, names, batches(), threads=threads):
-        for name in names:
-            x = acts[name]
-            if x.ndim < 2:
-                continue
-            x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]).astype(np.float64)
-            sums[name] = sums.get(name, 0) + x.sum(0)
-            sqs[name] = sqs.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + len(x)
-    out = {}
-    for name, total in sums.items():
-        mean = total / counts[name]
-        out[name] = (mean, np.maximum(sqs[name] / counts[name] - mean**2, 0.0))
-    return out
+def _bn_update(bn: ir.Node, graph: ir.Graph, orig: tuple, pruned: tuple,
+               keep: np.ndarray | None) -> bool:
+    mean_o, var_o = orig
+    mean_p, var_p = pruned
+    if keep is not None:
+        mean_o, var_o = mean_o[keep], var_o[keep]
+    mu, var = constant_array(bn.inputs[3]), constant_array(bn.inputs[4])
+    if mu is None or var is None or mu.shape != mean_p.shape or mean_o.shape != mean_p.shape:
+        return False
+    eps = float(_attr(bn, "epsilon", 1e-5))
+    sigma = np.sqrt(var.astype(np.float64) + eps)
+    ok = var_o > 1e-12
+    ratio = np.where(ok, np.sqrt(np.maximum(var_p, 0) / np.where(ok, var_o, 1)), 1.0)
+    moved = (np.abs(mean_p - mean_o) > 1e-6 * (np.abs(mean_o) + sigma)) | (np.abs(ratio - 1) > 1e-6)
+    moved &= ok
+    if not moved.any():
+        return False
+    sigma_new = sigma * ratio
+    mu_new = np.where(moved, mean_p - sigma_new * (mean_o - mu) / sigma, mu)
+    var_new = np.where(moved, np.maximum(sigma_new**2 - eps, 1e-12), var)
+    for index, array in ((3, mu_new), (4, var_new)):
+        value = bn.inputs[index]
+        array = array.astype(constant_array(value).dtype)
+        if len(value.uses()) == 1:
+            set_constant(value, array)
+        else:
+            bn.replace_input_with(index, add_initializer(graph, f"{value.name}_recal", array))
+    return True
+
+
+def node_dag(graph: ir.Graph) -> nx.DiGraph:
+    """Producer -> consumer graph of the nodes of `graph`."""
+    dag = nx.DiGraph()
+    producer = {}
+    for node in graph:
+        dag.add_node(node)
+        for out in node.outputs:
+            producer[id(out)] = node
+    for node in graph:
+        for inp in node.inputs:
+            if inp is not None and id(inp) in producer:
+                dag.add_edge(producer[id(inp)], node)
+    return dag
+
+
+def _waves(graph: ir.Graph, targets: list[ir.Node]) -> list[list[ir.Node]]:
+    """Targets grouped by depth: a target's wave is after every target upstream of it."""
+    dag = node_dag(graph)
+    is_target = {id(t) for t in targets}
+    level: dict[ir.Node, int] = {}
+    for node in nx.topological_sort(dag):
+        base = max((level[p] for p in dag.predecessors(node)), default=0)
+        level[node] = base + (1 if id(node) in is_target else 0)
+    waves: dict[int, list[ir.Node]] = {}
+    for t in targets:
+        waves.setdefault(level[t], []).append(t)
+    return [waves[k] for k in sorted(waves)]
+
+
+def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
+            bns: list[ir.Node], kept_channels: dict[str, np.ndarray], batches: Batches, *,
+            threads: int | None = None, max_rows: int = 4096, ridge: float = 1e-3,
+            seed: int = 0) -> dict[str, int]:
+    """Refit `refits` and re-estimate `bns` of `pruned` in place, wave by wave.
+
+    `kept_channels` maps a BN input name to the original channels it kept.
+    Returns how many layers were refit and BNs re-estimated.
+    """
+    by_node = {id(t.node): t for t in refits}
+    rng = np.random.default_rng(seed)
+    done = {"refit_layers": 0, "bn_recalibrated": 0, "recovery_waves": 0}
+    for wave in _waves(pruned.graph, [t.node for t in refits] + list(bns)):
+        wave_refits = [by_node[id(n)] for n in wave if id(n) in by_node]
+        wave_bns = [n for n in wave if id(n) not in by_node]
+        x_names = sorted({t.node.inputs[0].name for t in wave_refits}
+                         | {n.inputs[0].name for n in wave_bns})
+        y_names = sorted({t.node.outputs[0].name for t in wave_refits}
+                         | {n.inputs[0].name for n in wave_bns})
+        gram: dict[int, np.ndarray] = {}
+        cross: dict[int, np.ndarray] = {}
+        moments_o: dict[str, list] = {}
+        moments_p: dict[str, list] = {}
+        stream_o = iter_activations(original, y_names, batches(), threads=threads)
+        stream_p = iter_activations(pruned, x_names, batches(), threads=threads)
+        for acts_o, acts_p in zip(stream_o, stream_p):
+            for t in wave_refits:
+                cols, ys = _design(t, acts_p[t.node.inputs[0].name],
+                                   acts_o[t.node.outputs[0].name], rng, max_rows)
+                a = np.hstack([cols, np.ones((len(cols), 1))])
+                key = id(t.node)
+                gram[key] = gram.get(key, 0) + a.T @ a
+                cross[key] = cross.get(key, 0) + a.T @ ys
+            for bn in wave_bns:
+                name = bn.inputs[0].name
+                _accumulate(moments_o, name, acts_o[name])
+                _accumulate(moments_p, name, acts_p[name])
+        for t in wave_refits:
+            if id(t.node) in gram:
+                _solve(t, gram.pop(id(t.node)), cross.pop(id(t.node)), ridge, pruned.graph)
+                done["refit_layers"] += 1
+        for bn in wave_bns:
+            name = bn.inputs[0].name
+            if name in moments_o and name in moments_p and _bn_update(
+                    bn, pruned.graph, _finish(moments_o[name]), _finish(moments_p[name]),
+                    kept_channels.get(name)):
+                done["bn_recalibrated"] += 1
+        done["recovery_waves"] += 1
+    logger.info("recovery: %d layers refit, %d BN re-estimated in %d waves",
+                done["refit_layers"], done["bn_recalibrated"], done["recovery_waves"])
+    return done
+
+
+def _accumulate(store: dict[str, list], name: str, x: np.ndarray) -> None:
+    x = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1]).astype(np.float64)
+    entry = store.setdefault(name, [0.0, 0.0, 0])
+    entry[0] = entry[0] + x.sum(0)
+    entry[1] = entry[1] + (x * x).sum(0)
+    entry[2] += len(x)
+
+
+def _finish(entry: list) -> tuple[np.ndarray, np.ndarray]:
+    mean = entry[0] / entry[2]
+    return mean, np.maximum(entry[1] / entry[2] - mean**2, 0.0)
