@@ -29,6 +29,12 @@ class OutputError:
     rel_l2: float = 0.0
     cosine: float = 1.0
     top1: float | None = None
+    ref_max_abs: float = 0.0  # largest |reference| value: the output's scale
+
+    def within(self, rtol: float, atol: float = 1e-6) -> bool:
+        """Equal up to float noise: small relative L2 error, or every element within
+        `rtol` of the output's scale (rel L2 alone is unstable when most values are ~0)."""
+        return self.rel_l2 <= rtol or self.max_abs <= rtol * self.ref_max_abs + atol
 
 
 @dataclass
@@ -37,6 +43,7 @@ class _Accumulator:
 
     name: str
     max_abs: float = 0.0
+    ref_max_abs: float = 0.0
     diff_sq: float = 0.0
     ref_sq: float = 0.0
     got_sq: float = 0.0
@@ -53,6 +60,7 @@ class _Accumulator:
         b = got.astype(np.float64).ravel()
         if a.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(a - b))))
+            self.ref_max_abs = max(self.ref_max_abs, float(np.max(np.abs(a))))
         self.diff_sq += float(np.dot(a - b, a - b))
         self.ref_sq += float(np.dot(a, a))
         self.got_sq += float(np.dot(b, b))
@@ -70,6 +78,7 @@ class _Accumulator:
             float(np.sqrt(self.diff_sq)),
             cosine=float(self.dot / denom) if denom else (1.0 if self.diff_sq == 0 else 0.0),
             top1=self.agree / self.rows if self.rows else None,
+            ref_max_abs=self.ref_max_abs,
         )
 
 
@@ -104,8 +113,8 @@ class Comparison:
                     accuracy_drop=self.accuracy_drop)
         return data
 
-    def within(self, rtol: float) -> bool:
-        return self.max_rel_l2 <= rtol
+    def within(self, rtol: float, atol: float = 1e-6) -> bool:
+        return all(o.within(rtol, atol) for o in self.outputs)
 
 
 class OutputComparer:

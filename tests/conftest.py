@@ -45,3 +45,10 @@ def digits_model() -> Path:
 @pytest.fixture
 def digits_test_data() -> Path:
     return DATA / "digits_test.npz"
+
+
+def zoo_sample_inputs(name: str) -> str | None:
+    """Real sample inputs shipped with a zoo model (e.g. tokenized sentences), if any."""
+    entry = zoo_manifest().get("models", {}).get(name, {})
+    sample = entry.get("sample_inputs")
+    return str(ZOO / sample) if sample else None
