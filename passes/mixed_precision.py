@@ -43,7 +43,14 @@ import onnx_ir as ir
 from ..backends.ort import OrtArtifact
 from ..errors import OnnxforgeError
 from ..ir import constant_array, load_model
-from .quant_prepare import add_const, ensure_node_names, fold_batchnorm, normalize_gemm, remove_unused
+from .quant_prepare import (
+    add_const,
+    ensure_node_names,
+    fold_batchnorm,
+    matmul_add_to_gemm,
+    normalize_gemm,
+    remove_unused,
+)
 from .quantization import (
     QuantizeOptions,
     apply_plan,
@@ -147,7 +154,8 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
     """Choose int8 / fp16 / fp32 per layer under the budget and rewrite `model` in place."""
     start = time.perf_counter()
     int8_opts = replace(opts, mode="int8")
-    stats: dict[str, Any] = {"bn_folded": fold_batchnorm(model), "gemm_normalized": normalize_gemm(model)}
+    stats: dict[str, Any] = {"bn_folded": fold_batchnorm(model), "gemm_normalized": normalize_gemm(model),
+                             "matmul_add_to_gemm": matmul_add_to_gemm(model)}
     ensure_node_names(model.graph)
     fp32 = load_model(model, check=False)
     full = make_plan(load_model(fp32, check=False), int8_opts)

@@ -57,6 +57,7 @@ class Histogram:
         self.max = -math.inf
         self.total = 0
         self.sum = 0.0
+        self.exact_zeros = 0  # post-Relu tensors are half zeros; entropy calibration ignores them
 
     def add(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32).ravel()
@@ -67,6 +68,7 @@ class Histogram:
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.total += x.size
         self.sum += float(x.sum(dtype=np.float64))
+        self.exact_zeros += int(np.count_nonzero(x == 0))
         if self.width == 0.0:
             span = max(abs(lo), abs(hi))
             if span == 0.0:
@@ -248,7 +250,7 @@ def choose_range(obs: TensorObserver, dtype: str, *, symmetric: bool, one_sided:
     if method == "percentile":
         return _percentile_range(counts, edges, lo, hi, dtype, symmetric, one_sided, percentile)
     if method == "entropy":
-        return _entropy_range(counts, edges, lo, hi, dtype, symmetric, one_sided)
+        return _entropy_range(counts, edges, lo, hi, dtype, symmetric, one_sided, hist.exact_zeros)
     if method == "mse":
         return _mse_range(counts, hist.centers, lo, hi, dtype, symmetric, one_sided)
     raise ValueError(f"unknown calibration method {method!r}")
@@ -284,8 +286,11 @@ def _abs_histogram(counts: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, f
     return folded, w
 
 
-def _entropy_range(counts, edges, lo, hi, dtype, symmetric, one_sided):
+def _entropy_range(counts, edges, lo, hi, dtype, symmetric, one_sided, zeros: int = 0):
     folded, w = _abs_histogram(counts, edges)
+    # Exact zeros (Relu outputs, padding) are represented exactly at any threshold; left
+    # in, their spike dominates the KL divergence and drives the threshold far too low.
+    folded[0] = max(folded[0] - zeros, 0.0)
     levels = 128 if (symmetric and not one_sided) or (lo < 0 and not one_sided) else 256
     threshold = kl_threshold(folded, levels) * w
     threshold = min(threshold, max(abs(lo), abs(hi)))

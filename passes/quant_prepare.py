@@ -158,3 +158,72 @@ def normalize_gemm(model: ir.Model) -> int:
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         changed += 1
     return changed
+
+
+def matmul_add_to_gemm(model: ir.Model) -> int:
+    """MatMul(x, W) + Add(b) ==> Gemm(x, W, b) (rank-2 x) or
+    Reshape(x, [-1, K]) -> Gemm -> Reshape(back to x's leading dims + [N]).
+
+    Exact. Lets quantization keep the bias in int32 (QGemm with a float or int8
+    output) instead of quantizing the MatMul output before a separate Add.
+    Preconditions: W constant 2-D float32 [K, N]; the MatMul output feeds only the
+    Add; the other Add operand is a constant of N elements (shape [N] or [1.., N]).
+    """
+    graph = model.graph
+    ensure_node_names(graph)
+    count = 0
+    for mm in list(graph):
+        if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
+            continue
+        w = constant_array(mm.inputs[1])
+        y = mm.outputs[0]
+        add = only_consumer(y)
+        if w is None or w.ndim != 2 or w.dtype != np.float32 or add is None or add.op_type != "Add":
+            continue
+        other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+        b = constant_array(other)
+        k, n = w.shape
+        if b is None or b.dtype != np.float32 or b.size != n or b.shape[-1] != n:
+            continue
+        x = mm.inputs[0]
+        rank = len(x.shape) if x.shape is not None else None
+        if rank is not None and rank < 2:
+            continue
+        if rank != 2 and model.opset_imports.get("", 1) < 15:
+            continue  # Shape(start, end) needs opset 15
+        bias = add_initializer(graph, f"{mm.name}_bias", b.reshape(n))
+        nodes: list[ir.Node] = []
+        if rank == 2:
+            gemm = ir.node("Gemm", [x, mm.inputs[1], bias], name=f"{mm.name}_gemm")
+            nodes.append(gemm)
+            result = gemm.outputs[0]
+        else:
+            flat_shape = add_initializer(graph, f"{mm.name}_flat_shape", np.array([-1, k], dtype=np.int64))
+            flat = ir.node("Reshape", [x, flat_shape], name=f"{mm.name}_flatten")
+            gemm = ir.node("Gemm", [flat.outputs[0], mm.inputs[1], bias], name=f"{mm.name}_gemm")
+            shape = ir.node("Shape", [x], {"start": 0, "end": -1}, name=f"{mm.name}_lead_shape")
+            n_val = add_initializer(graph, f"{mm.name}_n", np.array([n], dtype=np.int64))
+            cat = ir.node("Concat", [shape.outputs[0], n_val], {"axis": 0}, name=f"{mm.name}_out_shape")
+            back = ir.node("Reshape", [gemm.outputs[0], cat.outputs[0]], name=f"{mm.name}_unflatten")
+            nodes += [flat, gemm, shape, cat, back]
+            for v, nm in ((flat.outputs[0], "flat"), (gemm.outputs[0], "gemm"), (shape.outputs[0], "lead"),
+                          (cat.outputs[0], "shape")):
+                v.name = f"{mm.name}_{nm}_out"
+            flat.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            gemm.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            if True:
+                flat.outputs[0].shape = ir.Shape([None, k])
+                gemm.outputs[0].shape = ir.Shape([None, n])
+            result = back.outputs[0]
+        z = add.outputs[0]
+        result.type, result.shape = ir.TensorType(ir.DataType.FLOAT), z.shape
+        graph.insert_before(add, nodes)
+        name = z.name
+        z.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove(add, safe=True)
+        graph.remove(mm, safe=True)
+        result.name = name
+        count += 1
+    if count:
+        remove_unused(model)
+    return count

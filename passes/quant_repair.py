@@ -202,22 +202,39 @@ def _layernorm_affine(x: ir.Value) -> tuple[ir.Node, int, int] | None:
     return None
 
 
-def smoothable_groups(model: ir.Model) -> list[tuple[ir.Value, list[ir.Node]]]:
+def _smooth_consumer(c: ir.Node, x: ir.Value) -> bool:
+    """A MatMul/Gemm reading `x` as its activation with a constant 2-D weight."""
+    if c.op_type not in ("MatMul", "Gemm") or c.inputs[0] is not x or len(c.inputs) < 2:
+        return False
+    w = constant_array(c.inputs[1])
+    if w is None or w.ndim != 2 or w.dtype != np.float32:
+        return False
+    return not (c.op_type == "Gemm" and int(attr(c, "transA", 0)))
+
+
+def smoothable_groups(model: ir.Model, *, insert: bool = True) -> list[tuple[ir.Value, list[ir.Node], bool]]:
+    """(activation, layers reading it, folds-into-LayerNorm) for every smoothable activation.
+
+    A LayerNormalization output is smoothed through its gamma/beta; its other
+    consumers (e.g. the residual Add of a post-LN transformer) get a compensating
+    Mul(s). Any other activation read only by such layers is smoothed by an inserted
+    Mul(1/s) when `insert` (the cost of one elementwise op).
+    """
     groups = []
+    seen: set[str] = set()
     for n in model.graph:
-        if n.op_type != "LayerNormalization":
-            continue
-        x = n.outputs[0]
-        if x.is_graph_output() or _layernorm_affine(x) is None:
-            continue
-        consumers = x.consumers()
-        ok = bool(consumers)
-        for c in consumers:
-            w = constant_array(c.inputs[1]) if len(c.inputs) > 1 else None
-            if c.op_type not in ("MatMul", "Gemm") or c.inputs[0] is not x or w is None or w.ndim != 2 or c.op_type == "Gemm" and int(attr(c, "transA", 0)):
-                ok = False
-        if ok:
-            groups.append((x, list(consumers)))
+        for x in n.outputs:
+            if x.name in seen or x.is_graph_output():
+                continue
+            consumers = list(x.consumers())
+            layers = [c for c in consumers if _smooth_consumer(c, x)]
+            if not layers:
+                continue
+            if n.op_type == "LayerNormalization" and x is n.outputs[0] and _layernorm_affine(x) is not None:
+                groups.append((x, layers, True))
+            elif insert and len(layers) == len(consumers):
+                groups.append((x, layers, False))
+            seen.add(x.name)
     return groups
 
 
@@ -228,37 +245,64 @@ def _weight_rows_absmax(node: ir.Node, w: np.ndarray) -> np.ndarray:
     return np.abs(w).max(1)
 
 
-def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | None = None) -> int:
-    """SmoothQuant migration in place (one calibration pass); returns groups smoothed."""
-    groups = smoothable_groups(model)
+def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | None = None,
+                 insert: bool = True) -> int:
+    """SmoothQuant migration in place (one calibration pass); returns activations smoothed."""
+    groups = smoothable_groups(model, insert=insert)
     if not groups:
         return 0
-    names = [x.name for x, _ in groups]
+    names = [x.name for x, _, _ in groups]
     stats = {n: ChannelMeanObserver(-1) for n in names}
     batches = context.calibration_batches(limit or context.max_calibration_batches)
     for acts in iter_activations(model, names, batches, threads=context.threads):
         for n in names:
             stats[n].add(acts[n])
     graph = model.graph
-    for x, consumers in groups:
+    done = 0
+    for x, layers, via_ln in groups:
         act_max = stats[x.name].absmax
-        if act_max is None:
+        k = constant_array(layers[0].inputs[1])
+        k = k.shape[1] if layers[0].op_type == "Gemm" and int(attr(layers[0], "transB", 0)) else k.shape[0]
+        if act_max is None or act_max.size != k:
             continue
-        w_max = np.max([_weight_rows_absmax(c, constant_array(c.inputs[1])) for c in consumers], axis=0)
+        w_max = np.max([_weight_rows_absmax(c, constant_array(c.inputs[1])) for c in layers], axis=0)
         s = np.power(np.maximum(act_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
         s = np.clip(s, 1e-5, 1e5).astype(np.float32)
-        ln, gi, bi = _layernorm_affine(x)  # type: ignore[misc]
-        gamma = constant_array(ln.inputs[gi])
-        ln.replace_input_with(gi, add_initializer(graph, f"{ln.name}_smooth_gamma", (gamma / s).astype(np.float32)))
-        if bi >= 0:
-            beta = constant_array(ln.inputs[bi])
-            ln.replace_input_with(bi, add_initializer(graph, f"{ln.name}_smooth_beta", (beta / s).astype(np.float32)))
-        for c in consumers:
+        others = [c for c in x.consumers() if c not in layers]
+        if via_ln:
+            ln, gi, bi = _layernorm_affine(x)  # type: ignore[misc]
+            gamma = constant_array(ln.inputs[gi])
+            ln.replace_input_with(gi, add_initializer(graph, f"{ln.name}_smooth_gamma",
+                                                      (gamma / s).astype(np.float32)))
+            if bi >= 0:
+                beta = constant_array(ln.inputs[bi])
+                ln.replace_input_with(bi, add_initializer(graph, f"{ln.name}_smooth_beta",
+                                                          (beta / s).astype(np.float32)))
+            if others:  # undo the scaling for consumers that are not smoothed layers
+                sv = add_initializer(graph, f"{x.name}_unsmooth", s)
+                mul = ir.node("Mul", [x, sv], name=f"{x.name}_unsmooth_mul")
+                mul.outputs[0].name = f"{x.name}_unsmoothed"
+                mul.outputs[0].type, mul.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), x.shape
+                graph.insert_after(ln, mul)
+                for c in others:
+                    for i, v in enumerate(c.inputs):
+                        if v is x:
+                            c.replace_input_with(i, mul.outputs[0])
+        else:
+            inv = add_initializer(graph, f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
+            mul = ir.node("Mul", [x, inv], name=f"{x.name}_smooth_mul")
+            mul.outputs[0].name = f"{x.name}_smoothed"
+            mul.outputs[0].type, mul.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), x.shape
+            graph.insert_before(layers[0], mul)
+            for c in layers:
+                c.replace_input_with(0, mul.outputs[0])
+        for c in layers:
             w = constant_array(c.inputs[1])
             if c.op_type == "Gemm" and int(attr(c, "transB", 0)):
                 wn = w * s[None, :]
             else:
                 wn = w * s[:, None]
             c.replace_input_with(1, add_initializer(graph, f"{c.name}_smooth_W", wn.astype(np.float32)))
+        done += 1
     ir.passes.common.RemoveUnusedNodesPass()(model)
-    return len(groups)
+    return done

@@ -68,6 +68,7 @@ from .quant_prepare import (
     ensure_node_names,
     fold_batchnorm,
     is_float,
+    matmul_add_to_gemm,
     normalize_gemm,
     only_consumer,
     remove_unused,
@@ -97,9 +98,16 @@ class QuantizeOptions:
     # Quantize the int8-capable elementwise ops (Add, Mul, pooling, Sigmoid...).
     elementwise: bool = True
     fold_relu: bool = True
+    # Embedding tables (Gather of a constant float matrix): int8 rows, dequantized after the Gather.
+    embeddings: bool = True
+    # Quantize graph outputs produced by Conv/int8 ops too (so they fuse to QLinearConv...).
+    quantize_outputs: bool = True
     bias_correction: bool = True
     equalize: bool = False
-    smooth: float = 0.0
+    # SmoothQuant alpha; -1 = auto (0.5 when a LayerNormalization feeds MatMul/Gemm layers).
+    smooth: float = -1.0
+    # SmoothQuant also for activations not produced by a LayerNorm (inserts a Mul).
+    smooth_insert: bool = False
     calib_batches: int = 0  # 0: the context's default
     weight_calibration: Literal["minmax", "mse"] = "minmax"
     # mode=mixed
@@ -303,7 +311,7 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
                 arr = constant_array(n.inputs[consts[0]])
                 # A constant operand (e.g. a MatMul's bias) becomes a per-tensor
                 # quantized initializer so the op still runs as QLinearAdd/QLinearMul.
-                if len(consts) != 1 or arr is None or arr.dtype != np.float32:
+                if len(consts) != 1 or arr is None or arr.dtype != np.float32 or not _const_fits_u8(arr):
                     continue
                 plan.const_inputs.append((n, consts[0]))
             elif consts and n.op_type not in ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"):
@@ -326,7 +334,7 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
                     needs.add(v.name)
             if n.op_type in ("Conv", "ConvTranspose") or n in plan.int8_ops:
                 for o in n.outputs:
-                    if not o.is_graph_output():
+                    if not o.is_graph_output() or opts.quantize_outputs:
                         needs.add(o.name)
             continue
         if n in plan.shared and any(o.name in needs for o in n.outputs):
@@ -350,6 +358,17 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
         plan.tensors[name] = TensorQuant(v, data, one_sided=name in one_sided)
     # Groups may span values without Q/DQ (pass-through outputs); keep union info only.
     return plan
+
+
+def _const_fits_u8(arr: np.ndarray, tol: float = 0.01) -> bool:
+    """Whether a constant operand survives per-tensor 8-bit quantization (rel. L2 <= tol).
+
+    A bias vector does; a per-channel scaling vector with a wide dynamic range (an
+    inserted SmoothQuant Mul) does not, and then the op stays in float.
+    """
+    r = make_range(float(arr.min()), float(arr.max()), "u8", symmetric=False)
+    norm = float(np.linalg.norm(arr))
+    return norm == 0.0 or float(np.linalg.norm(r.fake_quant(arr) - arr)) <= tol * norm
 
 
 def _foldable_relu(n: ir.Node, avail: set[str], in_n: set[ir.Node]) -> bool:
@@ -444,6 +463,11 @@ def resolve_ranges(plan: QuantPlan, calib: Calibration, opts: QuantizeOptions) -
                     if plan.tensors[m].data_name in calib.observers]
         one_sided = any(plan.tensors[m].one_sided for m in members)
         merged = _merge_observers(obs_list, opts.calibration)
+        if any(plan.tensors[m].value.is_graph_output() for m in members):
+            # Never clip what the user reads: graph outputs use their full observed range.
+            plain = TensorObserver("minmax")
+            plain.min, plain.max = merged.min, merged.max
+            merged = plain
         r = choose_range(merged, opts.activations, symmetric=symmetric, one_sided=one_sided,
                          percentile=opts.percentile)
         for m in members:
@@ -515,6 +539,14 @@ class _Builder:
                 if use.node is q:
                     continue
                 use.node.replace_input_with(use.idx, out)
+        if value.is_graph_output():
+            # The graph output keeps its name and now carries the dequantized value.
+            for i, o in enumerate(self.graph.outputs):
+                if o is value:
+                    name = value.name
+                    value.name = f"{name}_prequant"
+                    out.name = name
+                    self.graph.outputs[i] = out
         self.qdq_pairs += 1
         self.dq_of[value.name] = out
         return out
@@ -703,9 +735,15 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
     stats["gemm_normalized"] = normalize_gemm(model)
     if opts.equalize:
         stats["equalized_pairs"] = quant_repair.equalize_model(model)
-    if opts.smooth > 0:
-        stats["smoothed"] = quant_repair.smooth_model(model, context, opts.smooth,
-                                                      limit=opts.calib_batches or None)
+    alpha = opts.smooth
+    if alpha < 0:
+        alpha = 0.5 if any(g[2] for g in quant_repair.smoothable_groups(model, insert=False)) else 0.0
+    if alpha > 0:
+        stats["smooth_alpha"] = alpha
+        stats["smoothed"] = quant_repair.smooth_model(model, context, alpha,
+                                                      limit=opts.calib_batches or None,
+                                                      insert=opts.smooth_insert)
+    stats["matmul_add_to_gemm"] = matmul_add_to_gemm(model)
     plan = make_plan(model, opts, only)
     channel_inputs = {}
     if opts.bias_correction:
@@ -723,6 +761,8 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
                                                    per_channel=opts.per_channel,
                                                    method=opts.weight_calibration)
     applied = apply_plan(model, plan, ranges, opts, bias_shift=shifts)
+    if opts.embeddings:
+        stats["embeddings_quantized"] = quantize_embeddings(model, set(plan.skipped) & _keep_names(opts))
     stats.update({
         "compute_quantized": len(plan.compute),
         "compute_by_op": _count_ops(plan.compute),
@@ -738,6 +778,58 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
         "kept_float": {k: v for k, v in plan.skipped.items()},
     })
     return calibration
+
+
+def _keep_names(opts: QuantizeOptions) -> set[str]:
+    return {t.strip() for t in opts.keep_float.split(",") if t.strip() not in ("", "first", "last")}
+
+
+def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *, min_size: int = 4096) -> int:
+    """Gather(table, ids) with a constant float32 2-D table (axis 0) ==>
+    Cast<float>(Gather(table_int8, ids)) * Unsqueeze(Gather(row_scales, ids), -1).
+
+    Symmetric int8 per row; dequantizing after the Gather keeps the run-time cost at
+    the gathered rows (an embedding table is read a few rows at a time). Exact with
+    respect to DequantizeLinear(table) -> Gather. Tables under `min_size` elements stay.
+    """
+    graph = model.graph
+    keep = keep or set()
+    count = 0
+    cache: dict[int, tuple[ir.Value, ir.Value]] = {}
+    for n in list(graph):
+        if n.op_type != "Gather" or n.name in keep or int(attr(n, "axis", 0)) != 0:
+            continue
+        table = constant_array(n.inputs[0])
+        if table is None or table.dtype != np.float32 or table.ndim != 2 or table.size < min_size:
+            continue
+        key = id(n.inputs[0])
+        if key not in cache:
+            q, scales, _ = quantize_weight(table, 0)
+            base = n.inputs[0].name or n.name
+            cache[key] = (add_const(graph, f"{base}_quantized", q), add_const(graph, f"{base}_row_scale", scales))
+        qv, sv = cache[key]
+        ids = n.inputs[1]
+        g_rows = ir.node("Gather", [qv, ids], {"axis": 0}, name=f"{n.name}_int8")
+        cast = ir.node("Cast", [g_rows.outputs[0]], {"to": int(ir.DataType.FLOAT)}, name=f"{n.name}_cast")
+        g_scale = ir.node("Gather", [sv, ids], {"axis": 0}, name=f"{n.name}_scales")
+        axes = add_const(graph, f"{n.name}_axes", np.array([-1], dtype=np.int64))
+        unsq = ir.node("Unsqueeze", [g_scale.outputs[0], axes], name=f"{n.name}_scales_unsq")
+        mul = ir.node("Mul", [cast.outputs[0], unsq.outputs[0]], name=f"{n.name}_dequant")
+        for node in (g_rows, cast, g_scale, unsq):
+            node.outputs[0].name = f"{node.name}_out"
+        cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        y = n.outputs[0]
+        out = mul.outputs[0]
+        out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
+        graph.insert_before(n, [g_rows, cast, g_scale, unsq, mul])
+        name = y.name
+        y.replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(n, safe=True)
+        out.name = name
+        count += 1
+    if count:
+        remove_unused(model)
+    return count
 
 
 def _count_ops(nodes: list[ir.Node]) -> dict[str, int]:
