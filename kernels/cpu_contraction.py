@@ -1,0 +1,416 @@
+"""Register-tiled multiply-accumulate: the micro-kernel behind conv2d, dense and matmul.
+
+Pattern matched (``analyze_contraction``): a reduction block whose body is
+``C[s...] = C[s...] + A[...] * B[...]`` (casts allowed) with
+
+* an **N axis** ``n``: a spatial iter that indexes B and C but not A (the output channel
+  of a conv, the column of a matmul). A grouped conv reads A at ``n // k``; that is
+  allowed when the vector tile divides ``k``.
+* an **M axis** ``m``: a spatial iter that indexes A and C but not B (output x of a conv,
+  the row of a matmul); it becomes the unrolled register tile.
+
+Schedule (``schedule_contraction``), the classic CPU GEMM/conv micro-kernel:
+
+    parallel for (outer spatial tiles, fused):
+        acc[mb, nb] = 0                                 # registers
+        for r in reductions:                            # K, or (C_in, KH, KW)
+            for mi in unroll(mb):
+                acc[mi, :] += A[.., mi, r] * Bp[no, r, :]   # broadcast x vector FMA
+        out[tile] = epilogue(acc)                       # bias/relu/clip/residual, fused
+
+``B`` is packed to ``[N/nb, ..., nb]`` so the vector load is contiguous. When B is a
+layout-free buffer (a weight constant, see Relax ``AttachAttrLayoutFreeBuffers``) the
+packing is a ``meta_schedule.layout_rewrite_preproc`` block that
+``SplitLayoutRewritePreproc`` + ``FoldConstant`` turn into a pre-packed constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import ir, s_tir, tirx
+from tvm.s_tir.schedule import SBlockRV
+
+from .cpu_target import CpuInfo
+from .sched_common import (
+    as_int,
+    child_blocks,
+    divisors,
+    expr_vars,
+    has_if_then_else,
+    inline_epilogue_chain,
+    is_reduction,
+    is_spatial,
+    loop_extent,
+    loops_bind_iters,
+    schedule_spatial_block,
+    try_compute_inline,
+    write_dtype_bits,
+)
+
+LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
+KNOBS = {
+    "epi_vec": True,
+    "acc_local": False,
+    "acc_perm": True,
+    "epi_n_inner": False,
+    "budget": 0.625,
+    "nb_pow2": False,
+}
+
+
+@dataclass
+class Contraction:
+    """Roles of the iters and operands of a multiply-accumulate block."""
+
+    block: SBlockRV
+    a_buffer: object
+    b_buffer: object
+    a_read: int
+    b_read: int
+    n_iter: int
+    n_dim_in_b: int
+    n_divisor: int | None
+    m_iter: int | None
+    extents: list[int]
+    kinds: str
+    b_layout_free: bool
+    spatial: list[int] = field(default_factory=list)
+    reduction: list[int] = field(default_factory=list)
+
+    @property
+    def n_extent(self) -> int:
+        return self.extents[self.n_iter]
+
+    @property
+    def m_extent(self) -> int:
+        return 1 if self.m_iter is None else self.extents[self.m_iter]
+
+
+def _unwrap_load(expr):
+    while isinstance(expr, tirx.Cast):
+        expr = expr.value
+    return expr if isinstance(expr, ir.expr.TensorLoad) else None
+
+
+def _mac_operands(body):
+    """(C store, A load, B load) of ``C = C + A * B``, or None."""
+    if not isinstance(body, tirx.BufferStore):
+        return None
+    value = body.value
+    if not isinstance(value, tirx.Add):
+        return None
+    acc, prod = value.a, value.b
+    if _unwrap_load(acc) is None:
+        acc, prod = prod, acc
+    acc = _unwrap_load(acc)
+    if acc is None or not acc.source.same_as(body.buffer):
+        return None
+    while isinstance(prod, tirx.Cast):
+        prod = prod.value
+    if not isinstance(prod, tirx.Mul):
+        return None
+    x, y = _unwrap_load(prod.a), _unwrap_load(prod.b)
+    if x is None or y is None:
+        return None
+    return body, x, y
+
+
+def _only_floordiv_uses(expr, var) -> int | None:
+    """If every use of ``var`` in ``expr`` is ``var // k`` (constant k), return k; else None.
+
+    Returns 0 when ``var`` does not occur at all.
+    """
+    found: list[int] = []
+
+    def visit(e) -> bool:
+        if isinstance(e, tirx.Var):
+            return not e.same_as(var)
+        if isinstance(e, tirx.FloorDiv) and isinstance(e.a, tirx.Var) and e.a.same_as(var):
+            k = as_int(e.b)
+            if k is None:
+                return False
+            found.append(k)
+            return True
+        if isinstance(e, tirx.Cast):
+            return visit(e.value)
+        if hasattr(e, "a") and hasattr(e, "b"):
+            return visit(e.a) and visit(e.b)
+        return True  # constants
+
+    if not visit(expr):
+        return None
+    if not found:
+        return 0
+    if len(set(found)) != 1:
+        return None
+    return found[0]
+
+
+def _read_index(block_stmt, buffer) -> int | None:
+    for i, region in enumerate(block_stmt.reads):
+        if region.source.same_as(buffer):
+            return i
+    return None
+
+
+def analyze_contraction(
+    sch: s_tir.Schedule, block: SBlockRV, layout_free: list
+) -> Contraction | None:
+    """Recognize a multiply-accumulate block and assign its N/M axes (None if no match)."""
+    if not is_reduction(sch, block) or not loops_bind_iters(sch, block):
+        return None
+    stmt = sch.get(block)
+    ops = _mac_operands(stmt.body)
+    if ops is None:
+        return None
+    store, x, y = ops
+    ivars = [iv.var for iv in stmt.iter_vars]
+    extents = [as_int(iv.dom.extent) for iv in stmt.iter_vars]
+    if any(e is None for e in extents):
+        return None  # symbolic shapes: left to the fallback rule
+    kinds = "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in stmt.iter_vars)
+    c_vars = set().union(*(expr_vars(i) for i in store.indices)) if store.indices else set()
+    spatial = [i for i, k in enumerate(kinds) if k == "S"]
+    reduction = [i for i, k in enumerate(kinds) if k == "R"]
+    # each spatial iter must index C exactly once, as the bare variable, in order
+    if [i for i in spatial] != [
+        next((j for j, v in enumerate(ivars) if idx.same_as(v)), -1) for idx in store.indices
+    ]:
+        return None
+
+    candidates = []
+    for a, b in ((x, y), (y, x)):
+        if a.source.same_as(b.source):
+            continue
+        a_vars = set().union(*(expr_vars(i) for i in a.indices))
+        b_vars = set().union(*(expr_vars(i) for i in b.indices))
+        b_free = any(b.source.same_as(p) for p in layout_free)
+        for it in reversed(spatial):  # prefer the innermost output axis
+            v = ivars[it]
+            if v not in c_vars or v not in b_vars:
+                continue
+            dims = [d for d, idx in enumerate(b.indices) if idx.same_as(v)]
+            if len(dims) != 1:
+                continue
+            divisor = None
+            if v in a_vars:
+                uses = [_only_floordiv_uses(idx, v) for idx in a.indices]
+                if any(u is None for u in uses):
+                    continue
+                ks = {u for u in uses if u}
+                if len(ks) != 1:
+                    continue
+                divisor = ks.pop()
+            # B must be packable (layout-free) or already contiguous along n
+            if not b_free and dims[0] != len(b.indices) - 1:
+                continue
+            m_iter = None
+            for jt in reversed(spatial):
+                u = ivars[jt]
+                if jt != it and u in a_vars and u not in b_vars and extents[jt] > 1:
+                    m_iter = jt
+                    break
+            score = (b_free, divisor is None, extents[it] % 4 == 0, extents[it])
+            candidates.append((score, a, b, it, dims[0], divisor, m_iter, b_free))
+    if not candidates:
+        return None
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    _, a, b, it, dim, divisor, m_iter, b_free = candidates[0]
+    a_read = _read_index(stmt, a.source)
+    b_read = _read_index(stmt, b.source)
+    if a_read is None or b_read is None:
+        return None
+    return Contraction(
+        block=block,
+        a_buffer=a.source,
+        b_buffer=b.source,
+        a_read=a_read,
+        b_read=b_read,
+        n_iter=it,
+        n_dim_in_b=dim,
+        n_divisor=divisor,
+        m_iter=m_iter,
+        extents=extents,
+        kinds=kinds,
+        b_layout_free=b_free,
+        spatial=spatial,
+        reduction=reduction,
+    )
+
+
+@dataclass(frozen=True)
+class TileChoice:
+    """Register tile: ``nb`` vector elements along N times ``mb`` rows along M."""
+
+    nb: int
+    mb: int
+
+
+def choose_tile(info: Contraction, cpu: CpuInfo, dtype_bits: int = 32) -> TileChoice | None:
+    """Pick the register tile from the target's vector width and register count.
+
+    ``nb`` divides N (and the group size of a grouped conv) and is close to one or two
+    registers; ``mb`` fills the accumulator budget (all registers but a few for the B
+    vector and the broadcasts). Returns None when N offers no usable vector tile.
+    """
+    lanes = cpu.lanes(dtype_bits)
+    n_ext = info.n_extent
+    limit = n_ext if info.n_divisor is None else min(n_ext, info.n_divisor)
+    pool = [d for d in divisors(n_ext) if d <= 4 * lanes and limit % d == 0]
+    if info.n_divisor is not None:
+        pool = [d for d in pool if info.n_divisor % d == 0]
+    # LLVM legalizes power-of-two vectors well; <48 x float> turns into xmm soup
+    pool = [d for d in pool if d & (d - 1) == 0] or ([n_ext] if n_ext <= lanes else [])
+    if not pool:
+        return None
+    m_ext = info.m_extent
+    acc_budget = max(int(cpu.num_vector_regs * KNOBS["budget"]), 4)
+
+    def score(nb: int) -> tuple:
+        regs = -(-nb // lanes)
+        util = nb / (regs * lanes)
+        # one row (GEMV) wants up to 4 registers of N for independent FMA chains
+        want = 4 if m_ext == 1 else 2
+        return (util >= 0.75, min(regs, want), util, -regs)
+
+    nb = max(pool, key=score)
+    if nb < min(4, lanes) and nb != n_ext:
+        return None
+    regs_n = -(-nb // lanes)
+    max_mb = max(acc_budget // regs_n, 1)
+    mb = 1
+    if m_ext > 1:
+        fits = [d for d in divisors(m_ext) if d <= max_mb]
+        mb = fits[-1] if fits else 1
+        if mb < max(max_mb // 2, 2) and m_ext > max_mb:
+            # no divisor near the budget (prime-ish extent): accept a tail predicate
+            mb = max_mb
+    return TileChoice(nb=nb, mb=mb)
+
+
+def _permute_n_last(ndim: int, n_dim: int):
+    order = [d for d in range(ndim) if d != n_dim] + [n_dim]
+    return lambda *idx: [idx[d] for d in order]
+
+
+def _pack_b(sch: s_tir.Schedule, info: Contraction, nb: int) -> None:
+    """Repack the layout-free B to ``[.., n // nb, .., n % nb]`` via a preproc block."""
+    block = info.block
+    ndim = len(sch.get(block).reads[info.b_read].region)
+    d = info.n_dim_in_b
+    cache = sch.cache_read(block, info.b_read, "global")
+    sch.annotate(cache, LAYOUT_REWRITE_ANN, True)
+
+    def index_map(*idx):
+        return [idx[d] // nb] + [idx[i] for i in range(ndim) if i != d] + [idx[d] % nb]
+
+    sch.transform_layout(
+        block, ("read", info.b_read), tirx.IndexMap.from_func(index_map, ndim=ndim)
+    )
+
+
+def _loop_feeding_dim(sch: s_tir.Schedule, block, loops, dim: int):
+    """The loop among ``loops`` whose variable drives write index ``dim`` of ``block``."""
+    realize = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    stmt = sch.get(block)
+    target = expr_vars(stmt.writes[0].region[dim].min)
+    ivars = [iv.var for iv in stmt.iter_vars]
+    for lp in loops:
+        lv = sch.get(lp).loop_var
+        for var, value in zip(ivars, realize.iter_values):
+            if var in target and lv in expr_vars(value):
+                return lp
+    return None
+
+
+def schedule_contraction(
+    sch: s_tir.Schedule, info: Contraction, tile: TileChoice, cpu: CpuInfo
+) -> None:
+    """Apply the register-tiled micro-kernel to the whole function around ``info.block``."""
+    main = info.block
+    blocks = child_blocks(sch)
+    pos = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main)))
+    prologue, epilogue = blocks[:pos], blocks[pos + 1 :]
+    if not all(is_spatial(sch, b) for b in prologue + epilogue):
+        raise ValueError("contraction: another reduction in the function")
+
+    # 1. prologue: inline cheap producers (reshape, transpose), keep padding materialized
+    kept_prologue = []
+    for b in reversed(prologue):
+        if has_if_then_else(sch, b) or not try_compute_inline(sch, b):
+            kept_prologue.append(b)
+    kept_prologue.reverse()
+
+    # 2. epilogue: one elementwise block fed by the accumulator tile
+    rest = inline_epilogue_chain(sch, epilogue)
+    if len(rest) > 1:
+        raise ValueError("contraction: more than one epilogue output")
+    epi = rest[0] if rest else sch.cache_write(main, 0, "global")
+
+    # 3. pack B so that the N tile is contiguous
+    if info.b_layout_free:
+        _pack_b(sch, info, tile.nb)
+
+    # 4. tile: outer spatial loops, reductions, then mi (unrolled) x ni (vectorized)
+    loops = sch.get_loops(main)
+    n_loop = loops[info.n_iter]
+    no, ni = sch.split(n_loop, [None, tile.nb])
+    if info.m_iter is not None and tile.mb > 1:
+        mo, mi = sch.split(loops[info.m_iter], [None, tile.mb])
+    else:
+        mo, mi = (loops[info.m_iter] if info.m_iter is not None else None), None
+    outer = [no]
+    for it in info.spatial:
+        if it == info.n_iter:
+            continue
+        outer.append(mo if it == info.m_iter else loops[it])
+    outer = [lp for lp in outer if lp is not None]
+    reds = [loops[it] for it in info.reduction]
+    inner = ([mi] if mi is not None else []) + [ni]
+    sch.reorder(*outer, *reds, *inner)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if cpu.num_cores > 1 and (loop_extent(sch, fused) or 0) > 1:
+        sch.parallel(fused)
+
+    # 5. accumulator tile lives under the parallel loop, N innermost
+    sch.reverse_compute_at(epi, fused)
+    c_ndim = len(sch.get(main).writes[0].region)
+    n_dim_c = info.spatial.index(info.n_iter)
+    if KNOBS["acc_perm"]:
+        sch.transform_layout(
+            main,
+            ("write", 0),
+            tirx.IndexMap.from_func(_permute_n_last(c_ndim, n_dim_c), ndim=c_ndim),
+        )
+    if KNOBS["acc_local"]:
+        sch.set_scope(main, 0, "local")
+    if mi is not None:
+        sch.unroll(mi)
+    sch.vectorize(ni)
+    init = sch.decompose_reduction(main, reds[0])
+    del init  # its loops are copies of (mi, ni): vectorized/unrolled already
+
+    # 6. epilogue over the tile: vectorize its innermost loop
+    epi_loops = sch.get_loops(epi)
+    fused_depth = len(sch.get_loops(main)) - len(reds) - len(inner)
+    tile_loops = epi_loops[fused_depth:]
+    if KNOBS["epi_n_inner"] and len(tile_loops) >= 2:
+        n_loop_e = _loop_feeding_dim(sch, epi, tile_loops, n_dim_c)
+        if n_loop_e is not None and not n_loop_e.same_as(tile_loops[-1]):
+            order = [lp for lp in tile_loops if not lp.same_as(n_loop_e)] + [n_loop_e]
+            sch.reorder(*order)
+            tile_loops = order
+    if tile_loops:
+        ext = loop_extent(sch, tile_loops[-1])
+        if (
+            KNOBS["epi_vec"]
+            and ext is not None
+            and 2 <= ext <= 4 * cpu.lanes(write_dtype_bits(sch, epi))
+        ):
+            sch.vectorize(tile_loops[-1])
+
+    # 7. padding / other producers: parallel, vectorized
+    for b in kept_prologue:
+        schedule_spatial_block(sch, b, cpu)

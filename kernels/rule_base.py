@@ -1,0 +1,45 @@
+"""Base class of the CPU default-schedule rules (dlight's ``ScheduleRule`` contract).
+
+A rule looks at one PrimFunc, decides from its block structure whether it knows the
+pattern, and returns a scheduled ``s_tir.Schedule`` (or None: "not mine"). Rules never
+tune: ``tunable`` is ignored and exactly one schedule is returned.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from .cpu_target import CpuInfo, cpu_info
+
+
+class CpuRule(ScheduleRule):
+    """A default schedule for one family of CPU kernels.
+
+    Subclasses set ``name`` (recorded on the scheduled function) and implement
+    ``schedule(sch, func, cpu) -> bool``; returning False (or raising) means the rule does
+    not apply, and the next rule gets a fresh schedule.
+    """
+
+    name = "cpu-rule"
+
+    def is_target_available(self, target: Target) -> bool:
+        return target.kind.name == "llvm"
+
+    def schedule(self, sch: s_tir.Schedule, func: tirx.PrimFunc, cpu: CpuInfo) -> bool:
+        raise NotImplementedError
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        if not self.schedule(sch, func, cpu_info(target)):
+            return None
+        return sch
+
+
+def layout_free_params(func: tirx.PrimFunc) -> list:
+    """Parameters marked layout-free (weights/constants) by AttachAttrLayoutFreeBuffers."""
+    indices = func.attrs.get("layout_free_buffers", []) if func.attrs else []
+    return [func.params[int(i)] for i in indices]

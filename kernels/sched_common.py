@@ -1,0 +1,242 @@
+"""Small TensorIR schedule helpers shared by the CPU rules.
+
+Nothing here decides a strategy: these functions answer questions about blocks and
+loops (is it spatial, what does it read, how long is this loop) and perform the few
+mechanical steps every rule repeats (inline the elementwise chain, vectorize the
+innermost loop with a width that divides it, parallelize a loop prefix).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+
+from .cpu_target import CpuInfo
+
+logger = logging.getLogger(__name__)
+
+_has_if_then_else = tvm.get_global_func("s_tir.schedule.HasIfThenElse")
+
+# Below this many output elements a parallel loop costs more than it saves.
+MIN_PARALLEL_ELEMENTS = 4096
+
+
+def as_int(expr) -> int | None:
+    """``expr`` as a Python int when it is a constant, else None."""
+    if isinstance(expr, int):
+        return expr
+    if isinstance(expr, tirx.IntImm):
+        return int(expr.value)
+    return None
+
+
+def loop_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
+    """Constant extent of a loop, or None when it is symbolic."""
+    return as_int(sch.get(loop).extent)
+
+
+def root_block(sch: s_tir.Schedule) -> SBlockRV:
+    """The root block of the schedule's ``main`` function."""
+    return sch.get_sblock(sch.mod["main"].body.block.name_hint)
+
+
+def child_blocks(sch: s_tir.Schedule) -> list[SBlockRV]:
+    """Blocks directly under the root block, in program order."""
+    return list(sch.get_child_blocks(root_block(sch)))
+
+
+def iter_kinds(sch: s_tir.Schedule, block: SBlockRV) -> str:
+    """One letter per block iter: S (spatial), R (reduction), O (other)."""
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(iv.iter_type, "O") for iv in sch.get(block).iter_vars)
+
+
+def is_spatial(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """True when every block iter is data-parallel."""
+    return set(iter_kinds(sch, block)) <= {"S"}
+
+
+def is_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """True for a block with an init statement and only S/R iters, at least one R."""
+    kinds = iter_kinds(sch, block)
+    return "R" in kinds and "O" not in kinds and sch.get(block).init is not None
+
+
+def has_if_then_else(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """True when the block body selects with if_then_else (padding, masking)."""
+    return bool(_has_if_then_else(sch.get(block)))
+
+
+def write_dtype_bits(sch: s_tir.Schedule, block: SBlockRV) -> int:
+    """Bit width of the element type the block writes (32 when unknown)."""
+    writes = sch.get(block).writes
+    if not writes:
+        return 32
+    return tvm.runtime.DataType(writes[0].source.dtype).bits
+
+
+def expr_vars(expr) -> set:
+    """The free variables of a TIR expression."""
+    return set(tirx.analysis.undefined_vars(expr))
+
+
+def loops_bind_iters(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """True when the block's loops map 1:1, in order, onto its iters (the legalized form)."""
+    loops = sch.get_loops(block)
+    realize = sch.get(block)
+    binding = tvm.get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block).iter_values
+    if len(loops) != len(realize.iter_vars) or len(binding) != len(loops):
+        return False
+    for loop, value in zip(loops, binding):
+        if not value.same_as(sch.get(loop).loop_var):
+            return False
+    return True
+
+
+def try_compute_inline(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """compute_inline that reports failure instead of raising."""
+    try:
+        sch.compute_inline(block)
+        return True
+    except Exception:  # noqa: BLE001 - the schedule state is unchanged on failure
+        return False
+
+
+def try_reverse_compute_inline(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """reverse_compute_inline that reports failure instead of raising."""
+    try:
+        sch.reverse_compute_inline(block)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def inline_epilogue_chain(sch: s_tir.Schedule, blocks: list[SBlockRV]) -> list[SBlockRV]:
+    """Inline a chain of elementwise epilogue blocks into its last member.
+
+    ``blocks`` are the spatial blocks that follow an anchor block, in program order.
+    Every block but the ones writing function outputs is inlined forward into its
+    consumer; what remains (normally one block) is returned.
+    """
+    remaining = []
+    for i, block in enumerate(blocks):
+        if i < len(blocks) - 1 and try_compute_inline(sch, block):
+            continue
+        remaining.append(block)
+    return remaining
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of n, ascending."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
+def pick_vector_width(extent: int, lanes: int) -> int:
+    """How many elements of a loop of ``extent`` to put in one vectorized loop.
+
+    Returns ``extent`` when it fits in two registers, otherwise the largest divisor of
+    ``extent`` up to two registers that is a multiple of a quarter register, or 0 when no
+    divisor is wide enough to be worth vectorizing (a loop split would need a predicate,
+    which the vectorizer rejects).
+    """
+    if extent <= 2 * lanes:
+        return extent
+    best = 0
+    quarter = max(lanes // 4, 1)
+    for d in divisors(extent):
+        if d > 2 * lanes:
+            break
+        if d % quarter == 0 and d >= max(lanes // 2, 2):
+            best = d
+    return best
+
+
+def vectorize_inner(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> LoopRV | None:
+    """Vectorize ``loop`` (the innermost loop of a block), splitting it when it is long.
+
+    Returns the vectorized loop, or None when the extent has no usable divisor (the loop
+    is then left alone).
+    """
+    extent = loop_extent(sch, loop)
+    if extent is None or extent < 2:
+        return None
+    width = pick_vector_width(extent, lanes)
+    if width < 2:
+        return None
+    if width != extent:
+        _, loop = sch.split(loop, [None, width])
+    sch.vectorize(loop)
+    return loop
+
+
+def parallelize_prefix(
+    sch: s_tir.Schedule, loops: list[LoopRV], cpu: CpuInfo, work: int
+) -> LoopRV | None:
+    """Fuse a prefix of ``loops`` into one loop and mark it parallel.
+
+    ``work`` is the number of elements the block computes; tiny blocks, or a single core,
+    stay serial. The prefix grows until it has at least 4 chunks per core. Returns the
+    fused loop (parallel or not), or None when ``loops`` is empty.
+    """
+    if not loops:
+        return None
+    extents = [loop_extent(sch, lp) for lp in loops]
+    prefix, total = [], 1
+    for lp, ext in zip(loops, extents):
+        if ext is None:
+            break
+        prefix.append(lp)
+        total *= ext
+        if total >= 4 * cpu.num_cores:
+            break
+    if not prefix:
+        return None
+    fused = sch.fuse(*prefix) if len(prefix) > 1 else prefix[0]
+    if cpu.num_cores > 1 and work >= MIN_PARALLEL_ELEMENTS and total > 1:
+        sch.parallel(fused)
+    return fused
+
+
+def schedule_spatial_block(
+    sch: s_tir.Schedule, block: SBlockRV, cpu: CpuInfo, vectorize: bool = True
+) -> None:
+    """Parallelize the outer loops and vectorize the innermost loop of a spatial block.
+
+    Blocks with if_then_else (padding) are split first with ``decompose_padding`` so the
+    vectorized copy never reads outside its input.
+    """
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    if vectorize and has_if_then_else(sch, block):
+        try:
+            fill = sch.decompose_padding(block, loops[0])
+            schedule_spatial_block(sch, fill, cpu, vectorize=True)
+            loops = sch.get_loops(block)
+        except Exception:  # noqa: BLE001 - not a padding pattern; keep it scalar
+            vectorize = False
+    extents = [loop_extent(sch, lp) for lp in loops]
+    work = 1
+    for ext in extents:
+        work *= ext if ext is not None else 1024
+    lanes = cpu.lanes(write_dtype_bits(sch, block))
+    inner = None
+    if vectorize and len(loops) >= 1:
+        try:
+            inner = vectorize_inner(sch, loops[-1], lanes)
+        except Exception:  # noqa: BLE001 - e.g. a loop the vectorizer cannot take
+            inner = None
+    outer = sch.get_loops(block)
+    outer = outer[:-1] if inner is not None else outer
+    parallelize_prefix(sch, outer, cpu, work)
