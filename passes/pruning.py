@@ -51,10 +51,10 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from ..activations import iter_activations
+from ..activations import iter_activations, with_outputs
 from ..backends.ort import OrtArtifact
 from ..errors import OnnxforgeError, PipelineError
-from ..ir import infer_shapes, load_model
+from ..ir import constant_array, infer_shapes, load_model
 from ..metrics import MAC_OPS, compute_metrics, node_macs
 from ..shapes import model_inputs
 from .base import ForgePass, register
@@ -80,8 +80,9 @@ class PruneOptions:
     kinds: str = "all"
     recover: bool = True
     bn_recalib: bool = True
-    calib_batches: int = 16
+    calib_batches: int | None = None  # default: the run's calibration batch limit (64)
     max_rows: int = 4096
+    ridge: float = 0.01
 
 
 def parse_overrides(text: str) -> list[tuple[str, float]]:
@@ -186,6 +187,7 @@ class PrunePass(ForgePass):
             if value.name in shapes:
                 value.shape = ir.Shape(shapes[value.name])
         infer_shapes(work)
+        _probe_shapes(work, self._sample_batch(work, shapes), self.context.threads)
         analysis = analyze(work)
         groups = self._eligible_groups(analysis)
         self.stats.update(
@@ -238,7 +240,7 @@ class PrunePass(ForgePass):
                                 if analysis.nodes[n].axis == 1}
                 self.stats.update(recover(
                     model, work, targets, bns, kept_by_name, self._batches,
-                    threads=self.context.threads, max_rows=opts.max_rows,
+                    threads=self.context.threads, max_rows=opts.max_rows, ridge=opts.ridge,
                     seed=self.context.seed))
             self._validate(model, work, plan.shapes)
         except (PruneApplyError, ValueError, np.linalg.LinAlgError) as exc:
@@ -491,20 +493,25 @@ class PrunePass(ForgePass):
 
     # ------------------------------------------------------------ validation
 
-    def _validate(self, original: ir.Model, pruned: ir.Model,
-                  shapes: dict[str, tuple[int, ...]]) -> None:
-        batch = None
+    def _sample_batch(self, model: ir.Model,
+                      shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """First calibration batch, else seeded random inputs of the concrete shapes."""
         if self.context.has_calibration:
             batch = next(iter(self.context.calibration_batches(1)), None)
-        if batch is None:
-            rng = np.random.default_rng(0)
-            batch = {}
-            for value in model_inputs(original):
-                dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-                shape = shapes[value.name]
-                batch[value.name] = (rng.standard_normal(shape).astype(dtype)
-                                     if np.issubdtype(dtype, np.floating)
-                                     else np.zeros(shape, dtype))
+            if batch is not None:
+                return batch
+        rng = np.random.default_rng(self.context.seed)
+        batch = {}
+        for value in model_inputs(model):
+            dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+            shape = shapes[value.name]
+            batch[value.name] = (rng.standard_normal(shape).astype(dtype)
+                                 if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
+        return batch
+
+    def _validate(self, original: ir.Model, pruned: ir.Model,
+                  shapes: dict[str, tuple[int, ...]]) -> None:
+        batch = self._sample_batch(original, shapes)
         try:
             ref = OrtArtifact(original, threads=self.context.threads).run(batch)
             got = OrtArtifact(pruned, threads=self.context.threads).run(batch)
@@ -564,6 +571,36 @@ def _bns_downstream(model: ir.Model, changed: list[ir.Node]) -> list[ir.Node]:
             reach |= nx.descendants(dag, node)
     return [n for n in model.graph if n in reach and n.op_type == "BatchNormalization"
             and len(n.inputs) >= 5]
+
+
+def _probe_shapes(model: ir.Model, batch: dict[str, np.ndarray], threads: int | None) -> int:
+    """Fill shapes that ONNX shape inference left symbolic by running the model once.
+
+    Shapes then hold for the concrete input shapes the analysis uses (masks built
+    with Expand/Where, shape arithmetic that data propagation cannot follow).
+    """
+    missing = []
+    for node in model.graph:
+        for out in node.outputs:
+            if not out.name or constant_array(out) is not None:
+                continue
+            shape = out.shape
+            if shape is None or not all(isinstance(d, int) for d in shape):
+                missing.append(out)
+    if not missing:
+        return 0
+    try:
+        probe = OrtArtifact(with_outputs(model, [v.name for v in missing]), threads=threads,
+                            optimize=False)
+        result = probe.run(batch)
+    except (OnnxforgeError, KeyError) as exc:
+        logger.warning("prune: shape probe failed (%s); using inferred shapes", exc)
+        return 0
+    for value in missing:
+        arr = result.get(value.name)
+        if isinstance(arr, np.ndarray):
+            value.shape = ir.Shape(arr.shape)
+    return len(missing)
 
 
 def _all_values(model: ir.Model):

@@ -132,24 +132,39 @@ def _design(target: RefitTarget, x: np.ndarray, y: np.ndarray, rng, max_rows: in
 
 def _solve(target: RefitTarget, g: np.ndarray, r: np.ndarray, ridge: float,
            graph: ir.Graph) -> None:
-    """Solve the regularized normal equations and write weights (and bias) in place."""
+    """Solve the normal equations, regularized toward the pruned (original) weights.
+
+    min ||Y - A W'||^2 + lam ||W' - W_K||^2: with few calibration rows per weight
+    the refit stays near the plain pruned layer instead of overfitting.
+    """
     kind, bias_value = _bias_slot(target)
     use_bias = kind != "none"
     if not use_bias:
         g, r = g[:-1, :-1], r[:-1]
     m = len(g) - (1 if use_bias else 0)
-    lam = ridge * float(np.mean(np.diag(g)[:m])) + 1e-12
-    reg = np.eye(len(g)) * lam
-    if use_bias:
-        reg[-1, -1] = 0.0
-    try:
-        sol = np.linalg.solve(g + reg, r)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(g + reg, r, rcond=None)[0]
-    weights = sol[:m].T  # [out, in_cols]
     node = target.node
     w_value = node.inputs[1]
     w = constant_array(w_value)
+    if target.op == "Conv":
+        prior = w.reshape(w.shape[0], -1).T
+    elif target.op == "Gemm" and target.attrs.get("transB"):
+        prior = w.T
+    else:
+        prior = w
+    prior = prior.astype(np.float64)
+    if use_bias:
+        prior = np.vstack([prior, np.zeros((1, prior.shape[1]))])
+    lam = ridge * float(np.mean(np.diag(g)[:m])) + 1e-12
+    reg = np.full(len(g), lam)
+    if use_bias:
+        reg[-1] = 0.0
+    lhs = g + np.diag(reg)
+    rhs = r + reg[:, None] * prior
+    try:
+        sol = np.linalg.solve(lhs, rhs)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+    weights = sol[:m].T  # [out, in_cols]
     if target.op == "Conv":
         new_w = weights.reshape(w.shape)
     elif target.op == "Gemm":
@@ -230,7 +245,7 @@ def _waves(graph: ir.Graph, targets: list[ir.Node]) -> list[list[ir.Node]]:
 
 def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
             bns: list[ir.Node], kept_channels: dict[str, np.ndarray], batches: Batches, *,
-            threads: int | None = None, max_rows: int = 4096, ridge: float = 1e-3,
+            threads: int | None = None, max_rows: int = 4096, ridge: float = 1e-2,
             seed: int = 0) -> dict[str, int]:
     """Refit `refits` and re-estimate `bns` of `pruned` in place, wave by wave.
 

@@ -15,7 +15,6 @@ import onnx_ir as ir
 import pytest
 from builders import make_model
 from onnx import TensorProto, helper, numpy_helper
-
 from onnxforge.ir import infer_shapes, load_model
 from onnxforge.passes.pruning_groups import Analysis, analyze
 
@@ -418,8 +417,8 @@ def test_flatten_maps_channel_to_spatial_features():
     got = labels(an, g)
     assert "fc1.weight[1]" in got and "mm.weight[0]" in got
     unit = g.units[0]
-    feats = [ix for n, ix in unit.members.items() if an.nodes[n].label() == "fc1.weight[1]"][0]
-    ch = [ix for n, ix in unit.members.items() if an.nodes[n].label() == "conv2.weight[0]"][0]
+    feats = next(ix for n, ix in unit.members.items() if an.nodes[n].label() == "fc1.weight[1]")
+    ch = next(ix for n, ix in unit.members.items() if an.nodes[n].label() == "conv2.weight[0]")
     assert len(feats) == 16 and np.array_equal(feats, ch[0] * 16 + np.arange(16))
 
 
