@@ -372,4 +372,13 @@ def _evaluate(evaluator_cls, node: ir.Node, arrays: list, opsets: dict[str, int]
         return None
     if len(results) != len(out_names):
         return None
-    return [np.asarray(r) for r in results]
+    for value, result in zip(node.outputs, results):
+        # Sequences, optionals and maps (SequenceEmpty, Optional...) are not tensors:
+        # a Constant cannot hold them.
+        if not isinstance(result, np.ndarray) or result.dtype == object:
+            return None
+        declared = value.type
+        if declared is not None and (not isinstance(declared, ir.TensorType)
+                                     or declared.dtype.numpy() != result.dtype):
+            return None
+    return list(results)

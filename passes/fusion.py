@@ -26,7 +26,7 @@ import onnx_ir as ir
 from .base import ForgePass, register
 from .fold_batchnorm import FoldBatchNormPass
 from .fuse_affine import FoldAffinePass, FuseMatMulAddPass
-from .fuse_common import RewritePass
+from .fuse_common import RewritePass, infer_shapes
 from .fuse_horizontal import FuseHorizontalPass
 from .fuse_layout import FuseReshapePass, FuseTransposePass
 from .fuse_pad import FusePadPass
@@ -68,10 +68,12 @@ class FusePass(ForgePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
+        infer_shapes(model)
         for round_index in range(max(1, self.options.rounds)):
             changed = False
             for cls in self.rewrites():
                 p = cls(context=self.context)
+                p.infer = False
                 result = p(model)
                 if result.modified:
                     changed = True

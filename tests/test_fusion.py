@@ -562,3 +562,124 @@ def test_fuse_conv_bn_pad_affine_pipeline() -> None:
             stats["transposes_fused"]) == (1, 1, 1, 1)
     model, _ = check(proto, "cleanup,fuse")
     assert ops(model) == Counter({"Conv": 1, "Relu": 1})
+
+
+# ------------------------------------------------------------------ real models
+
+
+def _text_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """White page with dark word-like bars (letter gaps every 14 px), values in [0, 1].
+
+    Tall pages (detection) get 40 words of 8-24 px height; a text-line crop
+    (recognition, direction classifier) gets one line filling 60 % of its height.
+    """
+    rng = np.random.default_rng(seed)
+    img = np.ones((height, width), np.float32)
+    if height <= 64:
+        boxes = [(height // 5, width // 20, height * 3 // 5, width * 9 // 10)]
+    else:
+        boxes = []
+        for _ in range(40):
+            y, x = (int(v) for v in rng.integers(0, min(height, width) - 40, 2))
+            boxes.append((y, x, int(rng.integers(8, 24)), int(rng.integers(40, 300))))
+    for y, x, h, w in boxes:
+        img[y:y + h, x:x + w] = 0.0
+        for gx in range(x, min(width, x + w), 14):
+            img[y:y + h, gx:gx + 3] = 1.0
+    return img
+
+
+def zoo_feeds(name: str) -> dict[str, np.ndarray]:
+    """Inputs that give meaningful outputs: shipped samples, text-like images for the
+    OCR models (random noise drives their outputs to ~0, where relative errors mean
+    nothing), uniform values in the manifest's range otherwise."""
+    from conftest import ZOO, zoo_manifest
+
+    entry = zoo_manifest()["models"][name]
+    rng = np.random.default_rng(0)
+    samples = np.load(ZOO / entry["sample_inputs"]) if entry.get("sample_inputs") else None
+    feeds = {}
+    for spec in entry["inputs"]:
+        shape, (lo, hi) = spec["shape"], spec["range"]
+        if samples is not None and spec["name"] in samples.files:
+            feeds[spec["name"]] = samples[spec["name"]][: shape[0]].astype(spec["dtype"])
+        elif name.startswith("ppocr"):
+            img = np.stack([_text_image(shape[2], shape[3])] * 3)[None]
+            if name == "ppocr_det":
+                mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+                std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+                img = (img - mean) / std
+            else:
+                img = (img - 0.5) / 0.5
+            feeds[spec["name"]] = img.astype(np.float32)
+        elif spec["dtype"] == "int64":
+            feeds[spec["name"]] = rng.integers(lo, hi, size=shape).astype(np.int64)
+        else:
+            feeds[spec["name"]] = rng.uniform(lo, hi, size=shape).astype(np.float32)
+    return feeds
+
+
+# (model, ops that must be gone after cleanup,fuse)
+ZOO_CASES = [
+    ("resnet18", {"BatchNormalization"}),
+    ("mobilenet_v2", {"BatchNormalization"}),
+    ("mobilenet_v3_small", {"BatchNormalization"}),
+    ("efficientnet_b0", {"BatchNormalization"}),
+    ("squeezenet1_1", set()),
+    ("minilm_l6", set()),
+    ("ppocr_det", {"BatchNormalization"}),
+    ("ppocr_rec", {"BatchNormalization"}),
+    ("ppocr_cls", {"BatchNormalization"}),
+    ("digits_cnn", {"BatchNormalization"}),
+]
+
+
+@pytest.mark.parametrize("name, gone", ZOO_CASES, ids=[c[0] for c in ZOO_CASES])
+def test_zoo_model_cleanup_fuse(name: str, gone: set[str]) -> None:
+    from conftest import zoo_input_shapes, zoo_path
+
+    path = zoo_path(name)
+    original = load_model(path)
+    model = load_model(path)
+    shapes = zoo_input_shapes(name)
+    model, _ = PassManager("cleanup,fuse", PassContext(input_shapes=shapes)).run(model)
+    feeds = zoo_feeds(name)
+    ref, got = run(original, feeds), run(model, feeds)
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape
+        assert np.abs(a).max() > 1e-3  # the inputs drive the model to meaningful outputs
+        rel = np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(a.astype(np.float64))
+        assert rel <= 1e-4, (name, rel)
+    before, after = ops(original), ops(model)
+    assert not gone & set(after), after
+    assert sum(after.values()) <= sum(before.values())
+    if gone:
+        assert sum(after.values()) < sum(before.values())
+
+
+def test_fuse_alone_folds_every_batchnorm_of_resnet18() -> None:
+    """`fuse` without cleanup (onnxsim also folds BN) must fold all 20 BN itself."""
+    from conftest import zoo_path
+
+    path = zoo_path("resnet18")
+    original, model = load_model(path), load_model(path)
+    model, steps = PassManager("fuse", PassContext()).run(model)
+    assert steps[0].stats["bn_folded"] == ops(original)["BatchNormalization"] == 20
+    assert ops(model)["BatchNormalization"] == 0
+    feeds = zoo_feeds("resnet18")
+    a, b = run(original, feeds)[0], run(model, feeds)[0]
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) <= 1e-5
+
+
+def test_minilm_qkv_projections_merged() -> None:
+    from conftest import zoo_path
+
+    path = zoo_path("minilm_l6")
+    original, model = load_model(path), load_model(path)
+    model, steps = PassManager("fuse", PassContext()).run(model)
+    layers = 6
+    assert steps[0].stats["sibling_groups_fused"] == layers
+    assert ops(model)["MatMul"] == ops(original)["MatMul"] - 2 * layers
+    feeds = zoo_feeds("minilm_l6")
+    for a, b in zip(run(original, feeds), run(model, feeds)):
+        assert np.linalg.norm(a - b) / np.linalg.norm(a) <= 1e-5
