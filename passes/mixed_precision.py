@@ -50,6 +50,7 @@ from .quant_prepare import (
     matmul_add_to_gemm,
     normalize_gemm,
     remove_unused,
+    upgrade_opset,
 )
 from .quantization import (
     QuantizeOptions,
@@ -154,6 +155,8 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
     """Choose int8 / fp16 / fp32 per layer under the budget and rewrite `model` in place."""
     start = time.perf_counter()
     int8_opts = replace(opts, mode="int8")
+    if opts.per_channel and model.opset_imports.get("", 13) < 13:
+        upgrade_opset(model, 13)
     stats: dict[str, Any] = {"bn_folded": fold_batchnorm(model), "gemm_normalized": normalize_gemm(model),
                              "matmul_add_to_gemm": matmul_add_to_gemm(model)}
     ensure_node_names(model.graph)

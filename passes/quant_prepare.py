@@ -227,3 +227,27 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
     if count:
         remove_unused(model)
     return count
+
+
+def upgrade_opset(model: ir.Model, target: int = 13) -> bool:
+    """Convert the default-domain opset to `target` in place (onnx.version_converter).
+
+    Per-channel QuantizeLinear/DequantizeLinear need opset 13. Returns False (and
+    leaves the model unchanged) when the converter cannot convert some op.
+    """
+    import onnx
+
+    from ..ir import to_proto
+
+    current = model.opset_imports.get("", target)
+    if current >= target:
+        return False
+    try:
+        converted = onnx.version_converter.convert_version(to_proto(model), target)
+        new = ir.from_proto(converted)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        logger.warning("opset %d -> %d conversion failed (%s); keeping opset %d", current, target, exc,
+                       current)
+        return False
+    model.graph = new.graph
+    return True

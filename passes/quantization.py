@@ -72,6 +72,7 @@ from .quant_prepare import (
     normalize_gemm,
     only_consumer,
     remove_unused,
+    upgrade_opset,
 )
 
 logger = logging.getLogger(__name__)
@@ -731,6 +732,8 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
     """Static INT8 QDQ quantization of `model` in place; returns the calibration used."""
     from . import quant_repair
 
+    if opts.per_channel and model.opset_imports.get("", 13) < 13:
+        stats["opset_upgraded"] = upgrade_opset(model, 13)
     stats["bn_folded"] = fold_batchnorm(model)
     stats["gemm_normalized"] = normalize_gemm(model)
     if opts.equalize:

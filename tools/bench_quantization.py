@@ -375,7 +375,13 @@ def bench_task(task: Task, threads: int, repeat: int, tmp: Path, pipeline: str |
             variants[label] = (load_model(path), time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the rest
             logger.warning("%s: ORT quantizer failed: %s", task.name, exc)
-    arts = {k: OrtArtifact(m, threads=threads) for k, (m, _) in variants.items()}
+    arts = {}
+    for k, (m, _) in list(variants.items()):
+        try:
+            arts[k] = OrtArtifact(m, threads=threads)
+        except Exception as exc:  # noqa: BLE001 - e.g. ORT's quantizer emitting an invalid model
+            logger.warning("%s: %s does not load in onnxruntime: %s", task.name, k, str(exc)[:300])
+            variants.pop(k)
     ref_out = run_all(arts["fp32"], task.evaluate)
     timings: dict[str, list[float]] = {k: [] for k in arts}
     feed = task.evaluate[0]
