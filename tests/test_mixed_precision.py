@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import DATA
-
 from onnxforge.calibration import ArraySource, open_calibration
 from onnxforge.ir import load_model
 from onnxforge.pass_manager import PassManager
@@ -60,7 +59,7 @@ def test_mixed_loose_budget_is_all_int8_and_tight_budget_refuses_or_stays_float(
     with pytest.raises(BudgetError, match="no configuration meets the budget"):
         _run(digits_model, "quantize(mixed,max_error=1e-7)")
     # ... but all-fp32 does when fp16 fallback is off
-    ref, q, stats, calib = _run(digits_model, "quantize(mixed,max_error=1e-7,fp16_fallback=false)")
+    _ref, _q, stats, _calib = _run(digits_model, "quantize(mixed,max_error=1e-7,fp16_fallback=false)")
     assert stats["layers_fp32"] == 5 and stats["final_error"]["rel_l2"] <= 1e-7
 
 
@@ -101,7 +100,7 @@ def test_mixed_metric_callback(digits_model):
 
 
 def test_mixed_size_target(digits_model):
-    ref, q, stats, _ = _run(digits_model, "quantize(mixed,max_error=1.0,max_size_ratio=0.45)")
+    _ref, _q, stats, _ = _run(digits_model, "quantize(mixed,max_error=1.0,max_size_ratio=0.45)")
     assert stats["size_target_met"] is True
     chosen = next(p for p in stats["budget_curve"] if p["int8_layers"] == stats["layers_int8"])
     assert chosen["size_ratio"] <= 0.45
