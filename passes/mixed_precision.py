@@ -42,11 +42,13 @@ import onnx_ir as ir
 
 from ..backends.ort import OrtArtifact
 from ..errors import OnnxforgeError
-from ..ir import constant_array, load_model
+from ..ir import constant_array, infer_shapes, load_model
 from .quant_prepare import (
     add_const,
     ensure_node_names,
     fold_batchnorm,
+    fold_conv_bias_add,
+    fuse_hardswish,
     matmul_add_to_gemm,
     normalize_gemm,
     remove_unused,
@@ -157,8 +159,11 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
     int8_opts = replace(opts, mode="int8")
     if opts.per_channel and model.opset_imports.get("", 13) < 13:
         upgrade_opset(model, 13)
-    stats: dict[str, Any] = {"bn_folded": fold_batchnorm(model), "gemm_normalized": normalize_gemm(model),
-                             "matmul_add_to_gemm": matmul_add_to_gemm(model)}
+    infer_shapes(model)
+    stats: dict[str, Any] = {"bn_folded": fold_batchnorm(model),
+                             "conv_bias_add_folded": fold_conv_bias_add(model), "gemm_normalized": normalize_gemm(model),
+                             "matmul_add_to_gemm": matmul_add_to_gemm(model),
+                             "hardswish_fused": fuse_hardswish(model)}
     ensure_node_names(model.graph)
     fp32 = load_model(model, check=False)
     full = make_plan(load_model(fp32, check=False), int8_opts)

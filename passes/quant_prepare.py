@@ -251,3 +251,167 @@ def upgrade_opset(model: ir.Model, target: int = 13) -> bool:
         return False
     model.graph = new.graph
     return True
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    arr = constant_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def fuse_hardswish(model: ir.Model) -> int:
+    """x * Clip(x + 3, 0, 6) / 6 (any order of the final Mul/Div) ==> HardSwish(x)
+    (opset >= 14) or x * HardSigmoid(x, alpha=1/6, beta=0.5) (older opsets).
+
+    Exact up to float rounding. Decomposed HardSwish (PP-OCR, MobileNetV3 exports)
+    otherwise becomes four quantized element-wise ops with a requantization each.
+    """
+    graph = model.graph
+    ensure_node_names(graph)
+    opset = model.opset_imports.get("", 13)
+    count = 0
+    for add in list(graph):
+        if add.op_type != "Add" or add.graph is None:
+            continue
+        consts = [_scalar(v) for v in add.inputs]
+        if consts[0] is not None and consts[1] is None:
+            x, three = add.inputs[1], consts[0]
+        elif consts[1] is not None and consts[0] is None:
+            x, three = add.inputs[0], consts[1]
+        else:
+            continue
+        clip = only_consumer(add.outputs[0])
+        if three != 3.0 or clip is None or clip.op_type != "Clip":
+            continue
+        lo = _scalar(clip.inputs[1]) if len(clip.inputs) > 1 else attr(clip, "min")
+        hi = _scalar(clip.inputs[2]) if len(clip.inputs) > 2 else attr(clip, "max")
+        if lo != 0.0 or hi != 6.0:
+            continue
+        nxt = only_consumer(clip.outputs[0])
+        if nxt is None:
+            continue
+        # Either Div(clip, 6) -> Mul(x, .) or Mul(x, clip) -> Div(., 6)
+        if nxt.op_type == "Div" and nxt.inputs[0] is clip.outputs[0] and _scalar(nxt.inputs[1]) == 6.0:
+            mul = only_consumer(nxt.outputs[0])
+            last = mul
+            ok = mul is not None and mul.op_type == "Mul" and set(mul.inputs) == {x, nxt.outputs[0]}
+            chain = [add, clip, nxt, mul]
+        elif nxt.op_type == "Mul" and set(nxt.inputs) == {x, clip.outputs[0]}:
+            div = only_consumer(nxt.outputs[0])
+            last = div
+            ok = div is not None and div.op_type == "Div" and div.inputs[0] is nxt.outputs[0] \
+                and _scalar(div.inputs[1]) == 6.0
+            chain = [add, clip, nxt, div]
+        elif nxt.op_type == "Div" and nxt.inputs[0] is clip.outputs[0] and _scalar(nxt.inputs[1]) == 6.0:
+            pass  # handled below as HardSigmoid
+        else:
+            continue
+        if nxt.op_type == "Div" and not ok:
+            # clip(x + 3, 0, 6) / 6 alone is HardSigmoid(alpha=1/6, beta=0.5)
+            y = nxt.outputs[0]
+            sig = ir.node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5}, name=f"{add.name}_hsig")
+            out = sig.outputs[0]
+            out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
+            graph.insert_before(add, sig)
+            name = y.name
+            y.replace_all_uses_with(out, replace_graph_outputs=True)
+            for node in (nxt, clip, add):
+                graph.remove(node, safe=True)
+            out.name = name
+            count += 1
+            continue
+        if not ok or last is None:
+            continue
+        y = last.outputs[0]
+        if opset >= 14:
+            hs = ir.node("HardSwish", [x], name=f"{add.name}_hardswish")
+            new_nodes = [hs]
+            out = hs.outputs[0]
+        else:
+            sig = ir.node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5}, name=f"{add.name}_hsig")
+            sig.outputs[0].name = f"{add.name}_hsig_out"
+            sig.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            mul = ir.node("Mul", [x, sig.outputs[0]], name=f"{add.name}_hswish")
+            new_nodes = [sig, mul]
+            out = mul.outputs[0]
+        out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
+        graph.insert_before(add, new_nodes)
+        name = y.name
+        y.replace_all_uses_with(out, replace_graph_outputs=True)
+        for node in reversed(chain):
+            graph.remove(node, safe=True)
+        out.name = name
+        count += 1
+    if count:
+        remove_unused(model)
+    return count
+
+
+def _folded_constant(value: ir.Value | None) -> np.ndarray | None:
+    """Constant value, looking through Reshape/Unsqueeze/Squeeze of constants."""
+    arr = constant_array(value)
+    if arr is not None or value is None:
+        return arr
+    p = value.producer()
+    if p is None or p.op_type not in ("Reshape", "Unsqueeze", "Squeeze"):
+        return None
+    data = constant_array(p.inputs[0])
+    if data is None:
+        return None
+    shape = value.shape
+    if shape is not None and all(isinstance(d, int) for d in shape):
+        return data.reshape(tuple(shape))
+    if p.op_type == "Reshape":
+        target = constant_array(p.inputs[1])
+        if target is None or 0 in target.tolist():
+            return None
+        return data.reshape(tuple(int(d) for d in target))
+    return None
+
+
+def fold_conv_bias_add(model: ir.Model) -> int:
+    """Conv(x, W[, b]) -> Add(c) with c a per-channel constant ([1, C, 1, 1] / [C, 1, 1],
+    possibly behind a Reshape of a constant, as Paddle exports) ==> Conv(x, W, b + c).
+
+    Exact. Precondition: the conv output feeds only the Add.
+    """
+    graph = model.graph
+    count = 0
+    for add in list(graph):
+        if add.op_type != "Add" or len(add.inputs) != 2:
+            continue
+        for i in (0, 1):
+            y, other = add.inputs[i], add.inputs[1 - i]
+            conv = y.producer() if y is not None else None
+            if conv is None or conv.op_type != "Conv" or only_consumer(y) is not add:
+                continue
+            w = constant_array(conv.inputs[1])
+            c = _folded_constant(other)
+            if w is None or c is None or c.dtype != np.float32:
+                continue
+            cout = w.shape[0]
+            rank = w.ndim
+            if c.size != cout or c.ndim > rank or (c.ndim >= rank - 1 and c.shape[-(rank - 1)] != cout):
+                continue
+            if c.ndim < rank - 1 and c.size != 1:
+                continue
+            has_b = len(conv.inputs) > 2 and conv.inputs[2] is not None
+            b = constant_array(conv.inputs[2]) if has_b else np.zeros(cout, dtype=np.float32)
+            if b is None:
+                continue
+            new_b = add_initializer(graph, f"{conv.name}_bias_folded", (b + c.reshape(-1)).astype(np.float32))
+            if len(conv.inputs) < 3:
+                conv.resize_inputs(3)
+            conv.replace_input_with(2, new_b)
+            z = add.outputs[0]
+            name = z.name
+            z.replace_all_uses_with(y, replace_graph_outputs=True)
+            graph.remove(add, safe=True)
+            if z.is_graph_output() or name in {o.name for o in graph.outputs}:
+                y.name = name
+            count += 1
+            break
+    if count:
+        remove_unused(model)
+    return count

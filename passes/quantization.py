@@ -52,7 +52,7 @@ import onnx_ir as ir
 
 from ..activations import iter_activations
 from ..errors import InputSpecError
-from ..ir import constant_array, load_model
+from ..ir import constant_array, infer_shapes, load_model
 from .base import ForgePass, register
 from .quant_observers import (
     ChannelMeanObserver,
@@ -67,6 +67,8 @@ from .quant_prepare import (
     attr,
     ensure_node_names,
     fold_batchnorm,
+    fold_conv_bias_add,
+    fuse_hardswish,
     is_float,
     matmul_add_to_gemm,
     normalize_gemm,
@@ -733,8 +735,11 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
     from . import quant_repair
 
     if opts.per_channel and model.opset_imports.get("", 13) < 13:
-        stats["opset_upgraded"] = upgrade_opset(model, 13)
+        # 14 rather than 13: HardSwish exists from opset 14 (see fuse_hardswish)
+        stats["opset_upgraded"] = upgrade_opset(model, 14) or upgrade_opset(model, 13)
+    infer_shapes(model)
     stats["bn_folded"] = fold_batchnorm(model)
+    stats["conv_bias_add_folded"] = fold_conv_bias_add(model)
     stats["gemm_normalized"] = normalize_gemm(model)
     if opts.equalize:
         stats["equalized_pairs"] = quant_repair.equalize_model(model)
@@ -747,6 +752,7 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
                                                       limit=opts.calib_batches or None,
                                                       insert=opts.smooth_insert)
     stats["matmul_add_to_gemm"] = matmul_add_to_gemm(model)
+    stats["hardswish_fused"] = fuse_hardswish(model)
     plan = make_plan(model, opts, only)
     channel_inputs = {}
     if opts.bias_correction:
