@@ -21,7 +21,8 @@ Steps, in order (each one can be turned off by an option):
    whose absence makes that pass fail on Silero VAD's `If` branches.)
 4. **Constant folding** (`fold_constants=true`) of main-graph nodes whose inputs are
    all constants (initializers that are not graph inputs, or `Constant` outputs),
-   evaluated with `onnx.reference`. Refused for non-deterministic ops (Random*,
+   evaluated with `onnx.reference`; `CastLike(constant, y)` also folds when `y`'s
+   element type is declared (CastLike reads only that type). Refused for non-deterministic ops (Random*,
    Bernoulli, Multinomial), control flow / ops with subgraphs, non-standard domains,
    and outputs above `fold_size_limit` elements.
 5. **Common subexpression elimination** (`cse=true`, `onnx_ir` CSE pass).
@@ -319,11 +320,13 @@ def fold_constant_nodes(model: ir.Model, *, size_limit: int = 1 << 20) -> int:
                for a in node.attributes.values()):
             continue
         arrays = []
-        for inp in node.inputs:
+        for index, inp in enumerate(node.inputs):
             if inp is None:
                 arrays.append(None)
                 continue
             arr = _foldable_constant(inp)
+            if arr is None and node.op_type == "CastLike" and index == 1:
+                arr = _type_witness(inp)  # CastLike reads only the type of its 2nd input
             if arr is None:
                 break
             arrays.append(arr)
@@ -344,6 +347,16 @@ def fold_constant_nodes(model: ir.Model, *, size_limit: int = 1 << 20) -> int:
             )
             folded += 1
     return folded
+
+
+def _type_witness(value: ir.Value) -> np.ndarray | None:
+    """An empty array of `value`'s declared element type (None when unknown)."""
+    if not isinstance(value.type, ir.TensorType):
+        return None
+    try:
+        return np.zeros(0, dtype=value.type.dtype.numpy())
+    except (TypeError, ValueError):
+        return None
 
 
 def _evaluate(evaluator_cls, node: ir.Node, arrays: list, opsets: dict[str, int]) -> list | None:

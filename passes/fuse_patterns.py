@@ -22,7 +22,8 @@ already fuses these primitives itself — only standard ONNX ops are produced):
                 (x^3 as Pow(x, 3), Mul(Mul(x, x), x) or Mul(x, Mul(x, x)))
     =>  y = Gelu(x, approximate="none" | "tanh")
 
-  The final product x * 0.5 * (...) may be bracketed in any order. Preconditions:
+  The final product x * 0.5 * (...) may be bracketed in any order, and `1 + ...`
+  may be a two-input `Sum` (as in the ONNX function body of Gelu). Preconditions:
   constants match to 1e-4 relative, and every intermediate value has a single
   consumer and is not a graph output.
 """
@@ -261,6 +262,11 @@ def _match_erf(erf: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Node] | None:
     return x, [scale, erf], erf
 
 
+def _binary_add(node: ir.Node | None) -> bool:
+    """Add, or a Sum of exactly two inputs (the same thing)."""
+    return is_op(node, "Add") or (is_op(node, "Sum") and len(node.inputs) == 2)
+
+
 def _cube_of(value: ir.Value, x: ir.Value) -> list[ir.Node] | None:
     """Nodes computing value = x^3 (Pow(x, 3) or two Muls), private to the pattern."""
     node = _producer(value, "Pow", "Mul")
@@ -283,10 +289,10 @@ def _match_tanh(tanh: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Node] | None
     m2 = _producer(tanh.inputs[0], "Mul")
     if m2 is None or sole_consumer(tanh.inputs[0]) is not tanh:
         return None
-    inner = next((v for v in m2.inputs if _producer(v, "Add") is not None), None)
+    inner = next((v for v in m2.inputs if _binary_add(_producer(v, "Add", "Sum"))), None)
     if inner is None or not _close(_scalar(_other(m2, inner)), float(np.sqrt(2.0 / np.pi))):
         return None
-    add = _producer(inner, "Add")
+    add = _producer(inner, "Add", "Sum")
     if sole_consumer(inner) is not m2:
         return None
     for x, cubic in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
@@ -316,7 +322,7 @@ def fuse_gelu(model: ir.Model, node: ir.Node) -> bool:
     x, nodes, last = match
     e = last.outputs[0]
     one = sole_consumer(e)
-    if not is_op(one, "Add") or not _close(_scalar(_other(one, e)), 1.0):
+    if not _binary_add(one) or not _close(_scalar(_other(one, e)), 1.0):
         return False
     chain = _half_times_x_chain(one.outputs[0], x)
     if chain is None:

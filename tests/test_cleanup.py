@@ -282,3 +282,26 @@ def test_digits_cleanup_verified_by_pass_manager(digits_model: Path) -> None:
     feeds = {"input": data["input"][:16].astype(np.float32)}
     _assert_same(ref, model, feeds)
     assert steps[0].after["nodes"] <= steps[0].before["nodes"]
+
+
+def test_castlike_of_constant_is_folded_and_sequences_are_not() -> None:
+    # CastLike(constant double, x) reads only x's type: folds to a float constant.
+    # SequenceEmpty has no inputs but yields a sequence: a Constant cannot hold it.
+    nodes = [
+        _const("c", np.array(2.5, np.float64)),
+        helper.make_node("CastLike", ["c", "x"], ["cf"]),
+        helper.make_node("Mul", ["x", "cf"], ["y"]),
+        helper.make_node("SequenceEmpty", [], ["seq"], dtype=TensorProto.FLOAT),
+        helper.make_node("SequenceInsert", ["seq", "x"], ["s1"]),
+        helper.make_node("SequenceAt", ["s1", "zero"], ["z"]),
+    ]
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero")]
+    proto = _make(nodes, [X], [Y, z], inits)
+    model, step = _cleanup(proto, "cleanup(onnxsim=false)")
+    ops = _ops(model)
+    assert "CastLike" not in ops and "SequenceEmpty" in ops
+    assert step.stats["constants_folded"] == 1
+    folded = next(n for n in model.graph if n.op_type == "Constant")
+    assert folded.attributes["value"].value.numpy().dtype == np.float32
+    _assert_same(load_model(proto), model, FEEDS)

@@ -68,6 +68,7 @@ class CaseResult:
     tier: int = 0
     nodes_before: int = 0
     nodes_after: int = 0
+    rewrites: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +78,14 @@ class SuiteSummary:
 
     def counts(self) -> Counter:
         return Counter(r.status for r in self.results)
+
+    def rewrites(self) -> Counter:
+        """Rewrite counters summed over the cases that still pass."""
+        total: Counter = Counter()
+        for r in self.results:
+            if r.status == "pass":
+                total.update(r.rewrites)
+        return total
 
     @property
     def ort_passing(self) -> int:
@@ -226,9 +235,14 @@ def run_case(case: NodeCase, pipeline: str, workdir: Path) -> CaseResult:
     except (InvalidModelError, ModelLoadError) as exc:
         return CaseResult(case.name, "excluded", f"onnxforge refuses the model: {exc}", tier)
     before = sum(1 for _ in model.graph)
+    rewrites: dict[str, int] = {}
     try:
-        model, _ = PassManager(pipeline, PassContext()).run(model)
+        model, steps = PassManager(pipeline, PassContext()).run(model)
         path = save_model(model, workdir / f"{case.name}.onnx")
+        for step in steps:
+            for key, value in step.stats.items():
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    rewrites[key] = rewrites.get(key, 0) + value
     except Exception as exc:  # noqa: BLE001 - report any pipeline failure as a failure
         return CaseResult(case.name, "fail", f"pipeline raised {type(exc).__name__}: {exc}",
                           tier, before)
@@ -241,7 +255,7 @@ def run_case(case: NodeCase, pipeline: str, workdir: Path) -> CaseResult:
     finally:
         for p in workdir.glob(f"{case.name}.onnx*"):
             p.unlink()
-    return CaseResult(case.name, "fail" if msg else "pass", msg, tier, before, after)
+    return CaseResult(case.name, "fail" if msg else "pass", msg, tier, before, after, rewrites)
 
 
 @contextlib.contextmanager
@@ -309,6 +323,10 @@ def format_summary(summary: SuiteSummary, pipeline: str, show_failures: bool = T
         + ", ".join(f"{_tier_text(t)}: {n}" for t, n in sorted(tiers.items()))
         + f"; passing cases whose node count the pipeline changed: {changed}",
     ]
+    rewrites = summary.rewrites()
+    if rewrites:
+        lines.append("rewrites applied in passing cases: "
+                     + ", ".join(f"{k} {n}" for k, n in sorted(rewrites.items())))
     excluded = [r for r in summary.results if r.status == "excluded"]
     if excluded:
         lines += ["", "Exclusions:"] + [f"  {r.name}: {r.detail}" for r in excluded]

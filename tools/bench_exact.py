@@ -1,0 +1,161 @@
+"""onnxruntime latency of each zoo model before and after the exact passes.
+
+    python tools/bench_exact.py                          # all zoo models, cleanup,fuse
+    python tools/bench_exact.py -m resnet18 -m minilm_l6 -p fuse -p cleanup,fuse
+    python tools/bench_exact.py --threads 2 --repeat 50 --rounds 5 --ort-opt disable
+
+For every model, the original and each rewritten model get an onnxruntime
+session (`OrtArtifact`: same intra-op thread count, spinning off). Timing is
+interleaved: in each of `--rounds` rounds every session runs `--repeat` timed
+calls after warm-up, so drift on a shared machine hits all variants alike; the
+latency is the median of all samples. Printed per model: node count, latency
+(ms), ratio to the original (< 1 = faster) and the largest relative L2 error of
+the outputs against the original. `--ort-opt disable` turns onnxruntime's own
+graph optimizations off (what a runtime without them would see).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from onnxforge.backends.ort import OrtArtifact
+from onnxforge.ir import load_model
+from onnxforge.pass_manager import PassManager
+from onnxforge.passes.base import PassContext
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = REPO / ".zoo"
+
+
+def _text_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """White page with dark word-like bars; one text line for short crops."""
+    rng = np.random.default_rng(seed)
+    img = np.ones((height, width), np.float32)
+    if height <= 64:
+        boxes = [(height // 5, width // 20, height * 3 // 5, width * 9 // 10)]
+    else:
+        boxes = []
+        for _ in range(40):
+            y, x = (int(v) for v in rng.integers(0, min(height, width) - 40, 2))
+            boxes.append((y, x, int(rng.integers(8, 24)), int(rng.integers(40, 300))))
+    for y, x, h, w in boxes:
+        img[y:y + h, x:x + w] = 0.0
+        for gx in range(x, min(width, x + w), 14):
+            img[y:y + h, gx:gx + 3] = 1.0
+    return img
+
+
+def model_inputs(name: str, entry: dict) -> dict[str, np.ndarray]:
+    """Sample inputs for a zoo model: shipped samples, text images for OCR, else uniform."""
+    rng = np.random.default_rng(0)
+    samples = np.load(ZOO / entry["sample_inputs"]) if entry.get("sample_inputs") else None
+    feeds = {}
+    for spec in entry["inputs"]:
+        shape, (lo, hi) = spec["shape"], spec["range"]
+        if samples is not None and spec["name"] in samples.files:
+            feeds[spec["name"]] = samples[spec["name"]][: shape[0]].astype(spec["dtype"])
+        elif name.startswith("ppocr"):
+            img = np.stack([_text_image(shape[2], shape[3])] * 3)[None]
+            if name == "ppocr_det":
+                mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+                std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+                img = (img - mean) / std
+            else:
+                img = (img - 0.5) / 0.5
+            feeds[spec["name"]] = img.astype(np.float32)
+        elif spec["dtype"] == "int64":
+            feeds[spec["name"]] = rng.integers(lo, hi, size=shape).astype(np.int64)
+        else:
+            feeds[spec["name"]] = rng.uniform(lo, hi, size=shape).astype(np.float32)
+    return feeds
+
+
+def rel_l2(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
+    worst = 0.0
+    for name, a in ref.items():
+        a64 = a.astype(np.float64)
+        denom = float(np.linalg.norm(a64)) or 1.0
+        worst = max(worst, float(np.linalg.norm(a64 - got[name])) / denom)
+    return worst
+
+
+def bench_model(name: str, entry: dict, pipelines: list[str], threads: int, repeat: int,
+                rounds: int, warmup: int, optimize: bool) -> list[dict]:
+    path = ZOO / entry["file"]
+    shapes = {i["name"]: tuple(i["shape"]) for i in entry["inputs"]}
+    feeds = model_inputs(name, entry)
+    variants = [("original", load_model(path))]
+    for text in pipelines:
+        model = load_model(path)
+        model, _ = PassManager(text, PassContext(input_shapes=shapes, threads=threads)).run(model)
+        variants.append((text, model))
+    arts = [(label, model, OrtArtifact(model, threads=threads, optimize=optimize))
+            for label, model in variants]
+    outputs = [art.run(feeds) for _, _, art in arts]
+    samples: dict[str, list[float]] = {label: [] for label, _, _ in arts}
+    for _ in range(rounds):
+        for label, _, art in arts:
+            samples[label] += art.benchmark(feeds, warmup=warmup, repeat=repeat).samples_ms
+    base = statistics.median(samples["original"])
+    rows = []
+    for (label, model, _), out in zip(arts, outputs):
+        ms = statistics.median(samples[label])
+        rows.append({"model": name, "variant": label, "nodes": sum(1 for _ in model.graph),
+                     "median_ms": ms, "ratio": ms / base, "rel_l2": rel_l2(outputs[0], out)})
+    return rows
+
+
+def format_table(rows: list[dict], threads: int, optimize: bool) -> str:
+    lines = [(f"onnxruntime latency, {threads} thread(s), spinning off, ORT graph optimizations "
+             f"{'on' if optimize else 'off'}; median of all interleaved samples"),
+             "",
+             "| model | variant | nodes | median ms | ratio | rel L2 vs original |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['nodes']} | {r['median_ms']:.3f} | "
+                     f"{r['ratio']:.3f} | {r['rel_l2']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", action="append", default=[])
+    parser.add_argument("-p", "--pipeline", action="append", default=[])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--ort-opt", choices=["all", "disable"], default="all")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    manifest_path = ZOO / "manifest.json"
+    if not manifest_path.exists():
+        print(f"no zoo at {ZOO}: run `python tools/build_zoo.py` first", file=sys.stderr)
+        return 2
+    manifest = json.loads(manifest_path.read_text())["models"]
+    names = args.model or list(manifest)
+    pipelines = args.pipeline or ["cleanup,fuse"]
+    optimize = args.ort_opt == "all"
+    rows: list[dict] = []
+    for name in names:
+        if not (ZOO / manifest[name]["file"]).exists():
+            print(f"skipping {name}: file absent", file=sys.stderr)
+            continue
+        print(f"benchmarking {name} ...", file=sys.stderr)
+        rows += bench_model(name, manifest[name], pipelines, args.threads, args.repeat,
+                            args.rounds, args.warmup, optimize)
+    print(format_table(rows, args.threads, optimize))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
