@@ -683,3 +683,28 @@ def test_minilm_qkv_projections_merged() -> None:
     feeds = zoo_feeds("minilm_l6")
     for a, b in zip(run(original, feeds), run(model, feeds)):
         assert np.linalg.norm(a - b) / np.linalg.norm(a) <= 1e-5
+
+
+def test_cli_optimize_with_fusion_pipeline(tmp_path) -> None:
+    """`onnxforge optimize -p "cleanup(onnxsim=false),fuse"` as a user runs it."""
+    import json
+    import subprocess
+    import sys
+
+    src, out, report = tmp_path / "convbn.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    proto = conv_bn(group=2, bias=False)
+    onnx.save(proto, src)
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxforge.cli", "optimize", str(src), "-o", str(out), "-p",
+         "cleanup(onnxsim=false),fuse", "--report", str(report), "--no-latency"],
+        check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr + result.stdout
+    data = json.loads(report.read_text())
+    assert [s["pass"] for s in data["steps"]] == ["cleanup(onnxsim=false)", "fuse"]
+    assert data["steps"][1]["stats"]["bn_folded"] == 1
+    assert data["error"]["max_rel_l2"] < 1e-5
+    optimized = load_model(out)
+    assert ops(optimized) == Counter({"Conv": 1})
+    feeds = feeds_for(proto)
+    np.testing.assert_allclose(run(optimized, feeds)[0], run(load_model(proto), feeds)[0],
+                               rtol=1e-5, atol=1e-5)
