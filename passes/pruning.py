@@ -82,7 +82,7 @@ class PruneOptions:
     bn_recalib: bool = True
     calib_batches: int | None = None  # default: the run's calibration batch limit (64)
     max_rows: int = 4096
-    ridge: float = 0.01
+    ridge: float | None = None  # None: chosen per layer by two-fold cross-validation
 
 
 def parse_overrides(text: str) -> list[tuple[str, float]]:

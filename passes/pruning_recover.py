@@ -39,7 +39,8 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from ..activations import iter_activations
+from ..activations import iter_activations, with_outputs
+from ..backends.ort import OrtArtifact
 from ..ir import add_initializer, constant_array
 from .pruning_apply import set_constant
 from .pruning_groups import _attr
@@ -130,17 +131,25 @@ def _design(target: RefitTarget, x: np.ndarray, y: np.ndarray, rng, max_rows: in
     return cols.astype(np.float64), ys.astype(np.float64)
 
 
-def _solve(target: RefitTarget, g: np.ndarray, r: np.ndarray, ridge: float,
-           graph: ir.Graph) -> None:
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _solve(target: RefitTarget, folds: list[tuple[np.ndarray, np.ndarray]], ridge: float | None,
+           graph: ir.Graph) -> bool:
     """Solve the normal equations, regularized toward the pruned (original) weights.
 
     min ||Y - A W'||^2 + lam ||W' - W_K||^2: with few calibration rows per weight
-    the refit stays near the plain pruned layer instead of overfitting.
+    the refit stays near the plain pruned layer instead of overfitting. With two
+    folds of data and `ridge=None`, lam (relative to the mean input energy) is
+    chosen from `RIDGE_GRID` by fitting on one fold and measuring the layer output
+    error on the other; keeping the pruned weights unchanged is a candidate too.
     """
     kind, bias_value = _bias_slot(target)
     use_bias = kind != "none"
     if not use_bias:
-        g, r = g[:-1, :-1], r[:-1]
+        folds = [(g[:-1, :-1], r[:-1]) for g, r in folds]
+    g = sum(f[0] for f in folds)
+    r = sum(f[1] for f in folds)
     m = len(g) - (1 if use_bias else 0)
     node = target.node
     w_value = node.inputs[1]
@@ -152,18 +161,33 @@ def _solve(target: RefitTarget, g: np.ndarray, r: np.ndarray, ridge: float,
     else:
         prior = w
     prior = prior.astype(np.float64)
-    if use_bias:
+    if use_bias:  # the bias row is not regularized; its prior value does not matter
         prior = np.vstack([prior, np.zeros((1, prior.shape[1]))])
-    lam = ridge * float(np.mean(np.diag(g)[:m])) + 1e-12
-    reg = np.full(len(g), lam)
-    if use_bias:
-        reg[-1] = 0.0
-    lhs = g + np.diag(reg)
-    rhs = r + reg[:, None] * prior
-    try:
-        sol = np.linalg.solve(lhs, rhs)
-    except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+    scale = float(np.mean(np.diag(g)[:m])) + 1e-12
+
+    def fit(gram: np.ndarray, cross: np.ndarray, rel: float) -> np.ndarray:
+        reg = np.full(len(gram), rel * scale)
+        if use_bias:
+            reg[-1] = 0.0
+        lhs, rhs = gram + np.diag(reg), cross + reg[:, None] * prior
+        try:
+            return np.linalg.solve(lhs, rhs)
+        except np.linalg.LinAlgError:
+            return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+
+    def error(sol: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
+        # ||Y - A W||^2 up to the constant ||Y||^2
+        return float(np.sum(sol * (gram @ sol)) - 2 * np.sum(sol * cross))
+
+    if ridge is None and len(folds) == 2:
+        (g_fit, r_fit), (g_val, r_val) = folds
+        scores = {rel: error(fit(g_fit, r_fit, rel), g_val, r_val) for rel in RIDGE_GRID}
+        best = min(scores, key=scores.get)
+        if error(prior, g_val, r_val) <= scores[best]:
+            return False  # the plain pruned layer predicts held-out data best
+        sol = fit(g, r, best)
+    else:
+        sol = fit(g, r, ridge if ridge is not None else 1e-2)
     weights = sol[:m].T  # [out, in_cols]
     if target.op == "Conv":
         new_w = weights.reshape(w.shape)
@@ -173,15 +197,21 @@ def _solve(target: RefitTarget, g: np.ndarray, r: np.ndarray, ridge: float,
         new_w = weights.T
     set_constant(w_value, new_w.astype(w.dtype))
     if not use_bias:
-        return
-    bias = sol[m].astype(w.dtype)
-    if kind == "add" or (bias_value is not None and len(bias_value.uses()) == 1):
+        return True
+    bias = sol[m]
+    if kind == "add":
+        # the fit targets the MatMul output; the Add still adds the layer's own bias
+        set_constant(bias_value, (constant_array(bias_value) + bias).astype(w.dtype))
+        return True
+    bias = bias.astype(w.dtype)
+    if bias_value is not None and len(bias_value.uses()) == 1:
         set_constant(bias_value, bias)
-        return
+        return True
     new = add_initializer(graph, f"{node.name or w_value.name}_bias", bias)
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, new)
+    return True
 
 
 def _bn_update(bn: ir.Node, graph: ir.Graph, orig: tuple, pruned: tuple,
@@ -245,7 +275,7 @@ def _waves(graph: ir.Graph, targets: list[ir.Node]) -> list[list[ir.Node]]:
 
 def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
             bns: list[ir.Node], kept_channels: dict[str, np.ndarray], batches: Batches, *,
-            threads: int | None = None, max_rows: int = 4096, ridge: float = 1e-2,
+            threads: int | None = None, max_rows: int = 4096, ridge: float | None = None,
             seed: int = 0) -> dict[str, int]:
     """Refit `refits` and re-estimate `bns` of `pruned` in place, wave by wave.
 
@@ -254,26 +284,35 @@ def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
     """
     by_node = {id(t.node): t for t in refits}
     rng = np.random.default_rng(seed)
+    waves = _waves(pruned.graph, [t.node for t in refits] + list(bns))
+    wanted = sorted({t.node.outputs[0].name for t in refits} | {n.inputs[0].name for n in bns})
+    reference = OrtArtifact(with_outputs(original, wanted), threads=threads, optimize=False)
+
+    def original_stream(names: list[str]):
+        for batch in batches():
+            values = reference.session.run(names, {k: batch[k] for k in reference.input_names})
+            yield dict(zip(names, values))
+
     done = {"refit_layers": 0, "bn_recalibrated": 0, "recovery_waves": 0}
-    for wave in _waves(pruned.graph, [t.node for t in refits] + list(bns)):
+    for wave in waves:
         wave_refits = [by_node[id(n)] for n in wave if id(n) in by_node]
         wave_bns = [n for n in wave if id(n) not in by_node]
         x_names = sorted({t.node.inputs[0].name for t in wave_refits}
                          | {n.inputs[0].name for n in wave_bns})
         y_names = sorted({t.node.outputs[0].name for t in wave_refits}
                          | {n.inputs[0].name for n in wave_bns})
-        gram: dict[int, np.ndarray] = {}
-        cross: dict[int, np.ndarray] = {}
+        gram: dict[tuple[int, int], np.ndarray] = {}
+        cross: dict[tuple[int, int], np.ndarray] = {}
         moments_o: dict[str, list] = {}
         moments_p: dict[str, list] = {}
-        stream_o = iter_activations(original, y_names, batches(), threads=threads)
+        stream_o = original_stream(y_names)
         stream_p = iter_activations(pruned, x_names, batches(), threads=threads)
-        for acts_o, acts_p in zip(stream_o, stream_p):
+        for step, (acts_o, acts_p) in enumerate(zip(stream_o, stream_p)):
             for t in wave_refits:
                 cols, ys = _design(t, acts_p[t.node.inputs[0].name],
                                    acts_o[t.node.outputs[0].name], rng, max_rows)
                 a = np.hstack([cols, np.ones((len(cols), 1))])
-                key = id(t.node)
+                key = (id(t.node), step % 2)  # two folds to choose the regularization
                 gram[key] = gram.get(key, 0) + a.T @ a
                 cross[key] = cross.get(key, 0) + a.T @ ys
             for bn in wave_bns:
@@ -281,8 +320,9 @@ def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
                 _accumulate(moments_o, name, acts_o[name])
                 _accumulate(moments_p, name, acts_p[name])
         for t in wave_refits:
-            if id(t.node) in gram:
-                _solve(t, gram.pop(id(t.node)), cross.pop(id(t.node)), ridge, pruned.graph)
+            folds = [(gram.pop((id(t.node), f)), cross.pop((id(t.node), f))) for f in (0, 1)
+                     if (id(t.node), f) in gram]
+            if folds and _solve(t, folds, ridge, pruned.graph):
                 done["refit_layers"] += 1
         for bn in wave_bns:
             name = bn.inputs[0].name
