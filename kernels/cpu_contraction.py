@@ -242,42 +242,58 @@ def analyze_contraction(
 
 @dataclass(frozen=True)
 class TileChoice:
-    """Register tile: ``nb`` vector elements along N times ``mb`` rows along M."""
+    """Register tile: ``nb`` vector elements along N times ``mb`` rows along M.
+
+    ``n_padded`` is N rounded up to a multiple of ``nb`` (equal to N when ``nb`` divides
+    it); the padded columns compute on zero weights and are never stored.
+    """
 
     nb: int
     mb: int
+    n_padded: int
 
 
-def choose_tile(info: Contraction, cpu: CpuInfo, dtype_bits: int = 32) -> TileChoice | None:
+def choose_tile(
+    info: Contraction, cpu: CpuInfo, dtype_bits: int = 32, can_pad: bool = True
+) -> TileChoice | None:
     """Pick the register tile from the target's vector width and register count.
 
-    ``nb`` divides N (and the group size of a grouped conv) and is close to one or two
-    registers; ``mb`` fills the accumulator budget (all registers but a few for the B
-    vector and the broadcasts). Returns None when N offers no usable vector tile.
+    ``nb`` is a power of two (LLVM splits a ``<48 x float>`` into 128-bit pieces): the
+    widest one up to two registers (four for a single row, GEMV) that divides N and the
+    group size of a grouped conv. When only a narrow one divides N (N = 50, 1000, 10), N
+    is padded to whole registers instead (only ``can_pad`` blocks: ``pad_einsum`` needs
+    plain ``i, j, k`` indices, which a conv's ``y * s + ry`` is not). ``mb`` fills the
+    accumulator budget. Returns
+    None when N is too small for a vector tile (the window rule then vectorizes x).
     """
     lanes = cpu.lanes(dtype_bits)
     n_ext = info.n_extent
-    limit = n_ext if info.n_divisor is None else min(n_ext, info.n_divisor)
-    pool = [d for d in divisors(n_ext) if d <= 4 * lanes and limit % d == 0]
-    if info.n_divisor is not None:
-        pool = [d for d in pool if info.n_divisor % d == 0]
-    # LLVM legalizes power-of-two vectors well; <48 x float> turns into xmm soup
-    pool = [d for d in pool if d & (d - 1) == 0] or ([n_ext] if n_ext <= lanes else [])
-    if not pool:
-        return None
+    group = info.n_divisor
     m_ext = info.m_extent
-    acc_budget = max(int(cpu.num_vector_regs * KNOBS["budget"]), 4)
+    want_regs = 4 if m_ext == 1 else 2
+    exact = 1
+    while (
+        exact * 2 <= want_regs * lanes
+        and n_ext % (exact * 2) == 0
+        and (group is None or group % (exact * 2) == 0)
+    ):
+        exact *= 2
+    nb, n_padded = exact, n_ext
+    if exact < lanes and group is None and can_pad:
+        if n_ext < max(lanes // 2, 4):
+            return None
+        options = [lanes * r for r in (1, 2, 4) if r <= want_regs]
 
-    def score(nb: int) -> tuple:
-        regs = -(-nb // lanes)
-        util = nb / (regs * lanes)
-        # one row (GEMV) wants up to 4 registers of N for independent FMA chains
-        want = 4 if m_ext == 1 else 2
-        return (util >= 0.75, min(regs, want), util, -regs)
+        def waste(width: int) -> float:
+            padded = -(-n_ext // width) * width
+            return (padded - n_ext) / padded
 
-    nb = max(pool, key=score)
+        width = min(options, key=lambda w: (round(waste(w), 3), -w))
+        if exact < max(lanes // 2, 4) or waste(width) <= 0.25:
+            nb, n_padded = width, -(-n_ext // width) * width
     if nb < min(4, lanes) and nb != n_ext:
         return None
+    acc_budget = max(int(cpu.num_vector_regs * KNOBS["budget"]), 4)
     regs_n = -(-nb // lanes)
     max_mb = max(acc_budget // regs_n, 1)
     mb = 1
@@ -287,7 +303,7 @@ def choose_tile(info: Contraction, cpu: CpuInfo, dtype_bits: int = 32) -> TileCh
         if mb < max(max_mb // 2, 2) and m_ext > max_mb:
             # no divisor near the budget (prime-ish extent): accept a tail predicate
             mb = max_mb
-    return TileChoice(nb=nb, mb=mb)
+    return TileChoice(nb=nb, mb=mb, n_padded=n_padded)
 
 
 def _permute_n_last(ndim: int, n_dim: int):
@@ -295,13 +311,18 @@ def _permute_n_last(ndim: int, n_dim: int):
     return lambda *idx: [idx[d] for d in order]
 
 
-def _pack_b(sch: s_tir.Schedule, info: Contraction, nb: int) -> None:
-    """Repack the layout-free B to ``[.., n // nb, .., n % nb]`` via a preproc block."""
+def _pack_b(sch: s_tir.Schedule, info: Contraction, nb: int, pad_block=None) -> None:
+    """Repack the layout-free B to ``[.., n // nb, .., n % nb]`` via a preproc block.
+
+    ``pad_block`` is the block ``pad_einsum`` made to zero-pad B; it becomes the packing
+    block itself (a second copy would not be splittable by SplitLayoutRewritePreproc).
+    """
     block = info.block
     ndim = len(sch.get(block).reads[info.b_read].region)
     d = info.n_dim_in_b
-    cache = sch.cache_read(block, info.b_read, "global")
-    sch.annotate(cache, LAYOUT_REWRITE_ANN, True)
+    if pad_block is None:
+        pad_block = sch.cache_read(block, info.b_read, "global")
+    sch.annotate(pad_block, LAYOUT_REWRITE_ANN, True)
 
     def index_map(*idx):
         return [idx[d] // nb] + [idx[i] for i in range(ndim) if i != d] + [idx[d] % nb]
@@ -336,6 +357,27 @@ def schedule_contraction(
     if not all(is_spatial(sch, b) for b in prologue + epilogue):
         raise ValueError("contraction: another reduction in the function")
 
+    # 0. N not a multiple of the vector tile: pad the iteration space (zero weights)
+    b_pad = None
+    if tile.n_padded != info.n_extent:
+        producers_before = {sch.get(b).name_hint for b in sch.get_producers(main)}
+        pads = [1] * len(info.extents)
+        pads[info.n_iter] = tile.nb
+        sch.pad_einsum(main, pads)
+        new_producers = [
+            b for b in sch.get_producers(main) if sch.get(b).name_hint not in producers_before
+        ]
+        for b in new_producers:
+            if sch.get(b).writes[0].source.same_as(sch.get(main).reads[info.b_read].source):
+                b_pad = b
+        blocks = child_blocks(sch)
+        pos = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main)))
+        prologue, epilogue = blocks[:pos], blocks[pos + 1 :]
+        if info.b_layout_free:
+            prologue = [
+                b for b in prologue if b_pad is None or not sch.get(b).same_as(sch.get(b_pad))
+            ]
+
     # 1. prologue: inline cheap producers (reshape, transpose), keep padding materialized
     kept_prologue = []
     for b in reversed(prologue):
@@ -351,7 +393,7 @@ def schedule_contraction(
 
     # 3. pack B so that the N tile is contiguous
     if info.b_layout_free:
-        _pack_b(sch, info, tile.nb)
+        _pack_b(sch, info, tile.nb, b_pad)
 
     # 4. tile: outer spatial loops, reductions, then mi (unrolled) x ni (vectorized)
     loops = sch.get_loops(main)

@@ -1,15 +1,31 @@
 """Relax-level passes the default CPU schedules want before legalization.
 
 The default schedules keep the model's NCHW layout and pack weights themselves (inside
-``default_schedule_pass``), so no layout conversion is required: the list is empty
-today. It exists so the backend has one stable place to ask.
+``default_schedule_pass``), so no layout conversion is needed. What they do need is
+that inference BatchNorm does not survive as its own kernel: folded into the conv
+weights, or at least decomposed into a multiply-add that FuseOps puts into the conv's
+epilogue (TVM imports BatchNormalization as ``relax.nn.batch_norm``, which legalizes to
+a separate pass over memory per BN).
+
+Run these on the imported module before LegalizeOps; the FoldConstant of the usual
+legalize list then evaluates the folded weights.
 """
 
 from __future__ import annotations
 
 import tvm
+from tvm import relax
 
 
 def relax_prepasses(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    """Passes to run on the imported Relax module before LegalizeOps (currently none)."""
-    return []
+    """Passes to run on the imported Relax module before LegalizeOps.
+
+    1. ``FoldBatchnormToConv2D``: conv2d -> batch_norm with constant statistics becomes a
+       conv2d with scaled weights plus a bias add.
+    2. ``DecomposeOpsForInference``: any remaining batch_norm becomes elementwise math
+       that fuses into its producer.
+    """
+    return [
+        relax.transform.FoldBatchnormToConv2D(),
+        relax.transform.DecomposeOpsForInference(),
+    ]

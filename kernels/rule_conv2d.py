@@ -49,7 +49,7 @@ class Conv2dRule(CpuRule):
         info = analyze_contraction(sch, mains[0], layout_free_params(func))
         if info is None or len(info.spatial) != 4 or not _has_window(sch, info):
             return False
-        tile = choose_tile(info, cpu)
+        tile = choose_tile(info, cpu, can_pad=False)
         if tile is None:
             return False
         schedule_contraction(sch, info, tile, cpu)

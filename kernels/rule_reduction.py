@@ -65,12 +65,15 @@ class RowReductionRule(CpuRule):
         rows = 1
         for e in leads[-1][:k]:
             rows *= e
+        per_row = 1  # elements the widest stage touches per row
+        for b in blocks:
+            inner = 1
+            for lp in sch.get_loops(b)[k:]:
+                inner *= loop_extent(sch, lp) or 1
+            per_row = max(per_row, inner)
         row_loops = sch.get_loops(last)[:k]
         row = sch.fuse(*row_loops) if k > 1 else row_loops[0]
-        work = rows
-        for lp in sch.get_loops(last)[1:]:
-            work *= loop_extent(sch, lp) or 1
-        if cpu.num_cores > 1 and rows > 1 and work >= MIN_PARALLEL_ELEMENTS:
+        if cpu.num_cores > 1 and rows > 1 and rows * per_row >= MIN_PARALLEL_ELEMENTS:
             sch.parallel(row)
         for b in reversed(blocks[:-1]):
             sch.compute_at(b, row, preserve_unit_loops=True)

@@ -30,7 +30,6 @@ from .sched_common import (
     is_spatial,
     loop_extent,
     loops_bind_iters,
-    pick_vector_width,
     schedule_spatial_block,
     try_compute_inline,
     vectorize_inner,
@@ -60,6 +59,24 @@ def _window_axes(sch: s_tir.Schedule, block) -> tuple[list[int], list[int]] | No
         if x in last and last & red:
             return spatial, reduction
     return None
+
+
+KNOBS = {"mode": "pow2_or_full"}
+
+
+def _row_width(x_ext: int, lanes: int) -> int:
+    """Output-row vector width: a power-of-two divisor, else the whole short row."""
+    mode = KNOBS["mode"]
+    pow2 = 1
+    while pow2 * 2 <= 2 * lanes and x_ext % (pow2 * 2) == 0:
+        pow2 *= 2
+    if mode == "full" and x_ext <= 2 * lanes:
+        return x_ext
+    if pow2 >= 4 or pow2 == x_ext:
+        return pow2
+    if mode == "pow2_or_full" and x_ext <= 2 * lanes:
+        return x_ext
+    return lanes
 
 
 class WindowRule(CpuRule):
@@ -99,7 +116,7 @@ class WindowRule(CpuRule):
             return False
         epi = rest[0] if rest else sch.cache_write(main, 0, "global")
 
-        width = pick_vector_width(x_ext, lanes) or lanes
+        width = _row_width(x_ext, lanes)
         xo, xi = sch.split(loops[spatial[-1]], [None, width])
         outer = [loops[i] for i in spatial[:-1]]
         reds = [loops[i] for i in reduction]

@@ -143,41 +143,53 @@ def divisors(n: int) -> list[int]:
 
 
 def pick_vector_width(extent: int, lanes: int) -> int:
-    """How many elements of a loop of ``extent`` to put in one vectorized loop.
+    """A power-of-two vector width that divides ``extent`` (0 when none is worth it).
 
-    Returns ``extent`` when it fits in two registers, otherwise the largest divisor of
-    ``extent`` up to two registers that is a multiple of a quarter register, or 0 when no
-    divisor is wide enough to be worth vectorizing (a loop split would need a predicate,
-    which the vectorizer rejects).
+    Widths are powers of two up to two registers: LLVM splits ``<48 x float>`` or
+    ``<28 x float>`` into 128-bit pieces and the kernel slows down several times. A
+    divisor narrower than half a register (or 4 lanes) does not count.
     """
-    if extent <= 2 * lanes:
-        return extent
-    best = 0
-    quarter = max(lanes // 4, 1)
-    for d in divisors(extent):
-        if d > 2 * lanes:
-            break
-        if d % quarter == 0 and d >= max(lanes // 2, 2):
-            best = d
-    return best
+    cap = 2 * lanes
+    width = 1
+    while width * 2 <= cap and extent % (width * 2) == 0:
+        width *= 2
+    if width == extent and width >= 2:
+        return width
+    return width if width >= max(lanes // 2, 4) else 0
 
 
-def vectorize_inner(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> LoopRV | None:
-    """Vectorize ``loop`` (the innermost loop of a block), splitting it when it is long.
+def vectorize_inner(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> bool:
+    """Vectorize the innermost loop ``loop`` of a block with a power-of-two width.
 
-    Returns the vectorized loop, or None when the extent has no usable divisor (the loop
-    is then left alone).
+    When no power-of-two width divides the extent, the loop is split by the register
+    width and partitioned: the whole-vector part is vectorized, the tail stays scalar.
+    This partition replaces the block, so call it as the last step on that block.
+    Returns True when something was vectorized.
     """
     extent = loop_extent(sch, loop)
     if extent is None or extent < 2:
-        return None
+        return False
     width = pick_vector_width(extent, lanes)
-    if width < 2:
-        return None
-    if width != extent:
-        _, loop = sch.split(loop, [None, width])
-    sch.vectorize(loop)
-    return loop
+    if width:
+        if width != extent:
+            _, loop = sch.split(loop, [None, width])
+        sch.vectorize(loop)
+        return True
+    width = min(1 << (extent.bit_length() - 1), lanes)
+    if width < 4:
+        return False
+    outer, inner = sch.split(loop, [None, width])
+    whole = extent // width
+    if whole * width == extent:  # cannot happen after pick_vector_width, kept for safety
+        sch.vectorize(inner)
+        return True
+    parts = sch.loop_partition(outer, [whole, None])
+    # the first partition holds the whole vectors: its innermost loop is the vector loop
+    blocks = sch.get_child_blocks(parts[0])
+    if len(blocks) != 1:
+        return False
+    sch.vectorize(sch.get_loops(blocks[0])[-1])
+    return True
 
 
 def parallelize_prefix(
@@ -213,8 +225,9 @@ def schedule_spatial_block(
 ) -> None:
     """Parallelize the outer loops and vectorize the innermost loop of a spatial block.
 
-    Blocks with if_then_else (padding) are split first with ``decompose_padding`` so the
-    vectorized copy never reads outside its input.
+    Padding blocks are split first with ``decompose_padding`` (a vectorized fill and a
+    vectorized interior copy). Other if_then_else bodies (concat, masks) are vectorized as
+    they are: TVM scalarizes a select whose condition varies along the vector.
     """
     loops = sch.get_loops(block)
     if not loops:
@@ -224,19 +237,23 @@ def schedule_spatial_block(
             fill = sch.decompose_padding(block, loops[0])
             schedule_spatial_block(sch, fill, cpu, vectorize=True)
             loops = sch.get_loops(block)
-        except Exception:  # noqa: BLE001 - not a padding pattern; keep it scalar
-            vectorize = False
-    extents = [loop_extent(sch, lp) for lp in loops]
+        except Exception:  # noqa: BLE001 - not a padding pattern
+            loops = sch.get_loops(block)
     work = 1
-    for ext in extents:
-        work *= ext if ext is not None else 1024
+    for lp in loops:
+        work *= loop_extent(sch, lp) or 1024
     lanes = cpu.lanes(write_dtype_bits(sch, block))
-    inner = None
-    if vectorize and len(loops) >= 1:
-        try:
-            inner = vectorize_inner(sch, loops[-1], lanes)
-        except Exception:  # noqa: BLE001 - e.g. a loop the vectorizer cannot take
-            inner = None
-    outer = sch.get_loops(block)
-    outer = outer[:-1] if inner is not None else outer
+    inner = loops[-1]
+    outer = loops[:-1]
+    if not outer:  # a single loop: split it so that it can be both parallel and vector
+        extent = loop_extent(sch, inner)
+        chunk = 16 * lanes
+        if extent is not None and extent >= 4 * chunk and extent % chunk == 0:
+            outer_loop, inner = sch.split(inner, [None, chunk])
+            outer = [outer_loop]
     parallelize_prefix(sch, outer, cpu, work)
+    if vectorize:
+        try:
+            vectorize_inner(sch, inner, lanes)
+        except Exception:  # noqa: BLE001 - e.g. a loop the vectorizer cannot take
+            logger.debug("inner loop of %s left scalar", sch.get(block).name_hint)

@@ -8,9 +8,11 @@ database is used). Per PrimFunc without ``tirx.is_scheduled``, the first rule of
 
 Weight packing: rules may rewrite the layout of weight constants through
 ``meta_schedule.layout_rewrite_preproc`` blocks. The pass marks the layout-free
-parameters first (``AttachAttrLayoutFreeBuffers``) and afterwards splits those blocks out
-(``SplitLayoutRewritePreproc``) and folds them into new constants (``FoldConstant``), so the
-packing costs nothing at run time. Weights passed as function inputs (``num_input``)
+parameters first (``attach_layout_free_buffers``, the contract of Relax
+``AttachAttrLayoutFreeBuffers`` without its renaming) and afterwards splits those blocks
+out (``SplitLayoutRewritePreproc``) and folds them into new constants (numpy, see
+``weight_pack``; ``FoldConstant`` for anything else), so the packing costs nothing at
+run time. Weights passed as function inputs (``num_input``)
 stay packed at run time by a small scheduled kernel.
 
 ``schedule_summary(mod)`` tells, per PrimFunc, who scheduled it: a rule name,
@@ -27,11 +29,13 @@ from tvm import relax, tirx
 from tvm.target import Target
 
 from .cpu_rules import default_rules
+from .weight_pack import fold_weight_prepack
 
 logger = logging.getLogger(__name__)
 
 RULE_ATTR = "onnxforge.schedule_rule"
 SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled")
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
 def is_scheduled(func: tirx.PrimFunc) -> bool:
@@ -82,6 +86,61 @@ def _schedule_module(mod: tvm.IRModule, target: Target, rules) -> tuple[tvm.IRMo
     return mod, packed
 
 
+def _calls_prepack_on_constants(mod: tvm.IRModule) -> bool:
+    """True when a ``*_weight_prepack`` kernel is still applied to a constant."""
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            text = func.script(show_meta=False)
+            for line in text.splitlines():
+                if "_weight_prepack" in line and "metadata[" in line:
+                    return True
+    return False
+
+
+def attach_layout_free_buffers(mod: tvm.IRModule) -> tvm.IRModule:
+    """Mark PrimFunc parameters that always receive weights as ``layout_free_buffers``.
+
+    Same contract as Relax ``AttachAttrLayoutFreeBuffers`` (constants and the parameters
+    after ``num_input`` are weights) but it keeps every function under its name: that
+    pass re-adds the functions and renames them (``f`` -> ``f1``), which breaks the link
+    to names a report or a tuning log already holds. A parameter counts only when it is a
+    weight at every call site. Functions already scheduled are left alone.
+    """
+    sites: dict = {}
+
+    @relax.expr_functor.visitor
+    class _Collect(relax.PyExprVisitor):
+        def __init__(self, weights):
+            super().__init__()
+            self.weights = weights
+
+        def visit_call_(self, call):
+            if call.op.same_as(_CALL_TIR) and isinstance(call.args[0], tvm.ir.GlobalVar):
+                args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []
+                flags = [
+                    isinstance(a, tvm.ir.expr.Constant) or any(a.same_as(w) for w in self.weights)
+                    for a in args
+                ]
+                sites.setdefault(call.args[0].name_hint, []).append(flags)
+            for arg in call.args:
+                self.visit_expr(arg)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            num_input = func.attrs.get("num_input") if func.attrs else None
+            weights = list(func.params[int(num_input) :]) if num_input is not None else []
+            _Collect(weights).visit_expr(func)
+    for gvar, func in list(mod.functions_items()):
+        if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
+            continue
+        calls = sites.get(gvar.name_hint)
+        if not calls or any(len(c) != len(calls[0]) for c in calls):
+            continue
+        free = [i for i in range(len(calls[0])) if all(c[i] for c in calls)]
+        mod[gvar] = func.with_attr("layout_free_buffers", free)
+    return mod
+
+
 def _has_relax_function(mod: tvm.IRModule) -> bool:
     return any(isinstance(f, relax.Function) for _, f in mod.functions_items())
 
@@ -106,11 +165,13 @@ def default_schedule_pass(target: Target) -> tvm.transform.Pass:
     def _pass(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         has_relax = _has_relax_function(mod)
         if has_relax:
-            mod = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
+            mod = attach_layout_free_buffers(mod)
         mod, packed = _schedule_module(mod, target, rules)
         if has_relax and packed:
             mod = relax.transform.SplitLayoutRewritePreproc()(mod)
-            mod = relax.transform.FoldConstant()(mod)
+            mod = fold_weight_prepack(mod)
+            if _calls_prepack_on_constants(mod):
+                mod = relax.transform.FoldConstant()(mod)
             mod = relax.transform.DeadCodeElimination()(mod)
             # packing kernels that could not be folded (weights given as inputs)
             mod, _ = _schedule_module(mod, target, rules)
