@@ -81,7 +81,7 @@ class PruneOptions:
     recover: bool = True
     bn_recalib: bool = True
     calib_batches: int | None = None  # default: the run's calibration batch limit (64)
-    max_rows: int = 4096
+    max_rows: int = 2048
     ridge: float | None = None  # None: chosen per layer by two-fold cross-validation
 
 

@@ -1,0 +1,254 @@
+"""Benchmark the `prune` pass: MACs, parameters, measured ORT speedup and error.
+
+    python tools/bench_pruning.py                         # every zoo model, 30 % and 50 % MACs
+    python tools/bench_pruning.py --models resnet18 mobilenet_v2 --targets 0.5
+    python tools/bench_pruning.py --round-to 1 --threads 1
+
+For each model and MACs target (`prune(macs=T,round_to=R)`, global ranking, L2
+importance, least-squares recovery + BN re-estimation on calibration data) the
+table shows MACs and parameters before -> after (onnxforge.metrics on the written
+graph), the ORT speedup (original vs pruned sessions in this process, same
+threads, spinning off, alternating `benchmark()` rounds, ratio of medians) and the
+task metric on held-out inputs with and without recovery:
+
+- torchvision models (random weights): real photos from scikit-image (when
+  installed; else random-normal images), top-1 agreement and output cosine;
+- ppocr_det: rendered text pages, cosine of the probability map;
+- ppocr_rec: rendered text lines, character error rate vs the original's reading
+  (and cosine); ppocr_cls: agreement with the original's direction;
+- minilm_l6: the 16 real tokenized sentences (8 calibration / 8 held out), cosine
+  of the sentence embeddings; both MACs targets (FFN neurons + attention heads)
+  and FFN-only `ratio=0.3,kinds=linear`;
+- digits: test-set accuracy of the shipped CNN (real labels).
+
+Calibration and evaluation inputs are always disjoint. Data helpers (photos,
+rendered text, sentences) come from tools/bench_quantization.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from onnxforge.backends.ort import OrtArtifact
+from onnxforge.calibration import CalibrationSource
+from onnxforge.ir import load_model
+from onnxforge.metrics import compute_metrics
+from onnxforge.passes.base import PassContext
+from onnxforge.passes.pruning import PrunePass
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import bench_quantization as bq  # shared benchmark data helpers
+
+ZOO = REPO / ".zoo"
+VISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1"]
+MODELS = [*VISION, "ppocr_det", "ppocr_rec", "ppocr_cls", "minilm_l6", "digits"]
+logger = logging.getLogger("bench_pruning")
+
+
+class ListSource(CalibrationSource):
+    """A fixed list of input batches as a calibration source."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]], description: str = "list"):
+        first = batches[0]
+        super().__init__({k: v.shape for k, v in first.items()},
+                         {k: v.dtype for k, v in first.items()})
+        self.items = batches
+        self.description = description
+
+    def batches(self, limit: int | None = None):
+        yield from self.items[: limit or len(self.items)]
+
+
+@dataclass
+class Task:
+    name: str
+    path: Path
+    calib: list[dict[str, np.ndarray]]
+    evaluate: list[dict[str, np.ndarray]]
+    metric: Callable[[list[dict], list[dict]], dict[str, float]]
+    notes: str = ""
+
+
+def _random_images(name: str, count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    shapes = bq.zoo_shapes(name)
+    rng = np.random.default_rng(seed)
+    return [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+            for _ in range(count)]
+
+
+def _vision_metric(ref, cand):
+    agree, cos = [], []
+    for r, c in zip(ref, cand):
+        a, b = next(iter(r.values())), next(iter(c.values()))
+        agree.append(float(a.argmax() == b.argmax()))
+        a, b = a.ravel(), b.ravel()
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
+    return {"top1_agree": float(np.mean(agree)), "cosine": float(np.mean(cos))}
+
+
+def vision_task(name: str) -> Task | None:
+    task = bq.vision_task(name)
+    if task is not None:
+        return Task(name, task.model_path, task.calib[:16], task.evaluate[:12],
+                    _vision_metric, "photos (scikit-image)")
+    path = ZOO / f"{name}.onnx"
+    if not path.exists():
+        return None
+    return Task(name, path, _random_images(name, 16, 1), _random_images(name, 8, 2),
+                _vision_metric, "random-normal images")
+
+
+def ppocr_det_task() -> Task | None:
+    path = ZOO / "ppocr_det.onnx"
+    fonts = bq._fonts()
+    if not path.exists() or not fonts:
+        return None
+    (name, shape), = bq.zoo_shapes("ppocr_det").items()
+    _, _, h, w = shape
+    from PIL import Image, ImageDraw, ImageFont
+
+    lines = bq.text_lines(160, seed=5)
+    rng = np.random.default_rng(5)
+    pages = []
+    for p in range(10):
+        page = Image.new("RGB", (w, h), (255, 255, 255))
+        draw = ImageDraw.Draw(page)
+        for i in range(12):
+            font = ImageFont.truetype(fonts[(p + i) % len(fonts)], int(rng.integers(18, 34)))
+            xy = (int(rng.integers(10, w // 3)), 15 + i * 52)
+            draw.text(xy, lines[p * 12 + i], fill=(0, 0, 0), font=font)
+        arr = (np.asarray(page, dtype=np.float32) / 255.0 - bq.IMAGENET_MEAN) / bq.IMAGENET_STD
+        pages.append({name: arr.transpose(2, 0, 1)[None].astype(np.float32)})
+
+    def metric(ref, cand):
+        cos = []
+        for r, c in zip(ref, cand):
+            a, b = next(iter(r.values())).ravel(), next(iter(c.values())).ravel()
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
+        return {"cosine": float(np.mean(cos))}
+
+    return Task("ppocr_det", path, pages[:6], pages[6:], metric, "rendered text pages")
+
+
+def _from_bq(task) -> Task | None:
+    if task is None:
+        return None
+    return Task(task.name, task.model_path, task.calib, task.evaluate, task.metric, task.notes)
+
+
+def make_task(name: str) -> Task | None:
+    if name in VISION:
+        return vision_task(name)
+    if name == "ppocr_det":
+        return ppocr_det_task()
+    if name == "ppocr_rec":
+        return _from_bq(bq.ppocr_rec_task())
+    if name == "ppocr_cls":
+        return _from_bq(bq.ppocr_cls_task())
+    if name == "minilm_l6":
+        return _from_bq(bq.minilm_task())
+    if name == "digits":
+        return _from_bq(bq.digits_task())
+    raise SystemExit(f"unknown model {name}")
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def speedup(original, pruned, batch: dict[str, np.ndarray], threads: int,
+            rounds: int) -> tuple[float, float]:
+    """Median latencies (ms) of both models, measured in alternating rounds."""
+    a = OrtArtifact(original, threads=threads)
+    b = OrtArtifact(pruned, threads=threads)
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(a.benchmark(batch, warmup=2, repeat=10).median_ms)
+        tb.append(b.benchmark(batch, warmup=2, repeat=10).median_ms)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def run_outputs(model, batches, threads: int) -> list[dict]:
+    art = OrtArtifact(model, threads=threads)
+    return [art.run(b) for b in batches]
+
+
+def prune(task: Task, base, setting: str, recover: bool, round_to: int) -> tuple:
+    options = dict(item.split("=") for item in setting.split(","))
+    typed = {}
+    for key, value in options.items():
+        typed[key] = value if key in ("kinds", "criterion") else float(value)
+    shapes = {k: v.shape for k, v in task.calib[0].items()}
+    context = PassContext(calibration=ListSource(task.calib), input_shapes=shapes)
+    model = load_model(base)
+    p = PrunePass(context=context, recover=recover, round_to=round_to, **typed)
+    start = time.perf_counter()
+    p(model)
+    return model, p.stats, time.perf_counter() - start
+
+
+def fmt_metric(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in values.items() if not k.startswith("acc_ref"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--targets", nargs="*", type=float, default=[0.3, 0.5])
+    parser.add_argument("--round-to", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the no-recovery run (faster)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    console = Console(width=240)
+    table = Table(title=f"prune: ORT {args.threads} threads, round_to={args.round_to}")
+    for col in ("model", "setting", "MACs before→after", "params before→after", "ORT ms",
+                "speedup", "metric (recovered)", "metric (no recovery)", "prune s"):
+        table.add_column(col)
+    for name in args.models:
+        task = make_task(name)
+        if task is None:
+            console.print(f"[yellow]{name}: model or data missing, skipped")
+            continue
+        base = load_model(task.path)
+        shapes = {k: v.shape for k, v in task.calib[0].items()}
+        ref_out = run_outputs(base, task.evaluate, args.threads)
+        settings = [f"macs={t}" for t in args.targets]
+        if name == "minilm_l6":
+            settings.append("ratio=0.3,kinds=linear")
+        for setting in settings:
+            model, stats, secs = prune(task, base, setting, True, args.round_to)
+            metric = task.metric(ref_out, run_outputs(model, task.evaluate, args.threads))
+            plain = "-"
+            if not args.no_baseline:
+                model0, _, _ = prune(task, base, setting, False, args.round_to)
+                plain = fmt_metric(task.metric(ref_out, run_outputs(model0, task.evaluate,
+                                                                      args.threads)))
+            before, after = compute_metrics(base, shapes), compute_metrics(model, shapes)
+            t0, t1 = speedup(base, model, task.evaluate[0], args.threads, args.rounds)
+            macs = (f"{before.macs / 1e6:.1f}M→{after.macs / 1e6:.1f}M "
+                    f"(-{100 * (1 - after.macs / before.macs):.0f}%)")
+            row = (name, setting, macs,
+                   f"{before.params / 1e6:.2f}M→{after.params / 1e6:.2f}M",
+                   f"{t0:.2f}→{t1:.2f}", f"{t0 / t1:.2f}×", fmt_metric(metric), plain,
+                   f"{secs:.0f}")
+            table.add_row(*row)
+            console.print(" | ".join(row), f"| refit {stats.get('refit_layers')} "
+                          f"bn {stats.get('bn_recalibrated')} {stats.get('refused', '')}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
