@@ -172,10 +172,22 @@ class CleanupPass(ForgePass):
         return True
 
     def _onnxsim_shapes(self, model: ir.Model) -> dict[str, list[int]]:
+        """Run input shapes to pin, skipping any that contradict a static model dim."""
         if not self.options.static_shapes:
             return {}
-        names = {v.name for v in model.graph.inputs}
-        return {k: list(v) for k, v in self.context.input_shapes.items() if k in names}
+        shapes = {}
+        for value in model.graph.inputs:
+            given = self.context.input_shapes.get(value.name)
+            if given is None:
+                continue
+            dims = list(value.shape) if value.shape is not None else None
+            if dims is not None and (len(dims) != len(given) or any(
+                    isinstance(d, int) and d != g for d, g in zip(dims, given))):
+                logger.warning("cleanup: input shape %s for %r contradicts the model's %s; "
+                               "not pinned", tuple(given), value.name, value.shape)
+                continue
+            shapes[value.name] = [int(g) for g in given]
+        return shapes
 
 
 # ---------------------------------------------------------------------- helpers

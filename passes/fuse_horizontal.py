@@ -1,4 +1,4 @@
-"""`fuse-horizontal`: merge sibling Conv / MatMul nodes reading the same input.
+"""`fuse-horizontal`: merge sibling Conv / MatMul / Gemm nodes reading the same input.
 
 Rewrite rules (x shared, k >= 2 siblings):
 
@@ -8,6 +8,9 @@ Rewrite rules (x shared, k >= 2 siblings):
   every sibling is followed by its own `Add(Y_i, bias_i)` with a constant bias of
   shape [M_i] (its only consumer), the biases are merged too: `MatMul -> Add(concat(bias_i))
   -> Split` replaces the k Adds as well (Q/K/V projections of a transformer).
+- `Gemm_i(x, B_i, C_i)` (same transB, alpha, beta; transA = 0)  =>  `Gemm(x, concat(B_i),
+  concat(C_i))` + `Split(axis=1)`; B_i is concatenated along its output axis (0 with
+  transB=1, else 1); C_i must be absent (zeros), a scalar or one value per output column.
 
 Preconditions: the siblings read x as their data input (Conv input 0 / MatMul input
 0); weights (and biases) are float constants read by that sibling alone, of the
@@ -31,6 +34,7 @@ from .base import register
 from .fuse_common import (
     RewritePass,
     add_initializer,
+    attr,
     bypass,
     exclusive_const,
     is_op,
@@ -61,6 +65,23 @@ def _matmul_key(mm: ir.Node) -> tuple | None:
     return ("MatMul", w.dtype.str, w.shape[0])
 
 
+def _gemm_key(gemm: ir.Node) -> tuple | None:
+    if int(attr(gemm, "transA", 0)):
+        return None
+    w = exclusive_const(gemm.inputs[1], gemm)
+    if w is None or w.ndim != 2:
+        return None
+    trans_b = int(attr(gemm, "transB", 0))
+    m = w.shape[0] if trans_b else w.shape[1]
+    if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
+        c = exclusive_const(gemm.inputs[2], gemm)
+        if c is None or c.dtype != w.dtype or c.size not in (1, m) or c.ndim > 2:
+            return None
+    k = w.shape[1] if trans_b else w.shape[0]
+    return ("Gemm", w.dtype.str, k, trans_b, float(attr(gemm, "alpha", 1.0)),
+            float(attr(gemm, "beta", 1.0)))
+
+
 def _bias_add(mm: ir.Node, m: int) -> tuple[ir.Node, np.ndarray] | None:
     y = mm.outputs[0]
     add = sole_consumer(y)
@@ -89,6 +110,8 @@ def fuse_siblings(model: ir.Model, x: ir.Value) -> bool:
             key = _conv_key(node)
         elif is_op(node, "MatMul") and node.inputs[1] is not x:
             key = _matmul_key(node)
+        elif is_op(node, "Gemm") and node.inputs[1] is not x:
+            key = _gemm_key(node)
         if key is not None:
             groups[(id(node.graph),) + key].append(node)
     changed = False
@@ -97,6 +120,8 @@ def fuse_siblings(model: ir.Model, x: ir.Value) -> bool:
             continue
         if members[0].op_type == "Conv":
             _merge_convs(model, x, members)
+        elif members[0].op_type == "Gemm":
+            _merge_gemms(model, x, members)
         else:
             _merge_matmuls(model, x, members)
         changed = True
@@ -175,6 +200,32 @@ def _merge_matmuls(model: ir.Model, x: ir.Value, mms: list[ir.Node]) -> None:
             bypass(mm.outputs[0], out)
     remove_nodes(mms)
     logger.debug("fuse-horizontal: merged %d MatMul nodes reading %s", len(mms), x.name)
+
+
+def _merge_gemms(model: ir.Model, x: ir.Value, gemms: list[ir.Node]) -> None:
+    graph = gemms[0].graph
+    assert graph is not None
+    trans_b = int(attr(gemms[0], "transB", 0))
+    weights = [exclusive_const(g.inputs[1], g) for g in gemms]
+    sizes = [int(w.shape[0] if trans_b else w.shape[1]) for w in weights]
+    biases = []
+    for g, w, m in zip(gemms, weights, sizes):
+        if len(g.inputs) > 2 and g.inputs[2] is not None:
+            c = exclusive_const(g.inputs[2], g).reshape(-1)
+            biases.append(np.broadcast_to(c, (m,)))  # a single value applies to every column
+        else:
+            biases.append(np.zeros(m, w.dtype))
+    name = "_".join(g.name or "gemm" for g in gemms[:3]) + "_hfused"
+    w_all = add_initializer(graph, f"{name}_W", np.concatenate(weights, axis=0 if trans_b else 1))
+    c_all = add_initializer(graph, f"{name}_C", np.concatenate(biases).astype(weights[0].dtype))
+    attrs = [ir.Attr(a.name, a.type, a.value) for a in gemms[0].attributes.values()]
+    merged = ir.Node("", "Gemm", [x, w_all, c_all], attributes=attrs, name=name)
+    split = _split_node(model, graph, merged.outputs[0], sizes, 1, f"{name}_split")
+    graph.insert_before(_first_in_graph(graph, gemms), [merged, split])
+    for gemm, out in zip(gemms, split.outputs):
+        bypass(gemm.outputs[0], out)
+    remove_nodes(gemms)
+    logger.debug("fuse-horizontal: merged %d Gemm nodes reading %s", len(gemms), x.name)
 
 
 @register

@@ -82,6 +82,24 @@ def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
     return None
 
 
+def _shape_preserved(x: ir.Value, out: ir.Value, nodes: list[ir.Node]) -> bool:
+    """True when the pattern's output has x's rank, so one op on x can replace it.
+
+    A constant with more dimensions than x (e.g. a [1, 1, 1] "scalar") broadcasts
+    the result to a higher rank, which the fused op would not do. Without known
+    ranks, only 0-d constants are accepted.
+    """
+    rx, ro = rank(x), rank(out)
+    if rx is not None and ro is not None:
+        return rx == ro
+    for node in nodes:
+        for v in node.inputs:
+            arr = const(v) if v is not None and v is not x else None
+            if arr is not None and arr.ndim != 0:
+                return False
+    return True
+
+
 def _uses_only(value: ir.Value, nodes: list[ir.Node]) -> bool:
     if value.is_graph_output():
         return False
@@ -196,6 +214,9 @@ def fuse_layernorm(model: ir.Model, div: ir.Node) -> bool:
     g = _as_vector(gamma, dim) if gamma is not None else np.ones(dim, dtype)
     b = _as_vector(beta, dim) if beta is not None else np.zeros(dim, dtype)
     if g is None or b is None or g.shape != b.shape:
+        return False
+    pattern = [mean_node, sub, sq, var_node, add_eps, sqrt, div, *tail] + ([recip] if recip else [])
+    if not _shape_preserved(x, out, pattern):
         return False
     graph = div.graph
     assert graph is not None
@@ -328,6 +349,8 @@ def fuse_gelu(model: ir.Model, node: ir.Node) -> bool:
     if chain is None:
         return False
     chain_nodes, out = chain
+    if not _shape_preserved(x, out, [*nodes, one, *chain_nodes]):
+        return False
     graph = node.graph
     assert graph is not None
     gelu = ir.node("Gelu", [x], {"approximate": approximate},

@@ -457,11 +457,31 @@ def test_horizontal_qkv(with_bias: bool, out_is_graph_output: bool) -> None:
     assert stats["sibling_groups_fused"] == 1
 
 
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_horizontal_gemms_merged(trans_b: int) -> None:
+    nodes, inits = [], []
+    for i, m in enumerate((3, 5, 4)):
+        inputs = ["x", f"w{i}"] + ([f"c{i}"] if i != 1 else [])  # the middle one has no C
+        nodes.append(helper.make_node("Gemm", inputs, [f"y{i}"], transB=trans_b, alpha=0.5,
+                                      beta=2.0))
+        inits.append(init(f"w{i}", rand(m, 6) if trans_b else rand(6, m)))
+        if i != 1:
+            inits.append(init(f"c{i}", rand(m) if i == 0 else rand(1, 1)))  # vector, scalar
+    # a Gemm with other alpha is not merged with them
+    nodes.append(helper.make_node("Gemm", ["x", "w9"], ["y9"], alpha=2.0))
+    inits.append(init("w9", rand(6, 2)))
+    outs = [vi(f"y{i}", [2, m]) for i, m in enumerate((3, 5, 4))] + [vi("y9", [2, 2])]
+    model, stats = check(make(nodes, [vi("x", [2, 6])], outs, inits), "fuse-horizontal")
+    assert ops(model) == Counter({"Gemm": 2, "Split": 1})
+    assert stats["sibling_groups_fused"] == 1
+
+
 # ------------------------------------------------------------------ patterns
 
 
 def layernorm_model(opset: int = 17, square: str = "Pow", affine: bool = True,
-                    axis: int = -1, d_output: bool = False) -> onnx.ModelProto:
+                    axis: int = -1, d_output: bool = False,
+                    gamma_shape: tuple[int, ...] = (16,)) -> onnx.ModelProto:
     def mean(inp, out):
         if opset >= 18:
             return helper.make_node("ReduceMean", [inp, "axes"], [out], keepdims=1)
@@ -481,8 +501,9 @@ def layernorm_model(opset: int = 17, square: str = "Pow", affine: bool = True,
     if affine:
         nodes += [helper.make_node("Mul", ["n", "gamma"], ["m"]),
                   helper.make_node("Add", ["beta", "m"], ["y"])]
-        inits += [init("gamma", rand(16)), init("beta", rand(1, 1, 16))]
-    outs = [vi("y", [2, 5, 16])] + ([vi("d", [2, 5, 16])] if d_output else [])
+        inits += [init("gamma", rand(*gamma_shape)), init("beta", rand(1, 1, 16))]
+    out_shape = [1] * (len(gamma_shape) - 3) + [2, 5, 16]
+    outs = [vi("y", out_shape)] + ([vi("d", [2, 5, 16])] if d_output else [])
     return make(nodes, [vi("x", [2, 5, 16])], outs, inits, opset)
 
 
@@ -495,7 +516,8 @@ def test_fuse_layernorm(opset: int, square: str, affine: bool) -> None:
     assert stats["layernorm_fused"] == 1
 
 
-@pytest.mark.parametrize("kw", [{"opset": 13}, {"axis": 1}, {"d_output": True}])
+@pytest.mark.parametrize("kw", [{"opset": 13}, {"axis": 1}, {"d_output": True},
+                                {"gamma_shape": (1, 1, 1, 16)}])
 def test_fuse_layernorm_refusals(kw: dict) -> None:
     assert_unchanged(layernorm_model(**kw), "fuse-layernorm")
 
@@ -538,6 +560,14 @@ def test_fuse_gelu(form: str, bracket: str) -> None:
 
 def test_fuse_gelu_refused_below_opset_20() -> None:
     assert_unchanged(gelu_model("erf", 17), "fuse-gelu")
+
+
+def test_fuse_gelu_refused_when_a_constant_raises_the_rank() -> None:
+    proto = gelu_model("erf", 20)
+    half = next(t for t in proto.graph.initializer if t.name == "half")
+    half.CopyFrom(init("half", np.full((1, 1, 1), 0.5, np.float32)))
+    proto.graph.output[0].CopyFrom(vi("y", [1, 3, 7]))
+    assert_unchanged(proto, "fuse-gelu")
 
 
 # ------------------------------------------------------------------ whole pipeline

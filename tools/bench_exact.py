@@ -6,9 +6,11 @@
 
 For every model, the original and each rewritten model get an onnxruntime
 session (`OrtArtifact`: same intra-op thread count, spinning off). Timing is
-interleaved: in each of `--rounds` rounds every session runs `--repeat` timed
-calls after warm-up, so drift on a shared machine hits all variants alike; the
-latency is the median of all samples. Printed per model: node count, latency
+interleaved: in each of `--rounds` rounds every session runs a block of `--repeat`
+timed calls, so load from other processes on a shared machine hits all variants
+alike; the latency is the median of all samples. An A/A control (a second session
+of the unchanged model) shows the noise floor: ratios closer to 1 than the
+control's deviation are not a measured effect. Printed per model: node count, latency
 (ms), ratio to the original (< 1 = faster) and the largest relative L2 error of
 the outputs against the original. `--ort-opt disable` turns onnxruntime's own
 graph optimizations off (what a runtime without them would see).
@@ -86,7 +88,7 @@ def rel_l2(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
 
 
 def bench_model(name: str, entry: dict, pipelines: list[str], threads: int, repeat: int,
-                rounds: int, warmup: int, optimize: bool) -> list[dict]:
+                rounds: int, warmup: int, optimize: bool, control: bool = True) -> list[dict]:
     path = ZOO / entry["file"]
     shapes = {i["name"]: tuple(i["shape"]) for i in entry["inputs"]}
     feeds = model_inputs(name, entry)
@@ -95,13 +97,21 @@ def bench_model(name: str, entry: dict, pipelines: list[str], threads: int, repe
         model = load_model(path)
         model, _ = PassManager(text, PassContext(input_shapes=shapes, threads=threads)).run(model)
         variants.append((text, model))
+    if control:
+        # A/A control: a second session of the unchanged model. Its ratio is the
+        # noise floor of the measurement on this (shared) machine.
+        variants.insert(1, ("original (A/A control)", variants[0][1]))
     arts = [(label, model, OrtArtifact(model, threads=threads, optimize=optimize))
             for label, model in variants]
     outputs = [art.run(feeds) for _, _, art in arts]
+    for _, _, art in arts:
+        art.benchmark(feeds, warmup=warmup, repeat=1)
     samples: dict[str, list[float]] = {label: [] for label, _, _ in arts}
+    # Fine-grained interleaving: blocks of `repeat` calls per session, alternating,
+    # so load from other processes hits every variant alike.
     for _ in range(rounds):
         for label, _, art in arts:
-            samples[label] += art.benchmark(feeds, warmup=warmup, repeat=repeat).samples_ms
+            samples[label] += art.benchmark(feeds, warmup=0, repeat=repeat).samples_ms
     base = statistics.median(samples["original"])
     rows = []
     for (label, model, _), out in zip(arts, outputs):
@@ -128,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--model", action="append", default=[])
     parser.add_argument("-p", "--pipeline", action="append", default=[])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=2, help="calls per block")
+    parser.add_argument("--rounds", type=int, default=30, help="alternating blocks per variant")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the A/A control (second session of the original)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ort-opt", choices=["all", "disable"], default="all")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"benchmarking {name} ...", file=sys.stderr)
         rows += bench_model(name, manifest[name], pipelines, args.threads, args.repeat,
-                            args.rounds, args.warmup, optimize)
+                            args.rounds, args.warmup, optimize, not args.no_control)
     print(format_table(rows, args.threads, optimize))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
