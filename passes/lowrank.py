@@ -329,15 +329,18 @@ class LowRankPass(ForgePass):
         damp = self.options.damp
         white = stats["in"].whitener(centered, damp) if "in" in stats else None
         w = layer.weight
+        # Data-aware: the error that matters is after a following BatchNormalization.
+        scale = layer.out_scale if white is not None else None
         if layer.method == "svd":
             matrix = w if w.ndim == 2 else w[:, :, 0, 0]
-            return svd_factorize(matrix, white, damp)
+            return svd_factorize(matrix, white, damp, scale)
         if layer.method == "tucker2":
             if white is None:
                 return tucker2_factorize(w, damp=damp)
             cov_out = stats["out"].matrix(True) if "out" in stats else None
-            return tucker2_factorize(w, stats["in"].matrix(centered), cov_out, damp, white)
-        return spatial_factorize(w, white, damp)
+            return tucker2_factorize(w, stats["in"].matrix(centered), cov_out, damp, white,
+                                     scale)
+        return spatial_factorize(w, white, damp, scale)
 
     @staticmethod
     def _spectra(layer: Layer, plan: Plan) -> tuple[list[np.ndarray], list[int],

@@ -42,6 +42,9 @@ class Layer:
     x_shape: tuple[int, ...] | None = None
     y_shape: tuple[int, ...] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)  # conv / gemm attributes
+    # Per-output-channel scale of a BatchNormalization reading only this layer's output:
+    # the data-aware objective weights each channel's error by it.
+    out_scale: np.ndarray | None = None
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -98,6 +101,25 @@ def _matmul_bias(node: ir.Node, n_out: int) -> tuple[ir.Node, int, np.ndarray] |
     return add, index, bias.reshape(-1).astype(np.float64)
 
 
+def following_bn_scale(node: ir.Node, n_out: int) -> np.ndarray | None:
+    """|γ| / sqrt(var + ε) of an inference BatchNormalization that alone reads the output."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    bn, index = uses[0]
+    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or index != 0:
+        return None
+    if int(_attr(bn, "training_mode", 0)) != 0 or len(bn.inputs) < 5:
+        return None
+    scale, var = constant_array(bn.inputs[1]), constant_array(bn.inputs[4])
+    if scale is None or var is None or scale.size != n_out or var.size != n_out:
+        return None
+    eps = float(_attr(bn, "epsilon", 1e-5))
+    return np.abs(scale.astype(np.float64).reshape(-1)) / np.sqrt(
+        var.astype(np.float64).reshape(-1) + eps)
+
+
 def inspect_node(node: ir.Node, conv_method: str) -> Layer | str | None:
     """A Layer for a decomposable node, a reason string when refused, None if not a candidate."""
     op = node.op_type
@@ -152,6 +174,7 @@ def inspect_node(node: ir.Node, conv_method: str) -> Layer | str | None:
             layer.bias_kind = "gemm"
             layer.bias = np.broadcast_to(beta * carr.astype(np.float64).reshape(-1),
                                          (n_out,)).copy()
+        layer.out_scale = following_bn_scale(node, n_out)
         return layer
     # Conv
     x, w = node.inputs[0], node.inputs[1]
@@ -196,6 +219,7 @@ def inspect_node(node: ir.Node, conv_method: str) -> Layer | str | None:
         if barr is not None:
             layer.bias_kind = "conv"
             layer.bias = barr.astype(np.float64).reshape(-1)
+    layer.out_scale = following_bn_scale(node, wc.shape[0])
     return layer
 
 

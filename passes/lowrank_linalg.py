@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-DEFAULT_DAMP = 0.01
+DEFAULT_DAMP = 0.1
 
 
 # ---------------------------------------------------------------- statistics
@@ -121,6 +121,7 @@ class LowRankSVD:
     vt: np.ndarray
     l_inv: np.ndarray | None
     shape: tuple[int, int]
+    out_scale_inv: np.ndarray | None = None  # 1 / output-row weights (see svd_factorize)
 
     @property
     def full_rank(self) -> int:
@@ -133,6 +134,8 @@ class LowRankSVD:
         if self.l_inv is not None:
             a = a @ self.l_inv
         b = self.u[:, :rank] * root
+        if self.out_scale_inv is not None:
+            b = b * self.out_scale_inv[:, None]
         return a, b
 
     def reconstruct(self, rank: int) -> np.ndarray:
@@ -141,10 +144,12 @@ class LowRankSVD:
 
 
 def svd_factorize(w: np.ndarray, cov: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
-                  damp: float = DEFAULT_DAMP) -> LowRankSVD:
+                  damp: float = DEFAULT_DAMP, out_scale: np.ndarray | None = None) -> LowRankSVD:
     """Truncatable SVD of `w` (out, in); with `cov` (in, in) the data-aware (whitened) one.
 
-    `cov` may also be a precomputed `(L, L⁻¹)` pair from `whitener`.
+    `cov` may also be a precomputed `(L, L⁻¹)` pair from `whitener`. `out_scale` (out,)
+    weights the error of each output row (e.g. the per-channel scale of a following
+    BatchNormalization): the SVD is of `diag(out_scale)·W·L`, undone on the factors.
     """
     w = np.asarray(w, dtype=np.float64)
     l_inv = None
@@ -152,8 +157,19 @@ def svd_factorize(w: np.ndarray, cov: np.ndarray | tuple[np.ndarray, np.ndarray]
     if cov is not None:
         low, l_inv = cov if isinstance(cov, tuple) else whitener(cov, damp)
         target = w @ low
+    scale_inv = None
+    if out_scale is not None:
+        scale = _safe_scale(out_scale)
+        target = scale[:, None] * target
+        scale_inv = 1.0 / scale
     u, s, vt = np.linalg.svd(target, full_matrices=False)
-    return LowRankSVD(u, s, vt, l_inv, (w.shape[0], w.shape[1]))
+    return LowRankSVD(u, s, vt, l_inv, (w.shape[0], w.shape[1]), scale_inv)
+
+
+def _safe_scale(scale: np.ndarray) -> np.ndarray:
+    scale = np.abs(np.asarray(scale, dtype=np.float64))
+    top = float(scale.max()) if scale.size else 0.0
+    return np.maximum(scale, 1e-4 * top) if top > 0 else np.ones_like(scale)
 
 
 # ---------------------------------------------------------------- convolutions
@@ -173,6 +189,7 @@ class Tucker2:
     in_svd: LowRankSVD
     out_basis: np.ndarray  # (C_out, C_out), columns sorted by decreasing energy
     out_spectrum: np.ndarray  # singular values of the output mode
+    out_scale: np.ndarray | None = None  # output-channel error weights (see tucker2_factorize)
 
     @property
     def full_ranks(self) -> tuple[int, int]:
@@ -188,8 +205,12 @@ class Tucker2:
         a, b = self.in_svd.factors(r_in)  # a (r_in, C_in); b (C_out·kh·kw, r_in)
         g1 = b.reshape(co, kh, kw, r_in).transpose(0, 3, 1, 2)  # (C_out, r_in, kh, kw)
         u = self.out_basis[:, :r_out]
-        core = np.einsum("or,oikl->rikl", u, g1, optimize=True)
-        return a[:, :, None, None], core, u[:, :, None, None].copy()
+        if self.out_scale is None:
+            left, right = u, u
+        else:  # project in the weighted space: Ŵ = S⁻¹ U Uᵀ S W
+            left, right = u / self.out_scale[:, None], u * self.out_scale[:, None]
+        core = np.einsum("or,oikl->rikl", right, g1, optimize=True)
+        return a[:, :, None, None], core, np.ascontiguousarray(left[:, :, None, None])
 
     def reconstruct(self, r_in: int, r_out: int) -> np.ndarray:
         first, core, last = self.factors(r_in, r_out)
@@ -200,17 +221,21 @@ class Tucker2:
 def tucker2_factorize(w: np.ndarray, in_cov: np.ndarray | None = None,
                       out_cov: np.ndarray | None = None,
                       damp: float = DEFAULT_DAMP,
-                      in_whitener: tuple[np.ndarray, np.ndarray] | None = None) -> Tucker2:
+                      in_whitener: tuple[np.ndarray, np.ndarray] | None = None,
+                      out_scale: np.ndarray | None = None) -> Tucker2:
     """Tucker-2 of a conv weight; data-aware when the channel covariances are given.
 
     `in_cov` (C_in × C_in) is the covariance of the conv's input channels, `out_cov`
     (C_out × C_out) that of its output channels (both over all positions and samples);
-    `in_whitener` optionally gives `whitener(in_cov, damp)` precomputed.
+    `in_whitener` optionally gives `whitener(in_cov, damp)` precomputed; `out_scale`
+    (C_out,) weights each output channel's error (a following BatchNormalization).
     """
     w = np.asarray(w, dtype=np.float64)
-    co = w.shape[0]
+    co, _, kh, kw = w.shape
+    scale = _safe_scale(out_scale) if out_scale is not None else None
     in_svd = svd_factorize(tucker_mode1_matrix(w),
-                           in_whitener if in_whitener is not None else in_cov, damp)
+                           in_whitener if in_whitener is not None else in_cov, damp,
+                           None if scale is None else np.repeat(scale, kh * kw))
     w0 = w.reshape(co, -1)
     gram = w0 @ w0.T
     if out_cov is not None:
@@ -218,10 +243,12 @@ def tucker2_factorize(w: np.ndarray, in_cov: np.ndarray | None = None,
         # W (Σ_col + δ I) Wᵀ = Σ_out + δ W Wᵀ, δ = damp · mean input variance.
         delta = damp * float(np.trace(in_cov)) / in_cov.shape[0] if in_cov is not None else 0.0
         gram = (out_cov + out_cov.T) / 2 + delta * gram
+    if scale is not None:
+        gram = scale[:, None] * gram * scale[None, :]
     lam, q = np.linalg.eigh(gram)
     order = np.argsort(lam)[::-1]
     lam, q = np.clip(lam[order], 0.0, None), q[:, order]
-    return Tucker2(w, in_svd, q, np.sqrt(lam))
+    return Tucker2(w, in_svd, q, np.sqrt(lam), scale)
 
 
 def spatial_matrix(w: np.ndarray) -> np.ndarray:
@@ -257,10 +284,12 @@ class SpatialSVD:
 
 def spatial_factorize(w: np.ndarray,
                       patch_cov: np.ndarray | tuple[np.ndarray, np.ndarray] | None = None,
-                      damp: float = DEFAULT_DAMP) -> SpatialSVD:
+                      damp: float = DEFAULT_DAMP, out_scale: np.ndarray | None = None
+                      ) -> SpatialSVD:
     """Spatial SVD; `patch_cov` is the covariance of vertical input patches ordered (c, y)."""
     w = np.asarray(w, dtype=np.float64)
-    return SpatialSVD(w, svd_factorize(spatial_matrix(w), patch_cov, damp))
+    rows = None if out_scale is None else np.repeat(np.asarray(out_scale), w.shape[3])
+    return SpatialSVD(w, svd_factorize(spatial_matrix(w), patch_cov, damp, rows))
 
 
 def vertical_patches(x: np.ndarray, kh: int, stride: int, dilation: int,

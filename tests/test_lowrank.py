@@ -10,11 +10,16 @@ vs weight-only) and, when the zoo is built, resnet18 / MiniLM / PP-OCR rec.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
 from conftest import DATA, zoo_input_shapes, zoo_path
 from onnx import TensorProto, helper, numpy_helper
+from onnxforge.activations import iter_activations
 from onnxforge.backends.ort import OrtArtifact
 from onnxforge.calibration import open_calibration
 from onnxforge.errors import PipelineError
@@ -315,38 +320,96 @@ def _logits(model, x):
     return OrtArtifact(model).run({"input": x})["logits"]
 
 
-def test_digits_data_aware_not_worse_and_accuracy(digits_model):
-    """2× and 4× fewer params in the decomposed layers: accuracy and output error, both modes.
+def _digits_run(model, pipeline):
+    calib = dict(np.load(DATA / "digits_calib.npz"))
+    shapes = {"input": (40, 1, 8, 8)}
+    source = open_calibration({"input": calib["input"]}, model, shapes)
+    ctx = PassContext(calibration=source, input_shapes=shapes)
+    p = Pipeline.parse(pipeline, ctx).passes[0]
+    out, _ = PassManager([p], ctx).run(load_model(model))
+    return out, p
 
-    Data-aware (calibration split) must not be worse than weight-only on the test split.
+
+# What each digits layer's data-aware objective measures: the output after its BatchNorm.
+DIGITS_LAYER_OUTPUTS = {"/0/0.0/Conv": "/0/0.1/BatchNormalization_output_0",
+                        "/1/1.0/Conv": "/1/1.1/BatchNormalization_output_0",
+                        "/3/3.0/Conv": "/3/3.1/BatchNormalization_output_0",
+                        "/6/Gemm": "/6/Gemm_output_0", "/8/Gemm": "logits"}
+
+
+def test_digits_data_aware_not_worse_and_accuracy(digits_model):
+    """2× and 4× fewer params in the decomposable layers (`params=0.5/0.75`), both modes.
+
+    Calibration split in, labelled test split out. With ranks chosen per mode,
+    data-aware must not be worse end to end, and 2× keeps the accuracy. At the
+    weight-only ranks, the data-aware factors must give a smaller error at the outputs
+    of the decomposed layers (what they minimise) on the test split.
     """
     model = load_model(digits_model)
-    calib = dict(np.load(DATA / "digits_calib.npz"))
     test = dict(np.load(DATA / "digits_test.npz"))
-    shapes = {"input": (40, 1, 8, 8)}
     ref = _logits(model, test["input"])
     ref_acc = float(np.mean(ref.argmax(1) == test["labels"]))
+
+    def score(out):
+        got = _logits(out, test["input"])
+        return (float(np.mean(got.argmax(1) == test["labels"])),
+                float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
+
+    def layer_errors(out, keys):
+        names = [DIGITS_LAYER_OUTPUTS[k] for k in keys]
+        want = next(iter_activations(model, names, [{"input": test["input"]}]))
+        got = next(iter_activations(out, names, [{"input": test["input"]}]))
+        return np.array([np.linalg.norm(got[n] - want[n]) / np.linalg.norm(want[n])
+                         for n in names])
+
     results = {}
     for budget in (0.5, 0.75):
         for aware in (False, True):
-            source = open_calibration({"input": calib["input"]}, model, shapes)
-            ctx = PassContext(calibration=source, input_shapes=shapes)
-            pipe = f"lowrank(params={budget},round_to=1,guard=false,data_aware={aware})"
-            out, steps = PassManager(pipe, ctx).run(load_model(model))
-            stats = steps[0].stats
-            reduction = stats["params_before"] / stats["params_after"]
-            assert reduction >= 1 / (1 - budget) - 1e-6
-            got = _logits(out, test["input"])
-            results[budget, aware] = (
-                float(np.mean(got.argmax(1) == test["labels"])),
-                float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
+            out, p = _digits_run(model, f"lowrank(params={budget},round_to=1,guard=false,"
+                                        f"data_aware={aware})")
+            assert p.stats["budget_removed"] >= budget
+            assert p.stats["params_before"] / p.stats["params_after"] >= 1 / (1 - budget)
+            results[budget, aware] = score(out)
+            if not aware:  # the same ranks, data-aware factors
+                ranks = {k: tuple(v["rank"]) for k, v in p.stats["layers"].items()}
+                out_eq, p_eq = _digits_run_with_ranks(model, ranks)
+                assert {k: v["rank"] for k, v in p_eq.stats["layers"].items()} == {
+                    k: list(r) for k, r in ranks.items()}
+                assert np.all(layer_errors(out_eq, ranks) < layer_errors(out, ranks))
     for budget in (0.5, 0.75):
         acc_w, err_w = results[budget, False]
         acc_d, err_d = results[budget, True]
         assert err_d <= err_w
-        assert acc_d >= acc_w - 0.01
-    assert results[0.5, True][0] >= ref_acc - 0.05
-    assert results[0.75, True][0] > 0.5  # far above chance (0.1) at 4×
+        assert acc_d >= acc_w
+    assert results[0.5, True][0] >= ref_acc - 0.01
+    assert results[0.75, True][0] > 0.5  # 5× chance; weight-only falls further
+
+
+def _digits_run_with_ranks(model, ranks):
+    calib = dict(np.load(DATA / "digits_calib.npz"))
+    shapes = {"input": (40, 1, 8, 8)}
+    source = open_calibration({"input": calib["input"]}, model, shapes)
+    ctx = PassContext(calibration=source, input_shapes=shapes)
+    p = Pipeline.parse("lowrank(rank=full,round_to=1,guard=false,data_aware=true)", ctx).passes[0]
+    p.rank_overrides = ranks
+    out, _ = PassManager([p], ctx).run(load_model(model))
+    return out, p
+
+
+def test_cli_optimize_digits_with_lowrank(tmp_path):
+    out, report = tmp_path / "digits_lr.onnx", tmp_path / "r.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxforge.cli", "optimize", "--example", "-o", str(out),
+         "-p", "lowrank(params=0.5,round_to=1,guard=false)", "--report", str(report),
+         "--no-latency", "--force"], capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    step = data["steps"][-1]
+    assert step["pass"].startswith("lowrank") and step["stats"]["decomposed"] >= 1
+    assert step["stats"]["data_aware"] is True  # --example brings calibration data
+    assert data["error"]["candidate_accuracy"] >= data["error"]["reference_accuracy"] - 0.05
+    assert compute_metrics(load_model(out)).params < compute_metrics(
+        load_model(DATA / "digits_cnn.onnx")).params
 
 
 # ---------------------------------------------------------------- zoo models
@@ -358,26 +421,43 @@ def _zoo_run(name, pipeline, calib="random:2"):
     model = load_model(path)
     source = open_calibration(calib, model, shapes)
     ctx = PassContext(calibration=source, input_shapes=shapes)
-    reference = load_model(model)
     out, steps = PassManager(pipeline, ctx, verify_source=source, verify_batches=2).run(model)
     onnx.checker.check_model(to_proto(out))
-    return reference, out, steps[0]
+    return steps[0]
 
 
-@pytest.mark.parametrize("pipeline", ["lowrank(energy=0.95,guard=false)",
-                                      "lowrank(macs=0.5,guard=false)"])
-def test_resnet18(pipeline):
-    _, _, step = _zoo_run("resnet18", pipeline, calib="random:1")
-    assert step.error is not None and np.isfinite(step.error.max_rel_l2)
-    if "macs" in pipeline:
-        assert step.stats["budget_removed"] >= 0.5
-        assert step.after["macs"] < step.before["macs"]
+def test_resnet18_macs_budget():
+    step = _zoo_run("resnet18", "lowrank(macs=0.5,guard=false,calib_batches=1)",
+                         calib="random:1")
+    assert step.stats["budget_removed"] >= 0.5
+    assert step.after["macs"] < step.before["macs"]
+    decomposed = step.stats["macs_before"] - step.stats["macs_after"]
+    assert step.before["macs"] - step.after["macs"] == decomposed
+    assert np.isfinite(step.error.max_rel_l2) and step.error.min_cosine > 0
 
 
-def test_minilm_all_matmuls_data_aware():
+def test_ppocr_rec_energy_constant_node_weights():
+    """PP-OCRv4 rec keeps its weights in Constant nodes; depthwise convs are refused."""
+    step = _zoo_run("ppocr_rec", "lowrank(energy=0.95,guard=false,calib_batches=2)")
+    stats = step.stats
+    assert stats["decomposed"] >= 10
+    assert any("grouped conv" in r for r in stats["skipped"].values())
+    assert step.after["params"] < step.before["params"]
+    assert step.error.min_cosine > 0.5
+
+
+def test_minilm_all_weight_matmuls():
     path = zoo_path("minilm_l6")
     data = dict(np.load(path.with_name("minilm_l6.inputs.npz")))
-    _, _, step = _zoo_run("minilm_l6", "lowrank(rank=0.25,ops=matmul,guard=false)",
-                              calib=data)
-    assert step.stats["decomposed"] >= 36
-    assert step.error.min_cosine > 0.5
+    step = _zoo_run("minilm_l6",
+                         "lowrank(rank=0.5,ops=matmul,guard=false,margin=-1,data_aware=false)",
+                         calib={k: data[k] for k in ("input_ids", "attention_mask",
+                                                     "token_type_ids")})
+    model = load_model(path)
+    weight_matmuls = [n.name for n in model.graph if n.op_type == "MatMul"
+                      and n.inputs[1].const_value is not None]
+    assert len(weight_matmuls) == 36  # 6 layers × (Q, K, V, O, FFN in, FFN out)
+    assert sorted(step.stats["layers"]) == sorted(weight_matmuls)
+    assert all("no constant weight" in step.stats["skipped"][n.name] for n in model.graph
+               if n.op_type == "MatMul" and n.name not in weight_matmuls)
+    assert np.isfinite(step.error.max_rel_l2)
