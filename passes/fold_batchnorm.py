@@ -37,8 +37,10 @@ from .fuse_common import (
     exclusive_const,
     float_const,
     is_op,
+    output_channels,
     rank,
     remove_nodes,
+    scale_output_channels,
     set_attr,
     set_weight,
     sole_consumer,
@@ -104,18 +106,10 @@ def _fold_conv(conv: ir.Node, s: np.ndarray, t: np.ndarray) -> bool:
     if has_bias and b is None:
         return False
     group = int(attr(conv, "group", 1))
-    if conv.op_type == "Conv":
-        m = w.shape[0]
-        if m != s.size:
-            return False
-        w_new = w * s.reshape((m,) + (1,) * (w.ndim - 1))
-    else:
-        c, mg = w.shape[0], w.shape[1]
-        if c % group or mg * group != s.size:
-            return False
-        shaped = w.reshape((group, c // group, mg) + w.shape[2:])
-        w_new = (shaped * s.reshape((group, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape)
-        m = s.size
+    m = output_channels(conv.op_type, w, group)
+    if m is None or m != s.size:
+        return False
+    w_new = scale_output_channels(conv.op_type, w, s, group)
     b_old = b.astype(np.float64).reshape(-1) if b is not None else np.zeros(m)
     if b_old.size != m:
         return False

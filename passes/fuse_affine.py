@@ -4,6 +4,8 @@
 
 - `Conv(x, W, b) -> Mul(Y, c)`  =>  `Conv(x, W * c_o, b * c_o)`
 - `Conv(x, W, b) -> Add(Y, c)`  =>  `Conv(x, W, b + c_o)`  (a missing b counts as 0)
+- the same for `ConvTranspose` (W is [C, M/g, k...]; output channel o of group g is
+  scaled in W[g*C/g:(g+1)*C/g, o - g*M/g]), e.g. PP-OCR's ConvTranspose -> Add(bias) -> BN.
 - `Sub(Y, c)` is `Add(Y, -c)`; `Div(Y, c)` is `Mul(Y, 1/c)`.
 - `Gemm(A, B, C)`: Mul scales B's output columns and C (beta folded in); Add adds to C.
 - `MatMul(A, W)` (2-D W) `-> Mul(Y, c)` with c constant over all but the last axis:
@@ -40,8 +42,10 @@ from .fuse_common import (
     exclusive_const,
     float_const,
     is_op,
+    output_channels,
     rank,
     remove_nodes,
+    scale_output_channels,
     set_attr,
     set_weight,
     sole_consumer,
@@ -100,13 +104,13 @@ def fold_affine(model: ir.Model, op: ir.Node) -> bool:
         producer = y.producer() if y is not None else None
         if producer is None or sole_consumer(y) is not op:
             continue
-        if not is_op(producer, "Conv", "Gemm", "MatMul"):
+        if not is_op(producer, "Conv", "ConvTranspose", "Gemm", "MatMul"):
             continue
         spec = _affine_operand(op, y)
         if spec is None:
             return False
         kind, c = spec
-        if producer.op_type == "Conv":
+        if producer.op_type in ("Conv", "ConvTranspose"):
             done = _into_conv(producer, kind, c)
         elif producer.op_type == "Gemm":
             done = _into_gemm(producer, kind, c)
@@ -124,7 +128,10 @@ def _into_conv(conv: ir.Node, kind: str, c: np.ndarray) -> bool:
     w = exclusive_const(conv.inputs[1] if len(conv.inputs) > 1 else None, conv)
     if w is None or w.ndim < 3 or c.dtype != w.dtype:
         return False
-    m = w.shape[0]
+    group = int(attr(conv, "group", 1))
+    m = output_channels(conv.op_type, w, group)
+    if m is None:
+        return False
     vec = _per_channel(c, w.ndim, 1, m)
     if vec is None:
         return False
@@ -134,7 +141,7 @@ def _into_conv(conv: ir.Node, kind: str, c: np.ndarray) -> bool:
         return False
     b64 = b.astype(np.float64).reshape(-1) if b is not None else np.zeros(m)
     if kind == "mul":
-        set_weight(conv, 1, (w * vec.reshape((m,) + (1,) * (w.ndim - 1))).astype(w.dtype),
+        set_weight(conv, 1, scale_output_channels(conv.op_type, w, vec, group).astype(w.dtype),
                    "scaled")
         if b is not None:
             set_weight(conv, 2, (b64 * vec).astype(w.dtype), "scaled")

@@ -99,6 +99,26 @@ def set_weight(node: ir.Node, index: int, array: np.ndarray, name: str) -> ir.Va
     return value
 
 
+def output_channels(op_type: str, w: np.ndarray, group: int) -> int | None:
+    """Number of output channels of a Conv / ConvTranspose with weight `w`."""
+    if op_type == "Conv":
+        return int(w.shape[0])
+    if w.shape[0] % group:
+        return None
+    return int(w.shape[1]) * group
+
+
+def scale_output_channels(op_type: str, w: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
+    """`w` with output channel o multiplied by s[o] (Conv: axis 0; ConvTranspose:
+    W is [C, M/g, k...] and output channel o = (c // (C/g)) * (M/g) + j)."""
+    s = np.asarray(s, np.float64)
+    if op_type == "Conv":
+        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+    c, mg = w.shape[0], w.shape[1]
+    shaped = w.reshape((group, c // group, mg) + w.shape[2:])
+    return (shaped * s.reshape((group, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape)
+
+
 def rank(value: ir.Value | None) -> int | None:
     if value is None or value.shape is None:
         return None

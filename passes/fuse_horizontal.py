@@ -233,7 +233,7 @@ class FuseHorizontalPass(RewritePass):
     """Merge sibling Conv/MatMul nodes with constant weights reading the same input."""
 
     name = "fuse-horizontal"
-    summary = "merge sibling Conv/MatMul (e.g. Q/K/V projections) into one wider op + Split"
+    summary = "merge sibling Conv/MatMul/Gemm (e.g. Q/K/V projections) into one wider op + Split"
     exact = True
     stat = "sibling_groups_fused"
 

@@ -7,7 +7,7 @@ the rewrite rules and preconditions):
 2. `fold-bn`                          (fold_batchnorm.py) BatchNormalization -> weights/bias
 3. `fuse-pad`                         (fuse_pad.py)       zero Pad -> Conv pads
 4. `fold-affine`                      (fuse_affine.py)    Mul/Add/Sub/Div by constants -> weights
-5. `fuse-horizontal`                  (fuse_horizontal.py) sibling Conv/MatMul -> one op + Split
+5. `fuse-horizontal`                  (fuse_horizontal.py) sibling Conv/MatMul/Gemm -> one op + Split
 6. `fuse-matmul-add`                  (fuse_affine.py)    2-D MatMul + Add -> Gemm
 7. `fuse-transpose`, `fuse-reshape`   (fuse_layout.py)    layout op pairs cancelled / merged
 

@@ -134,6 +134,21 @@ def test_fold_bn_into_conv_transpose(group: int, bias: bool) -> None:
     assert stats["bn_folded"] == 1
 
 
+def test_conv_transpose_add_mul_bn_folded_by_fuse() -> None:
+    """ConvTranspose(group 2) -> Add(bias) -> Mul -> BN, as in PP-OCR's detection head."""
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["c"], group=2, strides=[2, 2],
+                              kernel_shape=[2, 2]),
+             helper.make_node("Add", ["c", "b"], ["a"]),
+             helper.make_node("Mul", ["a", "k"], ["m"]),
+             bn("m", "y", "bn")]
+    inits = [init("w", rand(4, 3, 2, 2)), init("b", rand(1, 6, 1, 1)), init("k", rand(6, 1, 1))]
+    inits += bn_inits("bn", 6)
+    proto = make(nodes, [vi("x", [1, 4, 5, 5])], [vi("y", [1, 6, 10, 10])], inits)
+    model, stats = check(proto, "fuse")
+    assert ops(model) == Counter({"ConvTranspose": 1})
+    assert (stats["affine_folded"], stats["bn_folded"]) == (2, 1)
+
+
 @pytest.mark.parametrize("trans_b, c_shape, beta", [
     (1, (5,), 1.0), (0, (1, 5), 0.5), (1, None, 1.0), (0, (3, 5), 2.0),
 ])
