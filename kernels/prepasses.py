@@ -16,6 +16,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .fast_math import fast_math_prepass
+
 
 def relax_prepasses(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """Passes to run on the imported Relax module before LegalizeOps.
@@ -24,8 +26,11 @@ def relax_prepasses(target: tvm.target.Target) -> list[tvm.transform.Pass]:
        conv2d with scaled weights plus a bias add.
     2. ``DecomposeOpsForInference``: any remaining batch_norm becomes elementwise math
        that fuses into its producer.
+    3. ``fast_math_prepass``: float32 exp/sigmoid/erf/tanh/softmax -> TOPI's vectorizable
+       forms (within a few ulp; LLVM's exp is a scalar libm call per lane).
     """
     return [
         relax.transform.FoldBatchnormToConv2D(),
         relax.transform.DecomposeOpsForInference(),
+        fast_math_prepass,
     ]
