@@ -351,15 +351,22 @@ def canonical_json(target: Any) -> str:
     exported = target.export()
 
     def _plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): _plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [_plain(v) for v in value]
         if isinstance(value, (str, int, float, bool)) or value is None:
             return value
+        if hasattr(value, "items"):  # dict or TVM Map
+            return {str(k): _plain(v) for k, v in value.items()}
+        if hasattr(value, "__iter__"):  # list, tuple or TVM Array
+            return [_plain(v) for v in value]
+        if hasattr(value, "export"):  # a nested Target (e.g. "host")
+            return _plain(value.export())
         return str(value)
 
     return json.dumps(_plain(exported), sort_keys=True)
+
+
+def plain_target_dict(target: Any) -> dict[str, Any]:
+    """`target.export()` as plain JSON types (TVM arrays become lists)."""
+    return json.loads(canonical_json(target))
 
 
 def target_key(target: Any) -> str:

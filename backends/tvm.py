@@ -51,6 +51,7 @@ from .base import Timing, time_callable
 from .targets import (
     UnknownTargetError,
     physical_cores,
+    plain_target_dict,
     preset_name,
     resolve_target,
     runs_on_this_machine,
@@ -447,7 +448,7 @@ def compile_model(
     mod = prepared.mod
     report: dict[str, Any] = {
         "target": preset_name(requested) if isinstance(requested, str) else None,
-        "target_json": target.export(),
+        "target_json": plain_target_dict(target),
         "target_key": target_key(target),
         "model": prepared.label,
         "inputs": {s.name: {"shape": list(s.shape), "dtype": s.dtype} for s in prepared.inputs},
