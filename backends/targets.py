@@ -179,7 +179,7 @@ def _cuda_default() -> dict[str, Any]:
             arch = "sm_" + str(dev.compute_version).replace(".", "")
     except Exception:  # noqa: BLE001 - no CUDA runtime: keep the documented default
         pass
-    return {"kind": "cuda", "arch": arch, "host": _host_llvm()}
+    return _cuda(arch)()
 
 
 def _vulkan_unavailable() -> str | None:

@@ -49,7 +49,6 @@ import onnx
 from ..errors import BackendError, InputSpecError, ModelLoadError, UnsupportedOpError
 from .base import Timing, time_callable
 from .targets import (
-    UnknownTargetError,
     physical_cores,
     plain_target_dict,
     preset_name,
@@ -422,6 +421,7 @@ def compile_model(
     tuning_db: str | os.PathLike | None = None,
     default_schedules: bool = True,
     opt_level: int = 3,
+    threads: int | None = None,
 ) -> TVMArtifact:
     """Compile an ONNX model for `target` (preset name, JSON dict string or Target).
 
@@ -434,20 +434,18 @@ def compile_model(
         default_schedules: schedule what the database does not cover with onnxforge's
             default CPU rules (CPU) or dlight (GPU). GPU code always needs them.
         opt_level: TVM PassContext opt_level for the lowering.
+        threads: default TVM thread count for `run` / `benchmark` (None: all cores).
     """
     import tvm
     from tvm import relax
 
     started = time.perf_counter()
-    try:
-        target = resolve_target(target)
-    except UnknownTargetError:
-        raise
     requested = target
+    target = resolve_target(target)
     prepared = prepare_module(model, target, input_shapes=input_shapes)
     mod = prepared.mod
     report: dict[str, Any] = {
-        "target": preset_name(requested) if isinstance(requested, str) else None,
+        "target": preset_name(requested) or target_key(target),
         "target_json": plain_target_dict(target),
         "target_key": target_key(target),
         "model": prepared.label,
@@ -550,7 +548,8 @@ def compile_model(
     report["compile_seconds"] = round(seconds["total"], 3)
     report["pipeline"] = pipeline
     report["pipeline_text"] = " | ".join(f"{k}: {','.join(v)}" for k, v in pipeline.items())
-    return TVMArtifact(executable, target, prepared.inputs, prepared.output_names, report)
+    return TVMArtifact(executable, target, prepared.inputs, prepared.output_names, report,
+                       threads=threads)
 
 
 class TVMBackend:
@@ -595,11 +594,23 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, path: Path, mode: int) -> None:
+    """Give the temp file normal permissions (mkstemp makes 0600), then rename it."""
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, path)
+
+
 def _write_text_atomic(path: Path, text: str) -> Path:
     tmp = _atomic_target(path)
     try:
         tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        _publish(tmp, path, 0o666)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -637,8 +648,9 @@ class TVMArtifact:
     backend = "tvm"
 
     def __init__(self, executable, target, inputs: list[InputSpec], output_names: list[str],
-                 report: dict[str, Any]):
+                 report: dict[str, Any], *, threads: int | None = None):
         self.executable = executable
+        self.threads = threads
         self.target = target
         self.inputs = inputs
         self.input_names = [s.name for s in inputs]
@@ -724,7 +736,7 @@ class TVMArtifact:
                 and not runs_on_this_machine(self.target)):
             return run_under_qemu(self, inputs)
         vm = self._get_vm()
-        _set_threads(threads)
+        _set_threads(threads or self.threads)
         args = self._arguments(inputs)
         try:
             result = vm["main"](*args)
@@ -736,7 +748,7 @@ class TVMArtifact:
                   threads: int | None = None) -> Timing:
         """Median latency of `main` (threads: TVM thread-pool size, default all cores)."""
         vm = self._get_vm()
-        _set_threads(threads)
+        self.report["bench_threads"] = _set_threads(threads or self.threads)
         args = self._arguments(inputs)
         main = vm["main"]
         device = self._device
@@ -780,7 +792,7 @@ class TVMArtifact:
         tmp = _atomic_target(path)
         try:
             self.executable.export_library(str(tmp), **options)
-            os.replace(tmp, path)
+            _publish(tmp, path, 0o777 if path.suffix == ".so" else 0o666)
         except Exception as exc:  # noqa: BLE001
             raise BackendError(f"exporting {path} failed: {exc}") from exc
         finally:
@@ -810,6 +822,67 @@ class TVMArtifact:
         return (f"TVMArtifact(target={self.report.get('target') or self.report['target_key']}, "
                 f"primfuncs={self.report['num_primfuncs']}, "
                 f"compile={self.report['compile_seconds']}s)")
+
+
+# ---------------------------------------------------------------------------------------
+# Verification against onnxruntime
+# ---------------------------------------------------------------------------------------
+
+def random_inputs(specs: Sequence[InputSpec], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs: floats ~ N(0, 1), ints in [0, 100), bools 0/1; masks are all ones."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in specs:
+        dtype = np.dtype(spec.dtype)
+        if np.issubdtype(dtype, np.floating):
+            inputs[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
+        elif dtype == np.bool_:
+            inputs[spec.name] = rng.integers(0, 2, spec.shape).astype(dtype)
+        elif "mask" in spec.name.lower():
+            inputs[spec.name] = np.ones(spec.shape, dtype=dtype)
+        else:
+            inputs[spec.name] = rng.integers(0, 100, spec.shape).astype(dtype)
+    return inputs
+
+
+@dataclass
+class OutputError:
+    name: str
+    max_abs: float
+    rel: float  # max |tvm - ort| / max |ort|
+    shape: tuple[int, ...]
+
+    def within(self, rtol: float) -> bool:
+        return bool(self.rel <= rtol)
+
+
+def compare_to_ort(artifact: TVMArtifact, model: Any, inputs: Mapping[str, np.ndarray], *,
+                   threads: int | None = None) -> list[OutputError]:
+    """Run the artifact and onnxruntime on the same inputs; errors per output."""
+    import onnxruntime as ort
+
+    from .ort import session_options
+
+    proto, _ = load_onnx(model)
+    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    feed = {i.name: np.asarray(inputs[i.name]) for i in session.get_inputs()}
+    reference = dict(zip(names, session.run(names, feed)))
+    got = artifact.run(inputs)
+    errors = []
+    for name, ref in reference.items():
+        if name not in got:
+            raise BackendError(f"TVM output {name!r} missing (got {sorted(got)})")
+        out = got[name]
+        if out.shape != ref.shape:
+            raise BackendError(f"output {name!r}: TVM shape {out.shape} != ORT shape {ref.shape}")
+        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(ref.astype(np.float64)).max()) if ref.size else 0.0
+        rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        errors.append(OutputError(name, max_abs, rel, tuple(ref.shape)))
+    return errors
 
 
 # ---------------------------------------------------------------------------------------
@@ -916,7 +989,7 @@ def build_aarch64_runner(libdir: Path | None = None) -> Path:
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise BackendError(f"building the AArch64 runner failed:\n{result.stderr[-2000:]}")
-    os.replace(tmp, binary)
+    _publish(tmp, binary, 0o777)
     return binary
 
 
