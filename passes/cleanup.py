@@ -172,7 +172,8 @@ class CleanupPass(ForgePass):
         return True
 
     def _onnxsim_shapes(self, model: ir.Model) -> dict[str, list[int]]:
-        """Run input shapes to pin, skipping any that contradict a static model dim."""
+        """Run input shapes to pin, skipping any that contradict a static model dim
+        (dims <= 0, as some exporters write for dynamic axes, count as dynamic)."""
         if not self.options.static_shapes:
             return {}
         shapes = {}
@@ -182,7 +183,7 @@ class CleanupPass(ForgePass):
                 continue
             dims = list(value.shape) if value.shape is not None else None
             if dims is not None and (len(dims) != len(given) or any(
-                    isinstance(d, int) and d != g for d, g in zip(dims, given))):
+                    isinstance(d, int) and d > 0 and d != g for d, g in zip(dims, given))):
                 logger.warning("cleanup: input shape %s for %r contradicts the model's %s; "
                                "not pinned", tuple(given), value.name, value.shape)
                 continue
