@@ -19,6 +19,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from ..ir import add_initializer, constant_array
 
@@ -370,48 +371,73 @@ def _folded_constant(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def fold_conv_bias_add(model: ir.Model) -> int:
-    """Conv(x, W[, b]) -> Add(c) with c a per-channel constant ([1, C, 1, 1] / [C, 1, 1],
-    possibly behind a Reshape of a constant, as Paddle exports) ==> Conv(x, W, b + c).
+def _per_channel(c: np.ndarray, cout: int, rank: int) -> np.ndarray | None:
+    """A constant broadcastable per output channel of an NC... conv output, as [cout]."""
+    if c.dtype != np.float32:
+        return None
+    if c.size == 1:
+        return np.full(cout, float(c.reshape(())), dtype=np.float32)
+    if c.size != cout or c.ndim > rank or c.ndim < rank - 1 or c.shape[-(rank - 1)] != cout:
+        return None
+    return c.reshape(-1).astype(np.float32)
 
-    Exact. Precondition: the conv output feeds only the Add.
+
+def fold_conv_bias_add(model: ir.Model) -> int:
+    """Fold constant affine ops after a Conv into its weights and bias.
+
+      Conv(x, W, b) -> Add(c)  ==> Conv(x, W, b + c)
+      Conv(x, W, b) -> Mul(a)  ==> Conv(x, W * a, b * a)
+    with c / a scalars or per-output-channel constants ([1, C, 1, 1], [C, 1, 1]),
+    possibly behind a Reshape of a constant (Paddle's conv bias, PP-LCNet's learnable
+    affine blocks). Exact. Precondition: the conv output feeds only that op.
+    Repeats until nothing changes (Conv -> Mul -> Add folds both).
     """
     graph = model.graph
     count = 0
-    for add in list(graph):
-        if add.op_type != "Add" or len(add.inputs) != 2:
-            continue
-        for i in (0, 1):
-            y, other = add.inputs[i], add.inputs[1 - i]
-            conv = y.producer() if y is not None else None
-            if conv is None or conv.op_type != "Conv" or only_consumer(y) is not add:
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph):
+            if node.op_type not in ("Add", "Mul") or len(node.inputs) != 2 or node.graph is None:
                 continue
-            w = constant_array(conv.inputs[1])
-            c = _folded_constant(other)
-            if w is None or c is None or c.dtype != np.float32:
-                continue
-            cout = w.shape[0]
-            rank = w.ndim
-            if c.size != cout or c.ndim > rank or (c.ndim >= rank - 1 and c.shape[-(rank - 1)] != cout):
-                continue
-            if c.ndim < rank - 1 and c.size != 1:
-                continue
-            has_b = len(conv.inputs) > 2 and conv.inputs[2] is not None
-            b = constant_array(conv.inputs[2]) if has_b else np.zeros(cout, dtype=np.float32)
-            if b is None:
-                continue
-            new_b = add_initializer(graph, f"{conv.name}_bias_folded", (b + c.reshape(-1)).astype(np.float32))
-            if len(conv.inputs) < 3:
-                conv.resize_inputs(3)
-            conv.replace_input_with(2, new_b)
-            z = add.outputs[0]
-            name = z.name
-            z.replace_all_uses_with(y, replace_graph_outputs=True)
-            graph.remove(add, safe=True)
-            if z.is_graph_output() or name in {o.name for o in graph.outputs}:
-                y.name = name
-            count += 1
-            break
+            for i in (0, 1):
+                y, other = node.inputs[i], node.inputs[1 - i]
+                conv = y.producer() if y is not None else None
+                if conv is None or conv.op_type != "Conv" or only_consumer(y) is not node:
+                    continue
+                w = constant_array(conv.inputs[1])
+                c = _folded_constant(other)
+                if w is None or c is None:
+                    continue
+                cout = w.shape[0]
+                vec = _per_channel(c, cout, w.ndim)
+                if vec is None:
+                    continue
+                has_b = len(conv.inputs) > 2 and conv.inputs[2] is not None
+                b = constant_array(conv.inputs[2]) if has_b else np.zeros(cout, dtype=np.float32)
+                if b is None:
+                    continue
+                if node.op_type == "Add":
+                    new_b = b + vec
+                else:
+                    new_b = b * vec
+                    new_w = w * vec.reshape(-1, *([1] * (w.ndim - 1)))
+                    conv.replace_input_with(1, add_initializer(graph, f"{conv.name}_W_folded",
+                                                               new_w.astype(np.float32)))
+                if len(conv.inputs) < 3:
+                    conv.resize_inputs(3)
+                conv.replace_input_with(2, add_initializer(graph, f"{conv.name}_bias_folded",
+                                                           new_b.astype(np.float32)))
+                z = node.outputs[0]
+                name = z.name
+                was_output = z.is_graph_output()
+                z.replace_all_uses_with(y, replace_graph_outputs=True)
+                graph.remove(node, safe=True)
+                if was_output:
+                    y.name = name
+                count += 1
+                changed = True
+                break
     if count:
         remove_unused(model)
     return count

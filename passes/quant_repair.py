@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from ..activations import iter_activations
 from ..ir import add_initializer, constant_array

@@ -21,6 +21,11 @@ mode=int8 (static PTQ) rewrite rules:
     are all quantized get their output quantized too (QLinearAdd, QLinearGlobalAveragePool...).
   * Each quantized tensor gets exactly one Q -> DQ pair, shared by all its consumers;
     graph outputs keep their float value (never re-quantized under their name).
+  * Before planning, exact float rewrites (passes/quant_prepare.py): BatchNorm folding,
+    conv-bias Adds folded into Conv, MatMul + bias Add -> Gemm (the bias stays int32),
+    decomposed HardSwish/HardSigmoid fused, opset raised to 13/14 for per-channel axes.
+  * Embedding tables (Gather of a constant matrix) become int8 rows dequantized after
+    the Gather (`embeddings=true`).
   Preconditions / refusals: weights must be constant (initializer or Constant node);
   Gemm with transA=1 and MatMul with a constant first input stay float; opset < 13
   falls back to per-tensor weights (< 10: no quantization). Nodes named in

@@ -523,3 +523,83 @@ def test_cli_optimize_quantizes_digits(tmp_path, digits_model):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     pred = np.array([sess.run(None, {"input": x["input"][i:i + 1]})[0].argmax() for i in range(100)])
     assert np.mean(pred == x["labels"][:100]) >= 0.95
+
+
+# ---------------------------------------------------------------- float prepare rewrites
+
+
+def _exact(proto, fn) -> float:
+    model = load_model(proto)
+    before = load_model(model)
+    assert fn(model) >= 1
+    src = RandomSource(_shapes(before), input_dtypes(before), count=3, seed=4)
+    return compare_models(before, model, src, limit=3).max_rel_l2
+
+
+def test_prepare_rewrites_are_exact_in_float():
+    from onnxforge.passes.quant_prepare import fold_conv_bias_add, fuse_hardswish, matmul_add_to_gemm
+
+    # Paddle-style conv bias: Conv -> Add(Reshape(const))
+    n1, i1 = _conv("c", "x", "y0", 3, 4, relu=False)
+    nodes = n1 + [helper.make_node("Reshape", ["bvec", "bshape"], ["b4"], name="rs"),
+                  helper.make_node("Add", ["y0", "b4"], ["y"], name="add")]
+    inits = i1 + [_init("bvec", RNG.standard_normal(4)),
+                  numpy_helper.from_array(np.array([1, 4, 1, 1], dtype=np.int64), "bshape")]
+    proto = _model(nodes, [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 4, 8, 8])], inits)
+    assert _exact(proto, fold_conv_bias_add) < 1e-6
+    # decomposed HardSwish, both orders of Mul / Div
+    for order in ("div_first", "mul_first"):
+        three, six = _init("three", np.array(3.0)), _init("six", np.array(6.0))
+        zero = _init("zero", np.array(0.0))
+        head = [helper.make_node("Add", ["x", "three"], ["a"], name="a"),
+                helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip")]
+        if order == "div_first":
+            tail = [helper.make_node("Div", ["c", "six"], ["d"], name="d"),
+                    helper.make_node("Mul", ["x", "d"], ["y"], name="m")]
+        else:
+            tail = [helper.make_node("Mul", ["x", "c"], ["m"], name="m"),
+                    helper.make_node("Div", ["m", "six"], ["y"], name="d")]
+        proto = _model(head + tail, [_vi("x", [2, 16])], [_vi("y", [2, 16])], [three, six, zero])
+        assert _exact(proto, fuse_hardswish) < 1e-6
+    # MatMul (3-D input) + bias -> Reshape, Gemm, Reshape
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    proto = _model(nodes, [_vi("x", [2, 5, 8])], [_vi("y", [2, 5, 6])],
+                   [_init("w", RNG.standard_normal((8, 6))), _init("b", RNG.standard_normal(6))])
+    assert _exact(proto, matmul_add_to_gemm) < 1e-6
+
+
+def test_old_opset_is_upgraded_for_per_channel_weights():
+    proto = conv_chain(2)
+    proto.opset_import[0].version = 12
+    ref, q, stats = quantize(proto, "quantize(int8)")
+    assert stats["opset_upgraded"] is True and q.opset_imports[""] >= 13
+    w_dq = next(n for n in q.graph if n.op_type == "Conv").inputs[1].producer()
+    assert constant_array(w_dq.inputs[1]).shape == (8,)
+    assert held_out_error(ref, q) < 0.03
+
+
+def test_ppocr_rec_on_rendered_text_lines(tmp_path):
+    path = zoo_path("ppocr_rec")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_quantization as bench
+
+    try:
+        task = bench.ppocr_rec_task()
+    except FileNotFoundError as exc:  # DejaVu fonts absent
+        pytest.skip(str(exc))
+    model = load_model(path)
+    name = model.graph.inputs[0].name
+    shape = task.calib[0][name].shape
+    calib = ArraySource({name: np.concatenate([b[name] for b in task.calib])}, {name: shape},
+                        input_dtypes(model))
+    ref, q, stats = quantize(path, "quantize(int8)", calib=calib, shapes={name: shape}, batches=len(task.calib))
+    assert stats["opset_upgraded"] and stats["compute_by_op"]["Conv"] >= 30
+    ref_art, q_art = OrtArtifact(ref), OrtArtifact(q)
+    r = [ref_art.run(b) for b in task.evaluate]
+    c = [q_art.run(b) for b in task.evaluate]
+    metrics = task.metric(r, c)
+    # character error rate within 0.5 points of float on held-out rendered lines
+    assert metrics["cer"] <= metrics["cer_ref"] + 0.005, metrics
+    fused = ort_optimized_ops(q, tmp_path)
+    assert fused["Conv"] == 0 and fused["FusedConv"] == 0
