@@ -537,7 +537,11 @@ def _exact(proto, fn) -> float:
 
 
 def test_prepare_rewrites_are_exact_in_float():
-    from onnxforge.passes.quant_prepare import fold_conv_bias_add, fuse_hardswish, matmul_add_to_gemm
+    from onnxforge.passes.quant_prepare import (
+        fold_conv_bias_add,
+        fuse_hardswish,
+        matmul_add_to_gemm,
+    )
 
     # Paddle-style conv bias: Conv -> Add(Reshape(const))
     n1, i1 = _conv("c", "x", "y0", 3, 4, relu=False)

@@ -199,9 +199,7 @@ OCR_LINES = [
 ]
 
 
-WORDS = ("alpha beta model layer tensor quant int8 float error batch kernel graph node "
-         "scale zero point onnx runtime speed size phone board camera image text line "
-         "price total room gate north south east west level open close data").split()
+WORDS = ["alpha", "beta", "model", "layer", "tensor", "quant", "int8", "float", "error", "batch", "kernel", "graph", "node", "scale", "zero", "point", "onnx", "runtime", "speed", "size", "phone", "board", "camera", "image", "text", "line", "price", "total", "room", "gate", "north", "south", "east", "west", "level", "open", "close", "data"]
 
 
 def text_lines(count: int, seed: int = 0) -> list[str]:
