@@ -461,3 +461,14 @@ def test_minilm_all_weight_matmuls():
     assert all("no constant weight" in step.stats["skipped"][n.name] for n in model.graph
                if n.op_type == "MatMul" and n.name not in weight_matmuls)
     assert np.isfinite(step.error.max_rel_l2)
+
+
+def test_efficientnet_b0_macs_budget_refuses_depthwise():
+    step = _zoo_run("efficientnet_b0", "lowrank(macs=0.5,guard=false,calib_batches=1)",
+                    calib="random:1")
+    stats = step.stats
+    assert stats["budget_removed"] >= 0.5
+    assert sum("grouped conv" in r for r in stats["skipped"].values()) == 16  # depthwise
+    assert step.after["macs"] < step.before["macs"] and step.after["params"] < step.before[
+        "params"]
+    assert np.isfinite(step.error.max_rel_l2)
