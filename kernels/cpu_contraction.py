@@ -253,18 +253,30 @@ class TileChoice:
     n_padded: int
 
 
+def _row_tile(m_ext: int, max_mb: int) -> int:
+    """Largest divisor of the M extent within the accumulator budget.
+
+    A non-dividing tile would need a predicate inside the unrolled register tile, which
+    measured 4x slower than a smaller dividing tile (3 x 32 for M = 111).
+    """
+    if m_ext <= 1:
+        return 1
+    fits = [d for d in divisors(m_ext) if d <= max_mb]
+    return fits[-1] if fits else 1
+
+
 def choose_tile(
     info: Contraction, cpu: CpuInfo, dtype_bits: int = 32, can_pad: bool = True
 ) -> TileChoice | None:
     """Pick the register tile from the target's vector width and register count.
 
-    ``nb`` is a power of two (LLVM splits a ``<48 x float>`` into 128-bit pieces): the
-    widest one up to two registers (four for a single row, GEMV) that divides N and the
-    group size of a grouped conv. When only a narrow one divides N (N = 50, 1000, 10), N
-    is padded to whole registers instead (only ``can_pad`` blocks: ``pad_einsum`` needs
-    plain ``i, j, k`` indices, which a conv's ``y * s + ry`` is not). ``mb`` fills the
-    accumulator budget. Returns
-    None when N is too small for a vector tile (the window rule then vectorizes x).
+    ``nb`` is a power of two (LLVM splits a ``<48 x float>`` into 128-bit pieces), up to
+    two registers (four for a single row, GEMV), dividing N and the group size of a
+    grouped conv. When only a narrow one divides N (N = 50, 1000, 10) N is padded to whole
+    registers instead (only ``can_pad`` blocks: ``pad_einsum`` needs plain ``i, j, k``
+    indices, which a conv's ``y * s + ry`` is not). ``mb`` divides M and fills the
+    accumulator budget; (nb, mb) maximizes the independent accumulators. Returns None when
+    N is too small for a vector tile (the window rule then vectorizes x).
     """
     lanes = cpu.lanes(dtype_bits)
     n_ext = info.n_extent
@@ -278,32 +290,37 @@ def choose_tile(
         and (group is None or group % (exact * 2) == 0)
     ):
         exact *= 2
-    nb, n_padded = exact, n_ext
-    if exact < lanes and group is None and can_pad:
-        if n_ext < max(lanes // 2, 4):
-            return None
-        options = [lanes * r for r in (1, 2, 4) if r <= want_regs]
+    # (nb, padded N) candidates: exact power-of-two divisors, and padded whole registers
+    options = []
+    width = exact
+    while width >= max(min(4, lanes), 1) and width >= min(exact, lanes):
+        options.append((width, n_ext))
+        width //= 2
+    if exact < lanes and group is None and can_pad and n_ext >= max(lanes // 2, 4):
 
-        def waste(width: int) -> float:
-            padded = -(-n_ext // width) * width
-            return (padded - n_ext) / padded
+        def padded(w: int) -> int:
+            return -(-n_ext // w) * w
 
-        width = min(options, key=lambda w: (round(waste(w), 3), -w))
-        if exact < max(lanes // 2, 4) or waste(width) <= 0.25:
-            nb, n_padded = width, -(-n_ext // width) * width
-    if nb < min(4, lanes) and nb != n_ext:
+        pads = [lanes * r for r in (1, 2, 4) if r <= want_regs]
+        best = min(pads, key=lambda w: (round((padded(w) - n_ext) / padded(w), 3), -w))
+        if exact < max(lanes // 2, 4) or (padded(best) - n_ext) / padded(best) <= 0.25:
+            options = [(best, padded(best))] + ([(exact, n_ext)] if exact >= 4 else [])
+    if not options:
         return None
     acc_budget = max(int(cpu.num_vector_regs * KNOBS["budget"]), 4)
-    regs_n = -(-nb // lanes)
-    max_mb = max(acc_budget // regs_n, 1)
-    mb = 1
-    if m_ext > 1:
-        fits = [d for d in divisors(m_ext) if d <= max_mb]
-        mb = fits[-1] if fits else 1
-        if mb < max(max_mb // 2, 2) and m_ext > max_mb:
-            # no divisor near the budget (prime-ish extent): accept a tail predicate
-            mb = max_mb
-    return TileChoice(nb=nb, mb=mb, n_padded=n_padded)
+
+    def score(option):
+        nb, n_pad = option
+        regs = -(-nb // lanes)
+        mb = _row_tile(m_ext, max(acc_budget // regs, 1))
+        accs = min(mb * regs, acc_budget)
+        util = nb / (regs * lanes) * (n_ext / n_pad)
+        return (min(accs, 8 if m_ext > 1 else want_regs), util >= 0.7, accs, util, nb), mb
+
+    scored = [(score(o), o) for o in options]
+    (key, mb), (nb, n_pad) = max(scored, key=lambda item: item[0][0])
+    del key
+    return TileChoice(nb=nb, mb=mb, n_padded=n_pad)
 
 
 def _permute_n_last(ndim: int, n_dim: int):
@@ -438,7 +455,10 @@ def schedule_contraction(
     epi_loops = sch.get_loops(epi)
     fused_depth = len(sch.get_loops(main)) - len(reds) - len(inner)
     tile_loops = epi_loops[fused_depth:]
-    if KNOBS["epi_n_inner"] and len(tile_loops) >= 2:
+    # the store side wants x innermost (contiguous rows), but only a power-of-two row
+    # tile makes a good vector; otherwise vectorize along N (the accumulator's fast axis)
+    mb_vector = tile.mb >= 4 and tile.mb & (tile.mb - 1) == 0
+    if (KNOBS["epi_n_inner"] or not mb_vector) and len(tile_loops) >= 2:
         n_loop_e = _loop_feeding_dim(sch, epi, tile_loops, n_dim_c)
         if n_loop_e is not None and not n_loop_e.same_as(tile_loops[-1]):
             order = [lp for lp in tile_loops if not lp.same_as(n_loop_e)] + [n_loop_e]

@@ -13,6 +13,8 @@ from tvm.target import Target
 
 from .cpu_target import CpuInfo, cpu_info
 
+LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
+
 
 class CpuRule(ScheduleRule):
     """A default schedule for one family of CPU kernels.
@@ -37,6 +39,15 @@ class CpuRule(ScheduleRule):
         if not self.schedule(sch, func, cpu_info(target)):
             return None
         return sch
+
+
+def packs_weights(func: tirx.PrimFunc) -> bool:
+    """True when a root-level block of ``func`` is a weight-packing (layout rewrite) block."""
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock(func.body.block.name_hint)
+    return any(
+        LAYOUT_REWRITE_ANN in sch.get(block).annotations for block in sch.get_child_blocks(root)
+    )
 
 
 def layout_free_params(func: tirx.PrimFunc) -> list:

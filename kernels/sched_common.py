@@ -161,34 +161,21 @@ def pick_vector_width(extent: int, lanes: int) -> int:
 def vectorize_inner(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> bool:
     """Vectorize the innermost loop ``loop`` of a block with a power-of-two width.
 
-    When no power-of-two width divides the extent, the loop is split by the register
-    width and partitioned: the whole-vector part is vectorized, the tail stays scalar.
-    This partition replaces the block, so call it as the last step on that block.
-    Returns True when something was vectorized.
+    The width divides the extent (``pick_vector_width``). An extent with no such divisor
+    (47, 49) stays scalar: a split would leave a predicate that makes TVM scalarize the
+    whole vector loop, and ``loop_partition`` (vector body + scalar tail) emits blocks
+    that share iter vars, which TVM's well-formedness check rejects. Returns True when
+    the loop was vectorized.
     """
     extent = loop_extent(sch, loop)
     if extent is None or extent < 2:
         return False
     width = pick_vector_width(extent, lanes)
-    if width:
-        if width != extent:
-            _, loop = sch.split(loop, [None, width])
-        sch.vectorize(loop)
-        return True
-    width = min(1 << (extent.bit_length() - 1), lanes)
-    if width < 4:
+    if not width:
         return False
-    outer, inner = sch.split(loop, [None, width])
-    whole = extent // width
-    if whole * width == extent:  # cannot happen after pick_vector_width, kept for safety
-        sch.vectorize(inner)
-        return True
-    parts = sch.loop_partition(outer, [whole, None])
-    # the first partition holds the whole vectors: its innermost loop is the vector loop
-    blocks = sch.get_child_blocks(parts[0])
-    if len(blocks) != 1:
-        return False
-    sch.vectorize(sch.get_loops(blocks[0])[-1])
+    if width != extent:
+        _, loop = sch.split(loop, [None, width])
+    sch.vectorize(loop)
     return True
 
 

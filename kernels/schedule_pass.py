@@ -25,10 +25,11 @@ import logging
 from collections import Counter
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.target import Target
 
 from .cpu_rules import default_rules
+from .rule_base import packs_weights
 from .weight_pack import fold_weight_prepack
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ def _schedule_one(func: tirx.PrimFunc, target: Target, rules) -> tuple[tirx.Prim
             continue
         if sch is None:
             continue
-        new = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(RULE_ATTR, rule.name)
+        # loop_partition copies blocks with their iter vars: give every copy its own vars
+        new = s_tir.renew_defs(sch.mod["main"])
+        new = new.with_attr("tirx.is_scheduled", True).with_attr(RULE_ATTR, rule.name)
         return new, rule.name
     return None
 
@@ -80,7 +83,7 @@ def _schedule_module(mod: tvm.IRModule, target: Target, rules) -> tuple[tvm.IRMo
             continue
         new, _rule = result
         updates[gvar] = new
-        packed = packed or "meta_schedule.layout_rewrite_preproc" in new.script()
+        packed = packed or packs_weights(new)
     for gvar, func in updates.items():
         mod[gvar] = func
     return mod, packed

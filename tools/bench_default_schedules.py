@@ -228,7 +228,14 @@ def import_relax(model: onnx.ModelProto, inputs: dict[str, np.ndarray], target):
 
     shapes = {k: list(v.shape) for k, v in inputs.items()}
     dtypes = {k: str(v.dtype) for k, v in inputs.items()}
-    mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes)
+    try:
+        mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes)
+    except Exception as err:  # noqa: BLE001 - e.g. minilm's ConstantOfShape on a scalar
+        import onnxsim
+
+        print(f"from_onnx failed ({str(err).splitlines()[0][:80]}); retrying after onnxsim")
+        model, _ = onnxsim.simplify(model, overwrite_input_shapes=shapes)
+        mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes)
     with target:
         return tvm.transform.Sequential(list(relax_prepasses(target)))(mod)
 
