@@ -68,7 +68,12 @@ def quantize_dynamic(model: ir.Model, opts: Any) -> dict[str, Any]:
         _rewrite(graph, n, opts.per_channel)
         count += 1
     remove_unused(model)
-    return {"dynamic_matmuls": count, "kept_float": skipped}
+    stats: dict[str, Any] = {"dynamic_matmuls": count, "kept_float": skipped}
+    if getattr(opts, "embeddings", False):
+        from .quantization import quantize_embeddings
+
+        stats["embeddings_quantized"] = quantize_embeddings(model, keep)
+    return stats
 
 
 def _rewrite(graph: ir.Graph, n: ir.Node, per_channel: bool) -> None:

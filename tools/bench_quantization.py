@@ -70,6 +70,7 @@ class Task:
     metric: Callable[[list[dict], list[dict]], dict[str, float]]
     pipeline: str = "quantize(int8)"
     notes: str = ""
+    dynamic: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -126,7 +127,7 @@ def minilm_task() -> Task | None:
             cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
         return {"cosine_min": min(cos), "cosine_mean": float(np.mean(cos))}
 
-    return Task("minilm", path, cal, ev, metric, pipeline="quantize(int8)",
+    return Task("minilm", path, cal, ev, metric, pipeline="quantize(int8)", dynamic=True,
                 notes=f"calib {half} / eval {count - half} real sentences")
 
 
@@ -398,6 +399,20 @@ def bench_task(task: Task, threads: int, repeat: int, tmp: Path, pipeline: str |
             variants[label] = (load_model(path), time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the rest
             logger.warning("%s: ORT quantizer failed: %s", task.name, exc)
+    if task.dynamic:
+        # MatMul-heavy models: dynamic quantization, ours vs onnxruntime's quantize_dynamic
+        start = time.perf_counter()
+        dyn, dsecs, _ = ours_quantize(task.model_path, task.calib, "quantize(dynamic)")
+        variants["onnxforge dynamic"] = (dyn, dsecs)
+        try:
+            from onnxruntime.quantization import quantize_dynamic
+
+            start = time.perf_counter()
+            out = tmp / "ort_dynamic.onnx"
+            quantize_dynamic(str(task.model_path), str(out), per_channel=True)
+            variants["ORT quantize_dynamic (per-channel)"] = (load_model(out), time.perf_counter() - start)
+        except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the rest
+            logger.warning("%s: ORT quantize_dynamic failed: %s", task.name, exc)
     arts = {}
     for k, (m, _) in list(variants.items()):
         try:
