@@ -57,7 +57,7 @@ import onnx_ir as ir
 
 from ..activations import iter_activations
 from ..errors import InputSpecError
-from ..ir import constant_array, infer_shapes, load_model
+from ..ir import constant_array, infer_shapes
 from .base import ForgePass, register
 from .quant_observers import (
     ChannelMeanObserver,
@@ -333,8 +333,7 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
     folded_set = set(plan.folded)
     for n in reversed(nodes):
         if n in folded_set:
-            if n.outputs[0].name in needs or True:
-                needs.add(n.inputs[0].name)
+            needs.add(n.inputs[0].name)  # the Q of the pre-Relu value implements the Relu
             continue
         if n in compute_set or n in plan.int8_ops or (n in plan.shared and n.op_type == "Concat"):
             for v in n.inputs:
@@ -899,6 +898,3 @@ def _weight_bytes(model: ir.Model) -> int:
                 total += arr.nbytes
     return total
 
-
-def clone_model(model: ir.Model) -> ir.Model:
-    return load_model(model, check=False)
