@@ -247,8 +247,10 @@ def benchmark_models(
         if backend == "tvm":
             from .backends.tvm import compile_model  # imported lazily: TVM is optional
 
-            labels.append(name)
-            artifacts.append(compile_model(model, target, input_shapes=shapes, threads=threads))
+            artifact = compile_model(model, target, input_shapes=shapes)
+            artifact.threads = threads  # TVM thread pool matched to ORT's intra-op threads
+            labels.append(f"{name} (tvm {target})")
+            artifacts.append(artifact)
         if backend not in ("ort", "tvm"):
             raise InputSpecError(f"unknown backend {backend!r}: use ort or tvm")
     timings = benchmark_artifacts(artifacts, inputs, warmup=warmup, repeat=repeat)
