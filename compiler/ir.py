@@ -40,9 +40,7 @@ def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
     """
     label = "<model>"
     if isinstance(source, ir.Model):
-        # Tensors are shared with the source, so they are handed out read-only
-        # (see constant_array): a pass replaces a weight, it never edits one in place.
-        model = source.clone()
+        model = copy_model(source)
     elif isinstance(source, onnx.ModelProto):
         model = ir.from_proto(source)
     elif isinstance(source, (bytes, bytearray)):
@@ -82,6 +80,19 @@ def _parse_bytes(data: bytes, label: str) -> ir.Model:
 
 def _is_small(model: ir.Model) -> bool:
     return sum(nbytes(v) for v in model.graph.initializers.values()) < PROTOBUF_LIMIT // 2
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """An independent copy: no value, type or tensor is shared with `model`.
+
+    (onnx_ir's `Model.clone` shares tensors and type objects, so editing a value's
+    dtype in the copy would change the original too.) Models over 2 GiB cannot go
+    through one protobuf and fall back to `clone`, whose tensors are handed out
+    read-only by `constant_array`.
+    """
+    if _is_small(model):
+        return ir.from_proto(to_proto(model))
+    return model.clone()
 
 
 def _has_external(model: ir.Model) -> bool:
@@ -259,7 +270,10 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     while unique in taken:
         i += 1
         unique = f"{name}_{i}"
-    tensor = ir.tensor(np.ascontiguousarray(array), name=unique)
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+        array = array.copy(order="C")
+    tensor = ir.tensor(array, name=unique)
     value = ir.Value(name=unique, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
     value.const_value = tensor
     graph.register_initializer(value)
