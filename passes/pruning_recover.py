@@ -39,7 +39,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from ..activations import iter_activations, with_outputs
+from ..activations import with_outputs
 from ..backends.ort import OrtArtifact
 from ..ir import add_initializer, constant_array
 from .pruning_apply import set_constant
@@ -115,8 +115,25 @@ def _bias_slot(target: RefitTarget) -> tuple[str, ir.Value | None]:
     return "none", None
 
 
-def _design(target: RefitTarget, x: np.ndarray, y: np.ndarray, rng, max_rows: int):
-    """Rows of kept inputs (pruned model) and original outputs (kept channels)."""
+def _rows_seen(target: RefitTarget) -> int:
+    return int(target.attrs.get("rows", 0))
+
+
+def _token_mask(batch: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Real-token mask of a transformer batch (an integer input named *attention_mask*)."""
+    for name, arr in batch.items():
+        if "attention_mask" in name and arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
+            return arr != 0
+    return None
+
+
+def _design(target: RefitTarget, x: np.ndarray, y: np.ndarray, rng, max_rows: int,
+            token_mask: np.ndarray | None = None):
+    """Rows of kept inputs (pruned model) and original outputs (kept channels).
+
+    For a MatMul over [batch, tokens, features] and a batch with an attention
+    mask, padding tokens are left out: they would dominate short sentences.
+    """
     if target.op == "Conv":
         cols = _im2col(x.astype(np.float32), *target.attrs["geometry"])
         ys = y[:, target.kept_out].transpose(0, 2, 3, 1).reshape(-1, len(target.kept_out))
@@ -125,6 +142,10 @@ def _design(target: RefitTarget, x: np.ndarray, y: np.ndarray, rng, max_rows: in
     else:
         cols = x.reshape(-1, x.shape[-1])
         ys = y.reshape(-1, y.shape[-1])[:, target.kept_out]
+        if token_mask is not None and x.ndim == 3 and x.shape[:2] == token_mask.shape \
+                and y.shape[:2] == token_mask.shape and token_mask.any():
+            keep = token_mask.reshape(-1)
+            cols, ys = cols[keep], ys[keep]
     if len(cols) > max_rows:
         pick = rng.choice(len(cols), max_rows, replace=False)
         cols, ys = cols[pick], ys[pick]
@@ -132,6 +153,8 @@ def _design(target: RefitTarget, x: np.ndarray, y: np.ndarray, rng, max_rows: in
 
 
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+# A full least-squares refit needs at least this many calibration rows per input column.
+MIN_ROWS_PER_INPUT = 2
 
 
 def _solve(target: RefitTarget, folds: list[tuple[np.ndarray, np.ndarray]], ridge: float | None,
@@ -142,7 +165,8 @@ def _solve(target: RefitTarget, folds: list[tuple[np.ndarray, np.ndarray]], ridg
     the refit stays near the plain pruned layer instead of overfitting. With two
     folds of data and `ridge=None`, lam (relative to the mean input energy) is
     chosen from `RIDGE_GRID` by fitting on one fold and measuring the layer output
-    error on the other; keeping the pruned weights unchanged is a candidate too.
+    error on the other; keeping the pruned weights unchanged and refitting only
+    the bias are candidates too (they win when calibration data is scarce).
     """
     kind, bias_value = _bias_slot(target)
     use_bias = kind != "none"
@@ -179,15 +203,33 @@ def _solve(target: RefitTarget, folds: list[tuple[np.ndarray, np.ndarray]], ridg
         # ||Y - A W||^2 up to the constant ||Y||^2
         return float(np.sum(sol * (gram @ sol)) - 2 * np.sum(sol * cross))
 
-    if ridge is None and len(folds) == 2:
+    def bias_only(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+        # pruned weights, bias refit: absorbs the mean output of the removed inputs
+        bias = (cross[-1] - gram[-1, :-1] @ prior[:-1]) / max(float(gram[-1, -1]), 1.0)
+        return np.vstack([prior[:-1], bias[None, :]])
+
+    rows = float(g[-1, -1]) if use_bias else float(_rows_seen(target))
+    if ridge is not None:
+        sol = fit(g, r, ridge)
+    elif len(folds) == 2:
         (g_fit, r_fit), (g_val, r_val) = folds
-        scores = {rel: error(fit(g_fit, r_fit, rel), g_val, r_val) for rel in RIDGE_GRID}
-        best = min(scores, key=scores.get)
-        if error(prior, g_val, r_val) <= scores[best]:
+        candidates = {}
+        if rows >= MIN_ROWS_PER_INPUT * m:  # else a full refit only memorizes the data
+            candidates = {("ridge", rel): fit(g_fit, r_fit, rel) for rel in RIDGE_GRID}
+        candidates[("keep", 0.0)] = prior
+        if use_bias:
+            candidates[("bias", 0.0)] = bias_only(g_fit, r_fit)
+        scores = {key: error(sol, g_val, r_val) for key, sol in candidates.items()}
+        kind_best, rel_best = min(scores, key=scores.get)
+        if kind_best == "keep":
             return False  # the plain pruned layer predicts held-out data best
-        sol = fit(g, r, best)
+        sol = bias_only(g, r) if kind_best == "bias" else fit(g, r, rel_best)
+    elif rows >= MIN_ROWS_PER_INPUT * m:
+        sol = fit(g, r, 1e-2)
+    elif use_bias:
+        sol = bias_only(g, r)
     else:
-        sol = fit(g, r, ridge if ridge is not None else 1e-2)
+        return False
     weights = sol[:m].T  # [out, in_cols]
     if target.op == "Conv":
         new_w = weights.reshape(w.shape)
@@ -288,10 +330,14 @@ def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
     wanted = sorted({t.node.outputs[0].name for t in refits} | {n.inputs[0].name for n in bns})
     reference = OrtArtifact(with_outputs(original, wanted), threads=threads, optimize=False)
 
-    def original_stream(names: list[str]):
+    def run(artifact: OrtArtifact, names: list[str], batch) -> dict[str, np.ndarray]:
+        values = artifact.session.run(names, {k: batch[k] for k in artifact.input_names})
+        return dict(zip(names, values))
+
+    def stream(x_names: list[str], y_names: list[str]):
+        probe = OrtArtifact(with_outputs(pruned, x_names), threads=threads, optimize=False)
         for batch in batches():
-            values = reference.session.run(names, {k: batch[k] for k in reference.input_names})
-            yield dict(zip(names, values))
+            yield run(reference, y_names, batch), run(probe, x_names, batch), _token_mask(batch)
 
     done = {"refit_layers": 0, "bn_recalibrated": 0, "recovery_waves": 0}
     for wave in waves:
@@ -305,13 +351,12 @@ def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
         cross: dict[tuple[int, int], np.ndarray] = {}
         moments_o: dict[str, list] = {}
         moments_p: dict[str, list] = {}
-        stream_o = original_stream(y_names)
-        stream_p = iter_activations(pruned, x_names, batches(), threads=threads)
-        for step, (acts_o, acts_p) in enumerate(zip(stream_o, stream_p)):
+        for step, (acts_o, acts_p, mask) in enumerate(stream(x_names, y_names)):
             for t in wave_refits:
                 cols, ys = _design(t, acts_p[t.node.inputs[0].name],
-                                   acts_o[t.node.outputs[0].name], rng, max_rows)
+                                   acts_o[t.node.outputs[0].name], rng, max_rows, mask)
                 a = np.hstack([cols, np.ones((len(cols), 1))])
+                t.attrs["rows"] = t.attrs.get("rows", 0) + len(cols)
                 key = (id(t.node), step % 2)  # two folds to choose the regularization
                 gram[key] = gram.get(key, 0) + a.T @ a
                 cross[key] = cross.get(key, 0) + a.T @ ys
