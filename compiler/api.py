@@ -228,8 +228,9 @@ def benchmark_models(
     """Latency of each model (and, for backend='tvm', ORT vs TVM) measured side by side.
 
     All models are timed in one process on the same random input (the first
-    model's inputs; models must share input names and shapes). Ratios are relative
-    to the first row.
+    model's inputs; models must share input names and shapes), in interleaved
+    rounds. Ratios are relative to the first model (ort), or to ORT on the same
+    model (tvm).
     """
     loaded = [load_model(m) for m in models]
     shapes = resolve_input_shapes(loaded[0], input_shapes)
@@ -254,11 +255,13 @@ def benchmark_models(
         if backend not in ("ort", "tvm"):
             raise InputSpecError(f"unknown backend {backend!r}: use ort or tvm")
     timings = benchmark_artifacts(artifacts, inputs, warmup=warmup, repeat=repeat)
-    base = timings[0]["median_ms"]
-    for label, row in zip(labels, timings):
+    for i, (label, row) in enumerate(zip(labels, timings)):
+        # ort: every model against the first; tvm: each TVM build against ORT on that model.
+        base = timings[0] if backend == "ort" else timings[i - i % 2]
         row["label"] = label
         row["threads"] = threads
-        row["ratio"] = row["median_ms"] / base if base else float("nan")
+        row["baseline"] = labels[timings.index(base)]
+        row["ratio"] = row["median_ms"] / base["median_ms"] if base["median_ms"] else float("nan")
     return timings
 
 

@@ -155,7 +155,7 @@ def bench(
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model first.")] = 5,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON.")] = None,
 ) -> None:
-    """Measure latencies side by side in one process; ratios are relative to the first row.
+    """Measure latencies side by side in one process (interleaved rounds, median).
 
     Example: [bold]onnxforge bench model.onnx optimized.onnx --threads 2[/]
     """

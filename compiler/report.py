@@ -110,9 +110,10 @@ def render_steps(report: dict[str, Any], console: Console) -> None:
 
 
 def render_bench(rows: list[dict[str, Any]], console: Console, title: str) -> None:
-    table = Table("model", "backend", "median ms", "min ms", "stdev ms", "ratio vs first",
+    table = Table("model", "backend", "median ms", "min ms", "stdev ms", "ratio", "vs",
                   title=title)
     for row in rows:
         table.add_row(row["label"], row["backend"], f"{row['median_ms']:.3f}",
-                      f"{row['min_ms']:.3f}", f"{row['stdev_ms']:.3f}", f"{row['ratio']:.3f}")
+                      f"{row['min_ms']:.3f}", f"{row['stdev_ms']:.3f}", f"{row['ratio']:.3f}",
+                      row["baseline"])
     console.print(table)

@@ -125,3 +125,14 @@ def test_bench_prints_both_models_and_ratio(small_model, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     result = cli("--debug", "inspect", tmp_path / "missing.onnx")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_bench_tvm_compares_against_ort_on_the_same_model(small_model, tmp_path):
+    pytest.importorskip("tvm")
+    result = cli("bench", small_model, "-s", "x:1,3,8,8", "--backend", "tvm", "--repeat", "10",
+                 "--json", tmp_path / "b.json")
+    assert result.returncode == 0, result.stderr
+    ort_row, tvm_row = json.loads((tmp_path / "b.json").read_text())
+    assert (ort_row["backend"], tvm_row["backend"]) == ("ort", "tvm")
+    assert tvm_row["baseline"] == ort_row["label"]
+    assert tvm_row["ratio"] == pytest.approx(tvm_row["median_ms"] / ort_row["median_ms"])
