@@ -248,6 +248,32 @@ def _model_file(model: Any, staging: Path) -> str:
     return str(path)
 
 
+def check_rpc_device(rpc_tracker: str, rpc_key: str, *, wait: float = 60.0) -> dict:
+    """Ask the tracker whether a device with `rpc_key` is registered (waits up to `wait` s)."""
+    from tvm import rpc
+
+    host, port = _parse_tracker(rpc_tracker)
+    deadline = time.monotonic() + wait
+    last_error = None
+    while True:
+        try:
+            summary = rpc.connect_tracker(host, port).summary()
+            queue = summary.get("queue_info", {})
+            if rpc_key in queue:
+                return dict(queue[rpc_key])
+            keys = sorted(queue)
+            last_error = f"no device with key {rpc_key!r} (registered keys: {keys or 'none'})"
+        except Exception as exc:  # noqa: BLE001 - socket and RPC errors alike
+            last_error = f"cannot reach the tracker at {host}:{port} ({exc})"
+        if time.monotonic() > deadline:
+            raise BackendError(
+                f"RPC tuning: {last_error}. Start a tracker (python -m tvm.exec.rpc_tracker "
+                f"--host 0.0.0.0 --port {port}) and on the device: python -m tvm.exec.rpc_server "
+                f"--tracker {host}:{port} --key {rpc_key}"
+            )
+        time.sleep(1.0)
+
+
 def _parse_tracker(rpc_tracker: str) -> tuple[str, int]:
     host, sep, port = rpc_tracker.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -300,7 +326,7 @@ def tune(
             "apply that database on purpose (--tuning-db DIR/<host-key>)"
         )
     if rpc_tracker is not None:
-        _parse_tracker(rpc_tracker)
+        check_rpc_device(rpc_tracker, rpc_key)
     db_dir = resolve_tuning_db(Path(work_dir).resolve(), tvm_target)
     assert db_dir is not None
     db_dir.mkdir(parents=True, exist_ok=True)
@@ -425,8 +451,8 @@ def _run_worker(staging: Path, spec: dict, infos: list[TaskInfo], report: Tuning
         _kill_group(proc)
         outcome = "interrupted"
     finally:
-        if proc.poll() is None:
-            _kill_group(proc)
+        # Also after a normal exit: builder/runner pool processes must not outlive the run.
+        _kill_group(proc)
         log.close()
     if outcome is None:
         tail = (staging / "worker.log").read_text(errors="replace").strip().splitlines()[-15:]
@@ -437,13 +463,17 @@ def _run_worker(staging: Path, spec: dict, infos: list[TaskInfo], report: Tuning
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    """Stop the worker and everything it started (it leads its own process group)."""
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
 
 
@@ -602,6 +632,8 @@ def _make_components(state: dict):
                 "errors": errors[:3] if len(errors) == len(runner_results) else [],
                 "elapsed": time.time() - state["t0"],
             })
+            state["rounds"] = state.get("rounds", 0) + 1
+            _inject_fault(state)
 
     @derived_object
     class BudgetScheduler(PyTaskScheduler):
@@ -647,6 +679,16 @@ def _make_components(state: dict):
             return choice
 
     return ReusingLocalBuilder, ProgressCallback, BudgetScheduler, ms
+
+
+def _inject_fault(state: dict) -> None:
+    """Test hook: ONNXFORGE_TUNE_FAULT=crash-after:N tears a record line and dies (SIGKILL)
+    after N rounds, the way a segfault in the database writer would."""
+    fault = os.environ.get("ONNXFORGE_TUNE_FAULT", "")
+    if fault.startswith("crash-after:") and state["rounds"] >= int(fault.split(":", 1)[1]):
+        with open(state["work_dir"] / RECORD_FILE, "a", encoding="utf-8") as handle:
+            handle.write('[0,[[[["GetSBlock",[],["torn')
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _warm_worker() -> bool:
@@ -743,7 +785,8 @@ def worker_main(spec_path: str) -> int:
     events = work_dir / "progress.jsonl"
     t0 = time.time()
     state: dict[str, Any] = {"names": [], "best_us": {}, "trials": {}, "total_trials": 0,
-                             "events": events, "t0": t0, "stopped_by": "trials"}
+                             "events": events, "t0": t0, "stopped_by": "trials",
+                             "work_dir": work_dir}
     try:
         import tvm
 
