@@ -1,0 +1,359 @@
+"""TVM backend: compile for x86 / AArch64 (run under qemu) / CUDA / OpenCL; outputs vs ORT."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+from conftest import DATA, zoo_input_shapes, zoo_path  # noqa: E402
+
+from onnxforge.backends.tvm import (  # noqa: E402
+    TVMArtifact,
+    compare_to_ort,
+    compile_model,
+    qemu_available,
+    random_inputs,
+)
+from onnxforge.errors import BackendError, InputSpecError, UnsupportedOpError  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+RTOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Tiny hand-built models
+# ---------------------------------------------------------------------------------------
+
+def _model(nodes, inputs, outputs, inits=(), opset=17, ir_version=8) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "t", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_relu_gemm(batch="N") -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+        numpy_helper.from_array((rng.standard_normal((10, 512)) * 0.05).astype(np.float32), "g"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "gb"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "g", "gb"], ["y"], name="gemm", transB=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])], inits)
+
+
+def matmul_3d() -> onnx.ModelProto:
+    """x[2,5,16] @ W[16,24] + b, softmax, and a second output (the pre-softmax logits)."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 24)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "bias")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+             helper.make_node("Add", ["m", "bias"], ["logits"], name="add"),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 16])],
+                  [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 5, 24]),
+                   helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5, 24])], inits)
+
+
+def assert_matches_ort(artifact: TVMArtifact, model, inputs=None):
+    inputs = inputs if inputs is not None else random_inputs(artifact.inputs, seed=3)
+    errors = compare_to_ort(artifact, model, inputs)
+    assert errors, "no outputs compared"
+    for err in errors:
+        assert err.rel <= RTOL, f"{err.name}: max abs {err.max_abs:.3e}, rel {err.rel:.3e}"
+    return errors
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "conv_relu_gemm.onnx"
+    onnx.save(conv_relu_gemm(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def host_artifact(tiny) -> TVMArtifact:
+    return compile_model(tiny, "host", input_shapes={"x": (2, 3, 8, 8)})
+
+
+# ---------------------------------------------------------------------------------------
+# x86 host
+# ---------------------------------------------------------------------------------------
+
+def test_host_outputs_equal_ort_and_report_counts(host_artifact, tiny):
+    errors = assert_matches_ort(host_artifact, tiny)
+    assert errors[0].shape == (2, 10)
+    report = host_artifact.report
+    assert report["target"] == "host"
+    assert report["num_primfuncs"] >= 3
+    assert (report["scheduled_by_database"] + report["scheduled_by_default"]
+            + report["unscheduled"]) == report["num_primfuncs_final"]
+    assert report["compile_seconds"] > 0
+    assert report["pipeline"]["legalize"][:5] == [
+        "LegalizeOps", "AnnotateTIROpPattern", "FoldConstant", "FuseOps", "FuseTIR"]
+    if report["default_rules"] is None:  # kernels' default schedules not importable yet
+        assert any("default CPU schedules unavailable" in n for n in report["notes"])
+    else:
+        assert report["scheduled_by_default"] >= 1
+
+
+def test_model_inputs_as_proto_ir_and_path_give_the_same_result(tiny):
+    import onnx_ir as ir
+
+    proto = onnx.load(tiny)
+    x = random_inputs(compile_model(proto, "host", input_shapes={"x": (1, 3, 8, 8)}).inputs)
+    outs = []
+    for source in (proto, ir.serde.deserialize_model(proto), str(tiny)):
+        art = compile_model(source, "host", input_shapes={"x": (1, 3, 8, 8)})
+        outs.append(art.run(x)["y"])
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_multi_output_3d_matmul(tmp_path):
+    model = matmul_3d()
+    art = compile_model(model, "host")
+    errors = assert_matches_ort(art, model)
+    assert [e.name for e in errors] == ["probs", "logits"]
+    assert art.output_names == ["probs", "logits"]
+
+
+def test_dynamic_dims_need_input_shapes(tiny):
+    with pytest.raises(InputSpecError, match=r"dynamic dimension.*--input-shape x:1,3,8,8"):
+        compile_model(tiny, "host")
+    with pytest.raises(InputSpecError, match="rank"):
+        compile_model(tiny, "host", input_shapes={"x": (1, 3, 8)})
+    with pytest.raises(InputSpecError, match="inputs are"):
+        compile_model(tiny, "host", input_shapes={"nope": (1,)})
+
+
+def test_wrong_input_shape_at_run_time_is_a_clear_error(host_artifact):
+    with pytest.raises(InputSpecError, match="compiled for"):
+        host_artifact.run({"x": np.zeros((1, 3, 8, 8), np.float32)})
+
+
+def test_unsupported_op_names_node_op_and_opset():
+    model = _model([helper.make_node("Celu", ["x"], ["y"], name="my_celu")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])])
+    with pytest.raises(UnsupportedOpError) as info:
+        compile_model(model, "host")
+    message = str(info.value)
+    assert "'my_celu'" in message and "Celu" in message and "opset 17" in message
+    assert "cleanup" in message
+    assert "Traceback" not in message
+
+
+def test_importer_failure_inside_a_converter_names_the_node():
+    scale = numpy_helper.from_array(np.ones((4, 2), np.float32), "s")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="blocked_q", axis=1,
+                              block_size=2),
+             helper.make_node("DequantizeLinear", ["q", "s"], ["y"], name="dq", axis=1,
+                              block_size=2)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [scale],
+                   opset=21, ir_version=10)
+    with pytest.raises(UnsupportedOpError, match=r"'blocked_q' \(op QuantizeLinear.*opset 21"):
+        compile_model(model, "host")
+
+
+def test_export_so_is_atomic_and_loads_in_a_fresh_vm(host_artifact, tmp_path):
+    out = host_artifact.export(tmp_path / "sub" / "model.so")
+    assert out == tmp_path / "sub" / "model.so" and out.stat().st_size > 1000
+    assert [p.name for p in out.parent.iterdir()] == ["model.so"]  # no temp files left
+    lib = tvm.runtime.load_module(str(out))
+    vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
+    x = random_inputs(host_artifact.inputs, seed=5)
+    got = vm["main"](tvm.runtime.tensor(x["x"])).numpy()
+    np.testing.assert_allclose(got, host_artifact.run(x)["y"], rtol=0, atol=0)
+    with pytest.raises(BackendError, match=r"\.so"):
+        host_artifact.export(tmp_path / "model.bin")
+
+
+def test_benchmark_uses_time_callable_and_threads(host_artifact):
+    x = random_inputs(host_artifact.inputs)
+    timing = host_artifact.benchmark(x, warmup=2, repeat=5, threads=1)
+    assert timing.repeat == 5 and 0 < timing.median_ms < 1000
+    assert host_artifact.report["bench_threads"] == 1
+
+
+def test_digits_model_matches_ort_on_its_test_data(digits_model, digits_test_data):
+    data = np.load(digits_test_data)
+    x = data["input"][:1].astype(np.float32) if "input" in data.files else None
+    art = compile_model(digits_model, "host", input_shapes={"input": (1, 1, 8, 8)})
+    assert_matches_ort(art, digits_model, {"input": x} if x is not None else None)
+
+
+# ---------------------------------------------------------------------------------------
+# AArch64: cross-compiled, run for real under qemu-aarch64
+# ---------------------------------------------------------------------------------------
+
+def _need_qemu():
+    if not qemu_available():
+        pytest.skip("qemu-aarch64 / aarch64-linux-gnu-g++ absent "
+                    "(apt-get install qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
+    from onnxforge.backends.tvm import build_aarch64_runner, fetch_aarch64_runtime
+
+    try:
+        build_aarch64_runner(fetch_aarch64_runtime())
+    except BackendError as exc:
+        pytest.skip(f"aarch64 TVM runtime wheel unavailable: {exc}")
+
+
+def test_aarch64_export_is_an_arm_shared_library(tiny, tmp_path):
+    art = compile_model(tiny, "cortex-a72", input_shapes={"x": (1, 3, 8, 8)})
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        out = art.export(tmp_path / "m.so")
+        assert out.suffix == ".tar"
+        return
+    out = art.export(tmp_path / "m.so")
+    header = out.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_digits_cortex_a72_under_qemu_matches_ort(digits_model, digits_test_data):
+    _need_qemu()
+    art = compile_model(digits_model, "cortex-a72", input_shapes={"input": (1, 1, 8, 8)})
+    assert art.can_run()
+    data = np.load(digits_test_data)
+    x = {"input": data["input"][:1].astype(np.float32)} if "input" in data.files else None
+    assert_matches_ort(art, digits_model, x)
+
+
+def test_tiny_model_cortex_a76_dotprod_under_qemu(tiny):
+    _need_qemu()
+    art = compile_model(tiny, "cortex-a76", input_shapes={"x": (2, 3, 8, 8)})
+    assert_matches_ort(art, tiny)
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_cortex_a72_under_qemu_matches_ort():
+    _need_qemu()
+    path = zoo_path("mobilenet_v2")
+    art = compile_model(path, "cortex-a72", input_shapes=zoo_input_shapes("mobilenet_v2"))
+    assert_matches_ort(art, path)
+
+
+# ---------------------------------------------------------------------------------------
+# GPUs: code generation without a GPU, running only where one exists
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target,marker,suffix", [
+    ("cuda-sm80", "__global__", ".cu"),
+    ("cuda-sm87", "__global__", ".cu"),
+    ("opencl", "__kernel", ".cl"),
+    ("opencl-mali", "__kernel", ".cl"),
+    ("opencl-adreno", "__kernel", ".cl"),
+])
+def test_gpu_codegen_without_a_gpu(tiny, tmp_path, target, marker, suffix):
+    if target == "cuda-sm87" and shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("Jetson host code needs aarch64-linux-gnu-gcc to link")
+    art = compile_model(tiny, target, input_shapes={"x": (1, 3, 8, 8)})
+    source = art.device_source()
+    assert source.count(marker) >= 3  # conv, gemm and friends each become a kernel
+    assert art.report["unscheduled"] == 0 and art.report["default_rules"] == "dlight"
+    out = art.export(tmp_path / "gpu.so")
+    assert out.is_file() and (tmp_path / f"gpu{suffix}").read_text() == source
+
+
+def test_cuda_runs_on_a_real_gpu_when_present(tiny):
+    if not tvm.cuda(0).exist:
+        pytest.skip("no CUDA GPU on this machine")
+    art = compile_model(tiny, "cuda", input_shapes={"x": (2, 3, 8, 8)})
+    assert_matches_ort(art, tiny)
+
+
+def test_gpu_artifact_refuses_to_run_without_a_device(tiny):
+    if tvm.cuda(0).exist:
+        pytest.skip("a CUDA GPU is present")
+    art = compile_model(tiny, "cuda-sm80", input_shapes={"x": (1, 3, 8, 8)})
+    with pytest.raises(BackendError, match="cannot run"):
+        art.run(random_inputs(art.inputs))
+
+
+def test_vulkan_is_refused_when_unsupported(tiny):
+    if tvm.get_global_func("target.build.vulkan", allow_missing=True) is not None:
+        pytest.skip("this TVM has Vulkan")
+    from onnxforge.backends.targets import UnavailableTargetError
+
+    with pytest.raises(UnavailableTargetError):
+        compile_model(tiny, "vulkan", input_shapes={"x": (1, 3, 8, 8)})
+
+
+# ---------------------------------------------------------------------------------------
+# Zoo models (skip when .zoo is absent). ONNXFORGE_TVM_ZOO=all runs every model.
+# ---------------------------------------------------------------------------------------
+
+ZOO_DEFAULT = ["squeezenet1_1", "mobilenet_v2"]
+ZOO_ALL = ["resnet18", "mobilenet_v2", "squeezenet1_1", "efficientnet_b0", "mobilenet_v3_small",
+           "minilm_l6", "ppocr_det", "ppocr_rec", "ppocr_cls"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO_ALL if os.environ.get("ONNXFORGE_TVM_ZOO") == "all"
+                         else ZOO_DEFAULT)
+def test_zoo_model_host_matches_ort(name):
+    path = zoo_path(name)
+    art = compile_model(path, "host", input_shapes=zoo_input_shapes(name))
+    assert art.report["unscheduled"] == 0 or art.report["default_rules"] is None
+    assert_matches_ort(art, path)
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "onnxforge.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_targets_lists_presets():
+    result = cli("targets")
+    assert result.returncode == 0, result.stderr
+    for name in ("host", "cortex-a76", "cuda-sm87", "opencl-adreno", "vulkan"):
+        assert name in result.stdout
+
+
+def test_cli_compile_verify_and_errors(tiny, tmp_path):
+    out = tmp_path / "tiny.so"
+    result = cli("compile", tiny, "--target", "host", "-o", out, "--input-shape", "x:1,3,8,8",
+                 "--verify", "--report", tmp_path / "r.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert out.is_file() and "verify vs onnxruntime" in result.stdout and "yes" in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["target"] == "host" and report["exported"] == [str(out)]
+
+    bad = cli("compile", tiny, "--target", "cortex-a99", "-o", out)
+    assert bad.returncode == 3 and "unknown target" in bad.stderr and "Traceback" not in bad.stderr
+    dyn = cli("compile", tiny, "-o", out)
+    assert dyn.returncode == InputSpecError.exit_code and "--input-shape x:1,3,8,8" in dyn.stderr
+
+
+def test_cli_compile_with_pipeline_then_verify(tmp_path):
+    model = tmp_path / "mm.onnx"
+    onnx.save(matmul_3d(), model)
+    result = cli("compile", model, "-t", "host", "-o", tmp_path / "mm.so", "-p", "cleanup,fuse",
+                 "--verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("yes") == 2  # both outputs within tolerance
