@@ -34,6 +34,7 @@ from tvm.s_tir.schedule import SBlockRV
 
 from .cpu_target import CpuInfo
 from .sched_common import (
+    MIN_PARALLEL_MACS,
     as_int,
     child_blocks,
     divisors,
@@ -430,7 +431,10 @@ def schedule_contraction(
     inner = ([mi] if mi is not None else []) + [ni]
     sch.reorder(*outer, *reds, *inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if cpu.num_cores > 1 and (loop_extent(sch, fused) or 0) > 1:
+    macs = 1
+    for ext in info.extents:
+        macs *= ext
+    if cpu.num_cores > 1 and (loop_extent(sch, fused) or 0) > 1 and macs >= MIN_PARALLEL_MACS:
         sch.parallel(fused)
 
     # 5. accumulator tile lives under the parallel loop, N innermost

@@ -22,6 +22,7 @@ from tvm import s_tir, tirx
 from .cpu_target import CpuInfo
 from .rule_base import CpuRule
 from .sched_common import (
+    MIN_PARALLEL_MACS,
     child_blocks,
     expr_vars,
     has_if_then_else,
@@ -132,7 +133,10 @@ class WindowRule(CpuRule):
         else:
             par = sch.fuse(*outer)
             per_plane = False
-        if cpu.num_cores > 1:
+        work = 1
+        for lp in sch.get_loops(main):
+            work *= loop_extent(sch, lp) or 1
+        if cpu.num_cores > 1 and work >= MIN_PARALLEL_MACS:
             sch.parallel(par)
 
         sch.reverse_compute_at(epi, xo)

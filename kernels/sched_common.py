@@ -20,8 +20,13 @@ logger = logging.getLogger(__name__)
 
 _has_if_then_else = tvm.get_global_func("s_tir.schedule.HasIfThenElse")
 
-# Below this many output elements a parallel loop costs more than it saves.
-MIN_PARALLEL_ELEMENTS = 4096
+# Below this much work a parallel loop costs more than it saves. A fork/join costs a few
+# microseconds on an idle machine, but when another process holds the core of a worker
+# thread, TVM's static split makes the whole kernel wait for that worker's next time
+# slice (milliseconds). Elementwise/reduction work counts elements, multiply-accumulate
+# kernels count MACs (vectorized, about 16 per cycle).
+MIN_PARALLEL_ELEMENTS = 32768
+MIN_PARALLEL_MACS = 1 << 20
 
 
 def as_int(expr) -> int | None:
