@@ -51,14 +51,9 @@ from .sched_common import (
 )
 
 LAYOUT_REWRITE_ANN = "meta_schedule.layout_rewrite_preproc"
-KNOBS = {
-    "epi_vec": True,
-    "acc_local": False,
-    "acc_perm": True,
-    "epi_n_inner": False,
-    "budget": 0.625,
-    "nb_pow2": False,
-}
+# Share of the vector registers given to accumulators; the rest holds the B vectors and
+# the broadcast A values. 0.75 spilled (24 accumulators + 3 B registers on AVX-512).
+ACCUMULATOR_SHARE = 0.625
 
 
 @dataclass
@@ -308,7 +303,7 @@ def choose_tile(
             options = [(best, padded(best))] + ([(exact, n_ext)] if exact >= 4 else [])
     if not options:
         return None
-    acc_budget = max(int(cpu.num_vector_regs * KNOBS["budget"]), 4)
+    acc_budget = max(int(cpu.num_vector_regs * ACCUMULATOR_SHARE), 4)
 
     def score(option):
         nb, n_pad = option
@@ -441,14 +436,11 @@ def schedule_contraction(
     sch.reverse_compute_at(epi, fused)
     c_ndim = len(sch.get(main).writes[0].region)
     n_dim_c = info.spatial.index(info.n_iter)
-    if KNOBS["acc_perm"]:
-        sch.transform_layout(
-            main,
-            ("write", 0),
-            tirx.IndexMap.from_func(_permute_n_last(c_ndim, n_dim_c), ndim=c_ndim),
-        )
-    if KNOBS["acc_local"]:
-        sch.set_scope(main, 0, "local")
+    sch.transform_layout(
+        main,
+        ("write", 0),
+        tirx.IndexMap.from_func(_permute_n_last(c_ndim, n_dim_c), ndim=c_ndim),
+    )
     if mi is not None:
         sch.unroll(mi)
     sch.vectorize(ni)
@@ -462,7 +454,7 @@ def schedule_contraction(
     # the store side wants x innermost (contiguous rows), but only a power-of-two row
     # tile makes a good vector; otherwise vectorize along N (the accumulator's fast axis)
     mb_vector = tile.mb >= 4 and tile.mb & (tile.mb - 1) == 0
-    if (KNOBS["epi_n_inner"] or not mb_vector) and len(tile_loops) >= 2:
+    if not mb_vector and len(tile_loops) >= 2:
         n_loop_e = _loop_feeding_dim(sch, epi, tile_loops, n_dim_c)
         if n_loop_e is not None and not n_loop_e.same_as(tile_loops[-1]):
             order = [lp for lp in tile_loops if not lp.same_as(n_loop_e)] + [n_loop_e]
@@ -470,11 +462,7 @@ def schedule_contraction(
             tile_loops = order
     if tile_loops:
         ext = loop_extent(sch, tile_loops[-1])
-        if (
-            KNOBS["epi_vec"]
-            and ext is not None
-            and 2 <= ext <= 4 * cpu.lanes(write_dtype_bits(sch, epi))
-        ):
+        if ext is not None and 2 <= ext <= 4 * cpu.lanes(write_dtype_bits(sch, epi)):
             sch.vectorize(tile_loops[-1])
 
     # 7. padding / other producers: parallel, vectorized
