@@ -377,6 +377,7 @@ def tune(
                 "max_trials": int(max_trials),
                 "deadline_unix": (time.time() + max_seconds - (time.monotonic() - started))
                 if max_seconds else None,
+                "max_seconds": max_seconds,
                 "rpc_tracker": rpc_tracker,
                 "rpc_key": rpc_key,
                 "builder_timeout": builder_timeout,
@@ -807,6 +808,9 @@ def worker_main(spec_path: str) -> int:
         max_trials = int(spec["max_trials"])
         per_task = max(1, math.ceil(max_trials / n_tasks))
         per_iter = int(min(64, per_task))
+        if spec.get("max_seconds"):
+            # finer rounds under a short wall-clock budget: the deadline is checked per round
+            per_iter = int(min(per_iter, max(8, spec["max_seconds"] / 10)))
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, str(work_dir), strategy=_search_strategy(per_iter),
             num_threads=physical_cores(), seed=0)

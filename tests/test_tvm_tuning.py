@@ -1,0 +1,230 @@
+"""MetaSchedule tuning: budget, persistent per-target database, reuse, crash safety, RPC.
+
+Tiny one-task models and a handful of trials keep each tuning run around a minute on a
+2-core machine (most of it is process start-up: TVM imports in the worker and its pools).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+pytest.importorskip("xgboost")
+
+from onnxforge.backends.targets import resolve_target, target_key  # noqa: E402
+from onnxforge.backends.tuning import (  # noqa: E402
+    RECORD_FILE,
+    WORKLOAD_FILE,
+    count_records,
+    tune,
+)
+from onnxforge.backends.tvm import (  # noqa: E402
+    compare_to_ort,
+    compile_model,
+    open_database,
+    random_inputs,
+    resolve_tuning_db,
+)
+from onnxforge.errors import BackendError, InputSpecError  # noqa: E402
+
+pytestmark = [pytest.mark.tvm, pytest.mark.slow]
+
+
+def dense_model(n: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """y = relu(x @ W + b): one fused task (matmul + add + relu)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "b"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [8, n])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [8, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tune") / "dense.onnx"
+    onnx.save(dense_model(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(model_path, tmp_path_factory):
+    """One real tuning run shared by the tests that only read its database."""
+    work = tmp_path_factory.mktemp("db")
+    start = time.monotonic()
+    report = tune(model_path, "host", work, max_trials=6, progress=False)
+    return work, report, time.monotonic() - start
+
+
+def test_tuning_measures_and_persists_per_target(tuned):
+    work, report, _ = tuned
+    assert report.stopped_by in ("trials", "all tasks done"), report.errors
+    assert report.trials >= 6
+    db_dir = Path(report.db_dir)
+    assert db_dir == work.resolve() / target_key(resolve_target("host"))
+    assert count_records(db_dir) == report.records_after >= 6
+    task = next(t for t in report.tasks if t.status == "tuned")
+    assert "matmul" in task.name and task.best_us is not None and task.best_us > 0
+    assert task.share > 0.5
+    open_database(db_dir)  # loads
+    assert not list(db_dir.glob(".staging-*"))  # staging cleaned up
+    assert (db_dir / "logs").is_dir()
+
+
+def test_compile_applies_the_database_and_matches_ort(tuned, model_path):
+    work, _, _ = tuned
+    art = compile_model(model_path, "host", tuning_db=work)
+    assert art.report["scheduled_by_database"] >= 1
+    assert art.report["tuning_db"] == str(resolve_tuning_db(work, resolve_target("host")))
+    for err in compare_to_ort(art, model_path, random_inputs(art.inputs, seed=1)):
+        assert err.rel <= 1e-4, err
+
+
+def test_second_tune_reuses_the_database_without_tuning(tuned, model_path):
+    work, first, _ = tuned
+    db_dir = Path(first.db_dir)
+    before = (db_dir / RECORD_FILE).read_bytes()
+    start = time.monotonic()
+    again = tune(model_path, "host", work, max_trials=6, progress=False)
+    assert again.reused and again.trials == 0 and "covers every task" in again.stopped_by
+    assert time.monotonic() - start < 60  # no worker, no search
+    assert (db_dir / RECORD_FILE).read_bytes() == before
+
+
+def test_other_targets_get_their_own_folder(tuned):
+    work, _, _ = tuned
+    host_dir = resolve_tuning_db(work, resolve_target("host"))
+    avx2_dir = resolve_tuning_db(work, resolve_target("x86-avx2"))
+    a72_dir = resolve_tuning_db(work, resolve_target("cortex-a72"))
+    assert len({host_dir, avx2_dir, a72_dir}) == 3
+    # an explicit database folder is used as-is (e.g. an x86 DB applied to ARM on purpose)
+    assert resolve_tuning_db(host_dir, resolve_target("cortex-a72")) == host_dir
+
+
+def test_compile_with_an_empty_database_notes_it(model_path, tmp_path):
+    art = compile_model(model_path, "host", tuning_db=tmp_path / "empty")
+    assert art.report["scheduled_by_database"] == 0
+    assert any("empty or missing" in note for note in art.report["notes"])
+
+
+def test_time_budget_stops_tuning_and_keeps_what_was_measured(model_path, tmp_path):
+    model = tmp_path / "dense2.onnx"
+    onnx.save(dense_model(48, seed=2), model)
+    budget = 75.0
+    start = time.monotonic()
+    report = tune(model, "host", tmp_path / "db", max_trials=100_000, max_seconds=budget,
+                  progress=False)
+    elapsed = time.monotonic() - start
+    assert report.stopped_by.startswith("seconds"), (report.stopped_by, report.errors)
+    assert elapsed < budget + max(15.0, 0.1 * budget) + 15
+    assert 0 < report.trials < 100_000
+    assert report.records_after == count_records(Path(report.db_dir)) > 0
+
+
+def test_worker_crash_keeps_the_database_valid(model_path, tmp_path, monkeypatch):
+    model = tmp_path / "dense3.onnx"
+    onnx.save(dense_model(32, seed=3), model)
+    monkeypatch.setenv("ONNXFORGE_TUNE_FAULT", "crash-after:1")
+    report = tune(model, "host", tmp_path / "db", max_trials=20, progress=False)
+    assert report.stopped_by.startswith("crash"), report.stopped_by
+    db_dir = Path(report.db_dir)
+    records = (db_dir / RECORD_FILE).read_text().splitlines()
+    assert records and all(json.loads(line) for line in records)  # torn line dropped
+    assert len((db_dir / WORKLOAD_FILE).read_text().splitlines()) >= 1
+    open_database(db_dir)
+    art = compile_model(model, "host", tuning_db=tmp_path / "db")
+    assert art.report["scheduled_by_database"] >= 1
+    for err in compare_to_ort(art, model, random_inputs(art.inputs)):
+        assert err.rel <= 1e-4
+
+
+def test_cannot_tune_foreign_targets_without_rpc(model_path, tmp_path):
+    with pytest.raises(BackendError, match="over RPC"):
+        tune(model_path, "cortex-a72", tmp_path, max_trials=4, progress=False)
+    with pytest.raises(InputSpecError, match="go together"):
+        tune(model_path, "host", tmp_path, max_trials=4, rpc_tracker="127.0.0.1:9190",
+             progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args) -> subprocess.Popen:
+    # own process group: TVM's tracker/server start helper processes that must go too
+    return subprocess.Popen([sys.executable, "-m", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_rpc_tuning_through_a_loopback_tracker(model_path, tmp_path):
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
+    port, server_port = _free_port(), _free_port()
+    tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                      "--port-end", str(port + 1)])
+    server = _start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(server_port),
+                     "--port-end", str(server_port + 1), "--tracker", f"127.0.0.1:{port}",
+                     "--key", "loopback"])
+    try:
+        report = tune(model_path, "host", tmp_path / "db", max_trials=4, max_seconds=400,
+                      rpc_tracker=f"127.0.0.1:{port}", rpc_key="loopback", progress=False)
+        assert report.rpc == f"loopback@127.0.0.1:{port}"
+        tuned = [t for t in report.tasks if t.status == "tuned"]
+        assert tuned and tuned[0].best_us > 0, (report.stopped_by, report.errors)
+        assert report.records_after >= 1
+        art = compile_model(model_path, "host", tuning_db=tmp_path / "db")
+        assert art.report["scheduled_by_database"] >= 1
+        for err in compare_to_ort(art, model_path, random_inputs(art.inputs)):
+            assert err.rel <= 1e-4
+        with pytest.raises(BackendError, match="no device with key 'nope'"):
+            from onnxforge.backends.tuning import check_rpc_device
+
+            check_rpc_device(f"127.0.0.1:{port}", "nope", wait=2)
+    finally:
+        _stop(server)
+        _stop(tracker)
+
+
+def test_cli_tune_then_compile_reuses_the_database(tuned, model_path, tmp_path):
+    work, _, _ = tuned
+    tune_cli = subprocess.run(
+        [sys.executable, "-m", "onnxforge.cli", "tune", str(model_path), "--target", "host",
+         "--tuning-db", str(work), "--trials", "6"],
+        capture_output=True, text=True, timeout=300)
+    assert tune_cli.returncode == 0, tune_cli.stderr
+    assert "reused, nothing tuned" in tune_cli.stdout
+    out = tmp_path / "dense.so"
+    compiled = subprocess.run(
+        [sys.executable, "-m", "onnxforge.cli", "compile", str(model_path), "--target", "host",
+         "-o", str(out), "--tuning-db", str(work), "--tune-trials", "6", "--verify"],
+        capture_output=True, text=True, timeout=300)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    assert "from the tuning database" in compiled.stdout and out.is_file()
+    assert "covers every task" in compiled.stdout  # the tune step did not tune again
