@@ -579,3 +579,27 @@ def test_aarch64_compiles_with_vectorized_rules(tmp_path):
 
     with tarfile.open(path) as tar:
         assert any(name.endswith(".o") for name in tar.getnames())
+
+
+def test_aarch64_numerics_under_qemu():
+    """NEON tiles (4-lane vectors) give the same numbers, run under qemu-aarch64.
+
+    Uses the backend's cross-compiled runner; skipped when qemu, the cross compiler or the
+    cached AArch64 TVM runtime are missing (no download from a test).
+    """
+    backend = pytest.importorskip("onnxforge.backends.tvm")
+    needed = ("compile_model", "run_under_qemu", "qemu_available", "cache_dir")
+    if not all(hasattr(backend, name) for name in needed) or not backend.qemu_available():
+        pytest.skip("qemu-aarch64 / aarch64 cross compiler / backend runner unavailable")
+    if not (backend.cache_dir() / "aarch64-runtime" / "libtvm_runtime.so").is_file():
+        pytest.skip("AArch64 TVM runtime not cached (onnxforge.backends.tvm.fetch_aarch64_runtime)")
+    target = dict(AARCH64, **{"num-cores": 1})
+    for model in (
+        _small_cnn(),
+        CONV_CASES["odd_stride2_batch2_relu6"],
+        WINDOW_CASES["depthwise_odd_batch2"],
+    ):
+        artifact = backend.compile_model(model, target)
+        feeds = random_feeds(model)
+        (out,) = backend.run_under_qemu(artifact, feeds).values()
+        assert_close(out, run_ort(model, feeds))
