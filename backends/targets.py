@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -177,8 +178,8 @@ def _cuda_default() -> dict[str, Any]:
         dev = tvm.cuda(0)
         if dev.exist:
             arch = "sm_" + str(dev.compute_version).replace(".", "")
-    except Exception:  # noqa: BLE001 - no CUDA runtime: keep the documented default
-        pass
+    except Exception as exc:  # noqa: BLE001 - no CUDA runtime: keep the documented default
+        logging.getLogger(__name__).debug("no CUDA device to detect: %s", exc)
     return _cuda(arch)()
 
 

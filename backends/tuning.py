@@ -339,7 +339,6 @@ def tune(
     prepared = prepare_module(model, tvm_target, input_shapes=input_shapes)
     tasks = extract_tasks(prepared.mod, tvm_target)
     infos = describe_tasks(tasks)
-    by_name = {t.task_name: t for t in tasks}
     report.tasks = infos
     report.records_before = count_records(db_dir)
     cached: set[str] = set()
@@ -363,7 +362,14 @@ def tune(
         report.seconds = round(time.monotonic() - started, 2)
         return report
 
+    if max_seconds and time.monotonic() - started >= max_seconds:
+        report.stopped_by = "seconds (the budget went on preparing the model)"
+        report.records_after = report.records_before
+        report.seconds = round(time.monotonic() - started, 2)
+        return report
+
     with _db_lock(db_dir):
+        _remove_stale_staging(db_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=db_dir))
         try:
             for name in (WORKLOAD_FILE, RECORD_FILE):
@@ -405,8 +411,25 @@ def tune(
             info.status = "tuned" if info.best_us is not None else \
                 ("failed" if info.trials else "untuned")
     report.seconds = round(time.monotonic() - started, 2)
-    del by_name
     return report
+
+
+def _remove_stale_staging(db_dir: Path) -> None:
+    """Staging folders left by a tuner that was killed (its pid is gone)."""
+    for folder in db_dir.glob(".staging-*"):
+        try:
+            pid = int(folder.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run_worker(staging: Path, spec: dict, infos: list[TaskInfo], report: TuningReport,
@@ -516,8 +539,13 @@ class _Display:
     def __enter__(self):
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-                TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.progress = Progress(
                 TextColumn("[bold]tune[/] {task.fields[key]}"), BarColumn(), MofNCompleteColumn(),
@@ -856,7 +884,7 @@ def worker_main(spec_path: str) -> int:
                        "total_trials": state["total_trials"], "seconds": time.time() - t0})
         builder.pool.shutdown()
         return 0
-    except Exception as exc:  # noqa: BLE001 - reported to the parent, then re-raised
+    except Exception as exc:
         _emit(events, {"event": "error", "message": f"{type(exc).__name__}: {exc}"})
         raise
 

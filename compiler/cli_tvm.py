@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -32,14 +32,14 @@ VERIFY_RTOL = 1e-4
 
 TargetOpt = Annotated[str, typer.Option(
     "--target", "-t", help="Target preset (see `onnxforge targets`) or a TVM JSON target dict.")]
-InputShapeOpt = Annotated[Optional[list[str]], typer.Option(
+InputShapeOpt = Annotated[list[str] | None, typer.Option(
     "--input-shape", "-s", help="Concrete shape for an input with dynamic dims, e.g. "
     "input:1,3,224,224 (repeatable).")]
-TuningDbOpt = Annotated[Optional[Path], typer.Option(
+TuningDbOpt = Annotated[Path | None, typer.Option(
     "--tuning-db", help="Tuning database folder (one subfolder per target).")]
-RpcTrackerOpt = Annotated[Optional[str], typer.Option(
+RpcTrackerOpt = Annotated[str | None, typer.Option(
     "--rpc-tracker", help="TVM RPC tracker HOST:PORT: measure on the device registered there.")]
-RpcKeyOpt = Annotated[Optional[str], typer.Option(
+RpcKeyOpt = Annotated[str | None, typer.Option(
     "--rpc-key", help="Device key in the RPC tracker (with --rpc-tracker).")]
 
 
@@ -97,15 +97,16 @@ def render_tuning(report: Any) -> Table:
 def run_verification(artifact: Any, model: Any, *, rtol: float = VERIFY_RTOL,
                      seed: int = 0) -> list[Any]:
     """Artifact vs onnxruntime on seeded random inputs; raises VerificationError past rtol."""
-    from .backends.tvm import compare_to_ort, random_inputs
+    from .backends.tvm import VERIFY_ATOL, compare_to_ort, random_inputs
 
     inputs = random_inputs(artifact.inputs, seed=seed)
     errors = compare_to_ort(artifact, model, inputs)
-    table = Table("output", "shape", "max abs", "relative", "ok",
-                  title=f"verify vs onnxruntime (tolerance {rtol:g} relative to max |ORT|)")
+    table = Table("output", "shape", "max abs", "relative", "rel L2", "ok",
+                  title=f"verify vs onnxruntime: max abs <= {rtol:g} x max |ORT| "
+                        f"(+{VERIFY_ATOL:g} float floor)")
     for err in errors:
         table.add_row(err.name, str(err.shape), f"{err.max_abs:.3e}", f"{err.rel:.3e}",
-                      "[green]yes[/]" if err.within(rtol) else "[red]NO[/]")
+                      f"{err.rel_l2:.3e}", "[green]yes[/]" if err.within(rtol) else "[red]NO[/]")
     console.print(table)
     bad = [e for e in errors if not e.within(rtol)]
     if bad:
@@ -139,7 +140,7 @@ def register(app: typer.Typer) -> None:
         tune_trials: Annotated[int, typer.Option(
             "--tune-trials", help="Tune first with this many MetaSchedule trials "
             "(tasks already in the database are not tuned again).")] = 0,
-        tune_seconds: Annotated[Optional[float], typer.Option(
+        tune_seconds: Annotated[float | None, typer.Option(
             "--tune-seconds", help="Wall-clock budget for tuning, in seconds.")] = None,
         rpc_tracker: RpcTrackerOpt = None,
         rpc_key: RpcKeyOpt = None,
@@ -147,13 +148,13 @@ def register(app: typer.Typer) -> None:
             "--verify", help="Run the result against onnxruntime on random inputs; exit "
             f"non-zero past {VERIFY_RTOL:g} relative error (AArch64 runs under qemu).")] = False,
         # -p: onnxforge's pass pipeline before compiling, through onnxforge.api.optimize.
-        pipeline: Annotated[Optional[str], typer.Option(
+        pipeline: Annotated[str | None, typer.Option(
             "--pipeline", "-p", help="Run this onnxforge pass pipeline first, e.g. cleanup,fuse "
             "(an already optimized model needs none).")] = None,
         no_default_schedules: Annotated[bool, typer.Option(
             "--no-default-schedules", help="Leave functions outside the database unscheduled.")
         ] = False,
-        report: Annotated[Optional[Path], typer.Option(
+        report: Annotated[Path | None, typer.Option(
             "--report", "-r", help="Write the compile report as JSON here.")] = None,
     ) -> None:
         """Compile an ONNX model with TVM for a target and export the library.
@@ -205,14 +206,14 @@ def register(app: typer.Typer) -> None:
             "--tuning-db", help="Tuning database folder (one subfolder per target).")
         ] = Path("tuning_db"),
         trials: Annotated[int, typer.Option("--trials", help="Total measured trials.")] = 64,
-        seconds: Annotated[Optional[float], typer.Option(
+        seconds: Annotated[float | None, typer.Option(
             "--seconds", help="Wall-clock budget in seconds (whichever ends first).")] = None,
         input_shape: InputShapeOpt = None,
         rpc_tracker: RpcTrackerOpt = None,
         rpc_key: RpcKeyOpt = None,
         retune: Annotated[bool, typer.Option(
             "--retune", help="Tune tasks the database already covers too.")] = False,
-        pipeline: Annotated[Optional[str], typer.Option(
+        pipeline: Annotated[str | None, typer.Option(
             "--pipeline", "-p", help="Run this onnxforge pass pipeline first (as compile does)."
         )] = None,
     ) -> None:

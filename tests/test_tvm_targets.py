@@ -8,7 +8,7 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from onnxforge.backends.targets import (  # noqa: E402
+from onnxforge.backends.targets import (
     UnavailableTargetError,
     UnknownTargetError,
     get_preset,
@@ -19,7 +19,7 @@ from onnxforge.backends.targets import (  # noqa: E402
     target_arch,
     target_key,
 )
-from onnxforge.errors import OnnxforgeError  # noqa: E402
+from onnxforge.errors import OnnxforgeError
 
 pytestmark = pytest.mark.tvm
 
@@ -48,9 +48,8 @@ def test_each_preset_resolves_to_a_tvm_target(name):
 
 
 def test_host_uses_the_detected_cpu_not_native_and_sets_num_cores():
-    from tvm.target import codegen
-
     from onnxforge.backends.targets import physical_cores
+    from tvm.target import codegen
 
     target = resolve_target("host")
     assert str(target.attrs["mcpu"]) == codegen.llvm_get_system_cpu() != "native"

@@ -23,21 +23,21 @@ from onnx import TensorProto, helper, numpy_helper
 tvm = pytest.importorskip("tvm")
 pytest.importorskip("xgboost")
 
-from onnxforge.backends.targets import resolve_target, target_key  # noqa: E402
-from onnxforge.backends.tuning import (  # noqa: E402
+from onnxforge.backends.targets import resolve_target, target_key
+from onnxforge.backends.tuning import (
     RECORD_FILE,
     WORKLOAD_FILE,
     count_records,
     tune,
 )
-from onnxforge.backends.tvm import (  # noqa: E402
+from onnxforge.backends.tvm import (
     compare_to_ort,
     compile_model,
     open_database,
     random_inputs,
     resolve_tuning_db,
 )
-from onnxforge.errors import BackendError, InputSpecError  # noqa: E402
+from onnxforge.errors import BackendError, InputSpecError
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 
@@ -95,7 +95,7 @@ def test_compile_applies_the_database_and_matches_ort(tuned, model_path):
     assert art.report["scheduled_by_database"] >= 1
     assert art.report["tuning_db"] == str(resolve_tuning_db(work, resolve_target("host")))
     for err in compare_to_ort(art, model_path, random_inputs(art.inputs, seed=1)):
-        assert err.rel <= 1e-4, err
+        assert err.within(1e-4), err
 
 
 def test_second_tune_reuses_the_database_without_tuning(tuned, model_path):
@@ -153,7 +153,7 @@ def test_worker_crash_keeps_the_database_valid(model_path, tmp_path, monkeypatch
     art = compile_model(model, "host", tuning_db=tmp_path / "db")
     assert art.report["scheduled_by_database"] >= 1
     for err in compare_to_ort(art, model, random_inputs(art.inputs)):
-        assert err.rel <= 1e-4
+        assert err.within(1e-4)
 
 
 def test_cannot_tune_foreign_targets_without_rpc(model_path, tmp_path):
@@ -202,7 +202,7 @@ def test_rpc_tuning_through_a_loopback_tracker(model_path, tmp_path):
         art = compile_model(model_path, "host", tuning_db=tmp_path / "db")
         assert art.report["scheduled_by_database"] >= 1
         for err in compare_to_ort(art, model_path, random_inputs(art.inputs)):
-            assert err.rel <= 1e-4
+            assert err.within(1e-4)
         with pytest.raises(BackendError, match="no device with key 'nope'"):
             from onnxforge.backends.tuning import check_rpc_device
 
@@ -217,14 +217,14 @@ def test_cli_tune_then_compile_reuses_the_database(tuned, model_path, tmp_path):
     tune_cli = subprocess.run(
         [sys.executable, "-m", "onnxforge.cli", "tune", str(model_path), "--target", "host",
          "--tuning-db", str(work), "--trials", "6"],
-        capture_output=True, text=True, timeout=300)
+        check=False, capture_output=True, text=True, timeout=300)
     assert tune_cli.returncode == 0, tune_cli.stderr
     assert "reused, nothing tuned" in tune_cli.stdout
     out = tmp_path / "dense.so"
     compiled = subprocess.run(
         [sys.executable, "-m", "onnxforge.cli", "compile", str(model_path), "--target", "host",
          "-o", str(out), "--tuning-db", str(work), "--tune-trials", "6", "--verify"],
-        capture_output=True, text=True, timeout=300)
+        check=False, capture_output=True, text=True, timeout=300)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     assert "from the tuning database" in compiled.stdout and out.is_file()
     assert "covers every task" in compiled.stdout  # the tune step did not tune again

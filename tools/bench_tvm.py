@@ -4,6 +4,13 @@
     python tools/bench_tvm.py --models resnet18 mobilenet_v2 --threads 2
     python tools/bench_tvm.py --models digits --tuning-db tuning/ --tune-trials 64 --tune-seconds 600
     python tools/bench_tvm.py --json bench_tvm.json
+    python tools/bench_tvm.py --check-targets cortex-a72 cuda-sm80 opencl-mali   # + ARM/GPU
+
+Each model first goes through onnxforge's exact pipeline (`--pipeline`, default
+cleanup,fuse: folds shape subgraphs TVM cannot import and BatchNorm, which TVM does not
+fold); ORT and TVM then run that same graph, and TVM's outputs are checked against ORT
+on the original model. `--check-targets` also compiles each model for other targets:
+AArch64 code runs under qemu-aarch64 against ORT, GPU targets must emit kernels.
 
 All latencies of one model are measured in one process, interleaved in rounds (so machine
 noise hits every backend alike), median of `--repeat` runs after warm-up. ORT runs with
@@ -73,29 +80,75 @@ def sample_inputs(name: str, artifact) -> dict[str, np.ndarray]:
     return random_inputs(artifact.inputs, seed=0)
 
 
+def optimized(name: str, path: Path, shapes: dict, pipeline: str | None):
+    """The model after onnxforge's (exact) pipeline; both ORT and TVM run this graph."""
+    from onnxforge import api
+    from onnxforge.ir import load_model
+
+    if not pipeline or pipeline == "none":
+        return load_model(path), 0.0
+    sample = ZOO / f"{name}.inputs.npz"
+    start = time.perf_counter()
+    result = api.optimize(path, pipeline, input_shapes=shapes or None,
+                          calibration=str(sample) if sample.is_file() else None)
+    return result.model, time.perf_counter() - start
+
+
+def check_targets(name: str, model, original: Path, shapes: dict, inputs: dict,
+                  targets: list[str]) -> dict:
+    """Compile for other targets: AArch64 runs under qemu vs ORT, GPUs must emit kernels."""
+    from onnxforge.backends.targets import resolve_target, target_arch
+    from onnxforge.backends.tvm import compare_to_ort, compile_model
+
+    results = {}
+    for target in targets:
+        start = time.perf_counter()
+        try:
+            art = compile_model(model, target, input_shapes=shapes or None)
+            entry = {"compile_s": round(time.perf_counter() - start, 1)}
+            tvm_target = resolve_target(target)
+            if tvm_target.kind.name == "llvm" and target_arch(tvm_target) == "aarch64":
+                start = time.perf_counter()
+                errors = compare_to_ort(art, original, inputs)
+                entry["qemu_s"] = round(time.perf_counter() - start, 1)
+                entry["max_rel_err"] = max(e.rel for e in errors)
+                entry["ok"] = all(e.within(1e-4) for e in errors)
+            else:
+                source = art.device_source()
+                entry["kernels"] = source.count("__global__") + source.count("__kernel")
+                entry["ok"] = entry["kernels"] > 0
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            entry = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        results[target] = entry
+        print(f"   {target}: {entry}", file=sys.stderr, flush=True)
+    return results
+
+
 def bench_model(name: str, path: Path, shapes: dict, args) -> dict:
     from onnxforge.api import benchmark_artifacts
     from onnxforge.backends.ort import OrtArtifact
     from onnxforge.backends.tvm import compare_to_ort, compile_model
-    from onnxforge.ir import load_model
 
-    row: dict = {"model": name, "threads": args.threads, "target": args.target}
+    row: dict = {"model": name, "threads": args.threads, "target": args.target,
+                 "pipeline": args.pipeline}
+    model, seconds = optimized(name, path, shapes, args.pipeline)
+    row["pipeline_s"] = round(seconds, 1)
     start = time.perf_counter()
-    default = compile_model(path, args.target, input_shapes=shapes or None, threads=args.threads)
+    default = compile_model(model, args.target, input_shapes=shapes or None, threads=args.threads)
     row["compile_s"] = round(time.perf_counter() - start, 1)
     row["tvm_compile_s"] = default.report["compile_seconds"]
     row["functions"] = default.report["num_primfuncs"]
-    artifacts = [OrtArtifact(load_model(path), threads=args.threads), default]
+    artifacts = [OrtArtifact(model, threads=args.threads), default]
     labels = ["ort", "tvm_default"]
     if args.naive:
-        artifacts.append(compile_model(path, args.target, input_shapes=shapes or None,
+        artifacts.append(compile_model(model, args.target, input_shapes=shapes or None,
                                        threads=args.threads, default_schedules=False))
         labels.append("tvm_naive")
     if args.tuning_db:
         if args.tune_trials:
             from onnxforge.backends.tuning import tune
 
-            report = tune(path, args.target, args.tuning_db, max_trials=args.tune_trials,
+            report = tune(model, args.target, args.tuning_db, max_trials=args.tune_trials,
                           max_seconds=args.tune_seconds, input_shapes=shapes or None,
                           progress=not args.quiet)
             row["tune_trials"] = report.trials
@@ -103,7 +156,7 @@ def bench_model(name: str, path: Path, shapes: dict, args) -> dict:
             row["tune_stopped_by"] = report.stopped_by
             row["tune_reused"] = report.reused
         start = time.perf_counter()
-        tuned = compile_model(path, args.target, input_shapes=shapes or None,
+        tuned = compile_model(model, args.target, input_shapes=shapes or None,
                               tuning_db=args.tuning_db, threads=args.threads)
         row["compile_db_s"] = round(time.perf_counter() - start, 1)
         row["from_db"] = tuned.report["scheduled_by_database"]
@@ -112,9 +165,16 @@ def bench_model(name: str, path: Path, shapes: dict, args) -> dict:
 
     inputs = sample_inputs(name, default)
     errors = {}
+    within = True
     for label, art in zip(labels[1:], artifacts[1:]):
-        errors[label] = max(e.rel for e in compare_to_ort(art, path, inputs, threads=args.threads))
+        # against ORT on the *original* model: catches pipeline and compiler errors alike
+        compared = compare_to_ort(art, path, inputs, threads=args.threads)
+        errors[label] = max(e.rel for e in compared)
+        within = within and all(e.within(1e-4) for e in compared)
+    row["within_1e-4"] = within
     row["max_rel_err"] = {k: float(f"{v:.3e}") for k, v in errors.items()}
+    if args.check_targets:
+        row["targets"] = check_targets(name, model, path, shapes, inputs, args.check_targets)
     timings = benchmark_artifacts(artifacts, inputs, warmup=args.warmup, repeat=args.repeat)
     for label, timing in zip(labels, timings):
         row[f"{label}_ms"] = round(timing["median_ms"], 3)
@@ -150,9 +210,28 @@ def render(rows: list[dict], args) -> None:
         compile_text = f"{row['compile_s']:.1f}"
         if "compile_db_s" in row:
             compile_text += f" / {row['compile_db_s']:.1f} (DB)"
-        cells += [compile_text, ", ".join(f"{v:.1e}" for v in row["max_rel_err"].values())]
+        cells += [compile_text, ", ".join(f"{v:.1e}" for v in row["max_rel_err"].values())
+                  + ("" if row["within_1e-4"] else " [red]FAIL[/]")]
         table.add_row(*cells)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    if args.check_targets:
+        other = Table("model", *args.check_targets, title="other targets: compile s; AArch64 "
+                      "run under qemu vs ORT (max rel err), GPU kernels in the source")
+        for row in rows:
+            cells = [row["model"]]
+            for target in args.check_targets:
+                entry = row["targets"][target]
+                if "error" in entry:
+                    cells.append(f"[red]{entry['error'][:60]}[/]")
+                elif "kernels" in entry:
+                    cells.append(f"{entry['compile_s']:.1f} s, {entry['kernels']} kernels")
+                else:
+                    mark = "ok" if entry["ok"] else "[red]FAIL[/]"
+                    cells.append(f"{entry['compile_s']:.1f} s, qemu {entry['qemu_s']:.0f} s, "
+                                 f"{entry['max_rel_err']:.1e} {mark}")
+            other.add_row(*cells)
+        console.print(other)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write the rows as JSON too")
     parser.add_argument("--quiet", action="store_true", help="no tuning progress bar")
+    parser.add_argument("--pipeline", default="cleanup,fuse",
+                        help="onnxforge pipeline before both backends ('none' to skip)")
+    parser.add_argument("--check-targets", nargs="*", default=[],
+                        help="also compile for these (e.g. cortex-a72 cuda-sm80 opencl-mali)")
     args = parser.parse_args(argv)
 
     rows = []
