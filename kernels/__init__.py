@@ -1,10 +1,19 @@
 """TVM TensorIR kernels and schedules the stock TVM wheel lacks.
 
-Default CPU schedules (x86 and AArch64): ``default_schedule_pass(target)`` is a module
-pass to run after the fusion passes (LegalizeOps, AnnotateTIROpPattern, FoldConstant,
-FuseOps, FuseTIR, and MetaScheduleApplyDatabase when a database is used). It schedules
-every PrimFunc that is not scheduled yet and records the rule on each function;
-``schedule_summary(mod)`` reads that record back.
+Default CPU schedules (x86 and AArch64), so that untuned TVM code is fast:
+
+1. ``relax_prepasses(target)`` -> list of Relax passes, run on the imported module
+   before LegalizeOps: BatchNorm folded into conv weights (or decomposed so it fuses
+   into the conv epilogue), float32 exp/sigmoid/erf/tanh/softmax made vectorizable.
+2. the usual LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
+   (then MetaScheduleApplyDatabase when a tuning database is used).
+3. ``default_schedule_pass(target)`` -> module pass: schedules every PrimFunc without
+   ``tirx.is_scheduled`` with the rules of ``cpu_rules.default_rules()`` (conv2d,
+   matmul, sliding window, row reduction, elementwise, fallback), packs weight constants
+   ahead of time, and records the rule in each function's ``onnxforge.schedule_rule``.
+4. ``schedule_summary(mod)`` -> {PrimFunc name: rule name | "database" | "unscheduled"}.
+
+Vector width, register count and core count come from the target (``cpu_target``).
 """
 
 from __future__ import annotations
