@@ -61,6 +61,7 @@ from .quantization import (
     channel_axis_of_input,
     make_plan,
     resolve_ranges,
+    weight_bytes,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,19 +90,6 @@ def store_fp16_weights(model: ir.Model, names: set[str]) -> int:
         count += 1
     remove_unused(model)
     return count
-
-
-def _weight_bytes(model: ir.Model) -> int:
-    total = 0
-    for v in model.graph.initializers.values():
-        if v.const_value is not None:
-            total += int(v.const_value.nbytes)
-    for n in model.graph:
-        if n.op_type == "Constant":
-            arr = constant_array(n.outputs[0])
-            if arr is not None:
-                total += int(arr.nbytes)
-    return total
 
 
 class _Evaluator:
@@ -185,12 +173,12 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
     if context.calibration is not None and hasattr(context.calibration, "labels"):
         labels = context.calibration.labels()
     evaluator = _Evaluator(fp32, batches, opts, labels, context.threads)
-    fp32_bytes = _weight_bytes(fp32)
+    fp32_bytes = weight_bytes(fp32)
 
-    def build(int8: set[str], fp16: set[str]) -> ir.Model:
-        cand = load_model(fp32, check=False)
+    def apply(target: ir.Model, int8: set[str], fp16: set[str]) -> ir.Model:
+        """Quantize the `int8` layers and store the `fp16` ones in half precision, in place."""
         if int8:
-            plan = make_plan(cand, int8_opts, only=int8)
+            plan = make_plan(target, int8_opts, only=int8)
             ranges = resolve_ranges(plan, calib, int8_opts)
             shifts = {}
             if opts.bias_correction:
@@ -198,10 +186,13 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
 
                 shifts = analytic_bias_shifts(plan.compute, calib.channel, per_channel=opts.per_channel,
                                               method=opts.weight_calibration)
-            apply_plan(cand, plan, ranges, int8_opts, bias_shift=shifts)
+            apply_plan(target, plan, ranges, int8_opts, bias_shift=shifts)
         if fp16:
-            store_fp16_weights(cand, fp16)
-        return cand
+            store_fp16_weights(target, fp16)
+        return target
+
+    def build(int8: set[str], fp16: set[str]) -> ir.Model:
+        return apply(load_model(fp32, check=False), int8, fp16)
 
     # 2. sensitivity of each layer alone
     sensitivity: dict[str, dict[str, float]] = {}
@@ -221,7 +212,7 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
         fp16 = set(order[k:]) if rest_fp16 else set()
         cand = build(int8, fp16)
         err = evaluator.errors(cand)
-        size = _weight_bytes(cand)
+        size = weight_bytes(cand)
         curve.append({"int8_layers": k, **{e: round(v, 6) for e, v in err.items()},
                       "weight_bytes": size, "size_ratio": round(size / fp32_bytes, 4),
                       "within_budget": evaluator.within(err)})
@@ -243,18 +234,7 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
             chosen = min(small, key=lambda p: p["int8_layers"])
     int8, fp16 = configs[chosen["int8_layers"]]
     # 5. apply to the model itself and verify
-    if int8:
-        plan = make_plan(model, int8_opts, only=int8)
-        ranges = resolve_ranges(plan, calib, int8_opts)
-        shifts = {}
-        if opts.bias_correction:
-            from .quant_repair import analytic_bias_shifts
-
-            shifts = analytic_bias_shifts(plan.compute, calib.channel, per_channel=opts.per_channel,
-                                          method=opts.weight_calibration)
-        apply_plan(model, plan, ranges, int8_opts, bias_shift=shifts)
-    if fp16:
-        store_fp16_weights(model, fp16)
+    apply(model, int8, fp16)
     final = evaluator.errors(model)
     if not evaluator.within(final):
         raise BudgetError(f"quantize(mode=mixed): the chosen configuration measured {final}, over budget")

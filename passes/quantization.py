@@ -864,7 +864,7 @@ class QuantizePass(ForgePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts: QuantizeOptions = self.options
-        before = _weight_bytes(model)
+        before = weight_bytes(model)
         if opts.mode == "int8":
             quantize_int8(model, opts, self.context, self.stats)
         elif opts.mode == "dynamic":
@@ -879,14 +879,15 @@ class QuantizePass(ForgePass):
             from .mixed_precision import quantize_mixed
 
             self.stats.update(quantize_mixed(model, opts, self.context))
-        after = _weight_bytes(model)
+        after = weight_bytes(model)
         self.stats["weight_bytes_before"] = before
         self.stats["weight_bytes_after"] = after
         self.stats["size_ratio"] = round(before / after, 3) if after else None
         return ir.passes.PassResult(model, modified=True)
 
 
-def _weight_bytes(model: ir.Model) -> int:
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the initializers and Constant-node values of the main graph."""
     total = 0
     for v in model.graph.initializers.values():
         if v.const_value is not None:
@@ -895,6 +896,6 @@ def _weight_bytes(model: ir.Model) -> int:
         if n.op_type == "Constant":
             arr = constant_array(n.outputs[0])
             if arr is not None:
-                total += arr.nbytes
+                total += int(arr.nbytes)
     return total
 
