@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..ir import add_initializer, constant_array
+from .fuse_common import attr
 
 LINEAR_OPS = ("Gemm", "MatMul")
 
@@ -59,14 +60,6 @@ class Stage:
     weight: np.ndarray
     attrs: dict[str, Any] = field(default_factory=dict)
     bias: np.ndarray | ir.Value | None = None
-
-
-def _attr(node: ir.Node, name: str, default: Any) -> Any:
-    attr = node.attributes.get(name)
-    if attr is None:
-        return default
-    value = attr.value
-    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def layer_key(node: ir.Node, taken: set[str]) -> str:
@@ -110,12 +103,12 @@ def following_bn_scale(node: ir.Node, n_out: int) -> np.ndarray | None:
     bn, index = uses[0]
     if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or index != 0:
         return None
-    if int(_attr(bn, "training_mode", 0)) != 0 or len(bn.inputs) < 5:
+    if int(attr(bn, "training_mode", 0)) != 0 or len(bn.inputs) < 5:
         return None
     scale, var = constant_array(bn.inputs[1]), constant_array(bn.inputs[4])
     if scale is None or var is None or scale.size != n_out or var.size != n_out:
         return None
-    eps = float(_attr(bn, "epsilon", 1e-5))
+    eps = float(attr(bn, "epsilon", 1e-5))
     return np.abs(scale.astype(np.float64).reshape(-1)) / np.sqrt(
         var.astype(np.float64).reshape(-1) + eps)
 
@@ -157,10 +150,10 @@ def inspect_node(node: ir.Node, conv_method: str) -> Layer | str | None:
             return f"weight dtype {wb.dtype} / rank {wb.ndim} (float32 2-D only)"
         if _shared(b) > 1:
             return f"weight shared by {_shared(b)} nodes"
-        alpha = float(_attr(node, "alpha", 1.0))
-        beta = float(_attr(node, "beta", 1.0))
-        trans_a = int(_attr(node, "transA", 0))
-        trans_b = int(_attr(node, "transB", 0))
+        alpha = float(attr(node, "alpha", 1.0))
+        beta = float(attr(node, "beta", 1.0))
+        trans_a = int(attr(node, "transA", 0))
+        trans_b = int(attr(node, "transB", 0))
         weight = alpha * (wb if trans_b else wb.T).astype(np.float64)  # (N, K)
         layer = Layer("", node, op, "svd", weight, b, a, bias_value=c,
                       attrs={"transA": trans_a, "beta": beta})
@@ -186,17 +179,17 @@ def inspect_node(node: ir.Node, conv_method: str) -> Layer | str | None:
         return f"{wc.ndim - 2}-D conv (2-D only)"
     if wc.dtype != np.float32:
         return f"weight dtype {wc.dtype} (float32 only)"
-    group = int(_attr(node, "group", 1))
+    group = int(attr(node, "group", 1))
     if group != 1:
         return f"grouped conv (group={group})"
     if _shared(w) > 1:
         return f"weight shared by {_shared(w)} nodes"
     kh, kw = wc.shape[2:]
     attrs = {
-        "strides": _attr(node, "strides", [1, 1]),
-        "pads": _attr(node, "pads", [0, 0, 0, 0]),
-        "dilations": _attr(node, "dilations", [1, 1]),
-        "auto_pad": _attr(node, "auto_pad", "NOTSET"),
+        "strides": attr(node, "strides", [1, 1]),
+        "pads": attr(node, "pads", [0, 0, 0, 0]),
+        "dilations": attr(node, "dilations", [1, 1]),
+        "auto_pad": attr(node, "auto_pad", "NOTSET"),
     }
     if isinstance(attrs["auto_pad"], bytes):
         attrs["auto_pad"] = attrs["auto_pad"].decode()
