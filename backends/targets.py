@@ -205,8 +205,10 @@ _ARM_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55
 
 
 def _cuda(arch: str, host: dict[str, Any] | None = None) -> Callable[[], dict[str, Any]]:
+    # 48 KiB: the static shared memory a block gets without an opt-in on every arch
     return lambda: {"kind": "cuda", "arch": arch, "max_num_threads": 1024,
-                    "thread_warp_size": 32, "host": host or _host_llvm()}
+                    "thread_warp_size": 32, "max_shared_memory_per_block": 49152,
+                    "host": host or _host_llvm()}
 
 
 def _presets() -> list[TargetPreset]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -115,7 +116,7 @@ def check_targets(name: str, model, original: Path, shapes: dict, inputs: dict,
                 entry["ok"] = all(e.within(1e-4) for e in errors)
             else:
                 source = art.device_source()
-                entry["kernels"] = source.count("__global__") + source.count("__kernel")
+                entry["kernels"] = len(re.findall(r"__global__\s+void|__kernel\s+void", source))
                 entry["ok"] = entry["kernels"] > 0
         except Exception as exc:  # noqa: BLE001 - reported in the table
             entry = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
