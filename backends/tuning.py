@@ -69,6 +69,9 @@ logger = logging.getLogger(__name__)
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
+# Latency of each task under onnxforge's default schedule, keyed by the workload hash:
+# compile_model keeps the default schedule where tuning did not beat it.
+BASELINE_FILE = "default_schedules.json"
 DEFAULT_BUILDER_TIMEOUT = 120.0
 DEFAULT_RUNNER_TIMEOUT = 60.0
 
@@ -84,6 +87,7 @@ class TaskInfo:
     status: str = "pending"  # cached | tuned | untuned | skipped (small) | failed
     trials: int = 0
     best_us: float | None = None
+    default_us: float | None = None  # the default schedule, measured the same way
 
 
 @dataclass
@@ -194,7 +198,22 @@ def _commit(staging: Path, db_dir: Path) -> int:
         shutil.rmtree(check, ignore_errors=True)
     _write_atomic(db_dir / WORKLOAD_FILE, workloads)
     _write_atomic(db_dir / RECORD_FILE, records)
+    baselines = read_baselines(db_dir)
+    baselines.update(read_baselines(staging))
+    if baselines:
+        _write_atomic(db_dir / BASELINE_FILE, [json.dumps(baselines, indent=1, sort_keys=True)])
     return len(records)
+
+
+def read_baselines(db_dir: Path | None) -> dict[str, dict]:
+    """{workload hash: {"us": default-schedule latency, "task": name}} (empty if none)."""
+    if db_dir is None or not (db_dir / BASELINE_FILE).is_file():
+        return {}
+    try:
+        data = json.loads((db_dir / BASELINE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -372,7 +391,7 @@ def tune(
         _remove_stale_staging(db_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=db_dir))
         try:
-            for name in (WORKLOAD_FILE, RECORD_FILE):
+            for name in (WORKLOAD_FILE, RECORD_FILE, BASELINE_FILE):
                 if (db_dir / name).is_file():
                     shutil.copyfile(db_dir / name, staging / name)
             spec = {
@@ -410,6 +429,9 @@ def tune(
         if info.name in todo:
             info.status = "tuned" if info.best_us is not None else \
                 ("failed" if info.trials else "untuned")
+            if info.best_us is not None and info.default_us is not None \
+                    and info.default_us <= info.best_us:
+                info.status = "tuned (default schedule faster, kept)"
     report.seconds = round(time.monotonic() - started, 2)
     return report
 
@@ -514,6 +536,10 @@ def _apply_event(event: dict, infos: dict[str, TaskInfo], report: TuningReport,
         if event.get("errors"):
             report.errors.extend(event["errors"][:2])
         display.update(event)
+    elif kind == "baseline":
+        info = infos.get(event["task"])
+        if info is not None:
+            info.default_us = event["us"]
     elif kind == "start":
         display.message(f"tuning {len(event['tasks'])} task(s), setup {event['setup_s']:.0f} s")
     elif kind == "error":
@@ -806,6 +832,65 @@ def _search_strategy(per_iter: int):
     )
 
 
+def _measure_default_schedules(tasks, target, builder, runner, database, work_dir: Path,
+                               events: Path) -> None:
+    """Time each task under onnxforge's default CPU schedule with the tuner's own builder and
+    runner, so that compile_model can keep it where tuning found nothing faster."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from .tvm import default_cpu_schedule_pass
+
+    schedule_pass, why_not = default_cpu_schedule_pass(target)
+    if schedule_pass is None:
+        logger.info("no default-schedule baseline: %s", why_not)
+        return
+    import tvm
+
+    items = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        try:
+            # a copy: the pass may update the module it is given in place, and `mod` is the
+            # very module the tuning context searches
+            scheduled = schedule_pass(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
+        except Exception as exc:  # noqa: BLE001 - no baseline for this task
+            logger.info("default schedule failed on %s: %s", task.task_name, exc)
+            continue
+        funcs = [f for _, f in scheduled.functions_items()]
+        if len(funcs) != 1 or not (funcs[0].attrs and funcs[0].attrs.get("tirx.is_scheduled")):
+            continue
+        items.append((task, mod, scheduled))
+    if not items:
+        return
+    built = builder.build([BuilderInput(s, target) for _, _, s in items])
+    measured, inputs = [], []
+    for (task, mod, scheduled), result in zip(items, built):
+        if result.error_msg or not result.artifact_path:
+            logger.warning("default schedule of %s did not build: %s", task.task_name,
+                           (result.error_msg or "").strip()[:500])
+            continue
+        measured.append((task, mod, result.artifact_path))
+        device = "cpu" if target.kind.name == "llvm" else target.kind.name
+        inputs.append(RunnerInput(result.artifact_path, device,
+                                  ArgInfo.from_entry_func(scheduled, remove_preproc=True)))
+    baselines = read_baselines(work_dir)
+    for (task, mod, path), future in zip(measured, runner.run(inputs)):
+        result = future.result()
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        if result.error_msg or not result.run_secs:
+            logger.warning("default schedule of %s did not run: %s", task.task_name,
+                           (result.error_msg or "no timing").strip()[:500])
+            continue
+        secs = [float(x) for x in result.run_secs]
+        us = sum(secs) / len(secs) * 1e6
+        shash = database.commit_workload(mod).as_json()[0]
+        baselines[str(shash)] = {"us": us, "task": task.task_name}
+        _emit(events, {"event": "baseline", "task": task.task_name, "us": us})
+    _write_atomic(work_dir / BASELINE_FILE, [json.dumps(baselines, indent=1, sort_keys=True)])
+
+
 def worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     if spec.get("parent_pid"):
@@ -865,6 +950,8 @@ def worker_main(spec_path: str) -> int:
         database = ms.database.JSONDatabase(
             path_workload=str(work_dir / WORKLOAD_FILE),
             path_tuning_record=str(work_dir / RECORD_FILE), allow_missing=True)
+        if not gpu:
+            _measure_default_schedules(tasks, target, builder, runner, database, work_dir, events)
         order = list(range(len(contexts)))
         scheduler = BudgetScheduler(order, spec["deadline_unix"])
         _emit(events, {"event": "start", "tasks": state["names"], "per_task": per_task,

@@ -373,6 +373,54 @@ def open_database(db_dir: Path):
     )
 
 
+def _read_baselines(db_dir: Path) -> dict[str, dict]:
+    from .tuning import read_baselines
+
+    return read_baselines(db_dir)
+
+
+def apply_database(mod, database, target, baselines: Mapping[str, dict] | None = None):
+    """MetaScheduleApplyDatabase, function by function, keeping the default schedule where
+    the tuner measured it faster than the best tuning record (`baselines`).
+
+    Returns (module, names scheduled from the database, names left to the default rules).
+    Same lookup as TVM's pass: normalize each PrimFunc, take the database's best record,
+    replay its trace, keep the function's attributes and mark it scheduled.
+    """
+    import tvm
+
+    normalize = tvm.get_global_func("tvm.s_tir.meta_schedule.normalize_mod")
+    baselines = baselines or {}
+    applied: set[str] = set()
+    kept: set[str] = set()
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or _is_scheduled(func):
+            continue
+        tir_mod = normalize(func)
+        record = database.query_tuning_record(tir_mod, target, gvar.name_hint)
+        if record is None:
+            continue
+        baseline = baselines.get(str(record.workload.as_json()[0]))
+        if baseline is not None and record.run_secs:
+            secs = [float(x) for x in record.run_secs]
+            if baseline["us"] <= sum(secs) / len(secs) * 1e6:
+                kept.add(gvar.name_hint)
+                continue
+        sch = database.query_schedule(tir_mod, target, gvar.name_hint)
+        if sch is None:
+            continue
+        (_, new), = sch.mod.functions_items()
+        if func.attrs is not None:
+            for key, value in func.attrs.items():
+                new = new.with_attr(key, value)
+        updates[gvar] = new.with_attr("tirx.is_scheduled", True)
+        applied.add(gvar.name_hint)
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod, applied, kept
+
+
 def database_is_populated(db_dir: Path | None) -> bool:
     if db_dir is None:
         return False
@@ -446,7 +494,6 @@ def compile_model(
         threads: default TVM thread count for `run` / `benchmark` (None: all cores).
     """
     import tvm
-    from tvm import relax
 
     started = time.perf_counter()
     requested = target
@@ -475,10 +522,10 @@ def compile_model(
     if db_dir is not None:
         if database_is_populated(db_dir):
             database = open_database(db_dir)
-            before = _scheduled_names(mod)
-            with target, database:
-                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-            by_database = _scheduled_names(mod) - before
+            baselines = _read_baselines(db_dir) if default_schedules else {}
+            with target:
+                mod, by_database, kept = apply_database(mod, database, target, baselines)
+            report["default_kept_over_database"] = sorted(kept)
             schedule_names.append(f"MetaScheduleApplyDatabase({db_dir})")
         else:
             report["notes"].append(

@@ -85,12 +85,14 @@ def render_targets() -> Table:
 
 
 def render_tuning(report: Any) -> Table:
-    table = Table("task", "FLOP share", "weight", "status", "trials", "best (us)",
+    table = Table("task", "FLOP share", "weight", "status", "trials", "best tuned (us)",
+                  "default schedule (us)",
                   title=f"tuning {report.target_key}: {report.trials} trials in "
                         f"{report.seconds:.0f} s, stopped by {report.stopped_by}")
     for task in report.tasks:
         table.add_row(task.name, f"{task.share * 100:.1f}%", str(task.weight), task.status,
-                      str(task.trials), "-" if task.best_us is None else f"{task.best_us:.1f}")
+                      str(task.trials), "-" if task.best_us is None else f"{task.best_us:.1f}",
+                      "-" if task.default_us is None else f"{task.default_us:.1f}")
     return table
 
 
@@ -189,7 +191,10 @@ def register(app: typer.Typer) -> None:
             f"{info['compile_seconds']:.1f} s: {info['num_primfuncs']} functions, "
             f"{info['scheduled_by_database']} from the tuning database, "
             f"{info['scheduled_by_default']} by default rules ({info['default_rules'] or '-'}), "
-            f"{info['unscheduled']} unscheduled")
+            f"{info['unscheduled']} unscheduled"
+            + (f"; default schedule kept over a slower tuning record for "
+               f"{len(info['default_kept_over_database'])}"
+               if info.get("default_kept_over_database") else ""))
         for note in info["notes"]:
             err_console.print(f"[yellow]note:[/] {note}")
         console.print(f"wrote {', '.join(info.get('exported', [str(written)]))}")

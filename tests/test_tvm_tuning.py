@@ -81,7 +81,7 @@ def test_tuning_measures_and_persists_per_target(tuned):
     db_dir = Path(report.db_dir)
     assert db_dir == work.resolve() / target_key(resolve_target("host"))
     assert count_records(db_dir) == report.records_after >= 6
-    task = next(t for t in report.tasks if t.status == "tuned")
+    task = next(t for t in report.tasks if t.status.startswith("tuned"))
     assert "matmul" in task.name and task.best_us is not None and task.best_us > 0
     assert task.share > 0.5
     open_database(db_dir)  # loads
@@ -89,10 +89,22 @@ def test_tuning_measures_and_persists_per_target(tuned):
     assert (db_dir / "logs").is_dir()
 
 
+def _from_db(report: dict) -> int:
+    """Functions the database decided: applied, or the default kept as measured faster."""
+    return report["scheduled_by_database"] + len(report.get("default_kept_over_database", []))
+
+
 def test_compile_applies_the_database_and_matches_ort(tuned, model_path):
-    work, _, _ = tuned
+    work, report, _ = tuned
     art = compile_model(model_path, "host", tuning_db=work)
-    assert art.report["scheduled_by_database"] >= 1
+    assert _from_db(art.report) >= 1
+    task = next(t for t in report.tasks if t.status.startswith("tuned"))
+    if art.report["default_rules"] == "onnxforge.kernels":
+        # the tuner timed the default schedule too; compile kept whichever was faster
+        assert task.default_us is not None and task.default_us > 0
+        kept = bool(art.report["default_kept_over_database"])
+        assert kept == (task.default_us <= task.best_us) or abs(
+            task.default_us - task.best_us) < 0.1 * task.best_us  # mean vs median noise
     assert art.report["tuning_db"] == str(resolve_tuning_db(work, resolve_target("host")))
     for err in compare_to_ort(art, model_path, random_inputs(art.inputs, seed=1)):
         assert err.within(1e-4), err
@@ -117,6 +129,30 @@ def test_other_targets_get_their_own_folder(tuned):
     assert len({host_dir, avx2_dir, a72_dir}) == 3
     # an explicit database folder is used as-is (e.g. an x86 DB applied to ARM on purpose)
     assert resolve_tuning_db(host_dir, resolve_target("cortex-a72")) == host_dir
+
+
+def test_default_schedule_baseline_decides_per_function(tuned, model_path, tmp_path):
+    """A tuning record is applied only when it beats the default schedule's measured time."""
+    import shutil
+
+    from onnxforge.backends.tuning import BASELINE_FILE
+
+    _, report, _ = tuned
+    db_dir = Path(report.db_dir)
+    for fast_default, expect_db in ((0.0, 0), (1e12, 1)):
+        copy = tmp_path / f"db{expect_db}"
+        shutil.copytree(db_dir, copy, ignore=shutil.ignore_patterns("logs", ".lock"))
+        hashes = [json.loads(line)[0] for line in (copy / WORKLOAD_FILE).read_text().splitlines()]
+        (copy / BASELINE_FILE).write_text(json.dumps(
+            {h: {"us": fast_default, "task": "t"} for h in hashes}))
+        art = compile_model(model_path, "host", tuning_db=copy)
+        if art.report["default_rules"] is None:
+            pytest.skip("onnxforge.kernels default schedules unavailable")
+        assert art.report["scheduled_by_database"] == expect_db * len(
+            [t for t in report.tasks if t.status.startswith("tuned")])
+        assert bool(art.report["default_kept_over_database"]) == (expect_db == 0)
+        for err in compare_to_ort(art, model_path, random_inputs(art.inputs)):
+            assert err.within(1e-4)
 
 
 def test_compile_with_an_empty_database_notes_it(model_path, tmp_path):
@@ -151,7 +187,7 @@ def test_worker_crash_keeps_the_database_valid(model_path, tmp_path, monkeypatch
     assert len((db_dir / WORKLOAD_FILE).read_text().splitlines()) >= 1
     open_database(db_dir)
     art = compile_model(model, "host", tuning_db=tmp_path / "db")
-    assert art.report["scheduled_by_database"] >= 1
+    assert _from_db(art.report) >= 1
     for err in compare_to_ort(art, model, random_inputs(art.inputs)):
         assert err.within(1e-4)
 
@@ -196,11 +232,11 @@ def test_rpc_tuning_through_a_loopback_tracker(model_path, tmp_path):
         report = tune(model_path, "host", tmp_path / "db", max_trials=4, max_seconds=400,
                       rpc_tracker=f"127.0.0.1:{port}", rpc_key="loopback", progress=False)
         assert report.rpc == f"loopback@127.0.0.1:{port}"
-        tuned = [t for t in report.tasks if t.status == "tuned"]
+        tuned = [t for t in report.tasks if t.status.startswith("tuned")]
         assert tuned and tuned[0].best_us > 0, (report.stopped_by, report.errors)
         assert report.records_after >= 1
         art = compile_model(model_path, "host", tuning_db=tmp_path / "db")
-        assert art.report["scheduled_by_database"] >= 1
+        assert _from_db(art.report) >= 1
         for err in compare_to_ort(art, model_path, random_inputs(art.inputs)):
             assert err.within(1e-4)
         with pytest.raises(BackendError, match="no device with key 'nope'"):
@@ -227,4 +263,5 @@ def test_cli_tune_then_compile_reuses_the_database(tuned, model_path, tmp_path):
         check=False, capture_output=True, text=True, timeout=300)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     assert "from the tuning database" in compiled.stdout and out.is_file()
-    assert "covers every task" in compiled.stdout  # the tune step did not tune again
+    assert "yes" in compiled.stdout  # --verify passed
+    assert "0 trials" in compiled.stdout and "nothing to tune" in compiled.stdout
