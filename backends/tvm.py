@@ -259,6 +259,9 @@ def legalize_passes(target) -> list:
     from tvm import relax
 
     return [
+        # Sampling/sort/scan ops (TopK, ...) have no legalization of their own.
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
@@ -626,12 +629,20 @@ def _flatten(value) -> list:
 
     if isinstance(value, tvm.runtime.Tensor):
         return [value]
+    if type(value).__name__ == "Shape":  # an ONNX Shape output: one int64 tensor, not a tuple
+        return [np.asarray(tuple(value), dtype=np.int64)]
     if isinstance(value, (list, tuple)) or hasattr(value, "__len__"):
         out = []
         for item in value:
             out += _flatten(item)
         return out
     return [value]
+
+
+def _contiguous(value, dtype) -> np.ndarray:
+    """C-contiguous array of `dtype` that keeps 0-d scalars 0-d (np.ascontiguousarray
+    would make them shape (1,))."""
+    return np.require(np.asarray(value, dtype=dtype), requirements="C")
 
 
 def _set_threads(threads: int | None) -> int:
@@ -762,7 +773,7 @@ class TVMArtifact:
         for spec in self.inputs:
             if spec.name not in inputs:
                 raise InputSpecError(f"missing input {spec.name!r} (inputs: {self.input_names})")
-            array = np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)
+            array = _contiguous(inputs[spec.name], spec.dtype)
             if tuple(array.shape) != spec.shape:
                 raise InputSpecError(
                     f"input {spec.name!r} has shape {tuple(array.shape)}, the model was "
@@ -1079,7 +1090,7 @@ def run_under_qemu(artifact: TVMArtifact, inputs: Mapping[str, np.ndarray], *,
         for i, spec in enumerate(artifact.inputs):
             if spec.name not in inputs:
                 raise InputSpecError(f"missing input {spec.name!r}")
-            array = np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)
+            array = _contiguous(inputs[spec.name], spec.dtype)
             if tuple(array.shape) != spec.shape:
                 raise InputSpecError(f"input {spec.name!r} has shape {array.shape}, "
                                      f"the model was compiled for {spec.shape}")
