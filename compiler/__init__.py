@@ -29,4 +29,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'onnxforge' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY.keys()]  # noqa: PLE0604 - names resolved lazily

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,7 +35,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 _state = {"debug": False}
 
 InputShapeOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--input-shape", "-s", help="Concrete shape for an input with dynamic dims, "
                  "e.g. input:1,3,224,224 (repeatable)."),
 ]
@@ -52,7 +52,7 @@ def _version(value: bool) -> None:
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each pass.")] = False,
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version,
                                                     is_eager=True)] = None,
 ) -> None:
     _state["debug"] = debug
@@ -90,19 +90,19 @@ def inspect(
 
 @app.command()
 def optimize(
-    model: Annotated[Optional[Path], typer.Argument(help="ONNX model (omit with --example).")] = None,
+    model: Annotated[Path | None, typer.Argument(help="ONNX model (omit with --example).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model.")] = Path("optimized.onnx"),
-    pipeline: Annotated[Optional[str], typer.Option("--pipeline", "-p", help="Pass pipeline, e.g. \"cleanup,fuse,prune(macs=0.3)\". Default: cleanup,fuse.")] = None,
-    calib: Annotated[Optional[str], typer.Option("--calib", help="Calibration data: data.npz, a folder of .npy or images, or random:N.")] = None,
-    verify_data: Annotated[Optional[str], typer.Option("--verify-data", help="Data to measure the final error on (default: --calib, else random). Labels in the .npz add accuracy.")] = None,
+    pipeline: Annotated[str | None, typer.Option("--pipeline", "-p", help="Pass pipeline, e.g. \"cleanup,fuse,prune(macs=0.3)\". Default: cleanup,fuse.")] = None,
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration data: data.npz, a folder of .npy or images, or random:N.")] = None,
+    verify_data: Annotated[str | None, typer.Option("--verify-data", help="Data to measure the final error on (default: --calib, else random). Labels in the .npz add accuracy.")] = None,
     input_shape: InputShapeOpt = None,
-    max_error: Annotated[Optional[float], typer.Option("--max-error", help="Refuse to write if the output's relative L2 error exceeds this.")] = None,
-    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Refuse to write if top-1 accuracy drops more than this (fraction, e.g. 0.003).")] = None,
+    max_error: Annotated[float | None, typer.Option("--max-error", help="Refuse to write if the output's relative L2 error exceeds this.")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop", help="Refuse to write if top-1 accuracy drops more than this (fraction, e.g. 0.003).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write even past the error budget.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip running the models to check outputs.")] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", "-r", help="Write a JSON report here.")] = None,
-    dump_dir: Annotated[Optional[Path], typer.Option("--dump-dir", help="Save the model after each pass here.")] = None,
-    print_after: Annotated[Optional[list[str]], typer.Option("--print-after", help="Print the graph's op summary after this pass (repeatable).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", "-r", help="Write a JSON report here.")] = None,
+    dump_dir: Annotated[Path | None, typer.Option("--dump-dir", help="Save the model after each pass here.")] = None,
+    print_after: Annotated[list[str] | None, typer.Option("--print-after", help="Print the graph's op summary after this pass (repeatable).")] = None,
     latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ORT latency before/after side by side.")] = True,
     threads: ThreadsOpt = 1,
     example: Annotated[bool, typer.Option("--example", help="Use the shipped digits CNN, its calibration and labelled test data.")] = False,
@@ -153,7 +153,7 @@ def bench(
     input_shape: InputShapeOpt = None,
     repeat: Annotated[int, typer.Option("--repeat", help="Timed runs per model.")] = 50,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model first.")] = 5,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the table as JSON.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the table as JSON.")] = None,
 ) -> None:
     """Measure latencies side by side in one process (interleaved rounds, median).
 
@@ -175,10 +175,10 @@ def bench(
 def verify(
     reference: Annotated[Path, typer.Argument(help="Reference model.")],
     candidate: Annotated[Path, typer.Argument(help="Model to compare against it.")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Inputs: .npz, folder, images or random:N.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Inputs: .npz, folder, images or random:N.")] = None,
     input_shape: InputShapeOpt = None,
     batches: Annotated[int, typer.Option("--batches", help="Batches to compare.")] = 16,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Exit non-zero if relative L2 error exceeds this.")] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Exit non-zero if relative L2 error exceeds this.")] = None,
     threads: ThreadsOpt = 1,
 ) -> None:
     """Compare two models' outputs on the same inputs (max abs, rel L2, cosine, top-1)."""

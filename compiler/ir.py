@@ -10,6 +10,7 @@ Constant nodes); `constant_array` reads both so passes never miss one.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from .errors import InvalidModelError, ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 # onnxruntime 1.31 refuses models whose IR version is above 13.
 MAX_ORT_IR_VERSION = 13
@@ -281,27 +284,9 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def nbytes(value: ir.Value) -> int:
+    """Bytes of an initializer's tensor (0 for values without one)."""
     tensor = value.const_value
-    if tensor is None:
-        return 0
-    try:
-        return int(tensor.nbytes)
-    except Exception:  # some tensor kinds do not know their byte size
-        return int(np.prod(tensor.shape.numpy() if tensor.shape else ())) * 4
-
-
-def weight_values(model: ir.Model) -> Iterator[tuple[str, np.ndarray | None, int]]:
-    """(name, array-or-None, element count) of every initializer and Constant output."""
-    graph = model.graph
-    for name, value in graph.initializers.items():
-        tensor = value.const_value
-        size = int(np.prod(tensor.shape.numpy())) if tensor is not None and tensor.shape else 0
-        yield name, None, size
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            arr = constant_array(node.outputs[0])
-            if arr is not None:
-                yield node.outputs[0].name, arr, int(arr.size)
+    return 0 if tensor is None else int(tensor.nbytes)
 
 
 def infer_shapes(model: ir.Model) -> ir.Model:
@@ -310,7 +295,8 @@ def infer_shapes(model: ir.Model) -> ir.Model:
         return model  # onnx shape inference works on protos, which cannot exceed 2 GiB
     try:
         proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True)
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 - best effort: shapes simply stay unknown
+        logger.debug("shape inference failed: %s", exc)
         return model
     inferred = ir.from_proto(proto)
     shapes = {v.name: (v.shape, v.type) for n in inferred.graph for v in n.outputs}

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from builders import conv_relu_gemm
-from PIL import Image
-
 from onnxforge.calibration import open_calibration
 from onnxforge.errors import InputSpecError
 from onnxforge.ir import load_model
 from onnxforge.verify import compare_outputs
+from PIL import Image
 
 
 @pytest.fixture

@@ -10,14 +10,13 @@ import numpy as np
 import onnx
 import pytest
 from builders import conv_relu_gemm
-
 from onnxforge.backends.ort import run_model
 from onnxforge.ir import load_model
 
 
 def cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "onnxforge.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+                          capture_output=True, text=True, cwd=cwd, timeout=300, check=False)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import onnx_ir as ir
 import pytest
 from builders import conv_relu_gemm, make_model
 from onnx import TensorProto, helper, numpy_helper
-
 from onnxforge.backends.ort import run_model
 from onnxforge.errors import InvalidModelError, ModelLoadError
 from onnxforge.ir import (

@@ -9,7 +9,6 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from builders import conv_relu_gemm
-
 from onnxforge.calibration import open_calibration
 from onnxforge.errors import PipelineError, VerificationError
 from onnxforge.ir import add_initializer, constant_array, load_model

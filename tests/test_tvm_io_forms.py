@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from builders import make_model
 from onnx import TensorProto, helper, numpy_helper
-
 from onnxforge.backends.ort import run_model
 from onnxforge.ir import load_model
 
 pytest.importorskip("tvm")
-from onnxforge.backends.tvm import compile_model  # noqa: E402
+from onnxforge.backends.tvm import compile_model
 
 
 def _check_against_ort(proto, inputs):

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 import pytest
 from conftest import zoo_input_shapes, zoo_path, zoo_sample_inputs
-
 from onnxforge.api import inspect_model, optimize
 from onnxforge.ir import load_model
 
