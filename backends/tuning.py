@@ -832,10 +832,32 @@ def _search_strategy(per_iter: int):
     )
 
 
-def _measure_default_schedules(tasks, target, builder, runner, database, work_dir: Path,
-                               events: Path) -> None:
+def _weight_params(relax_mod) -> dict[str, Any]:
+    """{PrimFunc name: its `layout_free_buffers` (weight parameters)} as compile marks them.
+
+    The default CPU rules pack weights at compile time only for parameters marked this way;
+    timing a task without the mark would time a slower, unpacked schedule.
+    """
+    import tvm
+
+    try:
+        from ..kernels.schedule_pass import attach_layout_free_buffers
+    except Exception:  # noqa: BLE001 - older kernels: time the unmarked schedule
+        return {}
+    copy = tvm.IRModule(dict(relax_mod.functions_items()), attrs=relax_mod.attrs)
+    marked = attach_layout_free_buffers(copy)
+    return {gv.name_hint: f.attrs["layout_free_buffers"] for gv, f in marked.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "layout_free_buffers" in f.attrs}
+
+
+def _measure_default_schedules(tasks, relax_mod, target, builder, runner, database,
+                               work_dir: Path, events: Path) -> None:
     """Time each task under onnxforge's default CPU schedule with the tuner's own builder and
-    runner, so that compile_model can keep it where tuning found nothing faster."""
+    runner, so that compile_model can keep it where tuning found nothing faster.
+
+    Weights are packed ahead of time in the compiled model, so the packing blocks are
+    removed before timing (the builder's RemoveWeightLayoutRewriteBlock, as for tuned
+    candidates) and the runner feeds arguments in the packed layout."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
@@ -848,13 +870,18 @@ def _measure_default_schedules(tasks, target, builder, runner, database, work_di
         return
     import tvm
 
+    weights = _weight_params(relax_mod)
     items = []
     for task in tasks:
         mod = task.dispatched[0]
+        # a copy: the pass may update the module it is given in place, and `mod` is the very
+        # module the tuning context searches
+        functions = dict(mod.functions_items())
+        if task.task_name in weights and len(functions) == 1:
+            (gvar, func), = functions.items()
+            functions = {gvar: func.with_attr("layout_free_buffers", weights[task.task_name])}
         try:
-            # a copy: the pass may update the module it is given in place, and `mod` is the
-            # very module the tuning context searches
-            scheduled = schedule_pass(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
+            scheduled = schedule_pass(tvm.IRModule(functions, attrs=mod.attrs))
         except Exception as exc:  # noqa: BLE001 - no baseline for this task
             logger.info("default schedule failed on %s: %s", task.task_name, exc)
             continue
@@ -951,7 +978,8 @@ def worker_main(spec_path: str) -> int:
             path_workload=str(work_dir / WORKLOAD_FILE),
             path_tuning_record=str(work_dir / RECORD_FILE), allow_missing=True)
         if not gpu:
-            _measure_default_schedules(tasks, target, builder, runner, database, work_dir, events)
+            _measure_default_schedules(tasks, prepared.mod, target, builder, runner, database,
+                                       work_dir, events)
         order = list(range(len(contexts)))
         scheduler = BudgetScheduler(order, spec["deadline_unix"])
         _emit(events, {"event": "start", "tasks": state["names"], "per_task": per_task,
