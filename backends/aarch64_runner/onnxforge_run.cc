@@ -154,6 +154,13 @@ void WriteNpy(const std::string& path, const DLTensor* tensor) {
 void Flatten(const ffi::Any& value, std::vector<ffi::Tensor>* outputs) {
   if (auto tensor = value.try_cast<ffi::Tensor>()) {
     outputs->push_back(*tensor);
+  } else if (auto shape = value.as<ffi::Shape>()) {
+    // an ONNX Shape output: one int64 tensor
+    std::vector<int64_t> dims = {static_cast<int64_t>(shape->size())};
+    ffi::Tensor out = ffi::Tensor::FromNDAlloc(CPUAlloc(), ffi::Shape(dims),
+                                               DLDataType{kDLInt, 64, 1}, DLDevice{kDLCPU, 0});
+    std::copy(shape->begin(), shape->end(), static_cast<int64_t*>(out.data_ptr()));
+    outputs->push_back(out);
   } else if (auto array = value.try_cast<ffi::Array<ffi::Any>>()) {
     for (const ffi::Any& item : *array) Flatten(item, outputs);
   } else {
