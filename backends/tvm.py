@@ -10,7 +10,8 @@ The compile pipeline is a few short, named lists of passes, in the spirit of TVM
 `relax/backend/cpu_generic/pipeline.py`:
 
   import     `tvm.relax.frontend.onnx.from_onnx` with fixed input shapes
-  prepare    DecomposeOpsForInference (+ `onnxforge.kernels.relax_prepasses`)
+  prepare    DispatchSampling, DispatchSortScan, DecomposeOpsForInference
+             (+ `onnxforge.kernels.relax_prepasses`)
   legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
   schedule   MetaScheduleApplyDatabase (if a tuning database is given), then
              CPU: `onnxforge.kernels.default_schedule_pass(target)` for the rest,
@@ -243,7 +244,13 @@ def prepare_passes(target) -> list:
     """Relax rewrites before legalization: decompositions + the kernels' prepasses."""
     from tvm import relax
 
-    passes = [relax.transform.DecomposeOpsForInference()]
+    passes = [
+        # Sampling/sort/scan ops (TopK, ...) have no legalization of their own; TVM's
+        # own pipelines dispatch them first too.
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.DecomposeOpsForInference(),
+    ]
     if target.kind.name == "llvm":
         try:
             from ..kernels import relax_prepasses
@@ -259,9 +266,6 @@ def legalize_passes(target) -> list:
     from tvm import relax
 
     return [
-        # Sampling/sort/scan ops (TopK, ...) have no legalization of their own.
-        relax.backend.DispatchSampling(),
-        relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
