@@ -20,6 +20,10 @@ How a run goes:
      model. Budget: `max_trials` and `max_seconds`, whichever ends first; the worker stops
      between rounds when the next round would not fit, and the parent kills it (the
      whole process group) shortly after the deadline.
+     Before searching, the worker times each task under onnxforge's default CPU schedule
+     (weights marked layout-free, as compile packs them) with the same builder and runner,
+     into `default_schedules.json`: compile_model applies a tuning record only where it
+     beats that time, so a small budget never makes the model slower than untuned.
   3. Whatever was measured is kept: the staging files are cut back to their last whole
      record, checked by loading them, and moved over the database with `os.replace`,
      under a lock. A crash or kill never leaves a half-written database.

@@ -13,7 +13,8 @@ The compile pipeline is a few short, named lists of passes, in the spirit of TVM
   prepare    DispatchSampling, DispatchSortScan, DecomposeOpsForInference
              (+ `onnxforge.kernels.relax_prepasses`)
   legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
-  schedule   MetaScheduleApplyDatabase (if a tuning database is given), then
+  schedule   MetaScheduleApplyDatabase (if a tuning database is given; `apply_database`
+             keeps the default schedule where the tuner measured it faster), then
              CPU: `onnxforge.kernels.default_schedule_pass(target)` for the rest,
              GPU: dlight's default GPU rules (Adreno: dlight's Adreno rules first)
   lower      the target's dataflow-lowering and finalize passes, then `tvm.compile`
