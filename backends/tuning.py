@@ -164,7 +164,7 @@ def _write_atomic(path: Path, lines: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def _db_lock(db_dir: Path, *, wait: float = 3600.0):
+def db_lock(db_dir: Path, *, wait: float = 3600.0):
     """An exclusive lock on a database folder (one tuner per target at a time)."""
     db_dir.mkdir(parents=True, exist_ok=True)
     handle = open(db_dir / ".lock", "w")  # noqa: SIM115 - closed below
@@ -391,7 +391,7 @@ def tune(
         report.seconds = round(time.monotonic() - started, 2)
         return report
 
-    with _db_lock(db_dir):
+    with db_lock(db_dir):
         _remove_stale_staging(db_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=db_dir))
         try:

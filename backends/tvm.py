@@ -339,20 +339,42 @@ def _is_scheduled(func) -> bool:
     return any(k in attrs and bool(attrs[k]) for k in ("tirx.is_scheduled", "tir.is_scheduled"))
 
 
+def _count_configured(mod) -> int:
+    """PrimFuncs scheduled with a measured knob setting (schedule config database)."""
+    return sum(1 for f in _prim_funcs(mod).values()
+               if f.attrs is not None and "onnxforge.schedule_config" in f.attrs)
+
+
 def _scheduled_names(mod) -> set[str]:
     return {name for name, f in _prim_funcs(mod).items() if _is_scheduled(f)}
 
 
-def default_cpu_schedule_pass(target):
+def default_cpu_schedule_pass(target, configs: Mapping[str, dict] | None = None):
     """(pass, None) from `onnxforge.kernels`, or (None, why it is unavailable)."""
     try:
         from ..kernels import default_schedule_pass
     except Exception as exc:  # noqa: BLE001 - a half-written kernels module must not break us
         return None, f"onnxforge.kernels.default_schedule_pass is not available ({exc})"
     try:
-        return default_schedule_pass(target), None
+        return default_schedule_pass(target, configs), None
     except Exception as exc:  # noqa: BLE001
         return None, f"onnxforge.kernels.default_schedule_pass({target.kind.name}) failed: {exc}"
+
+
+def schedule_configs_for(target, db_dir: Path | None, shipped: bool) -> tuple[dict, list[str]]:
+    """Measured knob settings for the default CPU rules: the database shipped with
+    onnxforge for the target's class (when `shipped`), then the user's `db_dir`, whose
+    entries win. Returns (entries by workload key, the folders they came from)."""
+    from ..kernels.schedule_configs import load_configs, shipped_db_dir
+
+    configs: dict[str, dict] = {}
+    sources: list[str] = []
+    for folder in ((shipped_db_dir(target) if shipped else None), db_dir):
+        found = load_configs(folder)
+        if found:
+            configs.update(found)
+            sources.append(str(folder))
+    return configs, sources
 
 
 def resolve_tuning_db(tuning_db: str | os.PathLike | None, target) -> Path | None:
@@ -485,6 +507,7 @@ def compile_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     tuning_db: str | os.PathLike | None = None,
     default_schedules: bool = True,
+    shipped_db: bool = True,
     opt_level: int = 3,
     threads: int | None = None,
 ) -> TVMArtifact:
@@ -498,6 +521,8 @@ def compile_model(
             subfolder is chosen here) or a plain MetaSchedule work dir. Never tunes.
         default_schedules: schedule what the database does not cover with onnxforge's
             default CPU rules (CPU) or dlight (GPU). GPU code always needs them.
+        shipped_db: use the schedule configs measured for the target's CPU class that ship
+            with onnxforge (`onnxforge/kernels/tuning_db/`); `tuning_db` entries win.
         opt_level: TVM PassContext opt_level for the lowering.
         threads: default TVM thread count for `run` / `benchmark` (None: all cores).
     """
@@ -527,6 +552,9 @@ def compile_model(
     by_database: set[str] = set()
     db_dir = resolve_tuning_db(tuning_db, target)
     report["tuning_db"] = str(db_dir) if db_dir is not None else None
+    configs, config_sources = ({}, [])
+    if default_schedules and target.kind.name == "llvm":
+        configs, config_sources = schedule_configs_for(target, db_dir, shipped_db)
     if db_dir is not None:
         if database_is_populated(db_dir):
             database = open_database(db_dir)
@@ -535,7 +563,7 @@ def compile_model(
                 mod, by_database, kept = apply_database(mod, database, target, baselines)
             report["default_kept_over_database"] = sorted(kept)
             schedule_names.append(f"MetaScheduleApplyDatabase({db_dir})")
-        else:
+        elif str(db_dir) not in config_sources:
             report["notes"].append(
                 f"tuning database {db_dir} is empty or missing: nothing applied "
                 f"(tune first: onnxforge tune MODEL --target ... --tuning-db {tuning_db})"
@@ -547,7 +575,7 @@ def compile_model(
     if default_schedules:
         before = _scheduled_names(mod)
         if target.kind.name == "llvm":
-            schedule_pass, why_not = default_cpu_schedule_pass(target)
+            schedule_pass, why_not = default_cpu_schedule_pass(target, configs)
             if schedule_pass is None:
                 report["notes"].append(
                     f"default CPU schedules unavailable, functions not in the database are "
@@ -577,6 +605,8 @@ def compile_model(
     prims_after = _prim_funcs(mod)
     scheduled = _scheduled_names(mod)
     report["scheduled_by_database"] = len(by_database)
+    report["schedule_configs"] = {"sources": config_sources, "entries": len(configs),
+                                  "applied": _count_configured(mod)}
     report["scheduled_by_default"] = len(by_default)
     report["default_rules"] = default_rule
     report["unscheduled"] = len(set(prims_after) - scheduled)

@@ -32,7 +32,8 @@ import tvm
 from tvm import ir, s_tir, tirx
 from tvm.s_tir.schedule import SBlockRV
 
-from .cpu_target import CpuInfo
+from .cpu_target import CpuInfo, cpu_info
+from .rule_base import CpuRule, layout_free_params
 from .sched_common import (
     MIN_PARALLEL_MACS,
     as_int,
@@ -261,18 +262,19 @@ def _row_tile(m_ext: int, max_mb: int) -> int:
     return fits[-1] if fits else 1
 
 
-def choose_tile(
+def tile_options(
     info: Contraction, cpu: CpuInfo, dtype_bits: int = 32, can_pad: bool = True
-) -> TileChoice | None:
-    """Pick the register tile from the target's vector width and register count.
+) -> list[TileChoice]:
+    """Every register tile worth trying, the heuristic choice first (empty: no vector tile).
 
     ``nb`` is a power of two (LLVM splits a ``<48 x float>`` into 128-bit pieces), up to
     two registers (four for a single row, GEMV), dividing N and the group size of a
     grouped conv. When only a narrow one divides N (N = 50, 1000, 10) N is padded to whole
     registers instead (only ``can_pad`` blocks: ``pad_einsum`` needs plain ``i, j, k``
     indices, which a conv's ``y * s + ry`` is not). ``mb`` divides M and fills the
-    accumulator budget; (nb, mb) maximizes the independent accumulators. Returns None when
-    N is too small for a vector tile (the window rule then vectorizes x).
+    accumulator budget; the heuristic takes the (nb, mb) with the most independent
+    accumulators. The other entries (smaller row tiles, other widths) are what a
+    schedule-config search (``config_search``) times against it.
     """
     lanes = cpu.lanes(dtype_bits)
     n_ext = info.n_extent
@@ -302,21 +304,52 @@ def choose_tile(
         if exact < max(lanes // 2, 4) or (padded(best) - n_ext) / padded(best) <= 0.25:
             options = [(best, padded(best))] + ([(exact, n_ext)] if exact >= 4 else [])
     if not options:
-        return None
+        return []
     acc_budget = max(int(cpu.num_vector_regs * ACCUMULATOR_SHARE), 4)
 
-    def score(option):
-        nb, n_pad = option
+    def score(nb: int, n_pad: int, mb: int):
         regs = -(-nb // lanes)
-        mb = _row_tile(m_ext, max(acc_budget // regs, 1))
         accs = min(mb * regs, acc_budget)
         util = nb / (regs * lanes) * (n_ext / n_pad)
-        return (min(accs, 8 if m_ext > 1 else want_regs), util >= 0.7, accs, util, nb), mb
+        return (min(accs, 8 if m_ext > 1 else want_regs), util >= 0.7, accs, util, nb)
 
-    scored = [(score(o), o) for o in options]
-    (key, mb), (nb, n_pad) = max(scored, key=lambda item: item[0][0])
-    del key
-    return TileChoice(nb=nb, mb=mb, n_padded=n_pad)
+    ranked = []
+    for nb, n_pad in options:
+        regs = -(-nb // lanes)
+        best_mb = _row_tile(m_ext, max(acc_budget // regs, 1))
+        ranked.append((score(nb, n_pad, best_mb), TileChoice(nb, best_mb, n_pad)))
+    ranked.sort(key=lambda item: item[0], reverse=True)
+    chosen = [tile for _, tile in ranked]
+    # alternatives: every dividing row tile of at least 2 rows within the register budget
+    for nb, n_pad in options:
+        regs = -(-nb // lanes)
+        for mb in divisors(m_ext) if m_ext > 1 else [1]:
+            tile = TileChoice(nb, mb, n_pad)
+            if mb * regs <= acc_budget and (mb >= 2 or m_ext == 1) and tile not in chosen:
+                chosen.append(tile)
+    return chosen
+
+
+def tile_config(tile: TileChoice) -> dict:
+    """The JSON form of a tile, as ``choose_tile(config=...)`` takes it back."""
+    return {"nb": tile.nb, "mb": tile.mb, "n_padded": tile.n_padded}
+
+
+def choose_tile(
+    info: Contraction, cpu: CpuInfo, dtype_bits: int = 32, can_pad: bool = True,
+    config: dict | None = None,
+) -> TileChoice | None:
+    """The register tile: ``config`` (``{"nb", "mb", "n_padded"}``) when it is one of
+    ``tile_options``, else the heuristic choice. None when N has no vector tile."""
+    options = tile_options(info, cpu, dtype_bits, can_pad)
+    if not options:
+        return None
+    if config:
+        wanted = TileChoice(int(config.get("nb", 0)), int(config.get("mb", 0)),
+                            int(config.get("n_padded", 0)))
+        if wanted in options:
+            return wanted
+    return options[0]
 
 
 def _permute_n_last(ndim: int, n_dim: int):
@@ -468,3 +501,56 @@ def schedule_contraction(
     # 7. padding / other producers: parallel, vectorized
     for b in kept_prologue:
         schedule_spatial_block(sch, b, cpu)
+
+
+def has_window(sch: s_tir.Schedule, info: Contraction) -> bool:
+    """True when A is read at ``spatial*stride + reduction`` (a sliding window: a conv)."""
+    stmt = sch.get(info.block)
+    ivars = [iv.var for iv in stmt.iter_vars]
+    spatial = {ivars[i] for i in info.spatial}
+    red = {ivars[i] for i in info.reduction}
+    for region in stmt.reads[info.a_read].region:
+        vs = expr_vars(region.min)
+        if vs & spatial and vs & red:
+            return True
+    return False
+
+
+class ContractionRule(CpuRule):
+    """A rule around the micro-kernel: one multiply-accumulate block, with or without a
+    sliding window (``sliding_window``), ``spatial_rank`` output axes (None: any), and N
+    padded to whole registers when ``can_pad``. Knob: the register tile."""
+
+    sliding_window = False
+    spatial_rank: int | None = None
+    can_pad = True
+
+    def _analyze(self, sch: s_tir.Schedule, func: tirx.PrimFunc) -> Contraction | None:
+        mains = [b for b in child_blocks(sch) if is_reduction(sch, b)]
+        if len(mains) != 1:
+            return None
+        info = analyze_contraction(sch, mains[0], layout_free_params(func))
+        if info is None or has_window(sch, info) != self.sliding_window:
+            return None
+        if self.spatial_rank is not None and len(info.spatial) != self.spatial_rank:
+            return None
+        return info
+
+    def schedule(self, sch: s_tir.Schedule, func: tirx.PrimFunc, cpu: CpuInfo) -> bool:
+        return self.schedule_config(sch, func, cpu, None)
+
+    def schedule_config(self, sch, func, cpu, config) -> bool:
+        info = self._analyze(sch, func)
+        if info is None:
+            return False
+        tile = choose_tile(info, cpu, can_pad=self.can_pad, config=config)
+        if tile is None:
+            return False
+        schedule_contraction(sch, info, tile, cpu)
+        return True
+
+    def configs(self, func: tirx.PrimFunc, target) -> list[dict]:
+        info = self._analyze(s_tir.Schedule(func), func)
+        if info is None:
+            return []
+        return [tile_config(t) for t in tile_options(info, cpu_info(target), can_pad=self.can_pad)]

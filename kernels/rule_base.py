@@ -2,7 +2,13 @@
 
 A rule looks at one PrimFunc, decides from its block structure whether it knows the
 pattern, and returns a scheduled ``s_tir.Schedule`` (or None: "not mine"). Rules never
-tune: ``tunable`` is ignored and exactly one schedule is returned.
+search by themselves: ``tunable`` is ignored and exactly one schedule is returned.
+
+Rules with knobs (register tile, row width) list their settings with ``configs`` (the
+heuristic choice first) and take one through ``apply(..., config=...)``; a config that
+does not fit the function is ignored and the heuristic choice is used. Which setting is
+fastest for a given function is measured by ``config_search`` and kept in a schedule
+config database (``schedule_configs``), like TVM's old TopHub for templates.
 """
 
 from __future__ import annotations
@@ -32,11 +38,22 @@ class CpuRule(ScheduleRule):
     def schedule(self, sch: s_tir.Schedule, func: tirx.PrimFunc, cpu: CpuInfo) -> bool:
         raise NotImplementedError
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+    def schedule_config(
+        self, sch: s_tir.Schedule, func: tirx.PrimFunc, cpu: CpuInfo, config: dict | None
+    ) -> bool:
+        """``schedule`` with one knob setting; rules without knobs ignore it."""
+        return self.schedule(sch, func, cpu)
+
+    def configs(self, func: tirx.PrimFunc, target: Target) -> list[dict]:
+        """Knob settings worth timing for ``func``, the heuristic one first ([]: no knobs)."""
+        return []
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool,
+              config: dict | None = None):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        if not self.schedule(sch, func, cpu_info(target)):
+        if not self.schedule_config(sch, func, cpu_info(target), config):
             return None
         return sch
 

@@ -19,7 +19,7 @@ import logging
 
 from tvm import s_tir, tirx
 
-from .cpu_target import CpuInfo
+from .cpu_target import CpuInfo, cpu_info
 from .rule_base import CpuRule
 from .sched_common import (
     MIN_PARALLEL_MACS,
@@ -83,23 +83,56 @@ def _row_width(x_ext: int, lanes: int) -> int:
     return fits[-1] if fits else lanes
 
 
+def _width_options(x_ext: int, lanes: int) -> list[int]:
+    """Row widths worth timing: the heuristic one first, then the other divisors of x
+    between 4 and two registers, and the whole row when it fits in four registers."""
+    options = [_row_width(x_ext, lanes)]
+    others = [d for d in divisors(x_ext) if 4 <= d <= 2 * lanes]
+    if x_ext <= 4 * lanes:
+        others.append(x_ext)
+    for width in sorted(set(others), reverse=True):
+        if width not in options:
+            options.append(width)
+    return options
+
+
 class WindowRule(CpuRule):
-    """Depthwise conv / pooling -> (n, c)-parallel, x-vectorized, taps unrolled."""
+    """Depthwise conv / pooling -> (n, c)-parallel, x-vectorized, taps unrolled.
+
+    Knob: the output-row vector width (``{"width": w}``, see ``_width_options``)."""
 
     name = "window-vectorized"
 
+    @staticmethod
+    def _main(sch: s_tir.Schedule):
+        """(window block, spatial iters, reduction iters), or None."""
+        mains = [b for b in child_blocks(sch) if is_reduction(sch, b)]
+        if len(mains) != 1 or not loops_bind_iters(sch, mains[0]):
+            return None
+        axes = _window_axes(sch, mains[0])
+        return None if axes is None else (mains[0], *axes)
+
+    def configs(self, func: tirx.PrimFunc, target) -> list[dict]:
+        sch = s_tir.Schedule(func)
+        found = self._main(sch)
+        if found is None:
+            return []
+        main, spatial, _ = found
+        x_ext = loop_extent(sch, sch.get_loops(main)[spatial[-1]])
+        if x_ext is None or x_ext < 2:
+            return []
+        lanes = cpu_info(target).lanes(write_dtype_bits(sch, main))
+        return [{"width": w} for w in _width_options(x_ext, lanes)]
+
     def schedule(self, sch: s_tir.Schedule, func: tirx.PrimFunc, cpu: CpuInfo) -> bool:
+        return self.schedule_config(sch, func, cpu, None)
+
+    def schedule_config(self, sch, func, cpu, config) -> bool:
         blocks = child_blocks(sch)
-        mains = [b for b in blocks if is_reduction(sch, b)]
-        if len(mains) != 1:
+        found = self._main(sch)
+        if found is None:
             return False
-        main = mains[0]
-        if not loops_bind_iters(sch, main):
-            return False
-        axes = _window_axes(sch, main)
-        if axes is None:
-            return False
-        spatial, reduction = axes
+        main, spatial, reduction = found
         pos = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main)))
         prologue, epilogue = blocks[:pos], blocks[pos + 1 :]
         if not all(is_spatial(sch, b) for b in prologue + epilogue):
@@ -121,6 +154,8 @@ class WindowRule(CpuRule):
         epi = rest[0] if rest else sch.cache_write(main, 0, "global")
 
         width = _row_width(x_ext, lanes)
+        if config and int(config.get("width", 0)) in _width_options(x_ext, lanes):
+            width = int(config["width"])
         xo, xi = sch.split(loops[spatial[-1]], [None, width])
         outer = [loops[i] for i in spatial[:-1]]
         reds = [loops[i] for i in reduction]

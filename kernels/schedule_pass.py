@@ -21,8 +21,10 @@ stay packed at run time by a small scheduled kernel.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
+from collections.abc import Mapping
 
 import tvm
 from tvm import relax, s_tir, tirx
@@ -30,6 +32,7 @@ from tvm.target import Target
 
 from .cpu_rules import default_rules
 from .rule_base import packs_weights
+from .schedule_configs import CONFIG_ATTR, workload_key
 from .weight_pack import fold_weight_prepack
 
 logger = logging.getLogger(__name__)
@@ -52,41 +55,69 @@ def _func_target(func: tirx.PrimFunc, target: Target) -> Target:
     return own if own is not None else target
 
 
-def _schedule_one(func: tirx.PrimFunc, target: Target, rules) -> tuple[tirx.PrimFunc, str] | None:
+def apply_rule(rule, func: tirx.PrimFunc, target: Target, config: dict | None = None):
+    """Schedule ``func`` with one rule (and knob setting); None when the rule declines."""
+    try:
+        sch = rule.apply(func, target, False, config)
+    except Exception as err:  # noqa: BLE001 - a rule that trips is a rule that declines
+        logger.debug("rule %s declined after error: %s", rule.name, err)
+        return None
+    if sch is None:
+        return None
+    # loop_partition copies blocks with their iter vars: give every copy its own vars
+    new = s_tir.renew_defs(sch.mod["main"])
+    new = new.with_attr("tirx.is_scheduled", True).with_attr(RULE_ATTR, rule.name)
+    if config:
+        new = new.with_attr(CONFIG_ATTR, json.dumps(config, sort_keys=True))
+    return new
+
+
+def matching_rule(func: tirx.PrimFunc, target: Target, rules):
+    """The first rule that schedules ``func`` (its heuristic knobs) and the result."""
     for rule in rules:
-        if not rule.is_target_available(target):
-            continue
-        try:
-            sch = rule.apply(func, target, False)
-        except Exception as err:  # noqa: BLE001 - a rule that trips is a rule that declines
-            logger.debug("rule %s declined after error: %s", rule.name, err)
-            continue
-        if sch is None:
-            continue
-        # loop_partition copies blocks with their iter vars: give every copy its own vars
-        new = s_tir.renew_defs(sch.mod["main"])
-        new = new.with_attr("tirx.is_scheduled", True).with_attr(RULE_ATTR, rule.name)
-        return new, rule.name
-    return None
+        if rule.is_target_available(target):
+            new = apply_rule(rule, func, target)
+            if new is not None:
+                return rule, new
+    return None, None
 
 
-def _schedule_module(mod: tvm.IRModule, target: Target, rules) -> tuple[tvm.IRModule, bool]:
-    """Schedule all unscheduled PrimFuncs; report whether any weight packing was emitted."""
+def _schedule_one(func: tirx.PrimFunc, target: Target, rules,
+                  configs: Mapping[str, dict] | None) -> tirx.PrimFunc | None:
+    entry = configs.get(workload_key(func)) if configs else None
+    if entry is not None and entry.get("config"):
+        rule = next((r for r in rules if r.name == entry["rule"]), None)
+        if rule is not None and rule.is_target_available(target):
+            new = apply_rule(rule, func, target, entry["config"])
+            if new is not None:
+                return new
+        logger.info("schedule config %s for %s not applicable, heuristic knobs used",
+                    entry, func.attrs.get("global_symbol") if func.attrs else "?")
+    return matching_rule(func, target, rules)[1]
+
+
+def _schedule_module(mod: tvm.IRModule, target: Target, rules,
+                     configs: Mapping[str, dict] | None = None) -> tvm.IRModule:
+    """Schedule all unscheduled PrimFuncs."""
     updates = {}
-    packed = False
     for gvar, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
-        result = _schedule_one(func, _func_target(func, target), rules)
-        if result is None:
+        new = _schedule_one(func, _func_target(func, target), rules, configs)
+        if new is None:
             logger.info("no default schedule for %s", gvar.name_hint)
             continue
-        new, _rule = result
         updates[gvar] = new
-        packed = packed or packs_weights(new)
     for gvar, func in updates.items():
         mod[gvar] = func
-    return mod, packed
+    return mod
+
+
+def _packs_any_weights(mod: tvm.IRModule) -> bool:
+    """True when some scheduled PrimFunc (rule or tuning record) packs weights in a block
+    that SplitLayoutRewritePreproc can move out of it."""
+    return any(isinstance(f, tirx.PrimFunc) and is_scheduled(f) and packs_weights(f)
+               for _, f in mod.functions_items())
 
 
 def _calls_prepack_on_constants(mod: tvm.IRModule) -> bool:
@@ -148,13 +179,17 @@ def _has_relax_function(mod: tvm.IRModule) -> bool:
     return any(isinstance(f, relax.Function) for _, f in mod.functions_items())
 
 
-def default_schedule_pass(target: Target) -> tvm.transform.Pass:
+def default_schedule_pass(target: Target,
+                          configs: Mapping[str, dict] | None = None) -> tvm.transform.Pass:
     """Module pass: schedule every PrimFunc that has no schedule yet with the CPU rules.
 
     Args:
         target: the ``llvm`` target the module is built for (x86 or AArch64). Its
             ``mcpu``/``mattr``/``mtriple`` decide the vector width, ``num-cores`` the
             parallel granularity.
+        configs: measured knob settings by workload key (``schedule_configs``); a
+            function found there is scheduled with that setting (attribute
+            ``onnxforge.schedule_config``), the others with the rules' heuristics.
 
     Returns:
         A ``tvm.transform.Pass``. Functions it schedules get ``tirx.is_scheduled`` and
@@ -169,15 +204,15 @@ def default_schedule_pass(target: Target) -> tvm.transform.Pass:
         has_relax = _has_relax_function(mod)
         if has_relax:
             mod = attach_layout_free_buffers(mod)
-        mod, packed = _schedule_module(mod, target, rules)
-        if has_relax and packed:
+        mod = _schedule_module(mod, target, rules, configs)
+        if has_relax and _packs_any_weights(mod):
             mod = relax.transform.SplitLayoutRewritePreproc()(mod)
             mod = fold_weight_prepack(mod)
             if _calls_prepack_on_constants(mod):
                 mod = relax.transform.FoldConstant()(mod)
             mod = relax.transform.DeadCodeElimination()(mod)
             # packing kernels that could not be folded (weights given as inputs)
-            mod, _ = _schedule_module(mod, target, rules)
+            mod = _schedule_module(mod, target, rules)
         summary = Counter(schedule_summary(mod).values())
         logger.info("default CPU schedules: %s", dict(summary))
         return mod

@@ -240,10 +240,12 @@ def import_relax(model: onnx.ModelProto, inputs: dict[str, np.ndarray], target):
         return tvm.transform.Sequential(list(relax_prepasses(target)))(mod)
 
 
-def build_default(mod, target):
-    """Legalize + fuse, default schedules, then the stock lowering."""
+def build_default(mod, target, configs=None):
+    """Legalize + fuse, default schedules (knobs from ``configs`` where it has the
+    kernel), then the stock lowering."""
     import tvm
     from onnxforge.kernels import default_schedule_pass, schedule_summary
+    from onnxforge.kernels.schedule_configs import CONFIG_ATTR
     from tvm import relax
 
     passes = [
@@ -252,11 +254,15 @@ def build_default(mod, target):
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        default_schedule_pass(target),
+        default_schedule_pass(target, configs),
     ]
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
-    return tvm.compile(mod, target=target), schedule_summary(mod)
+    configured = sum(
+        1 for _, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and CONFIG_ATTR in f.attrs
+    )
+    return tvm.compile(mod, target=target), schedule_summary(mod), configured
 
 
 def build_naive(mod, target):
@@ -355,7 +361,7 @@ def bench_model(name: str, args, target) -> dict | None:
     t0 = time.perf_counter()
     mod = import_relax(model, inputs, target)
     t1 = time.perf_counter()
-    exe, summary = build_default(mod, target)
+    exe, summary, _ = build_default(mod, target)
     t2 = time.perf_counter()
     rules = collections.Counter(summary.values())
     print(
@@ -367,13 +373,15 @@ def bench_model(name: str, args, target) -> dict | None:
     vm, run_default = vm_runner(exe, inputs)
     out = first_output(run_default())
     err = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))
-    times = interleaved(
-        {"ort": lambda: session.run(None, inputs), "default": run_default},
-        args.rounds,
-        args.inner,
-        clock,
-    )
+    runners = {"ort": lambda: session.run(None, inputs), "default": run_default}
     result = {"model": name, "rel_err_default": err, "rules": dict(rules)}
+    if args.configs:
+        db_exe, _, configured = build_default(mod, target, args.configs)
+        _, runners["default+db"] = vm_runner(db_exe, inputs)
+        out_db = first_output(runners["default+db"]())
+        result["rel_err_db"] = float(np.abs(out_db - ref).max() / max(np.abs(ref).max(), 1e-12))
+        result["db_kernels"] = configured
+    times = interleaved(runners, args.rounds, args.inner, clock)
     for key, values in times.items():
         result[f"{key}_ms_median"] = 1e3 * float(np.median(values))
         result[f"{key}_ms_min"] = 1e3 * float(np.min(values))
@@ -399,7 +407,7 @@ def bench_model(name: str, args, target) -> dict | None:
     result["load_after"] = loadavg()
     ort_med, ort_min = result["ort_ms_median"], result["ort_ms_min"]
     print(f"{'engine':<10}{'median ms':>12}{'min ms':>10}{'x ORT (med)':>13}{'x ORT (min)':>13}")
-    for key in ("ort", "naive", "default"):
+    for key in ("ort", "naive", "default", "default+db"):
         if f"{key}_ms_median" not in result:
             continue
         med, low = result[f"{key}_ms_median"], result[f"{key}_ms_min"]
@@ -409,8 +417,11 @@ def bench_model(name: str, args, target) -> dict | None:
         print(f"default vs naive: {speedup:.1f}x faster")
     print(
         f"max rel error vs ORT: default {err:.1e}"
+        + (f", default+db {result['rel_err_db']:.1e}" if "rel_err_db" in result else "")
         + (f", naive {result['rel_err_naive']:.1e}" if "rel_err_naive" in result else "")
     )
+    if "db_kernels" in result:
+        print(f"default+db: {result['db_kernels']} kernels scheduled with a measured setting")
     print(f"load after: {result['load_after']}")
 
     rows = profile_primfuncs(vm, run_default, summary, clock)
@@ -432,6 +443,41 @@ def bench_model(name: str, args, target) -> dict | None:
         )
     )
     return result
+
+
+def load_db(spec: str, target) -> dict:
+    from onnxforge.kernels.schedule_configs import load_configs, shipped_db_dir
+
+    if spec == "none":
+        return {}
+    if spec == "shipped":
+        return load_configs(shipped_db_dir(target))
+    folder = Path(spec)
+    if not (folder / "schedule_configs.json").is_file():
+        from onnxforge.backends.targets import target_key
+
+        folder = folder / target_key(target)
+    return load_configs(folder)
+
+
+def print_summary(results: list[dict], threads: int, cpu_time: bool) -> None:
+    """One markdown row per model: latencies and ratios to ORT (medians)."""
+    if not results:
+        return
+    cols = [c for c in ("ort", "naive", "default", "default+db")
+            if any(f"{c}_ms_median" in r for r in results)]
+    clock = "thread CPU time, 1 thread" if cpu_time else f"wall time, {threads} threads"
+    print(f"\n### summary ({clock}; ms = median; ratio = x ORT)")
+    head = "| model | " + " | ".join(f"{c} ms" for c in cols) + " | " + " | ".join(
+        f"{c} / ORT" for c in cols[1:]) + " |"
+    print(head)
+    print("|" + "---|" * (1 + 2 * len(cols) - 1))
+    for r in results:
+        ort = r["ort_ms_median"]
+        ms = [f"{r[f'{c}_ms_median']:.2f}" if f"{c}_ms_median" in r else "-" for c in cols]
+        ratios = [f"{r[f'{c}_ms_median'] / ort:.2f}" if f"{c}_ms_median" in r else "-"
+                  for c in cols[1:]]
+        print(f"| {r['model']} | " + " | ".join(ms) + " | " + " | ".join(ratios) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--top", type=int, default=12, help="profile rows to print")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--db",
+        default="shipped",
+        help="schedule config database for the default+db column: 'shipped' (the one "
+        "onnxforge ships for this CPU class), a folder, or 'none'",
+    )
     args = parser.parse_args(argv)
 
     threads = 1 if args.cpu_time else args.threads
@@ -473,10 +525,13 @@ def main(argv: list[str] | None = None) -> int:
         f"target {target}; TVM threads {threads}; ORT intra_op {threads} (no spinning); "
         f"TVM_BIND_THREADS={os.environ.get('TVM_BIND_THREADS', '(default)')}"
     )
+    args.configs = load_db(args.db, target)
+    print(f"default+db: {len(args.configs)} entries from {args.db}")
     names = args.models.split(",")
     if names == ["all"]:
         names = [*BUILT, *ZOO_MODELS, "digits_cnn"]
     results = [r for r in (bench_model(n, args, target) for n in names) if r]
+    print_summary(results, threads, args.cpu_time)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
