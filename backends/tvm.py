@@ -10,8 +10,8 @@ The compile pipeline is a few short, named lists of passes, in the spirit of TVM
 `relax/backend/cpu_generic/pipeline.py`:
 
   import     `tvm.relax.frontend.onnx.from_onnx` with fixed input shapes
-  prepare    DispatchSampling, DispatchSortScan, DecomposeOpsForInference
-             (+ `onnxforge.kernels.relax_prepasses`)
+  prepare    DispatchSampling, DispatchSortScan, (CPU: `onnxforge.kernels.
+             relax_prepasses`, which fold BatchNorm into convs), DecomposeOpsForInference
   legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
   schedule   MetaScheduleApplyDatabase (if a tuning database is given; `apply_database`
              keeps the default schedule where the tuner measured it faster), then
@@ -250,16 +250,17 @@ def prepare_passes(target) -> list:
         # own pipelines dispatch them first too.
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.DecomposeOpsForInference(),
     ]
     if target.kind.name == "llvm":
+        # They fold BatchNorm into the conv weights and then run DecomposeOpsForInference
+        # themselves: decomposing first would leave a multiply-add per element instead.
         try:
             from ..kernels import relax_prepasses
 
-            passes += list(relax_prepasses(target))
+            return passes + list(relax_prepasses(target))
         except (ImportError, AttributeError):
             pass
-    return passes
+    return passes + [relax.transform.DecomposeOpsForInference()]
 
 
 def legalize_passes(target) -> list:
