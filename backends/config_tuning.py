@@ -100,7 +100,7 @@ def search_configs(
         def on_kernel(result, name: str, done: int, total: int) -> None:
             counts.update(done=done, total=total)
             if result is not None:
-                entries[result.key] = result.entry(prepared.label)
+                entries[result.key] = result.entry(Path(prepared.label).name)
                 report.kernels.append({
                     "kernel": name, "rule": result.rule, "settings": len(result.trials),
                     "default_us": round(result.default_us, 2),

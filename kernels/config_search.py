@@ -106,7 +106,7 @@ def _same_output(a: tirx.PrimFunc, b: tirx.PrimFunc, target) -> bool:
 
 def search_kernel(name: str, func: tirx.PrimFunc, target, *, rounds: int = 5,
                   min_repeat_ms: float = 20.0, min_gain: float = 0.03,
-                  max_configs: int = 8) -> KernelResult | None:
+                  max_configs: int = 12) -> KernelResult | None:
     """Time the knob settings of the rule that schedules ``func``; None without knobs."""
     rules = default_rules()
     for rule in rules:

@@ -75,6 +75,8 @@ class Contraction:
     b_layout_free: bool
     spatial: list[int] = field(default_factory=list)
     reduction: list[int] = field(default_factory=list)
+    # a second M axis (a conv's output y): rows of a two-dimensional register tile
+    m2_iter: int | None = None
 
     @property
     def n_extent(self) -> int:
@@ -83,6 +85,10 @@ class Contraction:
     @property
     def m_extent(self) -> int:
         return 1 if self.m_iter is None else self.extents[self.m_iter]
+
+    @property
+    def m2_extent(self) -> int:
+        return 1 if self.m2_iter is None else self.extents[self.m2_iter]
 
 
 def _unwrap_load(expr):
@@ -203,18 +209,19 @@ def analyze_contraction(
             # B must be packable (layout-free) or already contiguous along n
             if not b_free and dims[0] != len(b.indices) - 1:
                 continue
-            m_iter = None
-            for jt in reversed(spatial):
-                u = ivars[jt]
-                if jt != it and u in a_vars and u not in b_vars and extents[jt] > 1:
-                    m_iter = jt
-                    break
+            m_iters = [
+                jt for jt in reversed(spatial)
+                if jt != it and ivars[jt] in a_vars and ivars[jt] not in b_vars
+                and extents[jt] > 1
+            ]
+            m_iter = m_iters[0] if m_iters else None
+            m2_iter = m_iters[1] if len(m_iters) > 1 else None
             score = (b_free, divisor is None, extents[it] % 4 == 0, extents[it])
-            candidates.append((score, a, b, it, dims[0], divisor, m_iter, b_free))
+            candidates.append((score, a, b, it, dims[0], divisor, m_iter, b_free, m2_iter))
     if not candidates:
         return None
     candidates.sort(key=lambda c: c[0], reverse=True)
-    _, a, b, it, dim, divisor, m_iter, b_free = candidates[0]
+    _, a, b, it, dim, divisor, m_iter, b_free, m2_iter = candidates[0]
     a_read = _read_index(stmt, a.source)
     b_read = _read_index(stmt, b.source)
     if a_read is None or b_read is None:
@@ -229,6 +236,7 @@ def analyze_contraction(
         n_dim_in_b=dim,
         n_divisor=divisor,
         m_iter=m_iter,
+        m2_iter=m2_iter,
         extents=extents,
         kinds=kinds,
         b_layout_free=b_free,
@@ -239,7 +247,8 @@ def analyze_contraction(
 
 @dataclass(frozen=True)
 class TileChoice:
-    """Register tile: ``nb`` vector elements along N times ``mb`` rows along M.
+    """Register tile: ``nb`` vector elements along N times ``mb`` rows along M (times
+    ``yb`` rows along the second M axis, when there is one).
 
     ``n_padded`` is N rounded up to a multiple of ``nb`` (equal to N when ``nb`` divides
     it); the padded columns compute on zero weights and are never stored.
@@ -248,6 +257,7 @@ class TileChoice:
     nb: int
     mb: int
     n_padded: int
+    yb: int = 1  # rows of the second M axis in the tile (2-D tile: yb x mb x nb)
 
 
 def _row_tile(m_ext: int, max_mb: int) -> int:
@@ -320,19 +330,28 @@ def tile_options(
         ranked.append((score(nb, n_pad, best_mb), TileChoice(nb, best_mb, n_pad)))
     ranked.sort(key=lambda item: item[0], reverse=True)
     chosen = [tile for _, tile in ranked]
-    # alternatives: every dividing row tile of at least 2 rows within the register budget
+    # alternatives: dividing row tiles (times dividing rows of the second M axis) with at
+    # least 4 accumulators within the register budget, the fullest first
+    alternatives = []
+    y_ext = info.m2_extent
     for nb, n_pad in options:
         regs = -(-nb // lanes)
         for mb in divisors(m_ext) if m_ext > 1 else [1]:
-            tile = TileChoice(nb, mb, n_pad)
-            if mb * regs <= acc_budget and (mb >= 2 or m_ext == 1) and tile not in chosen:
-                chosen.append(tile)
-    return chosen
+            for yb in divisors(y_ext) if y_ext > 1 else [1]:
+                tile = TileChoice(nb, mb, n_pad, yb)
+                accs = yb * mb * regs
+                if accs <= acc_budget and (accs >= 4 or m_ext == 1) and tile not in chosen:
+                    alternatives.append((-accs, yb, tile))
+    alternatives.sort(key=lambda item: item[:2])
+    return chosen + [tile for _, _, tile in alternatives]
 
 
 def tile_config(tile: TileChoice) -> dict:
     """The JSON form of a tile, as ``choose_tile(config=...)`` takes it back."""
-    return {"nb": tile.nb, "mb": tile.mb, "n_padded": tile.n_padded}
+    config = {"nb": tile.nb, "mb": tile.mb, "n_padded": tile.n_padded}
+    if tile.yb > 1:
+        config["yb"] = tile.yb
+    return config
 
 
 def choose_tile(
@@ -346,7 +365,7 @@ def choose_tile(
         return None
     if config:
         wanted = TileChoice(int(config.get("nb", 0)), int(config.get("mb", 0)),
-                            int(config.get("n_padded", 0)))
+                            int(config.get("n_padded", 0)), int(config.get("yb", 1)))
         if wanted in options:
             return wanted
     return options[0]
@@ -449,14 +468,22 @@ def schedule_contraction(
         mo, mi = sch.split(loops[info.m_iter], [None, tile.mb])
     else:
         mo, mi = (loops[info.m_iter] if info.m_iter is not None else None), None
+    yo, yi = None, None
+    if info.m2_iter is not None and tile.yb > 1:
+        yo, yi = sch.split(loops[info.m2_iter], [None, tile.yb])
     outer = [no]
     for it in info.spatial:
         if it == info.n_iter:
             continue
-        outer.append(mo if it == info.m_iter else loops[it])
+        if it == info.m_iter:
+            outer.append(mo)
+        elif it == info.m2_iter and yo is not None:
+            outer.append(yo)
+        else:
+            outer.append(loops[it])
     outer = [lp for lp in outer if lp is not None]
     reds = [loops[it] for it in info.reduction]
-    inner = ([mi] if mi is not None else []) + [ni]
+    inner = [lp for lp in (yi, mi) if lp is not None] + [ni]
     sch.reorder(*outer, *reds, *inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     macs = 1
@@ -474,8 +501,9 @@ def schedule_contraction(
         ("write", 0),
         tirx.IndexMap.from_func(_permute_n_last(c_ndim, n_dim_c), ndim=c_ndim),
     )
-    if mi is not None:
-        sch.unroll(mi)
+    for lp in (yi, mi):
+        if lp is not None:
+            sch.unroll(lp)
     sch.vectorize(ni)
     init = sch.decompose_reduction(main, reds[0])
     del init  # its loops are copies of (mi, ni): vectorized/unrolled already
