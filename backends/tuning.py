@@ -6,7 +6,9 @@
 
 Layout: `work_dir/<target-key>/database_{workload,tuning_record}.json` (a plain
 MetaSchedule JSON database), `work_dir/<target-key>/logs/` (MetaSchedule's logs of the
-last run). The key is derived from the whole target (`targets.target_key`), so records
+last run), and beside them `schedule_configs.json` when `config_tuning.search_configs`
+measured the default rules' knob settings there (`onnxforge tune --method both` runs
+that first). The key is derived from the whole target (`targets.target_key`), so records
 for different targets never mix.
 
 How a run goes:
@@ -21,9 +23,12 @@ How a run goes:
      between rounds when the next round would not fit, and the parent kills it (the
      whole process group) shortly after the deadline.
      Before searching, the worker times each task under onnxforge's default CPU schedule
-     (weights marked layout-free, as compile packs them) with the same builder and runner,
-     into `default_schedules.json`: compile_model applies a tuning record only where it
-     beats that time, so a small budget never makes the model slower than untuned.
+     (weights marked layout-free, as compile packs them; knob settings from the schedule
+     config databases compile uses: the shipped one for the target's class and
+     `schedule_configs.json` of this folder, written by `config_tuning.search_configs`)
+     with the same builder and runner, into `default_schedules.json`: compile_model
+     applies a tuning record only where it beats that time, so a small budget never makes
+     the model slower than untuned, nor slower than the measured knob settings.
   3. Whatever was measured is kept: the staging files are cut back to their last whole
      record, checked by loading them, and moved over the database with `os.replace`,
      under a lock. A crash or kill never leaves a half-written database.
@@ -58,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, InputSpecError
+from ..kernels.schedule_configs import CONFIG_ATTR, CONFIG_FILE  # measured knob settings
 from .targets import (
     canonical_json,
     is_gpu_target,
@@ -210,7 +216,8 @@ def _commit(staging: Path, db_dir: Path) -> int:
 
 
 def read_baselines(db_dir: Path | None) -> dict[str, dict]:
-    """{workload hash: {"us": default-schedule latency, "task": name}} (empty if none)."""
+    """{workload hash: {"us": default-schedule latency, "task": name, "config": the knob
+    setting it was timed with (None: the rule's heuristic)}} (empty if none)."""
     if db_dir is None or not (db_dir / BASELINE_FILE).is_file():
         return {}
     try:
@@ -395,7 +402,8 @@ def tune(
         _remove_stale_staging(db_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=db_dir))
         try:
-            for name in (WORKLOAD_FILE, RECORD_FILE, BASELINE_FILE):
+            # the schedule configs too: the worker times the default schedule with them
+            for name in (WORKLOAD_FILE, RECORD_FILE, BASELINE_FILE, CONFIG_FILE):
                 if (db_dir / name).is_file():
                     shutil.copyfile(db_dir / name, staging / name)
             spec = {
@@ -857,7 +865,9 @@ def _weight_params(relax_mod) -> dict[str, Any]:
 def _measure_default_schedules(tasks, relax_mod, target, builder, runner, database,
                                work_dir: Path, events: Path) -> None:
     """Time each task under onnxforge's default CPU schedule with the tuner's own builder and
-    runner, so that compile_model can keep it where tuning found nothing faster.
+    runner, so that compile_model can keep it where tuning found nothing faster. The
+    schedule uses the knob settings compile_model would apply (``schedule_configs_for``:
+    the shipped database, then ``work_dir/schedule_configs.json``).
 
     Weights are packed ahead of time in the compiled model, so the packing blocks are
     removed before timing (the builder's RemoveWeightLayoutRewriteBlock, as for tuned
@@ -866,9 +876,15 @@ def _measure_default_schedules(tasks, relax_mod, target, builder, runner, databa
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-    from .tvm import default_cpu_schedule_pass
+    from .tvm import default_cpu_schedule_pass, schedule_configs_for
 
-    schedule_pass, why_not = default_cpu_schedule_pass(target)
+    # the knob settings compile_model would use: the shipped database for the target's
+    # class and the measured ones (`schedule_configs.json`, copied into `work_dir`)
+    configs, sources = schedule_configs_for(target, work_dir, shipped=True)
+    if configs:
+        logger.info("default-schedule baseline with %d schedule config(s) from %s",
+                    len(configs), ", ".join(sources))
+    schedule_pass, why_not = default_cpu_schedule_pass(target, configs)
     if schedule_pass is None:
         logger.info("no default-schedule baseline: %s", why_not)
         return
@@ -876,6 +892,7 @@ def _measure_default_schedules(tasks, relax_mod, target, builder, runner, databa
 
     weights = _weight_params(relax_mod)
     items = []
+    configured: dict[str, dict] = {}
     for task in tasks:
         mod = task.dispatched[0]
         # a copy: the pass may update the module it is given in place, and `mod` is the very
@@ -893,6 +910,9 @@ def _measure_default_schedules(tasks, relax_mod, target, builder, runner, databa
         if len(funcs) != 1 or not (funcs[0].attrs and funcs[0].attrs.get("tirx.is_scheduled")):
             continue
         items.append((task, mod, scheduled))
+        setting = funcs[0].attrs.get(CONFIG_ATTR)
+        if setting is not None:  # the knob setting timed (None: the rule's heuristic)
+            configured[task.task_name] = json.loads(str(setting))
     if not items:
         return
     built = builder.build([BuilderInput(s, target) for _, _, s in items])
@@ -917,7 +937,8 @@ def _measure_default_schedules(tasks, relax_mod, target, builder, runner, databa
         secs = [float(x) for x in result.run_secs]
         us = sum(secs) / len(secs) * 1e6
         shash = database.commit_workload(mod).as_json()[0]
-        baselines[str(shash)] = {"us": us, "task": task.task_name}
+        baselines[str(shash)] = {"us": us, "task": task.task_name,
+                                 "config": configured.get(task.task_name)}
         _emit(events, {"event": "baseline", "task": task.task_name, "us": us})
     _write_atomic(work_dir / BASELINE_FILE, [json.dumps(baselines, indent=1, sort_keys=True)])
 

@@ -9,6 +9,7 @@ Examples:
   onnxforge compile model.onnx --target cortex-a72 -o model.so --verify
   onnxforge compile model.onnx --target host -o model.so --tuning-db tuning/ --tune-trials 64
   onnxforge tune model.onnx --target host --tuning-db tuning/ --trials 256 --seconds 1800
+  onnxforge tune model.onnx --target host --tuning-db tuning/ --method configs
   onnxforge tune model.onnx --target cortex-a72 --tuning-db tuning/ --trials 256 \\
       --rpc-tracker 10.0.0.5:9190 --rpc-key rpi4
 """
@@ -16,6 +17,8 @@ Examples:
 from __future__ import annotations
 
 import sys
+import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import InputSpecError, VerificationError
+from .errors import BackendError, InputSpecError, VerificationError
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -41,6 +44,14 @@ RpcTrackerOpt = Annotated[str | None, typer.Option(
     "--rpc-tracker", help="TVM RPC tracker HOST:PORT: measure on the device registered there.")]
 RpcKeyOpt = Annotated[str | None, typer.Option(
     "--rpc-key", help="Device key in the RPC tracker (with --rpc-tracker).")]
+
+
+class TuneMethod(str, Enum):
+    """What `onnxforge tune` measures."""
+
+    configs = "configs"  # the default rules' knob settings, per kernel (minutes)
+    metaschedule = "metaschedule"  # MetaSchedule's search (hours for a real model)
+    both = "both"  # configs first, then MetaSchedule has to beat them
 
 
 def _shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -94,6 +105,67 @@ def render_tuning(report: Any) -> Table:
                       str(task.trials), "-" if task.best_us is None else f"{task.best_us:.1f}",
                       "-" if task.default_us is None else f"{task.default_us:.1f}")
     return table
+
+
+def render_config_search(report: Any) -> Table:
+    """One row per kernel measured by `search_configs` (the heuristic setting included)."""
+    table = Table("kernel", "rule", "settings tried", "default (us)", "best (us)",
+                  "chosen setting",
+                  title=f"schedule configs {report.target_key}: {len(report.kernels)} kernel(s) "
+                        f"measured in {report.seconds:.0f} s")
+    for row in report.kernels:
+        config = row["config"]
+        chosen = "heuristic" if config is None else \
+            "[green]" + ", ".join(f"{k}={v}" for k, v in config.items()) + "[/]"
+        if row.get("note"):
+            chosen += f" [yellow]({row['note']})[/]"
+        table.add_row(row["kernel"], row["rule"], str(row["settings"]),
+                      f"{row['default_us']:.1f}", f"{row['best_us']:.1f}", chosen)
+    return table
+
+
+def config_search_summary(report: Any) -> str:
+    from .kernels.schedule_configs import CONFIG_FILE
+
+    return (f"schedule configs {Path(report.db_dir) / CONFIG_FILE}: "
+            f"{len(report.kernels)} kernel(s) measured, {report.improved} improved, "
+            f"{report.known} already in the database, {report.seconds:.0f} s"
+            + ("" if report.stopped_by == "all kernels done"
+               else f" (stopped by {report.stopped_by})"))
+
+
+def config_search_unavailable(target: str, rpc_tracker: str | None) -> str | None:
+    """Why the schedule-config search cannot run for this target (None: it can)."""
+    from .backends.targets import resolve_target, runs_on_this_machine, target_key
+
+    if rpc_tracker:
+        return ("the schedule-config search measures on this machine's CPU, not on an "
+                "--rpc-tracker device (tune that device with --method metaschedule)")
+    tvm_target = resolve_target(target)
+    if tvm_target.kind.name != "llvm" or not runs_on_this_machine(tvm_target):
+        return (f"the schedule-config search measures on this machine's CPU; "
+                f"{target_key(tvm_target)} code does not run here (tune it on the device over "
+                "RPC: --method metaschedule --rpc-tracker HOST:PORT --rpc-key KEY)")
+    return None
+
+
+def schedule_configs_note(info: dict) -> str:
+    """`; N with a measured setting (from ...)` for compile's summary line ('' off CPU)."""
+    found = info.get("schedule_configs")
+    if not found or info.get("default_rules") != "onnxforge.kernels":
+        return ""
+    from .kernels.schedule_configs import SHIPPED_ROOT
+
+    labels = []
+    for source in found["sources"]:
+        path = Path(source)
+        labels.append(f"shipped {path.name}" if path.parent == SHIPPED_ROOT else source)
+    origin = f"from {', '.join(labels)}" if labels else "no schedule-config database"
+    return f"; {found['applied']} with a measured knob setting ({origin})"
+
+
+def _seconds_left(budget: float | None, started: float) -> float | None:
+    return None if budget is None else budget - (time.monotonic() - started)
 
 
 def run_verification(artifact: Any, model: Any, *, rtol: float = VERIFY_RTOL,
@@ -156,6 +228,9 @@ def register(app: typer.Typer) -> None:
         no_default_schedules: Annotated[bool, typer.Option(
             "--no-default-schedules", help="Leave functions outside the database unscheduled.")
         ] = False,
+        no_shipped_db: Annotated[bool, typer.Option(
+            "--no-shipped-db", help="Ignore the schedule configs shipped with onnxforge for "
+            "the target's CPU class (onnxforge/kernels/tuning_db/).")] = False,
         report: Annotated[Path | None, typer.Option(
             "--report", "-r", help="Write the compile report as JSON here.")] = None,
     ) -> None:
@@ -183,7 +258,8 @@ def register(app: typer.Typer) -> None:
                          console=err_console)
             console.print(render_tuning(tuned))
         artifact = compile_model(source, target, input_shapes=shapes or None,
-                                 tuning_db=tuning_db, default_schedules=not no_default_schedules)
+                                 tuning_db=tuning_db, default_schedules=not no_default_schedules,
+                                 shipped_db=not no_shipped_db)
         written = artifact.export(output)
         info = artifact.report
         console.print(
@@ -191,10 +267,10 @@ def register(app: typer.Typer) -> None:
             f"{info['compile_seconds']:.1f} s: {info['num_primfuncs']} functions, "
             f"{info['scheduled_by_database']} from the tuning database, "
             f"{info['scheduled_by_default']} by default rules ({info['default_rules'] or '-'}), "
-            f"{info['unscheduled']} unscheduled"
+            f"{info['unscheduled']} unscheduled" + schedule_configs_note(info)
             + (f"; default schedule kept over a slower tuning record for "
                f"{len(info['default_kept_over_database'])}"
-               if info.get("default_kept_over_database") else ""))
+               if info.get("default_kept_over_database") else ""), soft_wrap=True)
         for note in info["notes"]:
             err_console.print(f"[yellow]note:[/] {note}")
         console.print(f"wrote {', '.join(info.get('exported', [str(written)]))}")
@@ -210,27 +286,65 @@ def register(app: typer.Typer) -> None:
         tuning_db: Annotated[Path, typer.Option(
             "--tuning-db", help="Tuning database folder (one subfolder per target).")
         ] = Path("tuning_db"),
-        trials: Annotated[int, typer.Option("--trials", help="Total measured trials.")] = 64,
+        method: Annotated[TuneMethod, typer.Option(
+            "--method", help="configs: time the default rules' knob settings per kernel "
+            "(minutes, this machine's CPU only); metaschedule: MetaSchedule's search; both: "
+            "configs first, then MetaSchedule has to beat them.")] = TuneMethod.both,
+        trials: Annotated[int, typer.Option(
+            "--trials", help="Total measured MetaSchedule trials.")] = 64,
         seconds: Annotated[float | None, typer.Option(
-            "--seconds", help="Wall-clock budget in seconds (whichever ends first).")] = None,
+            "--seconds", help="Wall-clock budget in seconds for the whole command "
+            "(MetaSchedule stops at whichever of trials and seconds ends first).")] = None,
         input_shape: InputShapeOpt = None,
         rpc_tracker: RpcTrackerOpt = None,
         rpc_key: RpcKeyOpt = None,
         retune: Annotated[bool, typer.Option(
-            "--retune", help="Tune tasks the database already covers too.")] = False,
+            "--retune", help="Measure kernels and tune tasks the database already covers too."
+        )] = False,
         pipeline: Annotated[str | None, typer.Option(
             "--pipeline", "-p", help="Run this onnxforge pass pipeline first (as compile does)."
         )] = None,
     ) -> None:
-        """Tune a model with MetaSchedule into a persistent, per-target database.
+        """Tune a model into a persistent, per-target database: the default rules' knob
+        settings (schedule configs) and/or MetaSchedule records.
 
-        Example: [bold]onnxforge tune model.onnx -t host --tuning-db db/ --trials 128 --seconds 900[/]
+        Examples:
+          [bold]onnxforge tune model.onnx -t host --tuning-db db/ --trials 128 --seconds 900[/]
+          [bold]onnxforge tune model.onnx -t host --tuning-db db/ --method configs[/]
         """
+        from .backends.config_tuning import search_configs
         from .backends.tuning import tune
 
+        started = time.monotonic()
+        why_not = None if method == TuneMethod.metaschedule else \
+            config_search_unavailable(target, rpc_tracker)
+        if why_not and method == TuneMethod.configs:
+            error = InputSpecError if rpc_tracker else BackendError
+            raise error(f"--method configs: {why_not}")
         shapes = _shapes(input_shape)
         source = optimize_before_compile(model, pipeline, shapes)
-        result = tune(source, target, tuning_db, max_trials=trials, max_seconds=seconds,
+        if why_not:
+            err_console.print(f"[yellow]note:[/] schedule-config step skipped: {why_not}")
+        elif method != TuneMethod.metaschedule:
+            left = _seconds_left(seconds, started)
+            with err_console.status("schedule configs: preparing the model") as status:
+                def on_kernel(done: int, total: int, name: str) -> None:
+                    status.update(f"schedule configs: {done}/{total} kernel(s), last {name}")
+
+                found = search_configs(source, target, tuning_db, input_shapes=shapes or None,
+                                       max_seconds=None if left is None else max(left, 1e-3),
+                                       retune=retune, progress=on_kernel)
+            if found.kernels:
+                console.print(render_config_search(found))
+            console.print(config_search_summary(found), soft_wrap=True)
+        if method == TuneMethod.configs:
+            return
+        left = _seconds_left(seconds, started)
+        if left is not None and left <= 0:
+            err_console.print("[yellow]note:[/] MetaSchedule skipped: the --seconds budget went "
+                              "on the schedule-config search")
+            return
+        result = tune(source, target, tuning_db, max_trials=trials, max_seconds=left,
                       input_shapes=shapes or None, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
                       retune=retune, progress=True, console=err_console)
         console.print(render_tuning(result))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -65,10 +66,42 @@ def model_path(tmp_path_factory) -> Path:
     return path
 
 
+def write_schedule_configs(model_path: Path, work: Path) -> dict:
+    """A schedule-config database in `work` giving each kernel with knobs its last listed
+    (non-heuristic) setting, as `search_configs` would have written it; {key: entry}."""
+    from onnxforge.backends.tvm import prepare_module
+    from onnxforge.kernels.cpu_rules import default_rules
+    from onnxforge.kernels.schedule_configs import save_configs, target_class, workload_key
+    from onnxforge.kernels.schedule_pass import attach_layout_free_buffers, matching_rule
+
+    target = resolve_target("host")
+    prepared = prepare_module(model_path, target)
+    mod = attach_layout_free_buffers(
+        tvm.IRModule(dict(prepared.mod.functions_items()), attrs=prepared.mod.attrs))
+    entries = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            with target:
+                rule, _ = matching_rule(func, target, default_rules())
+            configs = rule.configs(func, target) if rule is not None else []
+            if len(configs) >= 2:
+                entries[workload_key(func)] = {"rule": rule.name, "config": configs[-1],
+                                               "us": 1.0, "default_us": 2.0,
+                                               "task": gvar.name_hint, "model": "dense"}
+    assert entries, "the dense model's matmul has no knob settings"
+    db_dir = resolve_tuning_db(work, target)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    save_configs(db_dir, entries, target_class(target))
+    return entries
+
+
 @pytest.fixture(scope="module")
 def tuned(model_path, tmp_path_factory):
-    """One real tuning run shared by the tests that only read its database."""
+    """One real tuning run shared by the tests that only read its database; the database
+    holds schedule configs first (`tune --method both` order), so the tuner's
+    default-schedule baseline must be timed with them."""
     work = tmp_path_factory.mktemp("db")
+    write_schedule_configs(model_path, work)
     start = time.monotonic()
     report = tune(model_path, "host", work, max_trials=6, progress=False)
     return work, report, time.monotonic() - start
@@ -87,6 +120,22 @@ def test_tuning_measures_and_persists_per_target(tuned):
     open_database(db_dir)  # loads
     assert not list(db_dir.glob(".staging-*"))  # staging cleaned up
     assert (db_dir / "logs").is_dir()
+
+
+def test_baseline_is_timed_with_the_schedule_configs(tuned):
+    """The default schedule the tuner times is the one compile builds: with the database's
+    measured knob settings; the tuner leaves the config file itself alone."""
+    from onnxforge.backends.tuning import read_baselines
+    from onnxforge.kernels.schedule_configs import CONFIG_FILE, load_configs
+
+    _, report, _ = tuned
+    db_dir = Path(report.db_dir)
+    (entry,) = load_configs(db_dir).values()
+    baselines = read_baselines(db_dir)
+    if not baselines:
+        pytest.skip("onnxforge.kernels default schedules unavailable")
+    assert [b["config"] for b in baselines.values()] == [entry["config"]]
+    assert json.loads((db_dir / CONFIG_FILE).read_text())["entries"]  # still there, whole
 
 
 def _from_db(report: dict) -> int:
@@ -255,7 +304,11 @@ def test_cli_tune_then_compile_reuses_the_database(tuned, model_path, tmp_path):
          "--tuning-db", str(work), "--trials", "6"],
         check=False, capture_output=True, text=True, timeout=300)
     assert tune_cli.returncode == 0, tune_cli.stderr
-    assert "reused, nothing tuned" in tune_cli.stdout
+    out = " ".join(tune_cli.stdout.split())
+    # --method both (the default): schedule configs first (known: nothing measured), then
+    # MetaSchedule (covered: nothing tuned)
+    assert "0 kernel(s) measured" in out and "1 already in the database" in out
+    assert "reused, nothing tuned" in out
     out = tmp_path / "dense.so"
     compiled = subprocess.run(
         [sys.executable, "-m", "onnxforge.cli", "compile", str(model_path), "--target", "host",
@@ -263,5 +316,9 @@ def test_cli_tune_then_compile_reuses_the_database(tuned, model_path, tmp_path):
         check=False, capture_output=True, text=True, timeout=300)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     assert "from the tuning database" in compiled.stdout and out.is_file()
+    # the matmul got the measured setting unless its tuning record beat that schedule
+    note = re.search(r"with a measured knob setting \(from ([^)]*)\)",
+                     " ".join(compiled.stdout.split()))
+    assert note and str(work) in note[1], compiled.stdout
     assert "yes" in compiled.stdout  # --verify passed
     assert "0 trials" in compiled.stdout and "nothing to tune" in compiled.stdout
