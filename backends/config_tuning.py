@@ -95,10 +95,7 @@ def search_configs(
         entries = load_configs(db_dir)
         report.known = len(entries)
 
-        counts = {"done": 0, "total": None}
-
         def on_kernel(result, name: str, done: int, total: int) -> None:
-            counts.update(done=done, total=total)
             if result is not None:
                 entries[result.key] = result.entry(Path(prepared.label).name)
                 report.kernels.append({
@@ -109,9 +106,9 @@ def search_configs(
             if progress is not None:
                 progress(done, total, name)
 
-        search_module(prepared.mod, tvm_target, skip=None if retune else entries,
-                      deadline=deadline, progress=on_kernel)
-        if counts["total"] is not None and counts["done"] < counts["total"]:
+        outcome = search_module(prepared.mod, tvm_target, skip=None if retune else entries,
+                                deadline=deadline, progress=on_kernel)
+        if not outcome.finished:
             report.stopped_by = "seconds"
         save_configs(db_dir, entries, target_class(tvm_target),
                      {"cpu": cpu_description(), "target": canonical_json(tvm_target)})

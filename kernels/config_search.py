@@ -153,10 +153,21 @@ def search_kernel(name: str, func: tirx.PrimFunc, target, *, rounds: int = 5,
     return None
 
 
+@dataclass
+class SearchOutcome:
+    results: list[KernelResult]
+    kernels: int  # distinct kernels to look at (those in ``skip`` excluded)
+    visited: int  # how many of them were looked at before the deadline
+
+    @property
+    def finished(self) -> bool:
+        return self.visited == self.kernels
+
+
 def search_module(mod: tvm.IRModule, target, *, skip: Mapping[str, dict] | None = None,
                   deadline: float | None = None,
                   progress: Callable[[KernelResult | None, str, int, int], None] | None = None,
-                  **kwargs) -> list[KernelResult]:
+                  **kwargs) -> SearchOutcome:
     """``search_kernel`` for every distinct unscheduled PrimFunc of a fused Relax module.
 
     Kernels whose workload key is in ``skip`` (already measured) are not timed again.
@@ -173,14 +184,15 @@ def search_module(mod: tvm.IRModule, target, *, skip: Mapping[str, dict] | None 
             continue
         seen.add(key)
         todo.append((gvar.name_hint, func))
-    results = []
+    outcome = SearchOutcome([], len(todo), 0)
     for i, (name, func) in enumerate(todo):
         if deadline is not None and time.time() >= deadline:
             break
         with target:
             result = search_kernel(name, func, target, **kwargs)
+        outcome.visited = i + 1
         if result is not None:
-            results.append(result)
+            outcome.results.append(result)
         if progress is not None:
             progress(result, name, i + 1, len(todo))
-    return results
+    return outcome

@@ -411,10 +411,24 @@ def _loop_feeding_dim(sch: s_tir.Schedule, block, loops, dim: int):
     return None
 
 
+def _macs(info: Contraction) -> int:
+    macs = 1
+    for ext in info.extents:
+        macs *= ext
+    return macs
+
+
+def runs_parallel(info: Contraction, cpu: CpuInfo) -> bool:
+    """Whether the heuristic spreads the kernel over threads (enough work for the fork)."""
+    return cpu.num_cores > 1 and _macs(info) >= MIN_PARALLEL_MACS
+
+
 def schedule_contraction(
-    sch: s_tir.Schedule, info: Contraction, tile: TileChoice, cpu: CpuInfo
+    sch: s_tir.Schedule, info: Contraction, tile: TileChoice, cpu: CpuInfo,
+    parallel: bool = True,
 ) -> None:
-    """Apply the register-tiled micro-kernel to the whole function around ``info.block``."""
+    """Apply the register-tiled micro-kernel to the whole function around ``info.block``
+    (``parallel=False``: one thread even when the heuristic would use all)."""
     main = info.block
     blocks = child_blocks(sch)
     pos = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main)))
@@ -486,10 +500,7 @@ def schedule_contraction(
     inner = [lp for lp in (yi, mi) if lp is not None] + [ni]
     sch.reorder(*outer, *reds, *inner)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    macs = 1
-    for ext in info.extents:
-        macs *= ext
-    if cpu.num_cores > 1 and (loop_extent(sch, fused) or 0) > 1 and macs >= MIN_PARALLEL_MACS:
+    if parallel and runs_parallel(info, cpu) and (loop_extent(sch, fused) or 0) > 1:
         sch.parallel(fused)
 
     # 5. accumulator tile lives under the parallel loop, N innermost
@@ -574,11 +585,19 @@ class ContractionRule(CpuRule):
         tile = choose_tile(info, cpu, can_pad=self.can_pad, config=config)
         if tile is None:
             return False
-        schedule_contraction(sch, info, tile, cpu)
+        serial = bool(config and config.get("serial"))
+        schedule_contraction(sch, info, tile, cpu, parallel=not serial)
         return True
 
     def configs(self, func: tirx.PrimFunc, target) -> list[dict]:
+        """Register tiles, the heuristic first; right after it the heuristic tile on one
+        thread (``"serial"``) when the heuristic forks: for a small kernel the fork-join
+        can cost more than the second core saves."""
         info = self._analyze(s_tir.Schedule(func), func)
         if info is None:
             return []
-        return [tile_config(t) for t in tile_options(info, cpu_info(target), can_pad=self.can_pad)]
+        cpu = cpu_info(target)
+        configs = [tile_config(t) for t in tile_options(info, cpu, can_pad=self.can_pad)]
+        if configs and runs_parallel(info, cpu):
+            configs.insert(1, {**configs[0], "serial": True})
+        return configs

@@ -99,7 +99,8 @@ def _width_options(x_ext: int, lanes: int) -> list[int]:
 class WindowRule(CpuRule):
     """Depthwise conv / pooling -> (n, c)-parallel, x-vectorized, taps unrolled.
 
-    Knob: the output-row vector width (``{"width": w}``, see ``_width_options``)."""
+    Knobs: the output-row vector width (``{"width": w}``, see ``_width_options``), and
+    ``"serial"`` (one thread) for a kernel the heuristic would fork."""
 
     name = "window-vectorized"
 
@@ -121,8 +122,14 @@ class WindowRule(CpuRule):
         x_ext = loop_extent(sch, sch.get_loops(main)[spatial[-1]])
         if x_ext is None or x_ext < 2:
             return []
-        lanes = cpu_info(target).lanes(write_dtype_bits(sch, main))
-        return [{"width": w} for w in _width_options(x_ext, lanes)]
+        cpu = cpu_info(target)
+        configs = [{"width": w} for w in _width_options(x_ext, cpu.lanes(write_dtype_bits(sch, main)))]
+        work = 1
+        for lp in sch.get_loops(main):
+            work *= loop_extent(sch, lp) or 1
+        if cpu.num_cores > 1 and work >= MIN_PARALLEL_MACS:  # as schedule_config forks
+            configs.insert(1, {**configs[0], "serial": True})
+        return configs
 
     def schedule(self, sch: s_tir.Schedule, func: tirx.PrimFunc, cpu: CpuInfo) -> bool:
         return self.schedule_config(sch, func, cpu, None)
@@ -174,7 +181,7 @@ class WindowRule(CpuRule):
         work = 1
         for lp in sch.get_loops(main):
             work *= loop_extent(sch, lp) or 1
-        if cpu.num_cores > 1 and work >= MIN_PARALLEL_MACS:
+        if cpu.num_cores > 1 and work >= MIN_PARALLEL_MACS and not (config or {}).get("serial"):
             sch.parallel(par)
 
         sch.reverse_compute_at(epi, xo)

@@ -87,7 +87,9 @@ def _schedule_one(func: tirx.PrimFunc, target: Target, rules,
     entry = configs.get(workload_key(func)) if configs else None
     if entry is not None and entry.get("config"):
         rule = next((r for r in rules if r.name == entry["rule"]), None)
-        if rule is not None and rule.is_target_available(target):
+        # only a setting the rule offers for this function counts as applied
+        if rule is not None and rule.is_target_available(target) \
+                and entry["config"] in rule.configs(func, target):
             new = apply_rule(rule, func, target, entry["config"])
             if new is not None:
                 return new

@@ -246,6 +246,18 @@ def test_compile_applies_the_users_entries(conv_path, tmp_path):
     assert art.report["schedule_configs"]["entries"] == 1
     assert art.report["schedule_configs"]["applied"] == 0
 
+    # a setting this kernel does not offer (e.g. from a hand-edited file): heuristic, and
+    # not counted as applied
+    write_db(tmp_path, HOST, {workload_key(func): entry({"nb": 3, "mb": 5, "n_padded": 16})})
+    art = compile_model(conv_path, "host", tuning_db=tmp_path)
+    assert art.report["schedule_configs"]["applied"] == 0
+    assert_matches_ort(art, conv_path)
+
+
+def test_search_stops_at_the_deadline(conv_path, tmp_path):
+    report = search_configs(conv_path, "host", tmp_path, max_seconds=0.01)
+    assert report.kernels == [] and report.stopped_by == "seconds"
+
 
 @pytest.mark.parametrize("break_it", ["tvm", "format", "json"])
 def test_foreign_or_broken_files_are_ignored(break_it, conv_path, tmp_path, caplog):

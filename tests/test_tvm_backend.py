@@ -252,6 +252,26 @@ def test_mobilenet_v2_cortex_a72_under_qemu_matches_ort():
     assert_matches_ort(art, path)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+def test_zoo_model_uses_the_shipped_schedule_configs_and_matches_ort(name):
+    """On a CPU of the shipped database's class the measured settings are applied by
+    default, and the model still matches ORT; --no-shipped-db leaves the heuristics."""
+    from onnxforge.backends.targets import resolve_target
+    from onnxforge.kernels.schedule_configs import shipped_db_dir
+
+    shipped = shipped_db_dir(resolve_target("host"))
+    if shipped is None:
+        pytest.skip("no schedule-config database shipped for this CPU class")
+    path = zoo_path(name)
+    art = compile_model(path, "host", input_shapes=zoo_input_shapes(name))
+    found = art.report["schedule_configs"]
+    assert found["sources"] == [str(shipped)] and found["applied"] >= 1, found
+    assert_matches_ort(art, path)
+    plain = compile_model(path, "host", input_shapes=zoo_input_shapes(name), shipped_db=False)
+    assert plain.report["schedule_configs"] == {"sources": [], "entries": 0, "applied": 0}
+
+
 # ---------------------------------------------------------------------------------------
 # GPUs: code generation without a GPU, running only where one exists
 # ---------------------------------------------------------------------------------------
