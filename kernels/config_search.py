@@ -30,7 +30,7 @@ from tvm import tirx
 
 from .cpu_rules import default_rules
 from .schedule_configs import workload_key
-from .schedule_pass import apply_rule, attach_layout_free_buffers, is_scheduled
+from .schedule_pass import apply_rule, attach_layout_free_buffers, is_scheduled, matching_rule
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +170,14 @@ def search_module(mod: tvm.IRModule, target, *, skip: Mapping[str, dict] | None 
                   **kwargs) -> SearchOutcome:
     """``search_kernel`` for every distinct unscheduled PrimFunc of a fused Relax module.
 
-    Kernels whose workload key is in ``skip`` (already measured) are not timed again.
+    Kernels whose workload key is in ``skip`` (already measured for the rule that
+    schedules them now) are not timed again.
     Stops before a kernel when ``deadline`` (``time.time()``) has passed.
     """
     mod = attach_layout_free_buffers(tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs))
     todo = []
-    seen = set(skip or ())
+    seen = set()
+    skip = skip or {}
     for gvar, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc) or is_scheduled(func):
             continue
@@ -183,6 +185,10 @@ def search_module(mod: tvm.IRModule, target, *, skip: Mapping[str, dict] | None 
         if key in seen:
             continue
         seen.add(key)
+        if key in skip:  # known, unless measured for another rule (a rule changed since)
+            rule, _ = matching_rule(func, target, default_rules())
+            if rule is None or skip[key].get("rule") == rule.name:
+                continue
         todo.append((gvar.name_hint, func))
     outcome = SearchOutcome([], len(todo), 0)
     for i, (name, func) in enumerate(todo):

@@ -555,6 +555,15 @@ def has_window(sch: s_tir.Schedule, info: Contraction) -> bool:
     return False
 
 
+def _inline_weight_transforms(sch: s_tir.Schedule, main) -> bool:
+    """Inline the plain copies (no padding condition) that feed ``main``; True if any."""
+    inlined = False
+    for block in sch.get_producers(main):
+        if is_spatial(sch, block) and not has_if_then_else(sch, block):
+            inlined = try_compute_inline(sch, block) or inlined
+    return inlined
+
+
 class ContractionRule(CpuRule):
     """A rule around the micro-kernel: one multiply-accumulate block, with or without a
     sliding window (``sliding_window``), ``spatial_rank`` output axes (None: any), and N
@@ -569,6 +578,10 @@ class ContractionRule(CpuRule):
         if len(mains) != 1:
             return None
         info = analyze_contraction(sch, mains[0], layout_free_params(func))
+        if info is None and _inline_weight_transforms(sch, mains[0]):
+            # e.g. conv_transpose: its flipped kernel is a copy of the weight; read
+            # through the copy, B is the (packable) weight itself
+            info = analyze_contraction(sch, mains[0], layout_free_params(func))
         if info is None or has_window(sch, info) != self.sliding_window:
             return None
         if self.spatial_rank is not None and len(info.spatial) != self.spatial_rank:

@@ -84,18 +84,18 @@ def matching_rule(func: tirx.PrimFunc, target: Target, rules):
 
 def _schedule_one(func: tirx.PrimFunc, target: Target, rules,
                   configs: Mapping[str, dict] | None) -> tirx.PrimFunc | None:
-    entry = configs.get(workload_key(func)) if configs else None
+    rule, scheduled = matching_rule(func, target, rules)
+    entry = configs.get(workload_key(func)) if configs and rule is not None else None
     if entry is not None and entry.get("config"):
-        rule = next((r for r in rules if r.name == entry["rule"]), None)
-        # only a setting the rule offers for this function counts as applied
-        if rule is not None and rule.is_target_available(target) \
-                and entry["config"] in rule.configs(func, target):
-            new = apply_rule(rule, func, target, entry["config"])
-            if new is not None:
-                return new
+        # only a setting of the rule that schedules this function now, and one that rule
+        # offers for it, is applied (an entry measured before a rule change is not)
+        if entry["rule"] == rule.name and entry["config"] in rule.configs(func, target):
+            configured = apply_rule(rule, func, target, entry["config"])
+            if configured is not None:
+                return configured
         logger.info("schedule config %s for %s not applicable, heuristic knobs used",
                     entry, func.attrs.get("global_symbol") if func.attrs else "?")
-    return matching_rule(func, target, rules)[1]
+    return scheduled
 
 
 def _schedule_module(mod: tvm.IRModule, target: Target, rules,

@@ -254,6 +254,21 @@ def test_compile_applies_the_users_entries(conv_path, tmp_path):
     assert_matches_ort(art, conv_path)
 
 
+def test_an_entry_of_another_rule_is_not_applied_and_is_measured_again(conv_path, tmp_path):
+    """After a rule change (e.g. a kernel the window rule used to take is now a tiled
+    conv) an old entry must neither force the old rule nor count as measured."""
+    func = kernel(conv_path)
+    stale = WindowRule().configs(func, HOST)
+    assert stale, "a regular conv is a sliding window too: the window rule offers widths"
+    write_db(tmp_path, HOST, {workload_key(func): entry(stale[-1], WindowRule.name)})
+    art = compile_model(conv_path, "host", tuning_db=tmp_path)
+    assert art.report["schedule_configs"]["applied"] == 0
+    assert art.report["schedule_rules"] == {CONV_RULE: 1}
+    report = search_configs(conv_path, "host", tmp_path)
+    assert [k["rule"] for k in report.kernels] == [CONV_RULE]
+    assert load_configs(resolve_tuning_db(tmp_path, HOST))[workload_key(func)]["rule"] == CONV_RULE
+
+
 def test_search_stops_at_the_deadline(conv_path, tmp_path):
     report = search_configs(conv_path, "host", tmp_path, max_seconds=0.01)
     assert report.kernels == [] and report.stopped_by == "seconds"
