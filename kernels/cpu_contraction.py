@@ -258,6 +258,9 @@ class TileChoice:
     mb: int
     n_padded: int
     yb: int = 1  # rows of the second M axis in the tile (2-D tile: yb x mb x nb)
+    # axis the epilogue stores along: "m" (contiguous output rows), "n" (the accumulator's
+    # fast axis), "" = heuristic (m only for a power-of-two row tile of at least 4)
+    store: str = ""
 
 
 def _row_tile(m_ext: int, max_mb: int) -> int:
@@ -343,6 +346,12 @@ def tile_options(
                 if accs <= acc_budget and (accs >= 4 or m_ext == 1) and tile not in chosen:
                     alternatives.append((-accs, yb, tile))
     alternatives.sort(key=lambda item: item[:2])
+    # the heuristic tile storing along the other axis (rows of 2+ columns only)
+    first = chosen[0]
+    if first.mb >= 2:
+        heuristic_m = first.mb >= 4 and first.mb & (first.mb - 1) == 0
+        chosen.insert(1, TileChoice(first.nb, first.mb, first.n_padded, first.yb,
+                                    "n" if heuristic_m else "m"))
     return chosen + [tile for _, _, tile in alternatives]
 
 
@@ -351,6 +360,8 @@ def tile_config(tile: TileChoice) -> dict:
     config = {"nb": tile.nb, "mb": tile.mb, "n_padded": tile.n_padded}
     if tile.yb > 1:
         config["yb"] = tile.yb
+    if tile.store:
+        config["store"] = tile.store
     return config
 
 
@@ -365,7 +376,8 @@ def choose_tile(
         return None
     if config:
         wanted = TileChoice(int(config.get("nb", 0)), int(config.get("mb", 0)),
-                            int(config.get("n_padded", 0)), int(config.get("yb", 1)))
+                            int(config.get("n_padded", 0)), int(config.get("yb", 1)),
+                            str(config.get("store", "")))
         if wanted in options:
             return wanted
     return options[0]
@@ -526,6 +538,8 @@ def schedule_contraction(
     # the store side wants x innermost (contiguous rows), but only a power-of-two row
     # tile makes a good vector; otherwise vectorize along N (the accumulator's fast axis)
     mb_vector = tile.mb >= 4 and tile.mb & (tile.mb - 1) == 0
+    if tile.store:
+        mb_vector = tile.store == "m"
     if not mb_vector and len(tile_loops) >= 2:
         n_loop_e = _loop_feeding_dim(sch, epi, tile_loops, n_dim_c)
         if n_loop_e is not None and not n_loop_e.same_as(tile_loops[-1]):

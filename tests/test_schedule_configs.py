@@ -34,7 +34,7 @@ from onnxforge.backends.tvm import (
     resolve_tuning_db,
 )
 from onnxforge.kernels import schedule_configs
-from onnxforge.kernels.cpu_contraction import choose_tile, tile_config, tile_options
+from onnxforge.kernels.cpu_contraction import TileChoice, choose_tile, tile_config, tile_options
 from onnxforge.kernels.cpu_target import cpu_info
 from onnxforge.kernels.rule_conv2d import Conv2dRule
 from onnxforge.kernels.rule_window import WindowRule, _row_width
@@ -139,6 +139,10 @@ def test_conv_tile_options_list_the_heuristic_first():
     assert options[0] == choose_tile(info, cpu, can_pad=rule.can_pad)
     # every row tile divides the output width (12): no predicated register tile
     assert all(12 % t.mb == 0 and 16 % t.nb == 0 for t in options)
+    # right after the heuristic: the same tile with the epilogue storing along the other
+    # axis (a 12-column row tile is not a power of two: the heuristic stores along N)
+    assert options[0].mb == 12 and options[0].store == ""
+    assert options[1] == TileChoice(options[0].nb, 12, options[0].n_padded, 1, "m")
     configs = rule.configs(func, HOST)
     assert configs == [tile_config(t) for t in options]
     assert configs[0] == tile_config(choose_tile(info, cpu, can_pad=rule.can_pad))
