@@ -15,7 +15,9 @@ The compile pipeline is a few short, named lists of passes, in the spirit of TVM
   legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
   schedule   MetaScheduleApplyDatabase (if a tuning database is given; `apply_database`
              keeps the default schedule where the tuner measured it faster), then
-             CPU: `onnxforge.kernels.default_schedule_pass(target)` for the rest,
+             CPU: `onnxforge.kernels.default_schedule_pass(target, configs)` for the
+             rest, with the knob settings measured per kernel (`schedule_configs_for`:
+             the database shipped for the target's CPU class, then the user's),
              GPU: dlight's default GPU rules (Adreno: dlight's Adreno rules first)
   lower      the target's dataflow-lowering and finalize passes, then `tvm.compile`
 

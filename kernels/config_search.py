@@ -108,49 +108,43 @@ def search_kernel(name: str, func: tirx.PrimFunc, target, *, rounds: int = 5,
                   min_repeat_ms: float = 20.0, min_gain: float = 0.03,
                   max_configs: int = 12) -> KernelResult | None:
     """Time the knob settings of the rule that schedules ``func``; None without knobs."""
-    rules = default_rules()
-    for rule in rules:
-        if not rule.is_target_available(target):
+    rule, default = matching_rule(func, target, default_rules())
+    if rule is None:
+        return None
+    configs = rule.configs(func, target)[:max_configs]
+    if len(configs) < 2:
+        return None
+    variants: list[tuple[dict | None, tirx.PrimFunc, Callable]] = []
+    for i, config in enumerate(configs):
+        scheduled = default if i == 0 else apply_rule(rule, func, target, config)
+        if scheduled is None:
             continue
-        default = apply_rule(rule, func, target)
-        if default is None:
+        try:
+            lib, built = _build(scheduled, target, keep_packing=False)
+        except Exception as exc:  # noqa: BLE001 - a setting that does not build is dropped
+            logger.info("%s %s does not build: %s", name, config, str(exc).splitlines()[-1:])
             continue
-        configs = rule.configs(func, target)[:max_configs]
-        key = workload_key(func)
-        if len(configs) < 2:
-            return None
-        variants: list[tuple[dict | None, tirx.PrimFunc, Callable]] = []
-        for i, config in enumerate(configs):
-            scheduled = default if i == 0 else apply_rule(rule, func, target, config)
-            if scheduled is None:
-                continue
-            try:
-                lib, built = _build(scheduled, target, keep_packing=False)
-            except Exception as exc:  # noqa: BLE001 - a setting that does not build is dropped
-                logger.info("%s %s does not build: %s", name, config, str(exc).splitlines()[-1:])
-                continue
-            variants.append((None if i == 0 else config, scheduled,
-                             _timer(lib, built, min_repeat_ms)))
-        if not variants or variants[0][0] is not None:
-            return None
-        samples: list[list[float]] = [[] for _ in variants]
-        for _ in range(rounds):
-            for i, (_, _, timer) in enumerate(variants):
-                samples[i].append(timer())
-        medians = [float(np.median(s)) for s in samples]
-        trials = [(configs[0] if c is None else c, m) for (c, _, _), m in zip(variants, medians)]
-        result = KernelResult(name, key, rule.name, medians[0], medians[0], None, trials)
-        order = sorted(range(1, len(variants)), key=lambda i: medians[i])
-        for i in order:
-            if medians[i] > medians[0] * (1.0 - min_gain):
-                break
-            if _same_output(default, variants[i][1], target):
-                result.best_us, result.best_config = medians[i], variants[i][0]
-                break
-            result.note = f"setting {variants[i][0]} gave different outputs, dropped"
-            logger.warning("%s: %s", name, result.note)
-        return result
-    return None
+        variants.append((None if i == 0 else config, scheduled,
+                         _timer(lib, built, min_repeat_ms)))
+    if not variants or variants[0][0] is not None:
+        return None
+    samples: list[list[float]] = [[] for _ in variants]
+    for _ in range(rounds):
+        for i, (_, _, timer) in enumerate(variants):
+            samples[i].append(timer())
+    medians = [float(np.median(s)) for s in samples]
+    trials = [(configs[0] if c is None else c, m) for (c, _, _), m in zip(variants, medians)]
+    result = KernelResult(name, workload_key(func), rule.name, medians[0], medians[0], None,
+                          trials)
+    for i in sorted(range(1, len(variants)), key=lambda i: medians[i]):
+        if medians[i] > medians[0] * (1.0 - min_gain):
+            break
+        if _same_output(default, variants[i][1], target):
+            result.best_us, result.best_config = medians[i], variants[i][0]
+            break
+        result.note = f"setting {variants[i][0]} gave different outputs, dropped"
+        logger.warning("%s: %s", name, result.note)
+    return result
 
 
 @dataclass
