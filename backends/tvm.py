@@ -344,8 +344,10 @@ def _is_scheduled(func) -> bool:
 
 def _count_configured(mod) -> int:
     """PrimFuncs scheduled with a measured knob setting (schedule config database)."""
+    from ..kernels.schedule_configs import CONFIG_ATTR
+
     return sum(1 for f in _prim_funcs(mod).values()
-               if f.attrs is not None and "onnxforge.schedule_config" in f.attrs)
+               if f.attrs is not None and CONFIG_ATTR in f.attrs)
 
 
 def _scheduled_names(mod) -> set[str]:
