@@ -43,6 +43,7 @@ import onnx_ir as ir
 from ..backends.ort import OrtArtifact
 from ..errors import OnnxforgeError
 from ..ir import constant_array, infer_shapes, load_model
+from .naming import NameAllocator
 from .quant_prepare import (
     add_const,
     ensure_node_names,
@@ -74,6 +75,7 @@ class BudgetError(OnnxforgeError):
 def store_fp16_weights(model: ir.Model, names: set[str]) -> int:
     """Store the constant weight (input 1) of the named nodes as float16 + Cast."""
     graph = model.graph
+    alloc = NameAllocator(graph)
     count = 0
     for n in list(graph):
         if n.name not in names or len(n.inputs) < 2:
@@ -81,9 +83,9 @@ def store_fp16_weights(model: ir.Model, names: set[str]) -> int:
         w = constant_array(n.inputs[1])
         if w is None or w.dtype != np.float32:
             continue
-        half = add_const(graph, f"{n.inputs[1].name}_fp16", w.astype(np.float16))
-        cast = ir.node("Cast", [half], {"to": int(ir.DataType.FLOAT)}, name=f"{n.name}_weight_cast")
-        cast.outputs[0].name = f"{n.name}_weight_fp32"
+        half = add_const(graph, f"{n.inputs[1].name}_fp16", w.astype(np.float16), alloc)
+        cast = alloc.make_node("Cast", [half], {"to": int(ir.DataType.FLOAT)},
+                               name=f"{n.name}_weight_cast", output_names=[f"{n.name}_weight_fp32"])
         cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         graph.insert_before(n, cast)
         n.replace_input_with(1, cast.outputs[0])

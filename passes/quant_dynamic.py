@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..ir import constant_array
+from .naming import NameAllocator
 from .quant_observers import quantize_weight
 from .quant_prepare import add_const, attr, ensure_node_names, is_float, remove_unused
 
@@ -61,11 +62,12 @@ def quantize_dynamic(model: ir.Model, opts: Any) -> dict[str, Any]:
         eligible.append(n)
     keep = _keep_names(model, opts.keep_float, eligible)
     count = 0
+    names = NameAllocator(graph)
     for n in eligible:
         if n.name in keep:
             skipped[n.name] = "kept float (keep_float)"
             continue
-        _rewrite(graph, n, opts.per_channel)
+        _rewrite(graph, n, opts.per_channel, names)
         count += 1
     remove_unused(model)
     stats: dict[str, Any] = {"dynamic_matmuls": count, "kept_float": skipped}
@@ -76,7 +78,7 @@ def quantize_dynamic(model: ir.Model, opts: Any) -> dict[str, Any]:
     return stats
 
 
-def _rewrite(graph: ir.Graph, n: ir.Node, per_channel: bool) -> None:
+def _rewrite(graph: ir.Graph, n: ir.Node, per_channel: bool, names: NameAllocator) -> None:
     w = constant_array(n.inputs[1])
     bias = None
     if n.op_type == "Gemm":
@@ -85,7 +87,8 @@ def _rewrite(graph: ir.Graph, n: ir.Node, per_channel: bool) -> None:
         if len(n.inputs) > 2 and n.inputs[2] is not None:
             c = constant_array(n.inputs[2])
             beta = float(attr(n, "beta", 1.0))
-            bias = add_const(graph, f"{n.name}_C", (c * beta).astype(np.float32)) if c is not None \
+            bias = add_const(graph, f"{n.name}_C",
+                             (c * beta).astype(np.float32), names) if c is not None \
                 else None
             if c is None:  # non-constant C: keep it as an input of the Add
                 bias = n.inputs[2]
@@ -93,25 +96,28 @@ def _rewrite(graph: ir.Graph, n: ir.Node, per_channel: bool) -> None:
     axis = 1 if per_channel else None
     q, scales, _ = quantize_weight(w, axis)
     base = n.name
-    wq = add_const(graph, f"{base}_W_quantized", q)
+    wq = add_const(graph, f"{base}_W_quantized", q, names)
     if axis is None:
-        ws = add_const(graph, f"{base}_W_scale", np.array(scales[0], dtype=np.float32))
-        wz = add_const(graph, f"{base}_W_zero_point", np.array(0, dtype=np.int8))
+        ws = add_const(graph, f"{base}_W_scale", np.array(scales[0], dtype=np.float32), names)
+        wz = add_const(graph, f"{base}_W_zero_point", np.array(0, dtype=np.int8), names)
     else:
-        ws = add_const(graph, f"{base}_W_scale", scales)
-        wz = add_const(graph, f"{base}_W_zero_point", np.zeros(scales.size, dtype=np.int8))
+        ws = add_const(graph, f"{base}_W_scale", scales, names)
+        wz = add_const(graph, f"{base}_W_zero_point", np.zeros(scales.size, dtype=np.int8), names)
     x = n.inputs[0]
-    dql = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{base}_DynamicQuantizeLinear")
+    dql = names.make_node("DynamicQuantizeLinear", [x], num_outputs=3,
+                          name=f"{base}_DynamicQuantizeLinear",
+                          output_names=[f"{base}_x_quantized", f"{base}_x_scale",
+                                        f"{base}_x_zero_point"])
     xq, xs, xz = dql.outputs
-    xq.name, xs.name, xz.name = f"{base}_x_quantized", f"{base}_x_scale", f"{base}_x_zero_point"
-    scale_mul = ir.node("Mul", [xs, ws], name=f"{base}_scale_mul")
-    mmi = ir.node("MatMulInteger", [xq, wq, xz, wz], name=f"{base}_MatMulInteger")
-    cast = ir.node("Cast", [mmi.outputs[0]], {"to": int(ir.DataType.FLOAT)}, name=f"{base}_Cast")
-    out = ir.node("Mul", [cast.outputs[0], scale_mul.outputs[0]], name=f"{base}_rescale")
+    scale_mul = names.make_node("Mul", [xs, ws], name=f"{base}_scale_mul")
+    mmi = names.make_node("MatMulInteger", [xq, wq, xz, wz], name=f"{base}_MatMulInteger")
+    cast = names.make_node("Cast", [mmi.outputs[0]], {"to": int(ir.DataType.FLOAT)},
+                           name=f"{base}_Cast")
+    out = names.make_node("Mul", [cast.outputs[0], scale_mul.outputs[0]], name=f"{base}_rescale")
     new_nodes = [dql, scale_mul, mmi, cast, out]
     result = out.outputs[0]
     if bias is not None:
-        add = ir.node("Add", [result, bias], name=f"{base}_bias")
+        add = names.make_node("Add", [result, bias], name=f"{base}_bias")
         new_nodes.append(add)
         result = add.outputs[0]
     graph.insert_before(n, new_nodes)

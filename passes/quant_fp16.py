@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..ir import constant_array
+from .naming import NameAllocator
 from .quant_prepare import add_const, ensure_node_names, remove_unused
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ FP32_OPERANDS = {"Resize": {1, 2}, "Upsample": {1}}
 def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
     graph = model.graph
     ensure_node_names(graph)
+    names = NameAllocator(graph)
     keep = {t.strip() for t in getattr(opts, "fp16_keep_fp32", "").split(",") if t.strip()}
     fp32_nodes = {n for n in graph if n.op_type in keep or n.name in keep}
     converted = 0
@@ -51,7 +53,7 @@ def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
                 continue
             if id(v) not in cache:
                 half = np.clip(arr, -65504, 65504).astype(np.float16)
-                cache[id(v)] = add_const(graph, f"{v.name}_fp16", half)
+                cache[id(v)] = add_const(graph, f"{v.name}_fp16", half, names)
                 converted += 1
             n.replace_input_with(i, cache[id(v)])
     # Casts to float inside the graph now cast to half.
@@ -77,13 +79,15 @@ def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
     for n in fp32_nodes:
         for i, v in enumerate(n.inputs):
             if v is not None and v.dtype == FLOAT16 and constant_array(v) is None:
-                up = ir.node("Cast", [v], {"to": int(FLOAT)}, name=f"{n.name}_in{i}_to_fp32")
+                up = names.make_node("Cast", [v], {"to": int(FLOAT)},
+                                     name=f"{n.name}_in{i}_to_fp32")
                 up.outputs[0].type = ir.TensorType(FLOAT)
                 graph.insert_before(n, up)
                 n.replace_input_with(i, up.outputs[0])
         for o in n.outputs:
             if o.dtype == FLOAT and not o.is_graph_output():
-                down = ir.node("Cast", [o], {"to": int(FLOAT16)}, name=f"{n.name}_{o.name}_to_fp16")
+                down = names.make_node("Cast", [o], {"to": int(FLOAT16)},
+                                       name=f"{n.name}_{o.name}_to_fp16")
                 down.outputs[0].type = ir.TensorType(FLOAT16)
                 graph.insert_after(n, down)
                 for use in o.uses():
@@ -94,9 +98,9 @@ def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
     for v in graph.inputs:
         if v.dtype != FLOAT or not v.uses():
             continue
-        cast = ir.node("Cast", [v], {"to": int(FLOAT16)}, name=f"{v.name}_to_fp16")
+        cast = names.make_node("Cast", [v], {"to": int(FLOAT16)}, name=f"{v.name}_to_fp16",
+                               output_names=[f"{v.name}_fp16"])
         cast.outputs[0].type = ir.TensorType(FLOAT16)
-        cast.outputs[0].name = f"{v.name}_fp16"
         for use in v.uses():
             if use.node is not cast:
                 use.node.replace_input_with(use.idx, cast.outputs[0])
@@ -108,8 +112,8 @@ def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
         if v.dtype != FLOAT16:
             continue
         name = v.name
-        v.name = f"{name}_fp16"
-        cast = ir.node("Cast", [v], {"to": int(FLOAT)}, name=f"{name}_to_fp32")
+        names.name_value(v, f"{name}_fp16")
+        cast = names.make_node("Cast", [v], {"to": int(FLOAT)}, name=f"{name}_to_fp32")
         out = cast.outputs[0]
         out.type, out.shape, out.name = ir.TensorType(FLOAT), v.shape, name
         graph.append(cast)

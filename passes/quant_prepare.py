@@ -21,7 +21,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
-from ..ir import add_initializer, constant_array
+from ..ir import constant_array
+from .naming import NameAllocator
 
 logger = logging.getLogger(__name__)
 
@@ -46,31 +47,19 @@ def is_float(value: ir.Value | None) -> bool:
     return value is not None and value.dtype in (None, ir.DataType.FLOAT)
 
 
-def add_const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """`add_initializer` that keeps 0-d arrays 0-d (QuantizeLinear needs scalar scales).
-
-    (`np.ascontiguousarray` in onnxforge.ir.add_initializer promotes 0-d to 1-d.)
-    """
-    array = np.asarray(array)
-    if array.ndim:
-        return add_initializer(graph, name, array)
-    value = add_initializer(graph, name, array.reshape(1))
-    tensor = ir.tensor(array.copy(), name=value.name)
-    value.const_value = tensor
-    value.shape = tensor.shape
-    return value
+def add_const(graph: ir.Graph, name: str, array: np.ndarray,
+              names: NameAllocator | None = None) -> ir.Value:
+    """A new initializer named `name` (or `name_<k>` when taken); 0-d arrays stay 0-d
+    (QuantizeLinear needs scalar scales). Pass `names` when adding many."""
+    return (names or NameAllocator(graph)).initializer(name, array)
 
 
 def ensure_node_names(graph: ir.Graph) -> None:
     """Give every unnamed node a unique name (new value names derive from node names)."""
-    taken = {n.name for n in graph if n.name}
+    names = NameAllocator(graph)
     for i, n in enumerate(graph):
         if not n.name:
-            name = f"{n.op_type}_{i}"
-            while name in taken:
-                name += "_"
-            n.name = name
-            taken.add(name)
+            n.name = names.node(f"{n.op_type}_{i}")
 
 
 def remove_unused(model: ir.Model) -> None:
@@ -81,6 +70,7 @@ def remove_unused(model: ir.Model) -> None:
 def fold_batchnorm(model: ir.Model) -> int:
     """Fold inference BatchNormalization nodes into the preceding Conv/ConvTranspose."""
     graph = model.graph
+    names = NameAllocator(graph)
     folded = 0
     for bn in list(graph):
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
@@ -114,8 +104,8 @@ def fold_batchnorm(model: ir.Model) -> int:
             w_new = (w6 * f).reshape(w.shape)
         b0 = b.astype(np.float64) if b is not None else np.zeros(cout)
         b_new = (b0 - mean) * factor + beta
-        w_val = add_initializer(graph, f"{conv.name or 'conv'}_bnfold_W", w_new.astype(np.float32))
-        b_val = add_initializer(graph, f"{conv.name or 'conv'}_bnfold_B", b_new.astype(np.float32))
+        w_val = names.initializer(f"{conv.name or 'conv'}_bnfold_W", w_new.astype(np.float32))
+        b_val = names.initializer(f"{conv.name or 'conv'}_bnfold_B", b_new.astype(np.float32))
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
         conv.replace_input_with(1, w_val)
@@ -141,6 +131,7 @@ def fold_batchnorm(model: ir.Model) -> int:
 def normalize_gemm(model: ir.Model) -> int:
     """Rewrite Gemm alpha/beta != 1 into B*alpha, C*beta (constant B/C only)."""
     graph = model.graph
+    names = NameAllocator(graph)
     changed = 0
     for node in list(graph):
         if node.op_type != "Gemm":
@@ -152,9 +143,10 @@ def normalize_gemm(model: ir.Model) -> int:
         c = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         if b is None or (len(node.inputs) > 2 and node.inputs[2] is not None and c is None):
             continue
-        node.replace_input_with(1, add_initializer(graph, f"{node.name}_B", (b * alpha).astype(b.dtype)))
+        node.replace_input_with(1, names.initializer(f"{node.name}_B", (b * alpha).astype(b.dtype)))
         if c is not None:
-            node.replace_input_with(2, add_initializer(graph, f"{node.name}_C", (c * beta).astype(c.dtype)))
+            node.replace_input_with(2, names.initializer(f"{node.name}_C",
+                                                         (c * beta).astype(c.dtype)))
         node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
         node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
         changed += 1
@@ -172,6 +164,7 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
     """
     graph = model.graph
     ensure_node_names(graph)
+    names = NameAllocator(graph)
     count = 0
     for mm in list(graph):
         if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
@@ -192,24 +185,28 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
             continue
         if rank != 2 and model.opset_imports.get("", 1) < 15:
             continue  # Shape(start, end) needs opset 15
-        bias = add_initializer(graph, f"{mm.name}_bias", b.reshape(n))
+        bias = names.initializer(f"{mm.name}_bias", b.reshape(n))
         nodes: list[ir.Node] = []
         if rank == 2:
-            gemm = ir.node("Gemm", [x, mm.inputs[1], bias], name=f"{mm.name}_gemm")
+            gemm = names.make_node("Gemm", [x, mm.inputs[1], bias], name=f"{mm.name}_gemm")
             nodes.append(gemm)
             result = gemm.outputs[0]
         else:
-            flat_shape = add_initializer(graph, f"{mm.name}_flat_shape", np.array([-1, k], dtype=np.int64))
-            flat = ir.node("Reshape", [x, flat_shape], name=f"{mm.name}_flatten")
-            gemm = ir.node("Gemm", [flat.outputs[0], mm.inputs[1], bias], name=f"{mm.name}_gemm")
-            shape = ir.node("Shape", [x], {"start": 0, "end": -1}, name=f"{mm.name}_lead_shape")
-            n_val = add_initializer(graph, f"{mm.name}_n", np.array([n], dtype=np.int64))
-            cat = ir.node("Concat", [shape.outputs[0], n_val], {"axis": 0}, name=f"{mm.name}_out_shape")
-            back = ir.node("Reshape", [gemm.outputs[0], cat.outputs[0]], name=f"{mm.name}_unflatten")
+            flat_shape = names.initializer(f"{mm.name}_flat_shape",
+                                           np.array([-1, k], dtype=np.int64))
+            flat = names.make_node("Reshape", [x, flat_shape], name=f"{mm.name}_flatten",
+                                   output_names=[f"{mm.name}_flat_out"])
+            gemm = names.make_node("Gemm", [flat.outputs[0], mm.inputs[1], bias],
+                                   name=f"{mm.name}_gemm", output_names=[f"{mm.name}_gemm_out"])
+            shape = names.make_node("Shape", [x], {"start": 0, "end": -1},
+                                    name=f"{mm.name}_lead_shape",
+                                    output_names=[f"{mm.name}_lead_out"])
+            n_val = names.initializer(f"{mm.name}_n", np.array([n], dtype=np.int64))
+            cat = names.make_node("Concat", [shape.outputs[0], n_val], {"axis": 0},
+                                  name=f"{mm.name}_out_shape", output_names=[f"{mm.name}_shape_out"])
+            back = names.make_node("Reshape", [gemm.outputs[0], cat.outputs[0]],
+                                   name=f"{mm.name}_unflatten")
             nodes += [flat, gemm, shape, cat, back]
-            for v, nm in ((flat.outputs[0], "flat"), (gemm.outputs[0], "gemm"), (shape.outputs[0], "lead"),
-                          (cat.outputs[0], "shape")):
-                v.name = f"{mm.name}_{nm}_out"
             flat.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
             gemm.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
             if True:
@@ -270,6 +267,7 @@ def fuse_hardswish(model: ir.Model) -> int:
     """
     graph = model.graph
     ensure_node_names(graph)
+    names = NameAllocator(graph)
     opset = model.opset_imports.get("", 13)
     count = 0
     for add in list(graph):
@@ -311,7 +309,8 @@ def fuse_hardswish(model: ir.Model) -> int:
         if nxt.op_type == "Div" and not ok:
             # clip(x + 3, 0, 6) / 6 alone is HardSigmoid(alpha=1/6, beta=0.5)
             y = nxt.outputs[0]
-            sig = ir.node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5}, name=f"{add.name}_hsig")
+            sig = names.make_node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5},
+                                  name=f"{add.name}_hsig")
             out = sig.outputs[0]
             out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
             graph.insert_before(add, sig)
@@ -326,14 +325,14 @@ def fuse_hardswish(model: ir.Model) -> int:
             continue
         y = last.outputs[0]
         if opset >= 14:
-            hs = ir.node("HardSwish", [x], name=f"{add.name}_hardswish")
+            hs = names.make_node("HardSwish", [x], name=f"{add.name}_hardswish")
             new_nodes = [hs]
             out = hs.outputs[0]
         else:
-            sig = ir.node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5}, name=f"{add.name}_hsig")
-            sig.outputs[0].name = f"{add.name}_hsig_out"
+            sig = names.make_node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5},
+                                  name=f"{add.name}_hsig", output_names=[f"{add.name}_hsig_out"])
             sig.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-            mul = ir.node("Mul", [x, sig.outputs[0]], name=f"{add.name}_hswish")
+            mul = names.make_node("Mul", [x, sig.outputs[0]], name=f"{add.name}_hswish")
             new_nodes = [sig, mul]
             out = mul.outputs[0]
         out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
@@ -393,6 +392,7 @@ def fold_conv_bias_add(model: ir.Model) -> int:
     Repeats until nothing changes (Conv -> Mul -> Add folds both).
     """
     graph = model.graph
+    names = NameAllocator(graph)
     count = 0
     changed = True
     while changed:
@@ -422,11 +422,11 @@ def fold_conv_bias_add(model: ir.Model) -> int:
                 else:
                     new_b = b * vec
                     new_w = w * vec.reshape(-1, *([1] * (w.ndim - 1)))
-                    conv.replace_input_with(1, add_initializer(graph, f"{conv.name}_W_folded",
+                    conv.replace_input_with(1, names.initializer(f"{conv.name}_W_folded",
                                                                new_w.astype(np.float32)))
                 if len(conv.inputs) < 3:
                     conv.resize_inputs(3)
-                conv.replace_input_with(2, add_initializer(graph, f"{conv.name}_bias_folded",
+                conv.replace_input_with(2, names.initializer(f"{conv.name}_bias_folded",
                                                            new_b.astype(np.float32)))
                 z = node.outputs[0]
                 name = z.name

@@ -29,7 +29,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from ..activations import iter_activations
-from ..ir import add_initializer, constant_array
+from ..ir import constant_array
+from .naming import NameAllocator
 from .quant_observers import ChannelMeanObserver, quantize_weight
 from .quant_prepare import attr, only_consumer
 
@@ -145,6 +146,7 @@ def equalizable_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
 def equalize_model(model: ir.Model, iterations: int = 8) -> int:
     """Cross-layer equalization in place; returns the number of rescaled pairs."""
     graph = model.graph
+    names = NameAllocator(graph)
     pairs = equalizable_pairs(model)
     for _ in range(iterations):
         for n1, n2 in pairs:
@@ -162,19 +164,20 @@ def equalize_model(model: ir.Model, iterations: int = 8) -> int:
                 w1n = w1 / s[:, None]
             else:
                 w1n = w1 / s[None, :]
-            n1.replace_input_with(1, add_initializer(graph, f"{n1.name}_cle_W", w1n.astype(np.float32)))
+            n1.replace_input_with(1, names.initializer(f"{n1.name}_cle_W", w1n.astype(np.float32)))
             if len(n1.inputs) > 2 and n1.inputs[2] is not None:
                 b1 = constant_array(n1.inputs[2])
                 if b1 is not None:
                     b1n = (b1.reshape(-1) / s).reshape(b1.shape)
-                    n1.replace_input_with(2, add_initializer(graph, f"{n1.name}_cle_B", b1n.astype(np.float32)))
+                    n1.replace_input_with(2, names.initializer(f"{n1.name}_cle_B",
+                                                               b1n.astype(np.float32)))
             if n2.op_type == "Conv":
                 w2n = w2 * s.reshape(1, -1, *([1] * (w2.ndim - 2)))
             elif n2.op_type == "MatMul" or not int(attr(n2, "transB", 0)):
                 w2n = w2 * s[:, None]
             else:
                 w2n = w2 * s[None, :]
-            n2.replace_input_with(1, add_initializer(graph, f"{n2.name}_cle_W", w2n.astype(np.float32)))
+            n2.replace_input_with(1, names.initializer(f"{n2.name}_cle_W", w2n.astype(np.float32)))
     if pairs:
         ir.passes.common.RemoveUnusedNodesPass()(model)
     logger.info("cross-layer equalization: %d pairs", len(pairs))
@@ -259,6 +262,7 @@ def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | No
         for n in names:
             stats[n].add(acts[n])
     graph = model.graph
+    names = NameAllocator(graph)
     done = 0
     for x, layers, via_ln in groups:
         act_max = stats[x.name].absmax
@@ -273,16 +277,16 @@ def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | No
         if via_ln:
             ln, gi, bi = _layernorm_affine(x)  # type: ignore[misc]
             gamma = constant_array(ln.inputs[gi])
-            ln.replace_input_with(gi, add_initializer(graph, f"{ln.name}_smooth_gamma",
+            ln.replace_input_with(gi, names.initializer(f"{ln.name}_smooth_gamma",
                                                       (gamma / s).astype(np.float32)))
             if bi >= 0:
                 beta = constant_array(ln.inputs[bi])
-                ln.replace_input_with(bi, add_initializer(graph, f"{ln.name}_smooth_beta",
+                ln.replace_input_with(bi, names.initializer(f"{ln.name}_smooth_beta",
                                                           (beta / s).astype(np.float32)))
             if others:  # undo the scaling for consumers that are not smoothed layers
-                sv = add_initializer(graph, f"{x.name}_unsmooth", s)
-                mul = ir.node("Mul", [x, sv], name=f"{x.name}_unsmooth_mul")
-                mul.outputs[0].name = f"{x.name}_unsmoothed"
+                sv = names.initializer(f"{x.name}_unsmooth", s)
+                mul = names.make_node("Mul", [x, sv], name=f"{x.name}_unsmooth_mul",
+                                      output_names=[f"{x.name}_unsmoothed"])
                 mul.outputs[0].type, mul.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), x.shape
                 graph.insert_after(ln, mul)
                 for c in others:
@@ -290,9 +294,9 @@ def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | No
                         if v is x:
                             c.replace_input_with(i, mul.outputs[0])
         else:
-            inv = add_initializer(graph, f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
-            mul = ir.node("Mul", [x, inv], name=f"{x.name}_smooth_mul")
-            mul.outputs[0].name = f"{x.name}_smoothed"
+            inv = names.initializer(f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
+            mul = names.make_node("Mul", [x, inv], name=f"{x.name}_smooth_mul",
+                                  output_names=[f"{x.name}_smoothed"])
             mul.outputs[0].type, mul.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), x.shape
             graph.insert_before(layers[0], mul)
             for c in layers:
@@ -303,7 +307,7 @@ def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | No
                 wn = w * s[None, :]
             else:
                 wn = w * s[:, None]
-            c.replace_input_with(1, add_initializer(graph, f"{c.name}_smooth_W", wn.astype(np.float32)))
+            c.replace_input_with(1, names.initializer(f"{c.name}_smooth_W", wn.astype(np.float32)))
         done += 1
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return done

@@ -58,7 +58,8 @@ import onnx_ir as ir
 from ..activations import iter_activations
 from ..errors import InputSpecError
 from ..ir import constant_array, infer_shapes
-from .base import ForgePass, register
+from .base import ForgePass, option, register
+from .naming import NameAllocator
 from .quant_observers import (
     ChannelMeanObserver,
     QuantRange,
@@ -68,7 +69,6 @@ from .quant_observers import (
     quantize_weight,
 )
 from .quant_prepare import (
-    add_const,
     attr,
     ensure_node_names,
     fold_batchnorm,
@@ -96,7 +96,7 @@ INT8_OPS = {"Add", "Mul", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyR
 class QuantizeOptions:
     mode: Literal["int8", "dynamic", "fp16", "mixed"] = "int8"
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
-    percentile: float = 99.99
+    percentile: float = option(99.99, gt=0.0, le=100.0)
     activations: Literal["u8", "s8"] = "u8"
     per_channel: bool = True
     keep_float: str = ""
@@ -113,13 +113,13 @@ class QuantizeOptions:
     bias_correction: bool = True
     equalize: bool = False
     # SmoothQuant alpha; -1 = auto (0.5 when a LayerNormalization feeds MatMul/Gemm layers).
-    smooth: float = -1.0
+    smooth: float = option(-1.0, ge=0.0, le=1.0, also=(-1.0,))
     # SmoothQuant also for activations not produced by a LayerNorm (inserts a Mul).
     smooth_insert: bool = False
-    calib_batches: int = 0  # 0: the context's default
+    calib_batches: int = option(0, ge=0)  # 0: the context's default
     weight_calibration: Literal["minmax", "mse"] = "minmax"
     # mode=mixed
-    max_error: float = 0.01
+    max_error: float = option(0.01, ge=0.0)
     max_accuracy_drop: float = -1.0
     max_size_ratio: float = -1.0
     fp16_fallback: bool = True
@@ -510,13 +510,26 @@ class _Builder:
         self.scale_cache: dict[tuple[float, int, str], tuple[ir.Value, ir.Value]] = {}
         self.qdq_pairs = 0
         self.dq_of: dict[str, ir.Value] = {}
+        self.names = NameAllocator(self.graph)
+
+    def const(self, base: str, array: np.ndarray) -> ir.Value:
+        return self.names.initializer(base, array)
+
+    def dequantize(self, inputs: list[ir.Value], base: str,
+                   attrs: dict[str, Any] | None = None) -> ir.Node:
+        """DequantizeLinear `<base>_DequantizeLinear` -> `<base>_dequantized` (free names)."""
+        dq = self.names.make_node("DequantizeLinear", inputs, attrs,
+                                  name=f"{base}_DequantizeLinear",
+                                  output_names=[f"{base}_dequantized"])
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        return dq
 
     def qparams(self, r: QuantRange) -> tuple[ir.Value, ir.Value]:
         key = (float(np.float32(r.scale)), int(r.zero_point), self.opts.activations)
         if key not in self.scale_cache:
-            scale = add_const(self.graph, "qscale", np.array(r.scale, dtype=np.float32))
+            scale = self.const("qscale", np.array(r.scale, dtype=np.float32))
             zp_dtype = np.uint8 if self.opts.activations == "u8" else np.int8
-            zp = add_const(self.graph, "qzp", np.array(r.zero_point, dtype=zp_dtype))
+            zp = self.const("qzp", np.array(r.zero_point, dtype=zp_dtype))
             self.scale_cache[key] = (scale, zp)
         return self.scale_cache[key]
 
@@ -524,12 +537,11 @@ class _Builder:
         """Insert Q -> DQ after `value`; uses of `value` and of `replaces` read the DQ."""
         scale, zp = self.qparams(r)
         base = value.name
-        q = ir.node("QuantizeLinear", [value, scale, zp], name=f"{base}_QuantizeLinear")
-        q.outputs[0].name = f"{base}_quantized"
-        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zp], name=f"{base}_DequantizeLinear")
+        q = self.names.make_node("QuantizeLinear", [value, scale, zp],
+                                 name=f"{base}_QuantizeLinear",
+                                 output_names=[f"{base}_quantized"])
+        dq = self.dequantize([q.outputs[0], scale, zp], base)
         out = dq.outputs[0]
-        out.name = f"{base}_dequantized"
-        out.type = ir.TensorType(ir.DataType.FLOAT)
         out.shape = value.shape
         producer = value.producer()
         if producer is not None:
@@ -551,7 +563,7 @@ class _Builder:
             for i, o in enumerate(self.graph.outputs):
                 if o is value:
                     name = value.name
-                    value.name = f"{name}_prequant"
+                    self.names.name_value(value, f"{name}_prequant")
                     out.name = name
                     self.graph.outputs[i] = out
         self.qdq_pairs += 1
@@ -568,18 +580,16 @@ class _Builder:
             return self.weight_cache[key]
         q, scales, _ = quantize_weight(w, axis, method=self.opts.weight_calibration)
         base = (src.name if src is not None else node.name) or node.name
-        wq = add_const(self.graph, f"{base}_quantized", q)
+        wq = self.const(f"{base}_quantized", q)
         if axis is None:
-            s_val = add_const(self.graph, f"{base}_scale", np.array(scales[0], dtype=np.float32))
-            z_val = add_const(self.graph, f"{base}_zero_point", np.array(0, dtype=np.int8))
+            s_val = self.const(f"{base}_scale", np.array(scales[0], dtype=np.float32))
+            z_val = self.const(f"{base}_zero_point", np.array(0, dtype=np.int8))
             attrs: dict[str, Any] = {}
         else:
-            s_val = add_const(self.graph, f"{base}_scale", scales)
-            z_val = add_const(self.graph, f"{base}_zero_point", np.zeros(scales.size, dtype=np.int8))
+            s_val = self.const(f"{base}_scale", scales)
+            z_val = self.const(f"{base}_zero_point", np.zeros(scales.size, dtype=np.int8))
             attrs = {"axis": axis}
-        dq = ir.node("DequantizeLinear", [wq, s_val, z_val], attrs, name=f"{base}_DequantizeLinear")
-        dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq = self.dequantize([wq, s_val, z_val], base, attrs)
         self.graph.insert_before(node, dq)
         result = (dq.outputs[0], scales)
         if src is not None:
@@ -591,11 +601,9 @@ class _Builder:
         dtype = np.uint8 if self.opts.activations == "u8" else np.int8
         q = np.clip(np.round(arr / r.scale) + r.zero_point, r.qmin, r.qmax).astype(dtype)
         base = node.inputs[index].name or f"{node.name}_const"
-        qv = add_const(self.graph, f"{base}_quantized", q)
+        qv = self.const(f"{base}_quantized", q)
         scale, zp = self.qparams(r)
-        dq = ir.node("DequantizeLinear", [qv, scale, zp], name=f"{base}_DequantizeLinear")
-        dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq = self.dequantize([qv, scale, zp], base)
         self.graph.insert_before(node, dq)
         return dq.outputs[0]
 
@@ -606,18 +614,16 @@ class _Builder:
         q = np.clip(np.round(b.astype(np.float64) / bias_scale.astype(np.float64)), -(2**31 - 1), 2**31 - 1)
         src = node.inputs[index] if len(node.inputs) > index else None
         base = (src.name if src is not None else "") or f"{node.name}_bias"
-        bq = add_const(self.graph, f"{base}_quantized", q.astype(np.int32))
+        bq = self.const(f"{base}_quantized", q.astype(np.int32))
         if self.opset >= 13:
-            s_val = add_const(self.graph, f"{base}_scale", bias_scale)
-            z_val = add_const(self.graph, f"{base}_zero_point", np.zeros(b.size, dtype=np.int32))
+            s_val = self.const(f"{base}_scale", bias_scale)
+            z_val = self.const(f"{base}_zero_point", np.zeros(b.size, dtype=np.int32))
             attrs = {"axis": 0}
         else:
-            s_val = add_const(self.graph, f"{base}_scale", np.array(bias_scale[0], np.float32))
-            z_val = add_const(self.graph, f"{base}_zero_point", np.array(0, dtype=np.int32))
+            s_val = self.const(f"{base}_scale", np.array(bias_scale[0], np.float32))
+            z_val = self.const(f"{base}_zero_point", np.array(0, dtype=np.int32))
             attrs = {}
-        dq = ir.node("DequantizeLinear", [bq, s_val, z_val], attrs, name=f"{base}_DequantizeLinear")
-        dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq = self.dequantize([bq, s_val, z_val], base, attrs)
         self.graph.insert_before(node, dq)
         return dq.outputs[0]
 
@@ -725,7 +731,7 @@ def _quantize_compute(builder: _Builder, n: ir.Node, r_in: QuantRange | None,
             stats["bias_int32"] += 1
         elif b is not None and has_bias and shift is not None and b.size == cout:
             new_b = (b.reshape(-1) - shift).astype(np.float32).reshape(b.shape)
-            n.replace_input_with(2, add_const(builder.graph, f"{n.name}_bias_corrected", new_b))
+            n.replace_input_with(2, builder.const(f"{n.name}_bias_corrected", new_b))
     return WeightRecord(n, w, w_deq, eff_axis, r_in.scale if r_in is not None else None)
 
 
@@ -809,6 +815,7 @@ def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *, min_si
     keep = keep or set()
     count = 0
     cache: dict[int, tuple[ir.Value, ir.Value]] = {}
+    names = NameAllocator(graph)
     for n in list(graph):
         if n.op_type != "Gather" or n.name in keep or int(attr(n, "axis", 0)) != 0:
             continue
@@ -819,17 +826,18 @@ def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *, min_si
         if key not in cache:
             q, scales, _ = quantize_weight(table, 0)
             base = n.inputs[0].name or n.name
-            cache[key] = (add_const(graph, f"{base}_quantized", q), add_const(graph, f"{base}_row_scale", scales))
+            cache[key] = (names.initializer(f"{base}_quantized", q),
+                          names.initializer(f"{base}_row_scale", scales))
         qv, sv = cache[key]
         ids = n.inputs[1]
-        g_rows = ir.node("Gather", [qv, ids], {"axis": 0}, name=f"{n.name}_int8")
-        cast = ir.node("Cast", [g_rows.outputs[0]], {"to": int(ir.DataType.FLOAT)}, name=f"{n.name}_cast")
-        g_scale = ir.node("Gather", [sv, ids], {"axis": 0}, name=f"{n.name}_scales")
-        axes = add_const(graph, f"{n.name}_axes", np.array([-1], dtype=np.int64))
-        unsq = ir.node("Unsqueeze", [g_scale.outputs[0], axes], name=f"{n.name}_scales_unsq")
-        mul = ir.node("Mul", [cast.outputs[0], unsq.outputs[0]], name=f"{n.name}_dequant")
-        for node in (g_rows, cast, g_scale, unsq):
-            node.outputs[0].name = f"{node.name}_out"
+        g_rows = names.make_node("Gather", [qv, ids], {"axis": 0}, name=f"{n.name}_int8")
+        cast = names.make_node("Cast", [g_rows.outputs[0]], {"to": int(ir.DataType.FLOAT)},
+                               name=f"{n.name}_cast")
+        g_scale = names.make_node("Gather", [sv, ids], {"axis": 0}, name=f"{n.name}_scales")
+        axes = names.initializer(f"{n.name}_axes", np.array([-1], dtype=np.int64))
+        unsq = names.make_node("Unsqueeze", [g_scale.outputs[0], axes],
+                               name=f"{n.name}_scales_unsq")
+        mul = names.make_node("Mul", [cast.outputs[0], unsq.outputs[0]], name=f"{n.name}_dequant")
         cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         y = n.outputs[0]
         out = mul.outputs[0]
