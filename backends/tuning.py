@@ -62,6 +62,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import safe_write
 from ..errors import BackendError, InputSpecError
 from ..kernels.schedule_configs import CONFIG_ATTR, CONFIG_FILE  # measured knob settings
 from .targets import (
@@ -157,16 +158,7 @@ def _sanitize(staging: Path) -> tuple[list[str], list[str]]:
 
 
 def _write_atomic(path: Path, lines: Sequence[str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    safe_write.write_text(path, "".join(lines))  # temp + fsync + rename, umask mode
 
 
 @contextlib.contextmanager

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .. import safe_write
 from ..errors import BackendError, InputSpecError, ModelLoadError, UnsupportedOpError
 from .base import Timing, time_callable
 from .targets import (
@@ -695,33 +696,17 @@ def _set_threads(threads: int | None) -> int:
 
 
 def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """An empty temp file beside `path` with its suffix (TVM picks the format by it)."""
+    return safe_write.reserve_temp(path, suffix=path.suffix)
 
 
 def _publish(tmp: Path, path: Path, mode: int) -> None:
-    """Give the temp file normal permissions (mkstemp makes 0600), then rename it."""
-    os.chmod(tmp, mode & ~_umask())
-    os.replace(tmp, path)
+    """fsync, give the temp file normal permissions (mode & ~umask), then rename it."""
+    safe_write.publish(tmp, path, mode)
 
 
 def _write_text_atomic(path: Path, text: str) -> Path:
-    tmp = _atomic_target(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        _publish(tmp, path, 0o666)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return safe_write.write_text(path, text)
 
 
 def _device_modules(executable) -> list:

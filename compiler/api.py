@@ -22,11 +22,12 @@ from rich.console import Console
 from .backends.ort import OrtArtifact
 from .calibration import CalibrationSource, open_calibration
 from .errors import BudgetExceededError, InputSpecError
-from .ir import ModelSource, load_model, save_model
+from .ir import ModelSource, files_read, load_model, save_model
 from .metrics import compute_metrics
 from .pass_manager import PassManager, StepReport
 from .passes.base import PassContext
 from .report import write_json
+from .safe_write import check_writes, reading
 from .shapes import model_inputs, resolve_input_shapes
 from .verify import Comparison, compare_models
 
@@ -93,6 +94,10 @@ def optimize(
     """
     console = console or Console(stderr=True)
     original = load_model(model)
+    # Nothing this run writes may be a file it reads (checked again at each write).
+    reads = (files_read(model, original) + data_files_read(calibration, "calibration data")
+             + data_files_read(verify_data, "verification data"))
+    check_writes([("output", output), ("report", report_path)], reads)
     working = load_model(original, check=False)
     shapes, shape_problem = _try_shapes(original, input_shapes)
     context = PassContext(input_shapes=shapes, threads=threads)
@@ -115,7 +120,8 @@ def optimize(
                           dump_dir=dump_dir, print_after=set(print_after), console=console,
                           progress=progress)
     started = time.perf_counter()
-    working, steps = manager.run(working)
+    with reading(reads):  # --dump-dir writes inside
+        working, steps = manager.run(working)
     seconds = time.perf_counter() - started
 
     before = compute_metrics(original, shapes if not shape_problem else None)
@@ -145,12 +151,24 @@ def optimize(
                                             threads=threads)
     result = OptimizeResult(working, steps, report, error=error)
     _enforce_budget(result, max_error, max_accuracy_drop, force)
-    if output is not None:
-        result.output = save_model(working, output)
-        report["output_bytes"] = result.output.stat().st_size
-    if report_path is not None:
-        write_json(report_path, report)
+    with reading(reads):
+        if output is not None:
+            result.output = save_model(working, output)
+            report["output_bytes"] = result.output.stat().st_size
+        if report_path is not None:
+            write_json(report_path, report)
     return result
+
+
+def data_files_read(source: Any, label: str = "data") -> list[tuple[str, Path]]:
+    """(label, path) of the files a calibration/verification source reads: the file, or
+    every file in the folder (none for `random:N`, arrays and in-memory sources)."""
+    if not isinstance(source, (str, os.PathLike)) or str(source).startswith("random:"):
+        return []
+    path = Path(source)
+    if path.is_dir():
+        return [(label, p) for p in sorted(path.iterdir()) if p.is_file()]
+    return [(label, path)]
 
 
 def _enforce_budget(result: OptimizeResult, max_error: float | None,
@@ -224,15 +242,18 @@ def benchmark_models(
     warmup: int = 5,
     repeat: int = 30,
     target: str = "host",
+    report_path: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """Latency of each model (and, for backend='tvm', ORT vs TVM) measured side by side.
 
     All models are timed in one process on the same random input (the first
     model's inputs; models must share input names and shapes), in interleaved
     rounds. Ratios are relative to the first model (ort), or to ORT on the same
-    model (tvm).
+    model (tvm). `report_path`: also write the rows there as JSON (never over a model).
     """
     loaded = [load_model(m) for m in models]
+    reads = [r for src, m in zip(models, loaded) for r in files_read(src, m, "model")]
+    check_writes([("report", report_path)], reads)
     shapes = resolve_input_shapes(loaded[0], input_shapes)
     inputs = open_calibration("random:1", loaded[0], shapes).first()
     labels, artifacts = [], []
@@ -262,6 +283,9 @@ def benchmark_models(
         row["threads"] = threads
         row["baseline"] = labels[timings.index(base)]
         row["ratio"] = row["median_ms"] / base["median_ms"] if base["median_ms"] else float("nan")
+    if report_path is not None:
+        with reading(reads):
+            write_json(report_path, timings)
     return timings
 
 

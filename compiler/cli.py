@@ -128,8 +128,6 @@ def optimize(
         err_console.print(f"using the shipped example model {model}")
     if model is None:
         raise InputSpecError("missing MODEL (or use --example for the shipped digits model)")
-    if output.resolve() == Path(model).resolve():
-        raise InputSpecError(f"{output}: refusing to overwrite the input model")
     result = api.optimize(
         model, pipeline or api.DEFAULT_PIPELINE, output=output, calibration=calib,
         verify_data=verify_data, input_shapes=shapes, max_error=max_error,
@@ -160,15 +158,13 @@ def bench(
     Example: [bold]onnxforge bench model.onnx optimized.onnx --threads 2[/]
     """
     from .api import benchmark_models
-    from .report import render_bench, write_json
+    from .report import render_bench
 
     rows = benchmark_models(models, backend=backend, threads=threads,
                             input_shapes=_shapes(input_shape), warmup=warmup, repeat=repeat,
-                            target=target)
+                            target=target, report_path=json_out)
     render_bench(rows, console, f"latency, {threads} thread(s), median of {rows[0]['repeat']} "
                  "interleaved runs")
-    if json_out:
-        write_json(json_out, rows)
 
 
 @app.command()

@@ -242,9 +242,13 @@ def register(app: typer.Typer) -> None:
         """
         from .backends.tuning import tune
         from .backends.tvm import compile_model
+        from .ir import files_read
         from .report import write_json
+        from .safe_write import check_writes, reading
 
         shapes = _shapes(input_shape)
+        reads = files_read(model)  # nothing written may be one of these (checked again later)
+        check_writes([("--output", output), ("--report", report)], reads)
         if tune_trials and tuning_db is None:
             tuning_db = output.parent / "tuning_db"
             err_console.print(f"tuning database: {tuning_db}")
@@ -260,7 +264,8 @@ def register(app: typer.Typer) -> None:
         artifact = compile_model(source, target, input_shapes=shapes or None,
                                  tuning_db=tuning_db, default_schedules=not no_default_schedules,
                                  shipped_db=not no_shipped_db)
-        written = artifact.export(output)
+        with reading(reads):
+            written = artifact.export(output)
         info = artifact.report
         console.print(
             f"compiled for {info.get('target') or info['target_key']} in "
@@ -277,7 +282,8 @@ def register(app: typer.Typer) -> None:
         if verify:
             run_verification(artifact, source)
         if report:
-            write_json(report, info)
+            with reading(reads):
+                write_json(report, info)
 
     @app.command("tune")
     def tune_command(

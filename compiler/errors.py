@@ -65,3 +65,7 @@ class BackendError(OnnxforgeError):
     """A backend failed to compile, run or export a model."""
 
     exit_code = 9
+
+
+class UnsafeWriteError(InputSpecError):
+    """An output path is a file the run reads, or not a regular file; nothing is written."""

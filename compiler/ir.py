@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from .errors import InvalidModelError, ModelLoadError
+from .safe_write import atomic_dir, atomic_path, check_writes, guarded_reads, publish
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ MIN_OPSET, MAX_OPSET = 7, 26
 PROTOBUF_LIMIT = 2**31 - 1
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
+# model.meta key: the external-data files a model loaded from a path reads.
+DATA_FILES_KEY = "onnxforge.data_files"
 
 
 def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
@@ -63,8 +65,11 @@ def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
             ) from exc
         if not proto.graph.node and not proto.graph.output:
             raise ModelLoadError(f"{path}: parsed as protobuf but holds no ONNX graph")
+        # Every external-data location is checked on the bare proto, before any is opened.
+        data_files = check_external_locations(proto, path)
         model = ir.serde.deserialize_model(proto)
-        _check_external_data(model, path)
+        _attach_external_data(model, path)
+        model.meta[DATA_FILES_KEY] = data_files
     if check:
         validate_model(model, label)
     return model
@@ -103,27 +108,123 @@ def _has_external(model: ir.Model) -> bool:
                for v in model.graph.initializers.values())
 
 
-def _check_external_data(model: ir.Model, path: Path) -> None:
-    """Point external tensors at the model's folder and refuse paths that escape it."""
+def _proto_graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    for tensor in graph.initializer:
+        yield f"initializer {tensor.name!r}", tensor
+    for sparse in graph.sparse_initializer:
+        yield f"sparse initializer {sparse.values.name!r}", sparse.values
+        yield f"sparse initializer {sparse.values.name!r} (indices)", sparse.indices
+    yield from _proto_node_tensors(graph.node)
+
+
+def _proto_node_tensors(nodes) -> Iterator[tuple[str, onnx.TensorProto]]:
+    for node in nodes:
+        for attr in node.attribute:
+            where = f"node {node.name!r} ({node.op_type}) attribute {attr.name!r}"
+            if attr.HasField("t"):
+                yield where, attr.t
+            for tensor in attr.tensors:
+                yield where, tensor
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + \
+                    list(attr.sparse_tensors):
+                yield where, sparse.values
+                yield f"{where} (indices)", sparse.indices
+            if attr.HasField("g"):
+                yield from _proto_graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _proto_graph_tensors(sub)
+
+
+def proto_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every tensor of a model proto with where it is: initializers, sparse initializers,
+    attribute tensors (Constant values included), in subgraphs and functions too."""
+    yield from _proto_graph_tensors(proto.graph)
+    for function in proto.functions:
+        for where, tensor in _proto_node_tensors(function.node):
+            yield f"function {function.name!r} {where}", tensor
+
+
+def check_external_locations(proto: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
+    """Refuse external-data locations that leave the model's folder (absolute, `..`, a
+    symlink out) or are missing, for every tensor of the model. Opens no data file.
+
+    Returns the data files the model reads.
+    """
+    path = Path(path)
     base = path.parent.resolve()
+    files: list[Path] = []
+    for where, tensor in proto_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        location = entries.get("location")
+        if not location:
+            raise ModelLoadError(f"{path}: {where} is marked external but has no location")
+        joined = base / location
+        escapes = (os.path.isabs(location)
+                   or not Path(os.path.normpath(joined)).is_relative_to(base)
+                   or not joined.resolve().is_relative_to(base))
+        if escapes:
+            raise ModelLoadError(
+                f"{path}: {where} points to external data {location!r} outside the model's "
+                f"folder {base}; refusing to read it (path traversal). Move the data file "
+                "next to the model."
+            )
+        target = joined.resolve()
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{path}: {where} needs external data file {location!r}, which does not "
+                f"exist in {base}"
+            )
+        if target not in files:
+            files.append(target)
+    return files
+
+
+def _attach_external_data(model: ir.Model, path: Path) -> None:
+    """Point external tensors at the model's folder (already checked); read the
+    external tensors of attributes (Constant values) into memory."""
+    base = str(path.parent.resolve())
     for graph in _all_graphs(model):
         for value in graph.initializers.values():
-            tensor = value.const_value
-            if not isinstance(tensor, ir.ExternalTensor):
-                continue
-            target = (base / str(tensor.location)).resolve()
-            if not target.is_relative_to(base):
-                raise ModelLoadError(
-                    f"{path}: initializer {value.name!r} points to external data "
-                    f"{str(tensor.location)!r} outside the model's folder {base}; refusing "
-                    "to read it (path traversal). Move the data file next to the model."
-                )
-            if not target.is_file():
-                raise ModelLoadError(
-                    f"{path}: initializer {value.name!r} needs external data file "
-                    f"{str(tensor.location)!r}, which does not exist in {base}"
-                )
-            tensor.base_dir = str(base)
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value.base_dir = base
+    for node in _all_nodes(model):
+        for key, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                attr.value.base_dir = base
+                tensor = ir.external_data.convert_tensors_from_external([attr.value])[0]
+                node.attributes[key] = ir.AttrTensor(key, tensor)
+            elif attr.type == ir.AttributeType.TENSORS and any(
+                    isinstance(t, ir.ExternalTensor) for t in attr.value):
+                for t in attr.value:
+                    if isinstance(t, ir.ExternalTensor):
+                        t.base_dir = base
+                tensors = ir.external_data.convert_tensors_from_external(list(attr.value))
+                node.attributes[key] = ir.AttrTensors(key, tensors)
+
+
+def _all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    for function in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def external_data_files(model: ir.Model) -> list[tuple[str, Path]]:
+    """(label, path) of every external-data file the model's tensors read."""
+    found: dict[Path, str] = {}
+    tensors = [(v.name, v.const_value) for g in _all_graphs(model)
+               for v in g.initializers.values()]
+    for node in _all_nodes(model):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                tensors.append((node.name, attr.value))
+            elif attr.type == ir.AttributeType.TENSORS:
+                tensors.extend((node.name, t) for t in attr.value)
+    for name, tensor in tensors:
+        if isinstance(tensor, ir.ExternalTensor):
+            found.setdefault(Path(tensor.path), f"external data of {name!r}")
+    return [(label, path) for path, label in found.items()]
 
 
 def _all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
@@ -201,32 +302,49 @@ def model_bytes(model: ir.Model) -> bytes:
     return to_proto(model).SerializeToString()
 
 
+def files_read(source: ModelSource, model: ir.Model | None = None,
+               label: str = "input model") -> list[tuple[str, Path]]:
+    """(label, path) of the files loading `source` reads: the model file and its
+    external-data files (none for in-memory sources). `model`: `source` already loaded."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    path = Path(source)
+    files = model.meta.get(DATA_FILES_KEY) if model is not None else None
+    if files is None:
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, ValueError, RuntimeError, OSError):
+            return [(label, path)]  # loading it reports the problem
+        files = check_external_locations(proto, path)
+    return [(label, path)] + [(f"external data of {label} {path.name}", f) for f in files]
+
+
 def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
     """Write the model atomically: a temp file in the same folder, then a rename.
 
     Models whose weights exceed the 2 GiB protobuf limit are written with external
     data (`<name>.data` beside the model) automatically; pass `external_data=True`
-    to force it. A failure leaves no partial file behind.
+    to force it. A failure leaves no partial file behind. Neither the model nor its
+    data file may be a file the model's own external tensors read (see safe_write).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(nbytes(v) for v in model.graph.initializers.values())
     if external_data is None:
         external_data = weight_bytes > PROTOBUF_LIMIT // 2
+    sidecar = path.with_name(path.name + ".data")
+    written = [("output", path)] + ([("external data", sidecar)] if external_data else [])
+    check_writes(written, external_data_files(model) + guarded_reads())
     model.ir_version = min(model.ir_version or MAX_ORT_IR_VERSION, MAX_ORT_IR_VERSION)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if external_data:
-            # External data is written under its final name (onnx_ir replaces it
-            # atomically); only the small graph file goes through the temp name.
-            ir.save(model, tmp, external_data=path.name + ".data")
-        else:
+    if not external_data:
+        with atomic_path(path) as tmp:
             ir.save(model, tmp)
-        os.replace(tmp, path)
-    except Exception:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return path
+    # Both files are written in a fresh temp folder beside the output, then renamed into
+    # place (a symlink at either name is replaced, never followed).
+    with atomic_dir(path) as work:
+        ir.save(model, work / path.name, external_data=sidecar.name)
+        publish(work / sidecar.name, sidecar, label="external data")
+        publish(work / path.name, path)
     return path
 
 

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from . import safe_write
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except Exception:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+def write_json(path: str | os.PathLike, data: Any, *, label: str = "report") -> Path:
+    """Write JSON atomically (temp file + fsync + rename; see `safe_write`)."""
+    return safe_write.write_json(path, data, default=_json_default, label=label)
 
 
 def _json_default(obj: Any) -> Any:
