@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import PipelineError
-from .passes.base import ForgePass, PassContext, coerce_option, get_pass
+from .passes.base import ForgePass, PassContext, check_options, coerce_option, get_pass
 
 
 @dataclass
@@ -80,7 +80,12 @@ def parse_pipeline(text: str) -> list[PassSpec]:
         for arg in _split_top_level(inner) if inner.strip() else []:
             if "=" in arg:
                 key, value = arg.split("=", 1)
-                spec.kwargs[key.strip()] = _unquote(value)
+                key = key.strip()
+                if not key:
+                    raise PipelineError(f"{spec.name}: option {arg!r} has no name")
+                if key in spec.kwargs:
+                    raise PipelineError(f"{spec.name}: option {key!r} given twice")
+                spec.kwargs[key] = _unquote(value)
             elif spec.kwargs:
                 raise PipelineError(f"{spec.name}: positional value {arg!r} after key=value")
             else:
@@ -115,6 +120,7 @@ def build_pass(spec: PassSpec, context: PassContext | None = None) -> ForgePass:
         options = cls.Options(**values)
     except (TypeError, ValueError) as exc:
         raise PipelineError(f"{spec.name}: {exc}") from exc
+    check_options(spec.name, options)
     return cls(options, context)
 
 

@@ -72,6 +72,7 @@ class ForgePass(ir.passes.InPlacePass):
             options = self.Options(**kwargs)
         elif kwargs:
             options = dataclasses.replace(options, **kwargs)
+        check_options(self.name, options)
         self.options = options
         self.context = context or PassContext()
         self.stats: dict[str, Any] = {}
@@ -130,6 +131,52 @@ def get_pass(name: str) -> type[ForgePass]:
 
 
 # ---------------------------------------------------------------- option typing
+
+
+def option(default: Any = None, *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None,
+           also: tuple[Any, ...] = ()) -> Any:
+    """A dataclass field for a pass option with a range: `rounds: int = option(4, ge=1)`.
+
+    `check_options` refuses values outside [ge|gt, le|lt] (None bounds are open) and
+    NaN; values in `also` (sentinels such as -1 for "auto") and None are always allowed.
+    """
+    return field(default=default, metadata={"range": (ge, gt, le, lt), "also": also})
+
+
+def _range_text(ge, gt, le, lt) -> str:
+    low = f">= {ge:g}" if ge is not None else f"> {gt:g}" if gt is not None else ""
+    high = f"<= {le:g}" if le is not None else f"< {lt:g}" if lt is not None else ""
+    return " and ".join(p for p in (low, high) if p)
+
+
+def check_options(pass_name: str, options: Any) -> None:
+    """Range-check a pass's options (fields made with `option(...)`), then call the
+    options' own `validate()` hook if it has one; raise PipelineError naming the option."""
+    if not dataclasses.is_dataclass(options):
+        return
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if isinstance(value, float) and not np.isfinite(value):
+            raise PipelineError(f"{pass_name}: option {f.name}={value} must be a finite number")
+        bounds = f.metadata.get("range")
+        if bounds is None or value is None or isinstance(value, bool) \
+                or value in f.metadata.get("also", ()):
+            continue
+        ge, gt, le, lt = bounds
+        if not ((ge is None or value >= ge) and (gt is None or value > gt)
+                and (le is None or value <= le) and (lt is None or value < lt)):
+            also = "".join(f" or {a}" for a in f.metadata.get("also", ()))
+            raise PipelineError(
+                f"{pass_name}: option {f.name}={value} is out of range: must be "
+                f"{_range_text(ge, gt, le, lt)}{also}"
+            )
+    validate = getattr(options, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as exc:
+            raise PipelineError(f"{pass_name}: {exc}") from exc
 
 
 def option_specs(cls: type[ForgePass]) -> list[tuple[str, str, Any]]:

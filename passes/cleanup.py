@@ -47,7 +47,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from ..ir import PROTOBUF_LIMIT, constant_array, nbytes
-from .base import ForgePass, register
+from .base import ForgePass, option, register
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class CleanupOptions:
     onnxsim: bool = True
     static_shapes: bool = True
     fold_constants: bool = True
-    fold_size_limit: int = 1 << 20
+    fold_size_limit: int = option(1 << 20, ge=0)
     cse: bool = True
 
 

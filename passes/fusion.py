@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from .base import ForgePass, register
+from .base import ForgePass, option, register
 from .fold_batchnorm import FoldBatchNormPass
 from .fuse_affine import FoldAffinePass, FuseMatMulAddPass
 from .fuse_common import RewritePass, infer_shapes
@@ -40,7 +40,7 @@ class FuseOptions:
     patterns: bool = True
     horizontal: bool = True
     layout: bool = True
-    rounds: int = 4
+    rounds: int = option(4, ge=1)
 
 
 @register

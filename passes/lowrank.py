@@ -63,7 +63,7 @@ from ..calibration import open_calibration
 from ..errors import InputSpecError, PipelineError
 from ..ir import add_initializer, constant_array, infer_shapes, load_model
 from ..shapes import model_inputs
-from .base import ForgePass, register
+from .base import ForgePass, option, register
 from .lowrank_graph import (
     Layer,
     decomposed_chain,
@@ -103,19 +103,19 @@ MAX_ROWS_PER_BATCH = 32768
 
 @dataclass
 class LowRankOptions:
-    energy: float | None = None  # keep >= this share of Σs² per layer (default 0.95)
-    macs: float | None = None  # remove this share of the decomposable layers' MACs
-    params: float | None = None  # remove this share of the decomposable layers' params
+    energy: float | None = option(None, gt=0.0, le=1.0)  # keep >= this share of Σs² per layer (default 0.95)
+    macs: float | None = option(None, ge=0.0, lt=1.0)  # remove this share of the decomposable layers' MACs
+    params: float | None = option(None, ge=0.0, lt=1.0)  # remove this share of the decomposable layers' params
     rank: str | None = None  # vbmf | full | an integer rank | a fraction (0, 1) of full rank
     method: Literal["tucker2", "spatial"] = "tucker2"  # k×k conv decomposition
     ops: str = "all"  # all | linear | gemm | matmul | conv, combined with '+'
-    round_to: int = 8  # ranks rounded up to a multiple of this
-    margin: float = 0.1  # replace only if params/MACs drop to <= (1 - margin)
+    round_to: int = option(8, ge=1)  # ranks rounded up to a multiple of this
+    margin: float = option(0.1, ge=0.0, lt=1.0)  # replace only if params/MACs drop to <= (1 - margin)
     data_aware: bool | None = None  # None: on when calibration data is given
-    calib_batches: int = 16
-    damp: float = DEFAULT_DAMP  # covariance damping (share of its mean eigenvalue)
+    calib_batches: int = option(16, ge=1)
+    damp: float = option(DEFAULT_DAMP, ge=0.0)  # covariance damping (share of its mean eigenvalue)
     guard: bool = True  # keep a decomposition only if measured faster
-    guard_margin: float = 0.03  # required latency gain of the decomposed layer
+    guard_margin: float = option(0.03, ge=0.0, lt=1.0)  # required latency gain of the decomposed layer
 
 
 Plan = LowRankSVD | Tucker2 | SpatialSVD

@@ -57,7 +57,7 @@ from ..errors import OnnxforgeError, PipelineError
 from ..ir import constant_array, infer_shapes, load_model
 from ..metrics import MAC_OPS, compute_metrics, node_macs
 from ..shapes import model_inputs
-from .base import ForgePass, register
+from .base import ForgePass, option, register
 from .pruning_apply import PruneApplyError, apply_plan, group_removed, kept_indices
 from .pruning_groups import Analysis, Group, _attr, _Shapes, analyze
 from .pruning_recover import RefitTarget, conv_geometry, node_dag, recover
@@ -69,20 +69,20 @@ Criterion = Literal["l1", "l2", "bn", "activation"]
 
 @dataclass
 class PruneOptions:
-    ratio: float = 0.3
-    macs: float | None = None
-    params: float | None = None
+    ratio: float = option(0.3, ge=0.0, lt=1.0)
+    macs: float | None = option(None, ge=0.0, lt=1.0)
+    params: float | None = option(None, ge=0.0, lt=1.0)
     criterion: Criterion = "l2"
     overrides: str = ""
-    min_channels: int = 1
-    round_to: int = 1
-    max_ratio: float = 0.8
+    min_channels: int = option(1, ge=0)
+    round_to: int = option(1, ge=1)
+    max_ratio: float = option(0.8, gt=0.0, le=1.0)
     kinds: str = "all"
     recover: bool = True
     bn_recalib: bool = True
-    calib_batches: int | None = None  # default: the run's calibration batch limit (64)
-    max_rows: int = 2048
-    ridge: float | None = None  # None: chosen per layer by two-fold cross-validation
+    calib_batches: int | None = option(None, ge=1)  # None: the run's calibration batch limit (64)
+    max_rows: int = option(2048, ge=1)
+    ridge: float | None = option(None, ge=0.0)  # None: chosen per layer by two-fold cross-validation
 
 
 def parse_overrides(text: str) -> list[tuple[str, float]]:
