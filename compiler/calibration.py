@@ -53,16 +53,39 @@ class CalibrationSource:
             return batch
         raise InputSpecError(f"{self.description}: holds no samples")
 
-    def _fit(self, name: str, sample: np.ndarray) -> np.ndarray:
-        """Cast one batch to the input's dtype and check its shape."""
+    def _fit(self, name: str, sample: np.ndarray, first_index: int = 0,
+             rows_are_samples: bool = True) -> np.ndarray:
+        """Cast one batch to the input's dtype and check its shape and values.
+
+        `first_index` is the sample index (in the source) of the batch's first row;
+        `rows_are_samples` says whether each row of the batch is its own sample.
+        """
         want = self.shapes[name]
-        arr = np.asarray(sample).astype(self.dtypes[name], copy=False)
+        raw = np.asarray(sample)
+        self._check_finite(name, raw, first_index, rows_are_samples)
+        arr = raw.astype(self.dtypes[name], copy=False)
         if arr.shape != want:
             raise InputSpecError(
                 f"{self.description}: input {name!r} batch has shape {arr.shape}, the model "
                 f"expects {want} (use --input-shape to set dynamic dims)"
             )
         return arr
+
+    def _check_finite(self, name: str, arr: np.ndarray, first_index: int,
+                      rows_are_samples: bool) -> None:
+        """NaN/Inf inputs make every error measurement NaN: refuse them, naming the sample."""
+        if not np.issubdtype(arr.dtype, np.inexact):
+            return
+        bad = ~np.isfinite(arr)
+        if not bad.any():
+            return
+        row = int(np.argwhere(bad)[0][0]) if arr.ndim and rows_are_samples else 0
+        kind = "NaN" if np.isnan(arr).any() else "Inf"
+        raise InputSpecError(
+            f"{self.description}: input {name!r} sample {first_index + row} contains {kind} "
+            f"({int(bad.sum())} non-finite value(s)); calibration and verification data "
+            "must be finite"
+        )
 
 
 @dataclass
@@ -111,10 +134,9 @@ class ArraySource(CalibrationSource):
             batch = {}
             for name, arr in self.arrays.items():
                 if arr.ndim == len(self.shapes[name]) + 1:
-                    sample = arr[b]
+                    batch[name] = self._fit(name, arr[b], b, rows_are_samples=False)
                 else:
-                    sample = arr[b * step : (b + 1) * step]
-                batch[name] = self._fit(name, sample)
+                    batch[name] = self._fit(name, arr[b * step : (b + 1) * step], b * step)
             yield batch
 
     def labels(self) -> np.ndarray | None:
@@ -171,11 +193,18 @@ class ImageSource(CalibrationSource):
         for b in range(count):
             images = []
             for path in self.files[b * n : (b + 1) * n]:
-                img = Image.open(path).convert(mode).resize((w, h), Image.BILINEAR)
+                try:
+                    with Image.open(path) as opened:
+                        img = opened.convert(mode).resize((w, h), Image.BILINEAR)
+                except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for bad files
+                    raise InputSpecError(
+                        f"{path}: not a readable image ({type(exc).__name__}: {exc}); remove "
+                        "or replace it in the calibration folder"
+                    ) from exc
                 arr = np.asarray(img, dtype=np.float32).reshape(h, w, c) / 255.0
                 arr = (arr - self.mean) / self.std
                 images.append(arr.transpose(2, 0, 1) if self.layout == "NCHW" else arr)
-            yield {self.name: self._fit(self.name, np.stack(images))}
+            yield {self.name: self._fit(self.name, np.stack(images), b * n)}
 
 
 def open_calibration(
@@ -195,7 +224,10 @@ def open_calibration(
     if spec is None or (isinstance(spec, str) and spec.startswith("random")):
         count = 8
         if isinstance(spec, str) and ":" in spec:
-            count = int(spec.split(":", 1)[1])
+            text = spec.split(":", 1)[1]
+            count = int(text) if text.strip().isdigit() else 0
+            if count < 1:
+                raise InputSpecError(f"{spec!r}: expected random:N with N >= 1 batches")
         return RandomSource(shapes, dtypes, count=count, seed=seed)
     if isinstance(spec, dict):
         labels = spec.get("labels")

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from .backends.ort import OrtArtifact
 from .calibration import CalibrationSource
-from .errors import VerificationError
+from .errors import InputSpecError, VerificationError
 
 
 @dataclass
@@ -33,7 +33,10 @@ class OutputError:
 
     def within(self, rtol: float, atol: float = 1e-6) -> bool:
         """Equal up to float noise: small relative L2 error, or every element within
-        `rtol` of the output's scale (rel L2 alone is unstable when most values are ~0)."""
+        `rtol` of the output's scale (rel L2 alone is unstable when most values are ~0).
+        A NaN measurement is never within (every comparison with NaN is False)."""
+        if np.isnan([self.rel_l2, self.max_abs, self.ref_max_abs]).any():
+            return False
         return self.rel_l2 <= rtol or self.max_abs <= rtol * self.ref_max_abs + atol
 
 
@@ -58,9 +61,9 @@ class _Accumulator:
             )
         a = ref.astype(np.float64).ravel()
         b = got.astype(np.float64).ravel()
-        if a.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(a - b))))
-            self.ref_max_abs = max(self.ref_max_abs, float(np.max(np.abs(a))))
+        if a.size:  # np.maximum keeps a NaN (Python's max would drop it)
+            self.max_abs = float(np.maximum(self.max_abs, np.max(np.abs(a - b))))
+            self.ref_max_abs = float(np.maximum(self.ref_max_abs, np.max(np.abs(a))))
         self.diff_sq += float(np.dot(a - b, a - b))
         self.ref_sq += float(np.dot(a, a))
         self.got_sq += float(np.dot(b, b))
@@ -89,17 +92,18 @@ class Comparison:
     reference_accuracy: float | None = None
     candidate_accuracy: float | None = None
 
+    # NaN-propagating: one NaN output makes the summary NaN (never over budget by accident).
     @property
     def max_rel_l2(self) -> float:
-        return max((o.rel_l2 for o in self.outputs), default=0.0)
+        return _nan_max([o.rel_l2 for o in self.outputs], 0.0)
 
     @property
     def max_abs(self) -> float:
-        return max((o.max_abs for o in self.outputs), default=0.0)
+        return _nan_max([o.max_abs for o in self.outputs], 0.0)
 
     @property
     def min_cosine(self) -> float:
-        return min((o.cosine for o in self.outputs), default=1.0)
+        return -_nan_max([-o.cosine for o in self.outputs], -1.0)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -115,6 +119,18 @@ class Comparison:
 
     def within(self, rtol: float, atol: float = 1e-6) -> bool:
         return all(o.within(rtol, atol) for o in self.outputs)
+
+
+def _nan_max(values: list[float], default: float) -> float:
+    return float(np.max(values)) if values else default
+
+
+def check_budget(option: str, value: float | None) -> None:
+    """An error budget must be a finite number >= 0 (NaN would make every check pass)."""
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise InputSpecError(f"{option} {value}: must be a finite number >= 0")
 
 
 class OutputComparer:
@@ -181,6 +197,11 @@ def compare_models(
             ref_logits.append(ref_out[first_output])
             cand_logits.append(cand_out[first_output])
     result = comparer.result()
+    if not result.samples:
+        raise VerificationError(
+            f"{source.description}: yielded no batch to compare (too few samples for the "
+            "model's batch size, or zero batches asked for); nothing was verified"
+        )
     if labels is not None and ref_logits:
         result.reference_accuracy = _accuracy(ref_logits, labels)
         result.candidate_accuracy = _accuracy(cand_logits, labels)
