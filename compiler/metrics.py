@@ -8,13 +8,14 @@ of the model with the given concrete input shapes.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from .ir import constant_array, infer_shapes, load_model
+from .ir import constant_array, infer_shapes
 from .shapes import model_inputs
 
 MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger",
@@ -30,6 +31,15 @@ class ModelMetrics:
     op_counts: dict[str, int]
     node_macs: dict[str, int] = field(default_factory=dict)
     unknown_mac_nodes: list[str] = field(default_factory=list)
+
+    def unknown_note(self, limit: int = 5) -> str | None:
+        """'MACs unknown for N node(s): a, b, ... and M more' (None when all are known)."""
+        names = self.unknown_mac_nodes
+        if not names:
+            return None
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return (f"MACs unknown for {len(names)} node(s) (shapes not inferable): "
+                f"{', '.join(names[:limit])}{more}")
 
     @property
     def flops(self) -> int:
@@ -51,12 +61,14 @@ def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     if value is None or value.shape is None:
         return None
     dims = tuple(value.shape)
-    if all(isinstance(d, int) for d in dims):
+    if all(isinstance(d, int) and d >= 0 for d in dims):  # -1: an exporter's "any size"
         return dims  # type: ignore[return-value]
     return None
 
 
 def _weight_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is not None and value.const_value is not None:
+        return tuple(value.const_value.shape)  # no need to read (external) data
     arr = constant_array(value)
     if arr is not None:
         return arr.shape
@@ -65,7 +77,13 @@ def _weight_shape(value: ir.Value | None) -> tuple[int, ...] | None:
 
 def node_macs(node: ir.Node) -> int | None:
     """MACs of one node from its inferred shapes, None if shapes are unknown."""
+    macs = _node_macs(node)
+    return None if macs is None or macs < 0 else macs
+
+
+def _node_macs(node: ir.Node) -> int | None:
     op = node.op_type
+    prod = math.prod
     out = _static_shape(node.outputs[0]) if node.outputs else None
     if op in ("Conv", "ConvInteger", "QLinearConv"):
         w_index = 3 if op == "QLinearConv" else 1
@@ -73,27 +91,27 @@ def node_macs(node: ir.Node) -> int | None:
         if out is None or w is None:
             return None
         # out: N, Cout, *spatial; w: Cout, Cin/groups, *kernel
-        return int(np.prod(out)) * int(np.prod(w[1:]))
+        return int(prod(out)) * int(prod(w[1:]))
     if op == "ConvTranspose":
         x = _static_shape(node.inputs[0])
         w = _weight_shape(node.inputs[1])
         if x is None or w is None:
             return None
         # x: N, Cin, *spatial; w: Cin, Cout/groups, *kernel
-        return int(np.prod(x)) * int(np.prod(w[1:]))
+        return int(prod(x)) * int(prod(w[1:]))
     if op == "Gemm":
         a = _static_shape(node.inputs[0])
         if a is None or out is None:
             return None
         trans_a = node.attributes.get("transA")
         k = a[0] if trans_a is not None and trans_a.value else a[1]
-        return int(np.prod(out)) * int(k)
+        return int(prod(out)) * int(k)
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
         a = _static_shape(node.inputs[0])
         if a is None or out is None:
             return None
         k = a[-1]
-        return int(np.prod(out)) * int(k)
+        return int(prod(out)) * int(k)
     return 0
 
 
@@ -121,7 +139,7 @@ def compute_metrics(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | 
     metrics = ModelMetrics(total_nodes, params, weight_bytes, 0, dict(op_counts))
     if not with_macs:
         return metrics
-    shaped = load_model(model, check=False)
+    shaped = _shape_skeleton(model)
     for value in model_inputs(shaped):
         if input_shapes and value.name in input_shapes:
             value.shape = ir.Shape(input_shapes[value.name])
@@ -136,3 +154,34 @@ def compute_metrics(model: ir.Model, input_shapes: dict[str, tuple[int, ...]] | 
         metrics.node_macs[node.name or f"{node.op_type}_{len(metrics.node_macs)}"] = macs
         metrics.macs += macs
     return metrics
+
+
+# Initializers above this many bytes are hidden from shape inference (shapes only).
+SKELETON_TENSOR_BYTES = 1 << 20
+
+
+def _shape_skeleton(model: ir.Model) -> ir.Model:
+    """A copy of `model` for shape inference that holds no large weights.
+
+    Large initializers become typed graph inputs, so the copy serializes to a small
+    protobuf whatever the model's size (a 2 GiB model with external data included),
+    and no external data is read. Small ones stay: shape inference folds them
+    (Reshape targets, Slice bounds).
+    """
+    skeleton = model.clone()  # new graph objects; tensors shared, never modified here
+    graph = skeleton.graph
+    for node in graph:
+        for out in node.outputs:  # an exporter's -1 would clash with the inferred size
+            if out.shape is not None and any(isinstance(d, int) and d < 0 for d in out.shape):
+                out.shape = None
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes <= SKELETON_TENSOR_BYTES:
+            continue
+        value.shape = ir.Shape(tuple(tensor.shape))
+        value.type = ir.TensorType(tensor.dtype)
+        graph.initializers.pop(name)
+        value.const_value = None
+        if value not in graph.inputs:
+            graph.inputs.append(value)
+    return skeleton

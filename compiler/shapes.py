@@ -27,26 +27,89 @@ def model_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
+def _is_static(dim) -> bool:
+    """A fixed dimension: an int >= 0 (exporters write -1 or 0-less ints for 'any')."""
+    return isinstance(dim, int) and dim >= 0
+
+
+def _shape_text(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+# Sizes suggested for symbolic dims, by (lower-cased) dim name.
+_TYPICAL_DIMS = {"batch": 1, "batch_size": 1, "n": 1, "b": 1, "bs": 1,
+                 "height": 224, "width": 224, "h": 224, "w": 224,
+                 "sequence": 128, "sequence_length": 128, "seq_len": 128, "seq": 128,
+                 "length": 128, "tokens": 128}
+
+
+def suggest_shape(value: ir.Value) -> tuple[int, ...] | None:
+    """A plausible concrete shape for an input with dynamic dims, or None if no guess.
+
+    Static dims are kept; a dynamic leading dim is the batch (1); image inputs (rank 4
+    with 1 or 3 channels) get 224x224; otherwise the dim's name must say what it is
+    (batch, height, sequence, ...). Never a negative or placeholder size.
+    """
+    if value.shape is None:
+        return None
+    dims = list(value.shape)
+    image = len(dims) == 4 and dims[1] in (1, 3)
+    out = []
+    for i, dim in enumerate(dims):
+        if _is_static(dim):
+            out.append(dim)
+            continue
+        name = str(dim).lower() if not isinstance(dim, int) and dim is not None else ""
+        name = "" if name in ("none", "?") else name
+        if name in _TYPICAL_DIMS:
+            out.append(_TYPICAL_DIMS[name])
+        elif i == 0:
+            out.append(1)
+        elif image and i >= 2:
+            out.append(224)
+        else:
+            return None
+    return tuple(out)
+
+
+def check_input_shapes(model: ir.Model, overrides: dict[str, tuple[int, ...]] | None) -> None:
+    """Refuse --input-shape values that name no input or contradict the model's shape."""
+    values = {v.name: v for v in model_inputs(model)}
+    for name, shape in (overrides or {}).items():
+        if name not in values:
+            raise InputSpecError(
+                f"--input-shape names {name!r}, but the model's inputs are {sorted(values)}"
+            )
+        if any(d < 1 for d in shape):
+            raise InputSpecError(
+                f"--input-shape {name}:{','.join(map(str, shape))}: dims must be >= 1"
+            )
+        declared = values[name].shape
+        if declared is None:
+            continue
+        if len(declared) != len(shape):
+            raise InputSpecError(
+                f"input {name!r} has rank {len(declared)} (shape {_shape_text(declared)}), "
+                f"--input-shape gave {_shape_text(shape)}"
+            )
+        fixed = [i for i, (d, g) in enumerate(zip(declared, shape)) if _is_static(d) and d != g]
+        if fixed:
+            raise InputSpecError(
+                f"input {name!r} has shape {_shape_text(declared)} in the model, --input-shape "
+                f"gave {_shape_text(shape)}: dim {fixed[0]} is fixed at {declared[fixed[0]]}"
+            )
+
+
 def resolve_input_shapes(
     model: ir.Model, overrides: dict[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[int, ...]]:
     """A concrete shape for every model input, or a clear error naming the dynamic dim."""
     overrides = overrides or {}
-    names = {v.name for v in model_inputs(model)}
-    for name in overrides:
-        if name not in names:
-            raise InputSpecError(
-                f"--input-shape names {name!r}, but the model's inputs are {sorted(names)}"
-            )
+    check_input_shapes(model, overrides)
     shapes = {}
     for value in model_inputs(model):
         if value.name in overrides:
-            shape = overrides[value.name]
-            if value.shape is not None and len(value.shape) != len(shape):
-                raise InputSpecError(
-                    f"input {value.name!r} has rank {len(value.shape)}, --input-shape gave {shape}"
-                )
-            shapes[value.name] = shape
+            shapes[value.name] = tuple(overrides[value.name])
             continue
         if value.shape is None:
             raise InputSpecError(
@@ -55,14 +118,16 @@ def resolve_input_shapes(
             )
         dims = []
         for i, dim in enumerate(value.shape):
-            if isinstance(dim, int):
+            if _is_static(dim):
                 dims.append(dim)
-            else:
-                example = ",".join(str(d) if isinstance(d, int) else "1" for d in value.shape)
-                raise InputSpecError(
-                    f"input {value.name!r} has a dynamic dimension {i} ({dim}); give a "
-                    f"concrete shape with --input-shape {value.name}:{example}"
-                )
+                continue
+            guess = suggest_shape(value)
+            example = (f"e.g. --input-shape {value.name}:{','.join(map(str, guess))}" if guess
+                       else f"with --input-shape {value.name}:D1,D2,...")
+            raise InputSpecError(
+                f"input {value.name!r} has a dynamic dimension {i} ({dim}) in shape "
+                f"{_shape_text(value.shape)}; give a concrete shape {example}"
+            )
         shapes[value.name] = tuple(dims)
     return shapes
 
