@@ -68,6 +68,9 @@ def optimize_before_compile(model: Path, pipeline: str | None,
     in-memory onnx_ir model (already verified by the pipeline's own checks).
     """
     if not pipeline:
+        from .ir import load_model
+
+        load_model(model)  # refuse what `optimize` refuses (newer IR/opset, duplicate names)
         return model
     from . import api
 

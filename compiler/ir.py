@@ -239,6 +239,7 @@ def _all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
 
 def validate_model(model: ir.Model, label: str = "<model>") -> None:
     """Raise InvalidModelError for an unsupported opset, a dangling input or a cycle."""
+    _check_versions_and_names(model, label)
     opset = model.opset_imports.get("", None)
     if opset is not None and not MIN_OPSET <= opset <= MAX_OPSET:
         raise InvalidModelError(
@@ -264,6 +265,38 @@ def validate_model(model: ir.Model, label: str = "<model>") -> None:
                     "(missing initializer?)"
                 )
     _check_acyclic(graph, producer_of, label)
+
+
+def _check_versions_and_names(model: ir.Model, label: str) -> None:
+    """Refuse IR versions / opsets newer than the installed onnx knows (they would be
+    written back as something else), and a graph where one name has two meanings."""
+    if model.ir_version is not None and model.ir_version > onnx.IR_VERSION:
+        raise InvalidModelError(
+            f"{label}: IR version {model.ir_version} is newer than this onnx "
+            f"{onnx.__version__} supports (IR version {onnx.IR_VERSION}); upgrade onnx or "
+            "re-export the model"
+        )
+    opset = model.opset_imports.get("", None)
+    if opset is not None and opset > onnx.defs.onnx_opset_version():
+        raise InvalidModelError(
+            f"{label}: default-domain opset {opset} is newer than this onnx "
+            f"{onnx.__version__} supports (opset {onnx.defs.onnx_opset_version()})"
+        )
+    graph = model.graph
+    outputs = [v.name for v in graph.outputs]
+    twice = sorted({n for n in outputs if outputs.count(n) > 1})
+    if twice:
+        raise InvalidModelError(f"{label}: graph output {twice[0]!r} is listed twice")
+    seen = {v.name: "a graph input" for v in graph.inputs}
+    for node in graph:
+        for out in node.outputs:
+            if out.name and out.name in seen:
+                raise InvalidModelError(
+                    f"{label}: node {node.name!r} ({node.op_type}) writes {out.name!r}, which "
+                    f"is already {seen[out.name]}; every value needs a unique name"
+                )
+            if out.name:
+                seen[out.name] = f"the output of node {node.name!r}"
 
 
 def _check_acyclic(graph: ir.Graph, producer_of: dict[str, ir.Node], label: str) -> None:
