@@ -28,8 +28,8 @@ from .pass_manager import PassManager, StepReport
 from .passes.base import PassContext
 from .report import write_json
 from .safe_write import check_writes, reading
-from .shapes import model_inputs, resolve_input_shapes
-from .verify import Comparison, compare_models
+from .shapes import check_input_shapes, model_inputs, resolve_input_shapes
+from .verify import Comparison, check_budget, compare_models
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class OptimizeResult:
 
 
 def _try_shapes(model: ir.Model, input_shapes) -> tuple[dict, str | None]:
+    check_input_shapes(model, input_shapes)  # a wrong --input-shape is an error, not a note
     try:
         return resolve_input_shapes(model, input_shapes), None
     except InputSpecError as exc:
@@ -93,6 +94,8 @@ def optimize(
     The input model is never modified; `output` is written atomically.
     """
     console = console or Console(stderr=True)
+    check_budget("max_error", max_error)
+    check_budget("max_accuracy_drop", max_accuracy_drop)
     original = load_model(model)
     # Nothing this run writes may be a file it reads (checked again at each write).
     reads = (files_read(model, original) + data_files_read(calibration, "calibration data")
@@ -177,13 +180,13 @@ def _enforce_budget(result: OptimizeResult, max_error: float | None,
     problems = []
     if (max_error is not None or max_accuracy_drop is not None) and error is None:
         problems.append("the error budget cannot be checked without verification")
-    if error is not None and max_error is not None and error.max_rel_l2 > max_error:
+    if error is not None and max_error is not None and not (error.max_rel_l2 <= max_error):
         problems.append(f"relative L2 error {error.max_rel_l2:.4g} exceeds --max-error {max_error:g}")
     if error is not None and max_accuracy_drop is not None:
         drop = error.accuracy_drop
         if drop is None:
             problems.append("--max-accuracy-drop needs labels in the verification data")
-        elif drop > max_accuracy_drop:
+        elif not (drop <= max_accuracy_drop):  # NaN counts as over budget
             problems.append(f"accuracy drop {drop * 100:.2f} pt exceeds --max-accuracy-drop "
                             f"{max_accuracy_drop * 100:.2f} pt")
     if not problems:
@@ -314,10 +317,11 @@ def inspect_model(model: ModelSource, input_shapes: dict[str, tuple[int, ...]] |
         "nodes": metrics.nodes,
         "params": metrics.params,
         "weight_bytes": metrics.weight_bytes,
-        "macs": None if problem else metrics.macs,
-        "macs_note": f"MACs need concrete input shapes: {problem}" if problem else (
-            f"MACs unknown for {len(metrics.unknown_mac_nodes)} node(s) with dynamic shapes"
-            if metrics.unknown_mac_nodes else None),
+        # None (unknown), not 0, when no MAC-counting node's shapes could be inferred
+        "macs": None if problem or (metrics.unknown_mac_nodes and not metrics.node_macs)
+        else metrics.macs,
+        "macs_note": f"MACs need concrete input shapes: {problem}" if problem else
+        metrics.unknown_note(),
         "op_counts": metrics.op_counts,
         "top_nodes": top,
     }
