@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import InputSpecError, OnnxforgeError
+from .errors import BackendError, InputSpecError, OnnxforgeError, PipelineError
 
 app = typer.Typer(
     name="onnxforge",
@@ -39,7 +39,15 @@ InputShapeOpt = Annotated[
     typer.Option("--input-shape", "-s", help="Concrete shape for an input with dynamic dims, "
                  "e.g. input:1,3,224,224 (repeatable)."),
 ]
-ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", help="Intra-op threads for onnxruntime.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", "-t", min=1,
+                                          help="Intra-op threads for onnxruntime (>= 1).")]
+
+
+def _budget(value: float | None) -> float | None:
+    """--max-error / --max-accuracy-drop / --rtol: a finite number >= 0 (NaN passes no check)."""
+    if value is not None and not 0 <= value < float("inf"):
+        raise typer.BadParameter(f"{value} is not a finite number >= 0")
+    return value
 
 
 def _version(value: bool) -> None:
@@ -96,8 +104,8 @@ def optimize(
     calib: Annotated[str | None, typer.Option("--calib", help="Calibration data: data.npz, a folder of .npy or images, or random:N.")] = None,
     verify_data: Annotated[str | None, typer.Option("--verify-data", help="Data to measure the final error on (default: --calib, else random). Labels in the .npz add accuracy.")] = None,
     input_shape: InputShapeOpt = None,
-    max_error: Annotated[float | None, typer.Option("--max-error", help="Refuse to write if the output's relative L2 error exceeds this.")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop", help="Refuse to write if top-1 accuracy drops more than this (fraction, e.g. 0.003).")] = None,
+    max_error: Annotated[float | None, typer.Option("--max-error", callback=_budget, help="Refuse to write if the output's relative L2 error exceeds this.")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop", callback=_budget, help="Refuse to write if top-1 accuracy drops more than this (fraction, e.g. 0.003).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write even past the error budget.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip running the models to check outputs.")] = False,
     report: Annotated[Path | None, typer.Option("--report", "-r", help="Write a JSON report here.")] = None,
@@ -128,6 +136,9 @@ def optimize(
         err_console.print(f"using the shipped example model {model}")
     if model is None:
         raise InputSpecError("missing MODEL (or use --example for the shipped digits model)")
+    if pipeline is not None and not pipeline.strip():
+        raise PipelineError("-p/--pipeline is empty: give passes, e.g. -p cleanup,fuse "
+                            "(omit -p for the default pipeline)")
     result = api.optimize(
         model, pipeline or api.DEFAULT_PIPELINE, output=output, calibration=calib,
         verify_data=verify_data, input_shapes=shapes, max_error=max_error,
@@ -149,8 +160,8 @@ def bench(
     target: Annotated[str, typer.Option("--target", help="TVM target preset (with --backend tvm).")] = "host",
     threads: ThreadsOpt = 1,
     input_shape: InputShapeOpt = None,
-    repeat: Annotated[int, typer.Option("--repeat", help="Timed runs per model.")] = 50,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs per model first.")] = 5,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per model.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per model first.")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the table as JSON.")] = None,
 ) -> None:
     """Measure latencies side by side in one process (interleaved rounds, median).
@@ -173,8 +184,8 @@ def verify(
     candidate: Annotated[Path, typer.Argument(help="Model to compare against it.")],
     data: Annotated[str | None, typer.Option("--data", help="Inputs: .npz, folder, images or random:N.")] = None,
     input_shape: InputShapeOpt = None,
-    batches: Annotated[int, typer.Option("--batches", help="Batches to compare.")] = 16,
-    rtol: Annotated[float | None, typer.Option("--rtol", help="Exit non-zero if relative L2 error exceeds this.")] = None,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="Batches to compare.")] = 16,
+    rtol: Annotated[float | None, typer.Option("--rtol", callback=_budget, help="Exit non-zero if relative L2 error exceeds this.")] = None,
     threads: ThreadsOpt = 1,
 ) -> None:
     """Compare two models' outputs on the same inputs (max abs, rel L2, cosine, top-1)."""
@@ -191,7 +202,7 @@ def verify(
     if result.reference_accuracy is not None:
         console.print(f"accuracy: {result.reference_accuracy * 100:.2f}% → "
                       f"{result.candidate_accuracy * 100:.2f}%")
-    if rtol is not None and result.max_rel_l2 > rtol:
+    if rtol is not None and not (result.max_rel_l2 <= rtol):  # NaN fails too
         err_console.print(f"[red]error:[/] relative L2 error {result.max_rel_l2:.3e} > {rtol:g}")
         raise typer.Exit(5)
 
@@ -223,7 +234,9 @@ _register_optional_commands()
 def main() -> None:
     """Console-script entry point: one-line errors and exit codes unless --debug."""
     try:
-        app(standalone_mode=False)
+        # Standalone mode: click (vendored by typer) prints usage errors with the usage
+        # line and exits 2, and typer.Exit(code) becomes that exit status.
+        app(standalone_mode=True)
     except OnnxforgeError as exc:
         if _state["debug"]:
             raise
@@ -234,12 +247,13 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except __import__("click").ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
     except Exception as exc:  # unexpected: still one line unless --debug
         if _state["debug"]:
             raise
+        if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] in ("tvm", "tvm_ffi"):
+            err_console.print("[red]error:[/] this command needs `pip install onnxforge\\[tvm]` "
+                              f"(TVM is not importable: {exc})", highlight=False, soft_wrap=True)
+            sys.exit(BackendError.exit_code)
         err_console.print(f"[red]internal error:[/] {type(exc).__name__}: {exc} "
                           "(rerun with --debug for the traceback)", highlight=False)
         sys.exit(70)
