@@ -185,7 +185,11 @@ def option_specs(cls: type[ForgePass]) -> list[tuple[str, str, Any]]:
     specs = []
     for f in dataclasses.fields(cls.Options):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        specs.append((f.name, _type_name(hints[f.name]), default))
+        kind = _type_name(hints[f.name])
+        if f.metadata.get("range"):
+            kind += " " + _range_text(*f.metadata["range"]) + "".join(
+                f" or {a}" for a in f.metadata.get("also", ()))
+        specs.append((f.name, kind, default))
     return specs
 
 
