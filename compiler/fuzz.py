@@ -1,0 +1,812 @@
+"""Differential fuzzing: seeded random graphs checked against onnxruntime.
+
+For graph `index` of `seed` (`onnxforge.random_graphs.generate_graph`):
+
+1. The graph must pass `onnx.checker` (full check) and run in onnxruntime (graph
+   optimizations off: the reference) on every input set, with finite outputs of the
+   shapes the generator tracked. Graphs that fail are *discarded* and redrawn (counted
+   by reason, never failures).
+2. Stage `pipeline`: the `cleanup,fuse` pipeline (`PassManager`) rewrites the graph,
+   and onnxruntime runs the result on the same inputs.
+3. Stage `compile`: `onnxforge.backends.tvm.compile_model(model, "host")` with its
+   defaults (default CPU schedules, the shipped schedule-config database) compiles the
+   original graph; `artifact.run` runs every input set, and the first one a second time,
+   which must give bit-identical outputs (a difference means uninitialised memory).
+
+Outputs are compared with `onnxforge.verify`'s metrics, accumulated over the input sets
+(3 by default: N(0,1) twice and N(0,9) once): equal means relative L2 <= rtol or every
+element within rtol of the output's largest magnitude (rtol 1e-4).
+
+Each stage ends in one status:
+  correct  outputs equal on every input set (and deterministic);
+  refused  a clear onnxforge error about the model: UnsupportedOpError, InputSpecError,
+           ModelLoadError, InvalidModelError, or another OnnxforgeError raised on its own
+           (not wrapping a foreign exception);
+  wrong    outputs differ, an output is missing or mis-shaped, or runs differ;
+  crash    any other exception (including an OnnxforgeError that wraps one, e.g. a
+           BackendError around a TVM InternalError), the worker process dying, or the
+           graph running past the per-graph timeout.
+A graph's status is its worst stage's: wrong > crash > refused > correct.
+
+The stages run in a worker process (spawned, restarted after a death or a timeout), one
+graph at a time, so a segfault or a compile that never ends costs one graph.
+`shrink_graph` reduces a failing graph (outputs moved to earlier values, nodes bypassed)
+while it still fails the same way (timeouts are not shrunk: each check would cost the
+timeout). `tools/fuzz_graphs.py` is the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from .random_graphs import RandomGraph, describe_model, generate_graph, random_inputs
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("correct", "refused", "wrong", "crash")
+SEVERITY = {"correct": 0, "skipped": 0, "refused": 1, "crash": 2, "wrong": 3}
+STAGES = ("pipeline", "compile")
+DEFAULT_PIPELINE = "cleanup,fuse"
+RTOL = 1e-4
+ATOL = 1e-6
+MAX_ATTEMPTS = 12
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass
+class StageResult:
+    status: str  # correct / refused / wrong / crash / skipped
+    detail: str = ""
+    rel: float | None = None  # max |got - ref| / max |ref|, worst output and input set
+    rel_l2: float | None = None  # ||got - ref|| / ||ref||, worst output
+    seconds: float = 0.0
+
+
+@dataclass
+class GraphResult:
+    name: str
+    seed: int
+    index: int
+    attempt: int
+    families: list[str]
+    description: str
+    status: str
+    stages: dict[str, StageResult] = field(default_factory=dict)
+    path: str | None = None
+    shrunk_path: str | None = None
+    shrunk_description: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def failing_stage(self) -> str:
+        worst = max(self.stages.items(), key=lambda kv: SEVERITY.get(kv[1].status, 0),
+                    default=("", None))
+        return worst[0]
+
+    def line(self) -> str:
+        """One line: file, status, stage and numbers, op chain."""
+        parts = [f"{self.name}.onnx", self.status]
+        for stage, r in self.stages.items():
+            if r.status in ("wrong", "crash", "refused"):
+                nums = ""
+                if r.rel is not None:
+                    nums = f" rel {r.rel:.2e} relL2 {r.rel_l2:.2e}"
+                parts.append(f"[{stage} {r.status}{nums}: {r.detail}]")
+        parts.append(self.description)
+        if self.shrunk_description:
+            parts.append(f"shrunk to {Path(self.shrunk_path or '').name}: "
+                         f"{self.shrunk_description}")
+        return " ".join(parts)
+
+
+@dataclass
+class FuzzSummary:
+    seed: int
+    count: int
+    stages: list[str]
+    results: list[GraphResult] = field(default_factory=list)
+    discarded: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    worker_restarts: int = 0
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(r.status for r in self.results)
+        return {"graphs": len(self.results), **{s: c[s] for s in STATUSES}}
+
+    def stage_counts(self, stage: str) -> dict[str, int]:
+        c = Counter(r.stages[stage].status for r in self.results if stage in r.stages)
+        return {s: c[s] for s in STATUSES}
+
+    @property
+    def failures(self) -> list[GraphResult]:
+        return [r for r in self.results if r.status in ("wrong", "crash")]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "count": self.count, "stages": self.stages,
+            "seconds": round(self.seconds, 1),
+            "seconds_per_graph": round(self.seconds / max(1, len(self.results)), 3),
+            "counts": self.counts(),
+            "stage_counts": {s: self.stage_counts(s) for s in self.stages},
+            "discarded": dict(self.discarded), "worker_restarts": self.worker_restarts,
+            "results": [asdict(r) for r in self.results],
+        }
+
+
+# ---------------------------------------------------------------------- reference
+
+
+def ort_session(model: onnx.ModelProto | bytes, optimize: bool = False):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 4
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_outputs(model: onnx.ModelProto, input_sets: list[dict[str, np.ndarray]]
+                ) -> list[dict[str, np.ndarray]]:
+    session = ort_session(model)
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(names, feed))) for feed in input_sets]
+
+
+def reference_problem(model: onnx.ModelProto, input_sets: list[dict[str, np.ndarray]]
+                      ) -> tuple[str, list[dict[str, np.ndarray]]]:
+    """('', ORT outputs) for a usable graph, else (reason it is discarded, [])."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - several checker error types
+        return f"invalid: {_one_line(str(exc), 120)}", []
+    try:
+        references = ort_outputs(model, input_sets)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc))
+        return f"ORT rejects: {_one_line(text, 100)}", []
+    declared = {o.name: tuple(d.dim_value for d in o.type.tensor_type.shape.dim)
+                for o in model.graph.output}
+    for outputs in references:
+        for name, array in outputs.items():
+            if not np.all(np.isfinite(array)):
+                return "non-finite ORT output", []
+            if declared.get(name) and tuple(array.shape) != declared[name]:
+                return "ORT output shape differs from ONNX shape inference", []
+    return "", references
+
+
+@dataclass
+class FuzzCase:
+    graph: RandomGraph
+    inputs: list[dict[str, np.ndarray]]
+    references: list[dict[str, np.ndarray]]
+
+
+def valid_case(seed: int, index: int, families: Sequence[str] | None = None,
+               input_sets: int = 3, discarded: Counter | None = None) -> FuzzCase | None:
+    """The first attempt of graph `index` that onnxruntime runs cleanly (None: none in
+    MAX_ATTEMPTS); every rejected attempt is counted in `discarded` by reason."""
+    for attempt in range(MAX_ATTEMPTS):
+        graph = generate_graph(seed, index, families, attempt)
+        inputs = random_inputs(graph.model, seed * 1_000_003 + index * 101 + attempt,
+                               input_sets)
+        reason, references = reference_problem(graph.model, inputs)
+        if not reason:
+            return FuzzCase(graph, inputs, references)
+        if discarded is not None:
+            discarded[reason.split(":")[0] if reason.startswith("invalid") else reason] += 1
+        logger.debug("%s attempt %d discarded: %s", graph.name, attempt, reason)
+    return None
+
+
+# ---------------------------------------------------------------------- comparing
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    lines = [" ".join(line.split()) for line in str(text).strip().splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    line = lines[0]
+    if len(lines) > 1 and lines[-1] not in line:
+        line = f"{line} ... {lines[-1]}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def compare(references: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
+            rtol: float = RTOL, atol: float = ATOL) -> StageResult:
+    """`correct` or `wrong` (with the worst relative errors) over all input sets."""
+    from .errors import VerificationError
+    from .verify import OutputComparer
+
+    comparer = OutputComparer()
+    try:
+        for ref, out in zip(references, got):
+            comparer.add(ref, out)
+    except VerificationError as exc:
+        return StageResult("wrong", _one_line(str(exc)))
+    result = comparer.result()
+    worst_rel, worst_l2, worst_name = 0.0, 0.0, ""
+    for o in result.outputs:
+        rel = o.max_abs / o.ref_max_abs if o.ref_max_abs else o.max_abs
+        if not np.isfinite(rel) or rel > worst_rel or not np.isfinite(o.rel_l2):
+            worst_rel, worst_name = float(rel), o.name
+        worst_l2 = max(worst_l2, o.rel_l2) if np.isfinite(o.rel_l2) else float("nan")
+    if result.within(rtol, atol):
+        return StageResult("correct", rel=worst_rel, rel_l2=worst_l2)
+    nonfinite = any(not np.all(np.isfinite(v)) for out in got for v in out.values())
+    detail = f"output {worst_name!r} differs (max abs {result.max_abs:.3g})"
+    if nonfinite:
+        detail += ", non-finite values"
+    return StageResult("wrong", detail, rel=worst_rel, rel_l2=worst_l2)
+
+
+REFUSAL_NAMES = ("UnsupportedOpError", "InputSpecError", "ModelLoadError", "InvalidModelError")
+
+
+def classify_exception(exc: BaseException) -> StageResult:
+    """refused for a clear onnxforge error about the model, crash for anything else."""
+    from .errors import OnnxforgeError
+
+    text = _one_line(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, OnnxforgeError):
+        cause = exc.__cause__
+        if type(exc).__name__ in REFUSAL_NAMES or cause is None or \
+                isinstance(cause, OnnxforgeError):
+            return StageResult("refused", text)
+        return StageResult("crash", _one_line(
+            f"{type(exc).__name__} wrapping {type(cause).__name__}: {exc}"))
+    return StageResult("crash", text)
+
+
+# ---------------------------------------------------------------------- stages
+
+
+def run_pipeline_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
+                       references: list[dict[str, np.ndarray]], pipeline: str = DEFAULT_PIPELINE,
+                       rtol: float = RTOL) -> StageResult:
+    """`pipeline` through PassManager (no verification of its own), then ORT on the result."""
+    from .ir import load_model, to_proto
+    from .pass_manager import PassManager
+    from .passes.base import PassContext
+
+    start = time.perf_counter()
+    shapes = {name: tuple(array.shape) for name, array in inputs[0].items()}
+    try:
+        working = load_model(model)
+        working, _ = PassManager(pipeline, PassContext(input_shapes=shapes)).run(working)
+        optimized = to_proto(working)
+    except Exception as exc:  # noqa: BLE001 - classified, never raised
+        result = classify_exception(exc)
+    else:
+        try:
+            got = ort_outputs(optimized, inputs)
+        except Exception as exc:  # noqa: BLE001
+            result = StageResult("wrong", _one_line(f"ORT cannot run the rewritten model: "
+                                                    f"{exc}"))
+        else:
+            result = compare(references, got, rtol)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def run_compile_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
+                      references: list[dict[str, np.ndarray]], target: str = "host",
+                      rtol: float = RTOL) -> StageResult:
+    """compile_model with its defaults, run every input set (the first one twice)."""
+    from .backends.tvm import compile_model
+
+    start = time.perf_counter()
+    shapes = {name: tuple(array.shape) for name, array in inputs[0].items()}
+    try:
+        artifact = compile_model(model, target, input_shapes=shapes, threads=1)
+        got = [artifact.run(feed, threads=1) for feed in inputs]
+        again = artifact.run(inputs[0], threads=1)
+    except Exception as exc:  # noqa: BLE001 - classified, never raised
+        result = classify_exception(exc)
+    else:
+        result = compare(references, got, rtol)
+        differing = [name for name, value in got[0].items()
+                     if name not in again or value.tobytes() != again[name].tobytes()]
+        if differing:
+            a, b = got[0][differing[0]], again.get(differing[0])
+            diff = (float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+                    if b is not None and b.shape == a.shape else float("nan"))
+            note = (f"nondeterministic: output {differing[0]!r} differs between two runs on "
+                    f"the same input (max abs {diff:.3g})")
+            result = StageResult("wrong", note + ("; " + result.detail if result.detail else ""),
+                                 result.rel, result.rel_l2)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def check_task(task: dict[str, Any], report: Callable[[str, Any], None] = lambda *a: None
+               ) -> dict[str, dict[str, Any]]:
+    """Run the task's stages (in the worker); `report("stage", name)` before each one and
+    `report("done", (name, result))` after it."""
+    model = onnx.load_from_string(task["model"])
+    out: dict[str, dict[str, Any]] = {}
+    for stage in task["stages"]:
+        report("stage", stage)
+        if stage == "pipeline":
+            r = run_pipeline_stage(model, task["inputs"], task["references"],
+                                   task.get("pipeline", DEFAULT_PIPELINE), task["rtol"])
+        elif stage == "compile":
+            r = run_compile_stage(model, task["inputs"], task["references"],
+                                  task.get("target", "host"), task["rtol"])
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        out[stage] = asdict(r)
+        report("done", (stage, out[stage]))
+    return out
+
+
+# ---------------------------------------------------------------------- worker
+
+
+def _worker_main(conn, threads: int, preload_tvm: bool) -> None:
+    """Worker: silence native output, import once, then check tasks until EOF/None."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    warnings.simplefilter("ignore")
+    for name in ("onnxforge", "onnx_ir", "tvm", "onnxsim"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    import onnxforge.pass_manager  # pay the imports before the first timeout
+
+    if preload_tvm:
+        import onnxforge.backends.tvm  # noqa: F401
+    conn.send(("ready", None))
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        try:
+            result = check_task(task, lambda kind, payload: conn.send((kind, payload)))
+        except Exception as exc:  # noqa: BLE001 - a tool-level error, reported as a crash
+            result = {"worker": asdict(StageResult("crash", _one_line(
+                f"{type(exc).__name__}: {exc}")))}
+        conn.send(("result", result))
+
+
+class FuzzWorker:
+    """One spawned worker process checking graphs one at a time; a death or a timeout
+    kills it, the graph gets a crash, and the next graph starts a fresh worker."""
+
+    def __init__(self, timeout: float = 60.0, threads: int = 1, preload_tvm: bool = True,
+                 start_timeout: float = 300.0):
+        self.timeout = timeout
+        self.threads = threads
+        self.preload_tvm = preload_tvm
+        self.start_timeout = start_timeout
+        self.restarts = 0
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc = None
+        self._conn = None
+
+    def _start(self) -> None:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.threads,
+                                                            self.preload_tvm),
+                                 daemon=True, name="onnxforge-fuzz-worker")
+        proc.start()
+        child.close()
+        if not parent.poll(self.start_timeout):
+            self._kill(proc)
+            raise RuntimeError(f"the fuzz worker did not start in {self.start_timeout:.0f} s")
+        try:
+            parent.recv()
+        except EOFError as exc:
+            self._kill(proc)
+            raise RuntimeError(f"the fuzz worker died while starting (exit code "
+                               f"{proc.exitcode})") from exc
+        self._proc, self._conn = proc, parent
+
+    @staticmethod
+    def _kill(proc) -> None:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+
+    def _drop(self) -> None:
+        if self._proc is not None:
+            self._kill(self._proc)
+            self._conn.close()
+            self.restarts += 1
+        self._proc = self._conn = None
+
+    def close(self) -> None:
+        if self._proc is not None:
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._proc.join(5)
+            self._kill(self._proc)
+            self._conn.close()
+        self._proc = self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check(self, task: dict[str, Any]) -> dict[str, StageResult]:
+        """Stage results; a worker death or a timeout is a crash of the running stage."""
+        if self._proc is not None and not self._proc.is_alive():
+            self._drop()
+        if self._proc is None:
+            self._start()
+        start = time.perf_counter()
+        deadline = start + self.timeout
+        stage = "worker"
+        done: dict[str, StageResult] = {}
+        self._conn.send(task)
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0 or not self._conn.poll(left):
+                why = f"timeout: still running after {self.timeout:.0f} s"
+                break
+            try:
+                kind, payload = self._conn.recv()
+            except (EOFError, OSError):
+                self._proc.join(10)
+                code = self._proc.exitcode
+                why = (f"worker died: signal {signal.Signals(-code).name}"
+                       if code is not None and code < 0 else f"worker died: exit code {code}")
+                break
+            if kind == "stage":
+                stage = payload
+            elif kind == "done":
+                done[payload[0]] = StageResult(**payload[1])
+            elif kind == "result":
+                return {k: StageResult(**v) for k, v in payload.items()}
+        self._drop()
+        elapsed = time.perf_counter() - start
+        results: dict[str, StageResult] = {}
+        for s in dict.fromkeys([*task["stages"], stage]):
+            if s in done:
+                results[s] = done[s]
+            elif s == stage:
+                results[s] = StageResult("crash", why, seconds=elapsed)
+            else:
+                results[s] = StageResult("skipped", f"not run: the {stage} stage crashed")
+        return results
+
+
+def make_task(model: onnx.ModelProto, inputs, references, stages: Sequence[str],
+              rtol: float = RTOL, pipeline: str = DEFAULT_PIPELINE, target: str = "host"
+              ) -> dict[str, Any]:
+    return {"model": model.SerializeToString(), "inputs": inputs, "references": references,
+            "stages": list(stages), "rtol": rtol, "pipeline": pipeline, "target": target}
+
+
+def overall_status(stages: dict[str, StageResult]) -> str:
+    worst = max((r.status for r in stages.values()), key=lambda s: SEVERITY.get(s, 0),
+                default="correct")
+    return "correct" if worst == "skipped" else worst
+
+
+# ---------------------------------------------------------------------- shrinking
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    inferred = shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {}
+    for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[v.name] = tuple(d.dim_value for d in t.shape.dim)
+    return shapes
+
+
+def _rebuild(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str],
+             shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto | None:
+    """`model` with `nodes` (dead ones dropped) and `outputs`; None if not a graph."""
+    graph_inputs = {i.name for i in model.graph.input}
+    if any(o not in shapes for o in outputs) or any(o in graph_inputs for o in outputs):
+        return None
+    needed = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    if not kept:
+        return None
+    used = {i for n in kept for i in n.input}
+    graph = helper.make_graph(
+        kept, model.graph.name,
+        [i for i in model.graph.input if i.name in used],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, list(shapes[o]))
+         for o in dict.fromkeys(outputs)],
+        [t for t in model.graph.initializer if t.name in used])
+    if not graph.input:
+        return None
+    new = helper.make_model(graph, opset_imports=list(model.opset_import),
+                            ir_version=model.ir_version, producer_name=model.producer_name)
+    try:
+        onnx.checker.check_model(new, full_check=True)
+    except Exception:  # noqa: BLE001
+        return None
+    return new
+
+
+def shrink_candidates(model: onnx.ModelProto) -> list[onnx.ModelProto]:
+    """Smaller variants of `model`, fewest nodes first: an earlier value as the only
+    output; a node bypassed (its consumers read its same-shaped input instead)."""
+    shapes = _shapes(model)
+    nodes = list(model.graph.node)
+    outputs = [o.name for o in model.graph.output]
+    found: dict[bytes, onnx.ModelProto] = {}
+
+    def keep(candidate: onnx.ModelProto | None) -> None:
+        if candidate is not None and len(candidate.graph.node) < len(nodes) or (
+                candidate is not None and len(candidate.graph.output) < len(outputs)):
+            found.setdefault(candidate.SerializeToString(), candidate)
+
+    for node in nodes:
+        for value in node.output:
+            if [value] != outputs:
+                keep(_rebuild(model, nodes, [value], shapes))
+    for i, node in enumerate(nodes):
+        if len(node.output) != 1 or node.output[0] not in shapes:
+            continue
+        out = node.output[0]
+        for source in dict.fromkeys(x for x in node.input if x):
+            if shapes.get(source) != shapes[out] or \
+                    source in {t.name for t in model.graph.initializer}:
+                continue
+            rewired = []
+            for other in nodes[:i] + nodes[i + 1:]:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(other)
+                for k, name in enumerate(copy.input):
+                    if name == out:
+                        copy.input[k] = source
+                rewired.append(copy)
+            keep(_rebuild(model, rewired, [source if o == out else o for o in outputs],
+                          shapes))
+    return sorted(found.values(), key=lambda m: (len(m.graph.node), len(m.graph.output)))
+
+
+def shrink_graph(model: onnx.ModelProto, still_fails: Callable[[onnx.ModelProto], bool],
+                 max_checks: int = 60) -> tuple[onnx.ModelProto, int]:
+    """Greedy reduction: take the smallest candidate that still fails, repeat.
+    Returns the smallest failing model and the number of checks spent."""
+    checks = 0
+    current = model
+    improved = True
+    while improved and checks < max_checks:
+        improved = False
+        for candidate in shrink_candidates(current):
+            if checks >= max_checks:
+                break
+            checks += 1
+            if still_fails(candidate):
+                current, improved = candidate, True
+                break
+    return current, checks
+
+
+def failure_key(stages: dict[str, StageResult]) -> tuple[str, str]:
+    """(stage, status) of the worst stage: what a shrunk graph must keep failing with."""
+    stage = max(stages, key=lambda s: SEVERITY.get(stages[s].status, 0))
+    return stage, stages[stage].status
+
+
+def shrink_failure(result: GraphResult, case: FuzzCase, worker: FuzzWorker,
+                   rtol: float = RTOL, max_checks: int = 60) -> onnx.ModelProto:
+    """The smallest variant of a failing graph that fails the same stage the same way."""
+    want_stage, want_status = failure_key(result.stages)
+    want_crash_text = _error_kind(result.stages[want_stage].detail)
+
+    def still_fails(candidate: onnx.ModelProto) -> bool:
+        reason, references = reference_problem(candidate, case.inputs)
+        if reason:
+            return False
+        got = worker.check(make_task(candidate, case.inputs, references, [want_stage], rtol))
+        r = got.get(want_stage)
+        if r is None or r.status != want_status:
+            return False
+        return want_status != "crash" or _error_kind(r.detail) == want_crash_text
+
+    smallest, checks = shrink_graph(case.graph.model, still_fails, max_checks)
+    logger.info("%s shrunk from %d to %d nodes in %d checks", result.name,
+                len(case.graph.model.graph.node), len(smallest.graph.node), checks)
+    return smallest
+
+
+def _error_kind(detail: str) -> str:
+    """The exception type(s) at the front of a crash detail ('timeout', 'worker died')."""
+    head = detail.split(":")[0]
+    return re.sub(r"\d+", "N", head)
+
+
+# ---------------------------------------------------------------------- running
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None = None,
+             compile: bool = True, pipeline: str = DEFAULT_PIPELINE, timeout: float = 60.0,
+             out_dir: str | os.PathLike | None = None, shrink: bool = False,
+             shrink_checks: int = 60, rtol: float = RTOL, start: int = 0,
+             progress: Callable[[GraphResult, FuzzSummary], None] | None = None,
+             worker: FuzzWorker | None = None) -> FuzzSummary:
+    """Check graphs `start .. start+count-1` of `seed`; failing ones go to `out_dir` as
+    `<seed>-<index>.onnx` (and `.min.onnx` when shrunk), listed in `summary.txt`."""
+    stages = ["pipeline"] + (["compile"] if compile else [])
+    summary = FuzzSummary(seed, count, stages)
+    out = Path(out_dir) if out_dir is not None else None
+    own_worker = worker is None
+    worker = worker or FuzzWorker(timeout=timeout, preload_tvm=compile)
+    began = time.perf_counter()
+    try:
+        for index in range(start, start + count):
+            t0 = time.perf_counter()
+            case = valid_case(seed, index, families, discarded=summary.discarded)
+            if case is None:
+                summary.discarded["no valid attempt"] += 1
+                continue
+            graph = case.graph
+            task = make_task(graph.model, case.inputs, case.references, stages, rtol, pipeline)
+            stage_results = worker.check(task)
+            result = GraphResult(graph.name, seed, index, graph.attempt, graph.families,
+                                 graph.describe(), overall_status(stage_results),
+                                 stage_results)
+            if result.status in ("wrong", "crash") and out is not None:
+                path = out / f"{graph.name}.onnx"
+                _write_atomic(path, graph.model.SerializeToString())
+                result.path = str(path)
+                if shrink and not result.stages[failure_key(stage_results)[0]].detail \
+                        .startswith("timeout"):
+                    small = shrink_failure(result, case, worker, rtol, shrink_checks)
+                    if len(small.graph.node) < len(graph.model.graph.node):
+                        small_path = out / f"{graph.name}.min.onnx"
+                        _write_atomic(small_path, small.SerializeToString())
+                        result.shrunk_path = str(small_path)
+                        result.shrunk_description = describe_model(small)
+            result.seconds = time.perf_counter() - t0
+            summary.results.append(result)
+            if result.path is not None:
+                write_failure_list(summary, out / "summary.txt")
+            if progress is not None:
+                progress(result, summary)
+    finally:
+        summary.seconds = time.perf_counter() - began
+        summary.worker_restarts = worker.restarts
+        if own_worker:
+            worker.close()
+    return summary
+
+
+def write_failure_list(summary: FuzzSummary, path: Path) -> None:
+    """One line per failing graph (file, status, stage, numbers, ops)."""
+    lines = [r.line() for r in summary.failures]
+    _write_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def failure_classes(summary: FuzzSummary) -> list[tuple[tuple[str, str, str], list[GraphResult]]]:
+    """Failures grouped by (stage, status, kind): the error type for crashes; for wrong
+    results the shrunk graph's op chain (else 'nondeterministic' or 'values')."""
+    groups: dict[tuple[str, str, str], list[GraphResult]] = {}
+    for r in summary.failures:
+        stage, status = failure_key(r.stages)
+        detail = r.stages[stage].detail
+        if status == "crash":
+            kind = _one_line(re.sub(r"\d+", "N", detail), 90)
+        elif r.shrunk_description:
+            kind = r.shrunk_description.split("nodes: ")[-1]
+        else:
+            kind = "nondeterministic" if detail.startswith("nondeterministic") else "values"
+        groups.setdefault((stage, status, kind), []).append(r)
+    return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+
+
+def report_renderables(summary: FuzzSummary) -> list[Any]:
+    from rich.table import Table
+    from rich.text import Text
+
+    counts = summary.counts()
+    per_graph = summary.seconds / max(1, counts["graphs"])
+    head = Table(title=f"Differential fuzzing, seed {summary.seed}: stages "
+                       f"{', '.join(summary.stages)} vs onnxruntime")
+    for column in ("graphs", "correct", "refused", "wrong", "crash", "discarded",
+                   "s / graph"):
+        head.add_column(column, justify="right")
+    head.add_row(str(counts["graphs"]), str(counts["correct"]), str(counts["refused"]),
+                 Text(str(counts["wrong"]), style="bold red" if counts["wrong"] else ""),
+                 Text(str(counts["crash"]), style="bold red" if counts["crash"] else ""),
+                 str(sum(summary.discarded.values())), f"{per_graph:.2f}")
+    out: list[Any] = [head]
+    stages = Table(title="By stage")
+    for column in ("stage", *STATUSES, "median s"):
+        stages.add_column(column, justify="right")
+    for stage in summary.stages:
+        c = summary.stage_counts(stage)
+        secs = sorted(r.stages[stage].seconds for r in summary.results if stage in r.stages)
+        stages.add_row(stage, *(str(c[s]) for s in STATUSES),
+                       f"{secs[len(secs) // 2]:.2f}" if secs else "")
+    out.append(stages)
+    if summary.discarded:
+        out.append(Text("discarded (regenerated; not failures): " + ", ".join(
+            f"{k} {n}" for k, n in summary.discarded.most_common())))
+    refused = Counter(_one_line(re.sub(r"\d+", "N", r.stages[s].detail), 100)
+                      for r in summary.results for s in r.stages
+                      if r.stages[s].status == "refused")
+    if refused:
+        out.append(Text("refusals: " + "; ".join(f"{n}x {k}" for k, n in refused.most_common(8))))
+    classes = failure_classes(summary)
+    if classes:
+        table = Table(title=f"Failure classes ({len(summary.failures)} failing graphs)",
+                      title_style="bold red")
+        for column in ("stage", "status", "kind", "graphs", "example"):
+            table.add_column(column, overflow="fold")
+        for (stage, status, kind), results in classes:
+            example = results[0]
+            table.add_row(stage, status, kind, str(len(results)),
+                          Path(example.shrunk_path or example.path or example.name).name)
+        out.append(table)
+        failing = Table(title="Failing graphs")
+        for column in ("graph", "status", "stage", "rel", "detail", "ops"):
+            failing.add_column(column, overflow="fold")
+        for r in summary.failures:
+            stage, _ = failure_key(r.stages)
+            s = r.stages[stage]
+            failing.add_row(r.name, r.status, stage, "" if s.rel is None else f"{s.rel:.1e}",
+                            s.detail[:160], r.description.split("nodes: ")[-1][:160])
+        out.append(failing)
+    return out
+
+
+def print_report(summary: FuzzSummary, console=None) -> None:
+    from rich.console import Console
+
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    for item in report_renderables(summary):
+        console.print(item)
