@@ -110,12 +110,12 @@ class LowRankOptions:
     method: Literal["tucker2", "spatial"] = "tucker2"  # k×k conv decomposition
     ops: str = "all"  # all | linear | gemm | matmul | conv, combined with '+'
     round_to: int = option(8, ge=1)  # ranks rounded up to a multiple of this
-    margin: float = option(0.1, ge=0.0, lt=1.0)  # replace only if params/MACs drop to <= (1 - margin)
+    margin: float = option(0.1, lt=1.0)  # replace only if params/MACs drop to <= (1 - margin)
     data_aware: bool | None = None  # None: on when calibration data is given
     calib_batches: int = option(16, ge=1)
     damp: float = option(DEFAULT_DAMP, ge=0.0)  # covariance damping (share of its mean eigenvalue)
     guard: bool = True  # keep a decomposition only if measured faster
-    guard_margin: float = option(0.03, ge=0.0, lt=1.0)  # required latency gain of the decomposed layer
+    guard_margin: float = option(0.03, lt=1.0)  # required latency gain of the decomposed layer
 
 
 Plan = LowRankSVD | Tucker2 | SpatialSVD
