@@ -221,3 +221,114 @@ def test_ppocr_rec_cleanup_quantize_int8():
     # A CTC recognizer quantized on random inputs: per-frame class distributions stay close.
     err = _error(path, model, shapes=shapes, batches=2)
     assert err < 0.6, err
+
+
+# ---------------------------------------------------------------- cleanup on QDQ models
+
+
+def _ort(model, feeds, *, optimized: bool = True) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(to_proto(load_model(model)).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _cleanup_verified(model, shapes, pipeline: str = "cleanup"):
+    """cleanup under the pass manager's exact check (stops past rel L2 1e-4)."""
+    model = load_model(model)
+    source = RandomSource(shapes, input_dtypes(model), count=4, seed=3)
+    ctx = PassContext(input_shapes=shapes, threads=1)
+    out, steps = PassManager(pipeline, ctx, verify_source=source).run(model)
+    return out, steps[0]
+
+
+def _weight_dqs(model) -> list:
+    """DequantizeLinear nodes whose quantized input is a constant (weights, biases)."""
+    from onnxforge.ir import constant_array
+
+    return [n for n in model.graph if n.op_type == "DequantizeLinear"
+            and constant_array(n.inputs[0]) is not None]
+
+
+def qdq_conv_model(opset: int = 21) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv(DQ(int8 W, per-channel), DQ(int32 bias)) -> Q -> DQ -> y,
+    the form quantize and onnxruntime's quantize_static write; opset >= 19 is where
+    onnx.reference can evaluate DequantizeLinear, i.e. where cleanup used to fold it."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8)
+    w_scale = (rng.random(8) * 0.01 + 0.002).astype(np.float32)
+    x_scale, y_scale = np.float32(1 / 255), np.float32(0.02)
+    bias = rng.integers(-2000, 2000, 8).astype(np.int32)
+    inits = [
+        numpy_helper.from_array(np.array(x_scale), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.uint8), "x_zp"),
+        numpy_helper.from_array(w, "w_q"),
+        numpy_helper.from_array(w_scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(8, np.int8), "w_zp"),
+        numpy_helper.from_array(bias, "b_q"),
+        numpy_helper.from_array((x_scale * w_scale).astype(np.float32), "b_scale"),
+        numpy_helper.from_array(np.zeros(8, np.int32), "b_zp"),
+        numpy_helper.from_array(np.array(y_scale), "y_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "y_zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="qx"),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="dqx"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wd"], name="dqw", axis=0),
+        helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["bd"], name="dqb", axis=0),
+        helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], name="conv", pads=[1] * 4),
+        helper.make_node("QuantizeLinear", ["c", "y_scale", "y_zp"], ["cq"], name="qc"),
+        helper.make_node("DequantizeLinear", ["cq", "y_scale", "y_zp"], ["y"], name="dqc"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])],
+                  inits, opset=opset)
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+@pytest.mark.parametrize("pipeline", ["cleanup", "cleanup(onnxsim=false)"])
+def test_cleanup_keeps_qdq_units_of_a_hand_built_model(opset, pipeline):
+    proto = qdq_conv_model(opset)
+    out, step = _cleanup_verified(proto, {"x": (1, 3, 16, 16)}, pipeline)
+    ops = Counter(n.op_type for n in out.graph)
+    assert ops["QuantizeLinear"] == 2 and ops["DequantizeLinear"] == 4 and ops["Conv"] == 1
+    weights = {n.name: n.inputs[0].const_value.numpy() for n in _weight_dqs(out)}
+    assert len(weights) == 2
+    assert sorted(str(a.dtype) for a in weights.values()) == ["int32", "int8"]
+    # bit-identical with onnxruntime's int8 fusion (QLinearConv) on and off
+    feeds = {"x": np.random.default_rng(1).random((1, 3, 16, 16), dtype=np.float32)}
+    for optimized in (True, False):
+        np.testing.assert_array_equal(_ort(out, feeds, optimized=optimized)[0],
+                                      _ort(proto, feeds, optimized=optimized)[0])
+    assert step.error is None or step.error.max_rel_l2 == 0.0
+
+
+def test_cleanup_on_quantized_ppocr_rec_is_exact():
+    """Issue 19: `-p cleanup` on the int8 QDQ recognizer stopped with "exact pass
+    cleanup changed the outputs". At opset >= 19 cleanup folded every weight's
+    DequantizeLinear into a float weight: onnxruntime then ran those Conv/MatMul in
+    float instead of int8 (rel L2 0.155 vs the int8 model) and the file grew."""
+    from onnx import version_converter
+
+    path = zoo_path("ppocr_rec")
+    shapes = zoo_input_shapes("ppocr_rec")
+    quantized, _ = _run(path, "cleanup,quantize(int8)", shapes=shapes, batches=2)
+    proto = version_converter.convert_version(to_proto(quantized), 21)
+    before = load_model(proto)
+    n_weight_dq = len(_weight_dqs(before))
+    assert n_weight_dq > 50
+    out, step = _cleanup_verified(proto, shapes)  # raised VerificationError before the fix
+    assert step.error is not None and step.error.max_rel_l2 < 1e-5, step.error
+    assert len(_weight_dqs(out)) >= n_weight_dq - 2  # (CSE may merge identical ones)
+    ops_before = Counter(n.op_type for n in before.graph)
+    ops_after = Counter(n.op_type for n in out.graph)
+    assert ops_after["QuantizeLinear"] == ops_before["QuantizeLinear"]
+    int8_bytes = sum(v.const_value.nbytes for v in out.graph.initializers.values()
+                     if v.const_value is not None and v.const_value.dtype == ir.DataType.INT8)
+    assert int8_bytes > 2_000_000  # the 2.7 M weights stayed int8
