@@ -49,6 +49,7 @@ from onnx_ir.passes import common as ir_common
 
 from ..ir import PROTOBUF_LIMIT, constant_array, nbytes
 from .base import ForgePass, option, register
+from .naming import NameAllocator
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +332,7 @@ def fold_constant_nodes(model: ir.Model, *, size_limit: int = 1 << 20) -> int:
 
     graph = model.graph
     opsets = dict(model.opset_imports)
+    names = NameAllocator(graph)
     folded = 0
     for node in list(graph):
         if node.op_type == "Constant" or node.domain not in ("", "ai.onnx"):
@@ -358,8 +360,8 @@ def fold_constant_nodes(model: ir.Model, *, size_limit: int = 1 << 20) -> int:
             if results is None or any(r.size > size_limit for r in results):
                 continue
             new_nodes = [
-                ir.node("Constant", [], attributes={"value": ir.tensor(np.asarray(r))},
-                        name=f"{node.name}_folded_{i}" if node.name else None)
+                names.make_node("Constant", [], {"value": ir.tensor(np.asarray(r))},
+                                name=f"{node.name or node.op_type}_folded_{i}")
                 for i, r in enumerate(results)
             ]
             ir.convenience.replace_nodes_and_values(
