@@ -127,6 +127,7 @@ class FuzzSummary:
     discarded: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     worker_restarts: int = 0
+    stopped_early: bool = False  # the time budget ran out before `count` graphs
 
     def counts(self) -> dict[str, int]:
         c = Counter(r.status for r in self.results)
@@ -148,6 +149,7 @@ class FuzzSummary:
             "counts": self.counts(),
             "stage_counts": {s: self.stage_counts(s) for s in self.stages},
             "discarded": dict(self.discarded), "worker_restarts": self.worker_restarts,
+            "stopped_early": self.stopped_early,
             "results": [asdict(r) for r in self.results],
         }
 
@@ -469,7 +471,7 @@ class FuzzWorker:
             self._start()
         start = time.perf_counter()
         deadline = start + self.timeout
-        stage = "worker"
+        stage = task["stages"][0]  # until the worker reports that a stage began
         done: dict[str, StageResult] = {}
         self._conn.send(task)
         while True:
@@ -674,9 +676,11 @@ def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None 
              out_dir: str | os.PathLike | None = None, shrink: bool = False,
              shrink_checks: int = 60, rtol: float = RTOL, start: int = 0,
              progress: Callable[[GraphResult, FuzzSummary], None] | None = None,
-             worker: FuzzWorker | None = None) -> FuzzSummary:
+             worker: FuzzWorker | None = None, time_budget: float | None = None
+             ) -> FuzzSummary:
     """Check graphs `start .. start+count-1` of `seed`; failing ones go to `out_dir` as
-    `<seed>-<index>.onnx` (and `.min.onnx` when shrunk), listed in `summary.txt`."""
+    `<seed>-<index>.onnx` (and `.min.onnx` when shrunk), listed in `summary.txt`.
+    `time_budget` (seconds) stops the run early; `summary.stopped_early` says so."""
     stages = ["pipeline"] + (["compile"] if compile else [])
     summary = FuzzSummary(seed, count, stages)
     out = Path(out_dir) if out_dir is not None else None
@@ -686,6 +690,9 @@ def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None 
     try:
         for index in range(start, start + count):
             t0 = time.perf_counter()
+            if time_budget is not None and t0 - began > time_budget:
+                summary.stopped_early = True
+                break
             case = valid_case(seed, index, families, discarded=summary.discarded)
             if case is None:
                 summary.discarded["no valid attempt"] += 1

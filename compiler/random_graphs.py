@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+WINDOW_OPS = ("Conv", "MaxPool", "AveragePool")
 MAX_CHANNELS = 32
 MAX_SPATIAL = 32
 MAX_ELEMENTS = 16 * 32 * 32
@@ -141,6 +142,8 @@ class GraphBuilder:
         names = [self.fresh(op.lower()) for _ in range(outputs)]
         node = helper.make_node(op, list(inputs), names, name=self.fresh(f"n_{op}"),
                                 **{k: v for k, v in attrs.items() if v is not None})
+        if op in WINDOW_OPS:
+            self._check_window(inputs[0], attrs)
         for name, shape in zip(names, self._infer(node)):
             self.shapes[name] = shape
         self.nodes.append(node)
@@ -148,6 +151,19 @@ class GraphBuilder:
 
     def op(self, op: str, *inputs: str, **attrs) -> str:
         return self.add(op, inputs, 1, **attrs)[0]
+
+    def _check_window(self, x: str, attrs: dict) -> None:
+        """A window wider than the padded input has no valid output (the spec's floor
+        gives 0; onnxruntime and shape inference truncate to 1): not a graph to test."""
+        if str(attrs.get("auto_pad", "NOTSET")).startswith("SAME"):
+            return
+        kernel = attrs.get("kernel_shape") or []
+        dilations = attrs.get("dilations") or [1] * len(kernel)
+        pads = attrs.get("pads") or [0] * (2 * len(kernel))
+        sizes = self.shapes[x][2:]
+        for i, (k, d) in enumerate(zip(kernel, dilations)):
+            if d * (k - 1) + 1 > sizes[i] + pads[i] + pads[i + len(kernel)]:
+                raise Reject(f"window {kernel} wider than the padded input {sizes}")
 
     def _infer(self, node: onnx.NodeProto) -> list[tuple[int, ...]]:
         seen: set[str] = set()
@@ -275,7 +291,9 @@ def conv(b: GraphBuilder, x: str, keep: str | None = None) -> str:
         attrs["pads"] = [int(rng.integers(0, total_h + 1)), int(rng.integers(0, total_w + 1)),
                          int(rng.integers(0, total_h + 1)), int(rng.integers(0, total_w + 1))]
     elif style == "auto":
-        attrs["auto_pad"] = _pick(rng, ["SAME_UPPER", "SAME_LOWER", "VALID"])
+        # onnxruntime refuses SAME auto_pad with dilations
+        attrs["auto_pad"] = _pick(rng, ["SAME_UPPER", "SAME_LOWER", "VALID"] if dil == 1
+                                  else ["VALID"])
     fan_in = (c // group) * kh * kw
     inputs = [x, b.floats((out, c // group, kh, kw), 1.0 / math.sqrt(fan_in))]
     if _chance(rng, 0.7):
@@ -283,6 +301,12 @@ def conv(b: GraphBuilder, x: str, keep: str | None = None) -> str:
     y = b.op("Conv", *inputs, **attrs)
     if keep == "shape" and b.shapes[y] != b.shapes[x]:
         raise Reject("conv changed the shape")
+    follow = _pick(rng, ["", "bn", "affine"], [6, 3, 1])
+    if follow == "bn":  # what fold-bn folds
+        y = batchnorm(b, y)
+    elif follow == "affine":  # what fold-affine folds: a per-channel Mul or Add
+        op = _pick(rng, ["Mul", "Add"])
+        y = b.op(op, y, b.floats((out, 1, 1), 1.0, "k", low=0.25 if op == "Mul" else None))
     return _check_size(b, y)
 
 
