@@ -73,7 +73,7 @@ def test_family_filter():
         parse_families("conv,nope")
     for index in range(10):
         ops = set(generate_graph(0, index, ["pad"]).ops)
-        assert "Pad" in ops and ops <= {"Pad", "Conv"}
+        assert "Pad" in ops and ops <= {"Pad", "Conv", "BatchNormalization", "Mul", "Add"}
 
 
 def test_random_inputs_are_seeded():
