@@ -41,12 +41,12 @@ from .sched_common import (
     divisors,
     expr_vars,
     has_if_then_else,
-    inline_epilogue_chain,
     is_reduction,
     is_spatial,
     loop_extent,
     loops_bind_iters,
     schedule_spatial_block,
+    tile_epilogue,
     try_compute_inline,
     write_dtype_bits,
 )
@@ -476,11 +476,9 @@ def schedule_contraction(
             kept_prologue.append(b)
     kept_prologue.reverse()
 
-    # 2. epilogue: one elementwise block fed by the accumulator tile
-    rest = inline_epilogue_chain(sch, epilogue)
-    if len(rest) > 1:
-        raise ValueError("contraction: more than one epilogue output")
-    epi = rest[0] if rest else sch.cache_write(main, 0, "global")
+    # 2. epilogue: one elementwise block fed by the accumulator tile (a consumer that is
+    #    not pointwise, e.g. a Pad, runs after the kernel as a loop nest of its own)
+    epi, epi_rest = tile_epilogue(sch, main, epilogue)
 
     # 3. pack B so that the N tile is contiguous
     if info.b_layout_free:
@@ -551,8 +549,8 @@ def schedule_contraction(
         if ext is not None and 2 <= ext <= 4 * cpu.lanes(write_dtype_bits(sch, epi)):
             sch.vectorize(tile_loops[-1])
 
-    # 7. padding / other producers: parallel, vectorized
-    for b in kept_prologue:
+    # 7. padding / other producers and non-pointwise consumers: parallel, vectorized
+    for b in kept_prologue + epi_rest:
         schedule_spatial_block(sch, b, cpu)
 
 

@@ -27,12 +27,12 @@ from .sched_common import (
     divisors,
     expr_vars,
     has_if_then_else,
-    inline_epilogue_chain,
     is_reduction,
     is_spatial,
     loop_extent,
     loops_bind_iters,
     schedule_spatial_block,
+    tile_epilogue,
     try_compute_inline,
     vectorize_inner,
     write_dtype_bits,
@@ -155,10 +155,10 @@ class WindowRule(CpuRule):
             if has_if_then_else(sch, b) or not try_compute_inline(sch, b):
                 kept.append(b)
         kept.reverse()
-        rest = inline_epilogue_chain(sch, epilogue)
-        if len(rest) > 1:
+        try:
+            epi, epi_rest = tile_epilogue(sch, main, epilogue)
+        except ValueError:
             return False
-        epi = rest[0] if rest else sch.cache_write(main, 0, "global")
 
         width = _row_width(x_ext, lanes)
         if config and int(config.get("width", 0)) in _width_options(x_ext, lanes):
@@ -200,6 +200,8 @@ class WindowRule(CpuRule):
         for b in kept:
             if per_plane and self._produce_per_plane(sch, b, par, lanes):
                 continue
+            schedule_spatial_block(sch, b, cpu)
+        for b in epi_rest:
             schedule_spatial_block(sch, b, cpu)
         return True
 

@@ -12,6 +12,7 @@ import logging
 
 import tvm
 from tvm import s_tir, tirx
+from tvm.ir.expr import TensorLoad  # what tirx.BufferLoad builds in TVM 0.27
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from .cpu_target import CpuInfo
@@ -101,8 +102,60 @@ def loops_bind_iters(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     return True
 
 
+# Inlining copies a producer's expression into every load of it in its consumers. A
+# consumer that loads it k times (TOPI's fast_exp loads its input 29 times) multiplies
+# the expression, and a chain of such ops grows exponentially (5 Sigmoids: > 5 GiB of
+# compiler memory). Above this many copied nodes the producer stays a buffer, so the
+# growth is linear in the chain length. A conv's bias add under a SiLU copies ~300
+# nodes and one Sigmoid inlined into the next ~15000.
+MAX_INLINE_DUPLICATION = 2048
+
+
+_CHILD_FIELDS = ("a", "b", "value", "args", "indices", "condition", "true_value",
+                 "false_value", "body", "seq")
+
+
+def _count_nodes(node, buffer=None) -> int:
+    """Nodes of a TIR statement/expression tree, or only its loads of ``buffer``.
+
+    TVM 0.27 has no Python-side TIR visitor, so the tree is walked through the child
+    fields that expressions and the statements of a block body have."""
+    count, stack = 0, [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (list, tuple)) or type(n).__name__ == "Array":
+            stack.extend(n)
+            continue
+        if not isinstance(n, (tvm.ir.expr.Expr, tirx.Stmt)):
+            continue
+        if buffer is None or (isinstance(n, TensorLoad) and n.source.same_as(buffer)):
+            count += 1
+        for name in _CHILD_FIELDS:
+            child = getattr(n, name, None)
+            if child is not None:
+                stack.append(child)
+    return count
+
+
+def inline_duplication(sch: s_tir.Schedule, block: SBlockRV) -> int:
+    """How many expression nodes inlining ``block`` into its consumers would copy."""
+    stmt = sch.get(block)
+    if len(stmt.writes) != 1:
+        return 0
+    buffer = stmt.writes[0].source
+    size = _count_nodes(stmt.body)
+    extra = 0
+    for consumer in sch.get_consumers(block):
+        loads = _count_nodes(sch.get(consumer).body, buffer)
+        extra += max(loads - 1, 0) * size
+    return extra
+
+
 def try_compute_inline(sch: s_tir.Schedule, block: SBlockRV) -> bool:
-    """compute_inline that reports failure instead of raising."""
+    """compute_inline that reports failure instead of raising; refuses (False) when it
+    would copy more than ``MAX_INLINE_DUPLICATION`` expression nodes."""
+    if inline_duplication(sch, block) > MAX_INLINE_DUPLICATION:
+        return False
     try:
         sch.compute_inline(block)
         return True
@@ -132,6 +185,59 @@ def inline_epilogue_chain(sch: s_tir.Schedule, blocks: list[SBlockRV]) -> list[S
             continue
         remaining.append(block)
     return remaining
+
+
+def reads_pointwise(sch: s_tir.Schedule, anchor: SBlockRV, block: SBlockRV) -> bool:
+    """True when ``block`` reads the anchor's output one element per iteration, inside the
+    anchor's output domain (the indices are a permutation of the block's own iters; the
+    domain may be smaller, as after ``pad_einsum``).
+
+    Only such a consumer can be computed at a tile of the anchor
+    (``reverse_compute_at``): a consumer that reads the output shifted or guarded (a Pad
+    after a conv: ``if 1 <= y < 11: conv[y - 1]``) or reshaped has elements that no tile
+    produces, and TVM would leave them unwritten (uninitialised memory in the output).
+    """
+    out = sch.get(anchor).writes[0].source
+    stmt = sch.get(block)
+    if has_if_then_else(sch, block):
+        return False
+    ivars = [iv.var for iv in stmt.iter_vars]
+    extents = [as_int(iv.dom.extent) for iv in stmt.iter_vars]
+    if len(ivars) != len(out.shape):
+        return False
+    mappings = set()
+    for region in stmt.reads:
+        if not region.source.same_as(out):
+            continue
+        index = []
+        for rng, dim in zip(region.region, out.shape):
+            pos = [i for i, v in enumerate(ivars) if rng.min.same_as(v)]
+            if as_int(rng.extent) != 1 or len(pos) != 1:
+                return False
+            if extents[pos[0]] is None or as_int(dim) is None or extents[pos[0]] > as_int(dim):
+                return False
+            index.append(pos[0])
+        mappings.add(tuple(index))
+    return len(mappings) == 1 and sorted(next(iter(mappings))) == list(range(len(ivars)))
+
+
+def tile_epilogue(
+    sch: s_tir.Schedule, anchor: SBlockRV, blocks: list[SBlockRV]
+) -> tuple[SBlockRV, list[SBlockRV]]:
+    """Split the blocks after an anchor into (the one to compute at the anchor's tile,
+    those left at the root, to be scheduled on their own).
+
+    The elementwise chain is inlined into its last block; that block is fused into the
+    tile only when it ``reads_pointwise`` from the anchor, otherwise the tile gets a plain
+    write-back block and the rest stays a separate loop nest. Raises ValueError for more
+    than one epilogue output.
+    """
+    rest = inline_epilogue_chain(sch, blocks)
+    if len(rest) > 1:
+        raise ValueError("more than one epilogue output")
+    if rest and reads_pointwise(sch, anchor, rest[0]):
+        return rest[0], []
+    return sch.cache_write(anchor, 0, "global"), rest
 
 
 def divisors(n: int) -> list[int]:
