@@ -572,7 +572,8 @@ def _rebuild(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[
 
 def shrink_candidates(model: onnx.ModelProto) -> list[onnx.ModelProto]:
     """Smaller variants of `model`, fewest nodes first: an earlier value as the only
-    output; a node bypassed (its consumers read its same-shaped input instead)."""
+    output; a node bypassed (its consumers read its same-shaped input instead); a node
+    reading the same-shaped graph input instead of an intermediate value."""
     shapes = _shapes(model)
     nodes = list(model.graph.node)
     outputs = [o.name for o in model.graph.output]
@@ -605,6 +606,18 @@ def shrink_candidates(model: onnx.ModelProto) -> list[onnx.ModelProto]:
                 rewired.append(copy)
             keep(_rebuild(model, rewired, [source if o == out else o for o in outputs],
                           shapes))
+    # a node reads the graph input instead of a same-shaped intermediate (drops a prefix)
+    graph_inputs = [i.name for i in model.graph.input]
+    for i, node in enumerate(nodes):
+        for k, name in enumerate(node.input):
+            source = next((g for g in graph_inputs if g != name and shapes.get(g) ==
+                           shapes.get(name)), None)
+            if source is None or name in graph_inputs:
+                continue
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.input[k] = source
+            keep(_rebuild(model, nodes[:i] + [copy] + nodes[i + 1:], outputs, shapes))
     return sorted(found.values(), key=lambda m: (len(m.graph.node), len(m.graph.output)))
 
 

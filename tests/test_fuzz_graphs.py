@@ -164,3 +164,17 @@ def test_fuzz_pipeline_and_tvm_compile(tmp_path):
         f"the sample ran past {RUN_BUDGET:.0f} s after {counts['graphs']} graphs")
     assert counts["graphs"] == FUZZ_COUNT
     assert counts["correct"] >= 0.8 * FUZZ_COUNT, counts  # refusals stay rare
+
+
+def test_shrinker_drops_a_prefix_that_restores_the_input_shape():
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=[0, 3, 2, 1]),
+             helper.make_node("Transpose", ["t1"], ["t2"], perm=[0, 3, 2, 1]),
+             helper.make_node("Relu", ["t2"], ["y"])]
+    shape = [1, 2, 3, 4]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    small, _ = fuzz.shrink_graph(model, lambda m: any(n.op_type == "Relu" for n in m.graph.node))
+    assert [n.op_type for n in small.graph.node] == ["Relu"]
