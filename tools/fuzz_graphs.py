@@ -73,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
                        pipeline=args.pipeline, timeout=args.timeout, out_dir=args.out,
                        shrink=args.shrink, shrink_checks=args.shrink_checks, rtol=args.rtol,
                        start=args.start, progress=progress)
+    if args.json:  # before the report: a closed stdout must not lose the results
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary.to_json(), indent=1))
     print_report(summary)
     if summary.failures:
         print(f"failing graphs: {args.out}/ (summary.txt)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary.to_json(), indent=1))
     return 1 if summary.failures else 0
 
 
