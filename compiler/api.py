@@ -253,6 +253,8 @@ def benchmark_models(
     model's inputs; models must share input names and shapes), in interleaved
     rounds. Ratios are relative to the first model (ort), or to ORT on the same
     model (tvm). `report_path`: also write the rows there as JSON (never over a model).
+    A TVM build is checked against ORT first (`backends.tvm.verify_artifact`) and a wrong
+    one raises VerificationError instead of being timed.
     """
     loaded = [load_model(m) for m in models]
     reads = [r for src, m in zip(models, loaded) for r in files_read(src, m, "model")]
@@ -270,10 +272,13 @@ def benchmark_models(
             labels.append(name)
             artifacts.append(OrtArtifact(model, threads=threads))
         if backend == "tvm":
-            from .backends.tvm import compile_model  # imported lazily: TVM is optional
+            # imported lazily: TVM is optional
+            from .backends.tvm import compile_model, verify_artifact
 
             artifact = compile_model(model, target, input_shapes=shapes)
             artifact.threads = threads  # TVM thread pool matched to ORT's intra-op threads
+            # a wrong build is not timed: VerificationError (exit 5) instead of a number
+            verify_artifact(artifact, model, threads=threads)
             labels.append(f"{name} (tvm {target})")
             artifacts.append(artifact)
         if backend not in ("ort", "tvm"):

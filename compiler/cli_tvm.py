@@ -32,6 +32,7 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 VERIFY_RTOL = 1e-4
+DEFAULT_COMPILE_PIPELINE = "cleanup"
 
 TargetOpt = Annotated[str, typer.Option(
     "--target", "-t", help="Target preset (see `onnxforge targets`) or a TVM JSON target dict.")]
@@ -64,19 +65,33 @@ def optimize_before_compile(model: Path, pipeline: str | None,
                             shapes: dict[str, tuple[int, ...]]) -> Any:
     """`-p PIPELINE`: run onnxforge's pass pipeline first (via `onnxforge.api.optimize`).
 
+    Without `-p`, when every input shape is fixed (by the model or `--input-shape`),
+    `cleanup` runs: it folds the shape computations TVM's importer cannot take
+    (Reshape/Shape/Gather chains), so any model ORT runs either compiles or fails on a
+    truly unsupported op. `-p ''` runs nothing.
+
     Returns the model to compile: the path itself without a pipeline, else the optimized
     in-memory onnx_ir model (already verified by the pipeline's own checks).
     """
-    if not pipeline:
-        from .ir import load_model
+    from .ir import load_model
+    from .shapes import resolve_input_shapes
 
-        load_model(model)  # refuse what `optimize` refuses (newer IR/opset, duplicate names)
+    loaded = load_model(model)  # refuse what `optimize` refuses (newer IR/opset, ...)
+    default = pipeline is None
+    if default:
+        try:
+            resolve_input_shapes(loaded, shapes)
+            pipeline = DEFAULT_COMPILE_PIPELINE
+        except InputSpecError:  # dynamic dims: compile itself says which --input-shape
+            pipeline = ""
+    if not pipeline.strip():
         return model
     from . import api
 
     result = api.optimize(model, pipeline, input_shapes=shapes or None, console=err_console)
     steps = result.report.get("steps", [])
-    err_console.print(f"pipeline {result.report.get('pipeline', pipeline)}: {len(steps)} step(s)")
+    err_console.print(f"pipeline {result.report.get('pipeline', pipeline)}: {len(steps)} step(s)"
+                      + (" (the default before compiling; -p '' skips it)" if default else ""))
     return result.model
 
 
@@ -171,28 +186,25 @@ def _seconds_left(budget: float | None, started: float) -> float | None:
     return None if budget is None else budget - (time.monotonic() - started)
 
 
-def run_verification(artifact: Any, model: Any, *, rtol: float = VERIFY_RTOL,
-                     seed: int = 0) -> list[Any]:
-    """Artifact vs onnxruntime on seeded random inputs; raises VerificationError past rtol."""
-    from .backends.tvm import VERIFY_ATOL, compare_to_ort, random_inputs
+def run_verification(artifact: Any, model: Any, *, rtol: float = VERIFY_RTOL) -> Any:
+    """Artifact vs onnxruntime on several random inputs, the first one run twice (see
+    `backends.tvm.verify_artifact`); prints the table, raises VerificationError."""
+    from .backends.tvm import VERIFY_ATOL, VERIFY_SAMPLES, verify_artifact
 
-    inputs = random_inputs(artifact.inputs, seed=seed)
-    errors = compare_to_ort(artifact, model, inputs)
-    table = Table("output", "shape", "max abs", "relative", "rel L2", "ok",
-                  title=f"verify vs onnxruntime: max abs <= {rtol:g} x max |ORT| "
-                        f"(+{VERIFY_ATOL:g} float floor)")
-    for err in errors:
+    result = verify_artifact(artifact, model, rtol=rtol, raise_on_failure=False)
+    table = Table("output", "shape", "max abs", "relative", "rel L2", "same twice", "ok",
+                  title=f"verify vs onnxruntime on {VERIFY_SAMPLES} random inputs: rel L2 or "
+                        f"max abs <= {rtol:g} x max |ORT| (+{VERIFY_ATOL:g} float floor)")
+    for err in result.comparison.outputs:
+        same = err.name not in result.nondeterministic
         table.add_row(err.name, str(err.shape), f"{err.max_abs:.3e}", f"{err.rel:.3e}",
-                      f"{err.rel_l2:.3e}", "[green]yes[/]" if err.within(rtol) else "[red]NO[/]")
+                      f"{err.rel_l2:.3e}", "yes" if same else "[red]NO[/]",
+                      "[green]yes[/]" if same and err.within(rtol, VERIFY_ATOL) else "[red]NO[/]")
     console.print(table)
-    bad = [e for e in errors if not e.within(rtol)]
-    if bad:
-        worst = max(bad, key=lambda e: e.rel)
-        raise VerificationError(
-            f"TVM output {worst.name!r} differs from onnxruntime: max abs {worst.max_abs:.3e}, "
-            f"relative {worst.rel:.3e} > {rtol:g}"
-        )
-    return errors
+    if not result.ok:
+        raise VerificationError(f"{artifact.report.get('model', '<model>')}: {result.problem()}; "
+                                "nothing was written")
+    return result
 
 
 def register(app: typer.Typer) -> None:
@@ -222,12 +234,14 @@ def register(app: typer.Typer) -> None:
         rpc_tracker: RpcTrackerOpt = None,
         rpc_key: RpcKeyOpt = None,
         verify: Annotated[bool, typer.Option(
-            "--verify", help="Run the result against onnxruntime on random inputs; exit "
-            f"non-zero past {VERIFY_RTOL:g} relative error (AArch64 runs under qemu).")] = False,
+            "--verify", help="Before writing, run the result against onnxruntime on 3 random "
+            f"inputs (the first twice: outputs must not change); past {VERIFY_RTOL:g} relative "
+            "error nothing is written and the exit code is 5 (AArch64 runs under qemu).")
+        ] = False,
         # -p: onnxforge's pass pipeline before compiling, through onnxforge.api.optimize.
         pipeline: Annotated[str | None, typer.Option(
             "--pipeline", "-p", help="Run this onnxforge pass pipeline first, e.g. cleanup,fuse "
-            "(an already optimized model needs none).")] = None,
+            f"(default: {DEFAULT_COMPILE_PIPELINE}; -p '' runs none).")] = None,
         no_default_schedules: Annotated[bool, typer.Option(
             "--no-default-schedules", help="Leave functions outside the database unscheduled.")
         ] = False,
@@ -243,12 +257,14 @@ def register(app: typer.Typer) -> None:
           [bold]onnxforge compile model.onnx --target cortex-a72 -o model.so --verify[/]
           [bold]onnxforge compile model.onnx -t host -o m.so --tuning-db db/ --tune-trials 64[/]
         """
+        from .backends.targets import resolve_target
         from .backends.tuning import tune
         from .backends.tvm import compile_model
         from .ir import files_read
         from .report import write_json
         from .safe_write import check_writes, reading
 
+        resolve_target(target)  # an unknown target fails before any pass runs
         shapes = _shapes(input_shape)
         reads = files_read(model)  # nothing written may be one of these (checked again later)
         check_writes([("--output", output), ("--report", report)], reads)
@@ -267,8 +283,6 @@ def register(app: typer.Typer) -> None:
         artifact = compile_model(source, target, input_shapes=shapes or None,
                                  tuning_db=tuning_db, default_schedules=not no_default_schedules,
                                  shipped_db=not no_shipped_db)
-        with reading(reads):
-            written = artifact.export(output)
         info = artifact.report
         console.print(
             f"compiled for {info.get('target') or info['target_key']} in "
@@ -281,9 +295,13 @@ def register(app: typer.Typer) -> None:
                if info.get("default_kept_over_database") else ""), soft_wrap=True)
         for note in info["notes"]:
             err_console.print(f"[yellow]note:[/] {note}")
+        if verify:  # before anything is written: a failed check leaves no library
+            checked = run_verification(artifact, source)
+            info["verification"] = {**checked.comparison.to_dict(), "rtol": checked.rtol,
+                                    "same_output_twice": not checked.nondeterministic}
+        with reading(reads):
+            written = artifact.export(output)
         console.print(f"wrote {', '.join(info.get('exported', [str(written)]))}")
-        if verify:
-            run_verification(artifact, source)
         if report:
             with reading(reads):
                 write_json(report, info)
@@ -311,7 +329,8 @@ def register(app: typer.Typer) -> None:
             "--retune", help="Measure kernels and tune tasks the database already covers too."
         )] = False,
         pipeline: Annotated[str | None, typer.Option(
-            "--pipeline", "-p", help="Run this onnxforge pass pipeline first (as compile does)."
+            "--pipeline", "-p", help="Run this onnxforge pass pipeline first (as compile does: "
+            f"default {DEFAULT_COMPILE_PIPELINE}, -p '' none)."
         )] = None,
     ) -> None:
         """Tune a model into a persistent, per-target database: the default rules' knob

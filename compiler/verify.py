@@ -30,6 +30,14 @@ class OutputError:
     cosine: float = 1.0
     top1: float | None = None
     ref_max_abs: float = 0.0  # largest |reference| value: the output's scale
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def rel(self) -> float:
+        """max_abs relative to the output's scale (inf when a zero output got non-zero)."""
+        if self.ref_max_abs > 0:
+            return self.max_abs / self.ref_max_abs
+        return 0.0 if self.max_abs == 0 else float("inf")
 
     def within(self, rtol: float, atol: float = 1e-6) -> bool:
         """Equal up to float noise: small relative L2 error, or every element within
@@ -53,12 +61,14 @@ class _Accumulator:
     dot: float = 0.0
     agree: int = 0
     rows: int = 0
+    shape: tuple[int, ...] | None = None
 
     def add(self, ref: np.ndarray, got: np.ndarray) -> None:
         if ref.shape != got.shape:
             raise VerificationError(
                 f"output {self.name!r}: shapes differ, reference {ref.shape} vs {got.shape}"
             )
+        self.shape = tuple(ref.shape)
         a = ref.astype(np.float64).ravel()
         b = got.astype(np.float64).ravel()
         if a.size:  # np.maximum keeps a NaN (Python's max would drop it)
@@ -82,6 +92,7 @@ class _Accumulator:
             cosine=float(self.dot / denom) if denom else (1.0 if self.diff_sq == 0 else 0.0),
             top1=self.agree / self.rows if self.rows else None,
             ref_max_abs=self.ref_max_abs,
+            shape=self.shape,
         )
 
 
