@@ -210,10 +210,82 @@ def _failing_node(exc: BaseException) -> onnx.NodeProto | None:
     return found
 
 
+def _static_shapes(proto: onnx.ModelProto, specs: Sequence[InputSpec]) -> dict[str, list[int]]:
+    """Shapes of the top graph's values once the inputs have the shapes in `specs`."""
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(proto)
+    by_name = {s.name: s.shape for s in specs}
+    for value in pinned.graph.input:
+        if value.name in by_name:
+            dims = value.type.tensor_type.shape.dim
+            del dims[:]
+            for d in by_name[value.name]:
+                dims.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(pinned, strict_mode=False)
+    except Exception:  # noqa: BLE001 - no shapes: the checks below then see nothing
+        return {}
+    shapes = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer
+              if i.data_location != onnx.TensorProto.EXTERNAL}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _miscompiled_forms(proto: onnx.ModelProto, specs: Sequence[InputSpec]) -> list[tuple]:
+    """(node, why) for forms TVM 0.27's importer accepts but computes differently from
+    ONNX; found by the differential fuzzer (`tools/fuzz_graphs.py`). They are refused
+    rather than compiled wrong.
+
+    * Resize by `scales` where an input size times its scale is not a whole number: ONNX
+      maps output to input coordinates with the given scale, TVM with output/input size
+      (wrong for every coordinate mode but align_corners, nearest and linear alike).
+    """
+    resizes = [n for n in proto.graph.node if n.op_type == "Resize"]
+    if not resizes:
+        return []
+    shapes, constants = _static_shapes(proto, specs), _constants(proto)
+    found = []
+    for node in resizes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        mode = attrs.get("coordinate_transformation_mode", b"half_pixel")
+        has_sizes = len(node.input) > 3 and node.input[3]
+        if mode == b"align_corners" or has_sizes or len(node.input) < 3 or not node.input[2]:
+            continue
+        scales, shape = constants.get(node.input[2]), shapes.get(node.input[0])
+        if scales is None or shape is None or scales.size != len(shape):
+            continue
+        products = np.asarray(shape, np.float64) * scales.astype(np.float64)
+        if not np.allclose(products, np.round(products), rtol=0, atol=1e-6):
+            why = (f"input shape {shape} times scales {scales.tolist()} is not whole: TVM "
+                   "resizes by output/input size, ONNX by the scale")
+            found.append((node, why))
+    return found
+
+
 def import_onnx(proto: onnx.ModelProto, specs: Sequence[InputSpec], label: str = "<model>"):
-    """`from_onnx` with fixed shapes; unsupported ops become UnsupportedOpError."""
+    """`from_onnx` with fixed shapes; unsupported ops, and forms the importer is known to
+    get wrong (`_miscompiled_forms`), become UnsupportedOpError."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    wrong = _miscompiled_forms(proto, specs)
+    if wrong:
+        node, why = wrong[0]
+        raise UnsupportedOpError(
+            f"{label}: TVM would compute {_describe(node, proto)} differently from ONNX: {why}"
+            + (f" ({len(wrong)} such nodes)" if len(wrong) > 1 else "")
+            + "; give Resize `sizes` instead of `scales`, or scales that give whole sizes"
+        )
     missing = _unsupported_nodes(proto)
     if missing:
         first = missing[0]

@@ -24,7 +24,7 @@ from onnxforge.backends.tvm import (
     verify_artifact,
 )
 from onnxforge.cli import app
-from onnxforge.errors import VerificationError
+from onnxforge.errors import UnsupportedOpError, VerificationError
 from onnxforge.kernels import sched_common
 from onnxforge.kernels.kernel_check import check_kernels
 from typer.testing import CliRunner
@@ -261,3 +261,22 @@ def test_compile_runs_cleanup_by_default(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "the default before compiling" in result.stderr
     assert out.is_file()
+
+
+def resize_model(scale: float, mode: str, transform: str) -> onnx.ModelProto:
+    scales = numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "scales")
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode=mode,
+                            coordinate_transformation_mode=transform)
+    return _model([node], [1, 4, 20, 13], [scales], ["y"], opset=19)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_with_fractional_sizes_is_refused(mode):
+    """Found by the fuzzer: 13 x 1.5 = 19.5 -> TVM maps coordinates with 19/13, ONNX with
+    1.5 (rel error 0.4-1.2, default schedules or not). Refused, naming the node."""
+    with pytest.raises(UnsupportedOpError, match="'up' .*Resize.*not whole"):
+        compile_model(resize_model(1.5, mode, "half_pixel"), "host")
+    for scale, transform in ((2.0, "half_pixel"), (1.5, "align_corners")):
+        model = resize_model(scale, mode, transform)
+        result = verify_artifact(compile_model(model, "host"), model, raise_on_failure=False)
+        assert result.ok, (scale, transform, result.problem())
