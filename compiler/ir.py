@@ -47,7 +47,7 @@ def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
     if isinstance(source, ir.Model):
         model = copy_model(source)
     elif isinstance(source, onnx.ModelProto):
-        model = ir.from_proto(source)
+        model = _deserialize(source, label)
     elif isinstance(source, (bytes, bytearray)):
         label = "<bytes>"
         model = _parse_bytes(bytes(source), label)
@@ -67,7 +67,7 @@ def load_model(source: ModelSource, *, check: bool = True) -> ir.Model:
             raise ModelLoadError(f"{path}: parsed as protobuf but holds no ONNX graph")
         # Every external-data location is checked on the bare proto, before any is opened.
         data_files = check_external_locations(proto, path)
-        model = ir.serde.deserialize_model(proto)
+        model = _deserialize(proto, label)
         _attach_external_data(model, path)
         model.meta[DATA_FILES_KEY] = data_files
     if check:
@@ -83,7 +83,17 @@ def _parse_bytes(data: bytes, label: str) -> ir.Model:
         raise ModelLoadError(f"{label}: not a readable ONNX protobuf ({exc})") from exc
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{label}: parsed as protobuf but holds no ONNX graph")
-    return ir.from_proto(proto)
+    return _deserialize(proto, label)
+
+
+def _deserialize(proto: onnx.ModelProto, label: str) -> ir.Model:
+    """The IR of a proto; a graph onnx_ir cannot represent (two nodes writing one value
+    name, ...) is an invalid model, not an internal error."""
+    try:
+        return ir.serde.deserialize_model(proto)
+    except ir.serde.SerdeError as exc:
+        cause = exc.__cause__ or exc  # onnx_ir wraps the real reason
+        raise ModelLoadError(f"{label}: not a valid ONNX graph: {cause}") from exc
 
 
 def _is_small(model: ir.Model) -> bool:

@@ -387,3 +387,16 @@ def test_compile_without_tvm_says_which_extra_to_install(model, tmp_path):
     result = cli("compile", model, "-o", out, hide_tvm=True)
     assert_one_line_error(result, BackendError.exit_code, "needs `pip install onnxforge[tvm]`")
     assert not out.exists()
+
+
+def test_two_nodes_writing_one_value_is_an_invalid_model(tmp_path):
+    """onnx_ir refuses the graph while parsing it; that was exit 70 'internal error'."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "dup.onnx"
+    onnx.save(helper.make_model(graph), path)
+    for command in (["inspect", path], ["optimize", path, "-o", tmp_path / "o.onnx"]):
+        assert_one_line_error(cli(*command), 2, "dup.onnx", "'y' is redeclared")
+    assert not (tmp_path / "o.onnx").exists()

@@ -322,7 +322,9 @@ def test_vulkan_is_refused_when_unsupported(tiny):
 # Zoo models (skip when .zoo is absent). ONNXFORGE_TVM_ZOO=all runs every model.
 # ---------------------------------------------------------------------------------------
 
-ZOO_DEFAULT = ["squeezenet1_1", "mobilenet_v2"]
+# the OCR models carry the patterns of issue 19 (ConvTranspose, Resize, HardSigmoid, layer
+# norms from primitives, Softmax, AveragePool)
+ZOO_DEFAULT = ["squeezenet1_1", "mobilenet_v2", "ppocr_det", "ppocr_rec"]
 ZOO_ALL = ["resnet18", "mobilenet_v2", "squeezenet1_1", "efficientnet_b0", "mobilenet_v3_small",
            "minilm_l6", "ppocr_det", "ppocr_rec", "ppocr_cls"]
 # shape subgraphs TVM's importer cannot take until `cleanup` folds them (fixed shapes)
