@@ -226,7 +226,7 @@ def _static_shapes(proto: onnx.ModelProto, specs: Sequence[InputSpec]) -> dict[s
     except Exception:  # noqa: BLE001 - no shapes: the checks below then see nothing
         return {}
     shapes = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info]:
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = value.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]

@@ -276,6 +276,12 @@ def test_resize_with_fractional_sizes_is_refused(mode):
     1.5 (rel error 0.4-1.2, default schedules or not). Refused, naming the node."""
     with pytest.raises(UnsupportedOpError, match="'up' .*Resize.*not whole"):
         compile_model(resize_model(1.5, mode, "half_pixel"), "host")
+    # the Resize input is also a graph output (its shape is only declared there)
+    scales = numpy_helper.from_array(np.array([1, 1, 1.5, 1.5], np.float32), "scales")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Resize", ["r", "", "scales"], ["y"], name="up", mode=mode)]
+    with pytest.raises(UnsupportedOpError, match="'up' .*Resize.*not whole"):
+        compile_model(_model(nodes, [1, 4, 19, 11], [scales], ["y", "r"], opset=19), "host")
     for scale, transform in ((2.0, "half_pixel"), (1.5, "align_corners")):
         model = resize_model(scale, mode, transform)
         result = verify_artifact(compile_model(model, "host"), model, raise_on_failure=False)
