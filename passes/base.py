@@ -7,15 +7,16 @@ A pass is an `onnx_ir.passes.InPlacePass` with:
 - `stats`: a dict the pass fills with what it changed, copied into the report;
 - `context`: calibration data, input shapes and threads shared by the whole run.
 
-Pass modules register themselves with `@register` when imported;
-`load_builtin_passes()` imports every module in this package.
+Pass modules register themselves with `@register` when imported. `BUILTIN_PASSES`
+below is the one list of the shipped passes and the module defining each: a pipeline
+imports only the modules of the passes it names; `load_builtin_passes()` imports them all
+(for `onnxforge passes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import pkgutil
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -105,29 +106,44 @@ def register(cls: type[ForgePass]) -> type[ForgePass]:
     return cls
 
 
-_loaded = False
+# Every shipped pass, by family in reading order: pipeline name -> defining module.
+# A new pass module adds its passes here (tests/test_pipeline.py checks the list).
+BUILTIN_PASSES: dict[str, str] = {
+    "cleanup": "onnxforge.passes.cleanup",
+    "fuse": "onnxforge.passes.fusion",
+    "fold-bn": "onnxforge.passes.fold_batchnorm",
+    "fold-affine": "onnxforge.passes.fuse_affine",
+    "fuse-matmul-add": "onnxforge.passes.fuse_affine",
+    "fuse-horizontal": "onnxforge.passes.fuse_horizontal",
+    "fuse-transpose": "onnxforge.passes.fuse_layout",
+    "fuse-reshape": "onnxforge.passes.fuse_layout",
+    "fuse-pad": "onnxforge.passes.fuse_pad",
+    "fuse-layernorm": "onnxforge.passes.fuse_patterns",
+    "fuse-gelu": "onnxforge.passes.fuse_patterns",
+    "prune": "onnxforge.passes.pruning",
+    "lowrank": "onnxforge.passes.lowrank",
+    "quantize": "onnxforge.passes.quantization",
+}
 
 
 def load_builtin_passes() -> dict[str, type[ForgePass]]:
-    """Import every module of `onnxforge.passes` so their passes register."""
-    global _loaded
-    if not _loaded:
-        package = importlib.import_module("onnxforge.passes")
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_") and info.name != "base":
-                importlib.import_module(f"onnxforge.passes.{info.name}")
-        _loaded = True
+    """Import the module of every shipped pass; returns all registered passes."""
+    for module in dict.fromkeys(BUILTIN_PASSES.values()):
+        importlib.import_module(module)
     return PASSES
 
 
 def get_pass(name: str) -> type[ForgePass]:
-    passes = load_builtin_passes()
-    if name not in passes:
+    """The pass class registered as `name`, importing only its module if it is built in."""
+    if name not in PASSES and name in BUILTIN_PASSES:
+        importlib.import_module(BUILTIN_PASSES[name])
+    if name not in PASSES:
+        passes = load_builtin_passes()
         raise PipelineError(
             f"unknown pass {name!r}; available passes: {', '.join(sorted(passes))} "
             "(run `onnxforge passes` for their options)"
         )
-    return passes[name]
+    return PASSES[name]
 
 
 # ---------------------------------------------------------------- option typing

@@ -121,3 +121,30 @@ def test_unmodified_step_has_no_error_entry():
     _, (step,) = PassManager("test-scale(1.0)", PassContext(),
                              verify_source=_verify_source(model)).run(model)
     assert not step.modified and step.error is None
+
+
+def test_builtin_pass_list_is_complete_and_true():
+    """BUILTIN_PASSES names every pass the package registers, with its defining module."""
+    import importlib
+    import pkgutil
+
+    import onnxforge.passes
+    from onnxforge.passes.base import BUILTIN_PASSES, PASSES
+
+    for info in pkgutil.walk_packages(onnxforge.passes.__path__, "onnxforge.passes."):
+        importlib.import_module(info.name)
+    shipped = {n: c for n, c in PASSES.items() if c.__module__.startswith("onnxforge.passes.")}
+    assert sorted(shipped) == sorted(BUILTIN_PASSES)
+    assert {n: c.__module__ for n, c in shipped.items()} == BUILTIN_PASSES
+
+
+def test_parsing_a_pipeline_imports_only_its_passes():
+    import subprocess
+    import sys
+
+    code = ("import sys; from onnxforge.pipeline import Pipeline; Pipeline.parse('cleanup,fuse'); "
+            "print(sorted(m for m in sys.modules if m.startswith('onnxforge.passes.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "cleanup" in out and "fuse" in out
+    assert "quant" not in out and "prun" not in out and "lowrank" not in out
