@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..ir import add_initializer, constant_array
-from .fuse_common import attr
+from .fusion.common import attr
 
 LINEAR_OPS = ("Gemm", "MatMul")
 

@@ -3,13 +3,13 @@
 Order of one round (each is also a pass of its own, see its module docstring for
 the rewrite rules and preconditions):
 
-1. `fuse-layernorm`, `fuse-gelu`      (fuse_patterns.py)  primitive subgraphs -> standard ops
-2. `fold-bn`                          (fold_batchnorm.py) BatchNormalization -> weights/bias
-3. `fuse-pad`                         (fuse_pad.py)       zero Pad -> Conv pads
-4. `fold-affine`                      (fuse_affine.py)    Mul/Add/Sub/Div by constants -> weights
-5. `fuse-horizontal`                  (fuse_horizontal.py) sibling Conv/MatMul/Gemm -> one op + Split
-6. `fuse-matmul-add`                  (fuse_affine.py)    2-D MatMul + Add -> Gemm
-7. `fuse-transpose`, `fuse-reshape`   (fuse_layout.py)    layout op pairs cancelled / merged
+1. `fuse-layernorm`, `fuse-gelu`      (patterns.py)   primitive subgraphs -> standard ops
+2. `fold-bn`                          (batchnorm.py)  BatchNormalization -> weights/bias
+3. `fuse-pad`                         (pad.py)        zero Pad -> Conv pads
+4. `fold-affine`                      (affine.py)     Mul/Add/Sub/Div by constants -> weights
+5. `fuse-horizontal`                  (horizontal.py) sibling Conv/MatMul/Gemm -> one op + Split
+6. `fuse-matmul-add`                  (affine.py)     2-D MatMul + Add -> Gemm
+7. `fuse-transpose`, `fuse-reshape`   (layout.py)     layout op pairs cancelled / merged
 
 Rounds repeat (at most `rounds`) while some rewrite fired, because one rewrite can
 enable another (a folded BN exposes an affine Mul, a merged Transpose exposes a
@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from .base import ForgePass, option, register
-from .fold_batchnorm import FoldBatchNormPass
-from .fuse_affine import FoldAffinePass, FuseMatMulAddPass
-from .fuse_common import RewritePass, infer_shapes
-from .fuse_horizontal import FuseHorizontalPass
-from .fuse_layout import FuseReshapePass, FuseTransposePass
-from .fuse_pad import FusePadPass
-from .fuse_patterns import FuseGeluPass, FuseLayerNormPass
+from ..base import ForgePass, option, register
+from .affine import FoldAffinePass, FuseMatMulAddPass
+from .batchnorm import FoldBatchNormPass
+from .common import RewritePass, infer_shapes
+from .horizontal import FuseHorizontalPass
+from .layout import FuseReshapePass, FuseTransposePass
+from .pad import FusePadPass
+from .patterns import FuseGeluPass, FuseLayerNormPass
 
 logger = logging.getLogger(__name__)
 

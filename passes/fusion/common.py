@@ -20,8 +20,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from ..ir import PROTOBUF_LIMIT, add_initializer, constant_array, nbytes
-from .base import ForgePass
+from ...ir import PROTOBUF_LIMIT, add_initializer, constant_array, nbytes
+from ..base import ForgePass
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from .base import register
-from .fuse_common import (
+from ..base import register
+from .common import (
     RewritePass,
     attr,
     bypass,
