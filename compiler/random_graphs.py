@@ -607,6 +607,30 @@ def gap(b: GraphBuilder, x: str, keep: str | None = None) -> str:
     return b.op("Mul", x, s)
 
 
+def _nearest_is_ambiguous(size_in: int, size_out: int, scale: float, attrs: dict) -> bool:
+    """True when an output pixel's source coordinate (ONNX's formula, in float64) sits on
+    the rounding boundary of `nearest_mode` and the scale is not a power of two: float32
+    implementations then legitimately pick either neighbour (onnxruntime computes
+    i / (16/14) = 6.9999995 and floors to 6 where the exact value is 7; TVM gets 7), so
+    such a graph tests the reference's rounding, not the compiler."""
+    if float(np.log2(scale)).is_integer():
+        return False
+    mode = attrs["coordinate_transformation_mode"]
+    boundary = 0.0 if attrs["nearest_mode"] in ("floor", "ceil") else 0.5
+    for i in range(size_out):
+        if mode == "align_corners":
+            x = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+        elif mode == "asymmetric":
+            x = i / scale
+        elif mode == "pytorch_half_pixel" and size_out == 1:
+            x = 0.0
+        else:
+            x = (i + 0.5) / scale - 0.5
+        if abs((x - boundary) - round(x - boundary)) < 1e-4:
+            return True
+    return False
+
+
 def resize(b: GraphBuilder, x: str, keep: str | None = None) -> str:
     if keep:
         raise Reject("resize changes the shape")
@@ -622,13 +646,21 @@ def resize(b: GraphBuilder, x: str, keep: str | None = None) -> str:
     else:
         attrs["coordinate_transformation_mode"] = _pick(
             rng, ["half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel"], [3, 2, 1, 1])
+    scales = None
     if _chance(rng, 0.7):
         factor = float(_pick(rng, [2.0, 2.0, 3.0, 0.5] if mode == "nearest" else [2.0, 2.0, 1.5]))
+        out_h, out_w, scale_h, scale_w = int(h * factor), int(w * factor), factor, factor
         scales = b.const(np.asarray([1, 1, factor, factor], dtype=np.float32), "scales")
+    else:
+        out_h, out_w = int(rng.integers(2, 2 * h + 1)), int(rng.integers(2, 2 * w + 1))
+        scale_h, scale_w = out_h / h, out_w / w
+    if mode == "nearest" and (_nearest_is_ambiguous(h, out_h, scale_h, attrs)
+                              or _nearest_is_ambiguous(w, out_w, scale_w, attrs)):
+        raise Reject("nearest Resize with a source coordinate on a rounding boundary")
+    if scales is not None:
         y = b.op("Resize", x, "", scales, **attrs)
     else:
-        sizes = [1, c, int(rng.integers(2, 2 * h + 1)), int(rng.integers(2, 2 * w + 1))]
-        y = b.op("Resize", x, "", "", b.ints(sizes, "sizes"), **attrs)
+        y = b.op("Resize", x, "", "", b.ints([1, c, out_h, out_w], "sizes"), **attrs)
     return _check_size(b, y)
 
 
