@@ -120,7 +120,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-pad": "onnxforge.passes.fusion.pad",
     "fuse-layernorm": "onnxforge.passes.fusion.patterns",
     "fuse-gelu": "onnxforge.passes.fusion.patterns",
-    "prune": "onnxforge.passes.pruning",
+    "prune": "onnxforge.passes.pruning.prune",
     "lowrank": "onnxforge.passes.lowrank",
     "quantize": "onnxforge.passes.quantization",
 }

@@ -23,8 +23,8 @@ from onnxforge.ir import constant_array, load_model, to_proto
 from onnxforge.metrics import compute_metrics
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.pruning import PrunePass
-from onnxforge.passes.pruning_apply import masked_reference
+from onnxforge.passes.pruning.apply import masked_reference
+from onnxforge.passes.pruning.prune import PrunePass
 from onnxforge.pipeline import Pipeline
 from onnxforge.verify import compare_models
 from test_pruning_groups import CASES, GraphBuilder, transformer_block
@@ -180,7 +180,7 @@ def test_constant_node_weights_are_sliced():
 
 
 def test_failed_rewrite_is_refused_and_model_unchanged(monkeypatch):
-    from onnxforge.passes import pruning
+    from onnxforge.passes.pruning import prune as prune_module
 
     def broken(model, analysis, removed):
         stats = real(model, analysis, removed)
@@ -188,8 +188,8 @@ def test_failed_rewrite_is_refused_and_model_unchanged(monkeypatch):
         weight.const_value = __import__("onnx_ir").tensor(np.zeros((3, 3, 3, 3), np.float32))
         return stats
 
-    real = pruning.apply_plan
-    monkeypatch.setattr(pruning, "apply_plan", broken)
+    real = prune_module.apply_plan
+    monkeypatch.setattr(prune_module, "apply_plan", broken)
     base, shapes, calib, _ = _setup(CASES["resnet_blocks"]())
     model, prune, result = _prune(base, shapes, calib, ratio=0.5, recover=False)
     assert not result.modified and "does not run" in prune.stats["refused"]

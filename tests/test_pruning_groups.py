@@ -16,7 +16,7 @@ import pytest
 from builders import make_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxforge.ir import infer_shapes, load_model
-from onnxforge.passes.pruning_groups import Analysis, analyze
+from onnxforge.passes.pruning.groups import Analysis, analyze
 
 
 class GraphBuilder:

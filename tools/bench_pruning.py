@@ -39,7 +39,7 @@ from onnxforge.calibration import CalibrationSource
 from onnxforge.ir import load_model
 from onnxforge.metrics import compute_metrics
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.pruning import PrunePass
+from onnxforge.passes.pruning.prune import PrunePass
 from rich.console import Console
 
 ZOO = bc.ZOO

@@ -39,11 +39,11 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from ..activations import with_outputs
-from ..backends.ort import OrtArtifact
-from ..ir import add_initializer, constant_array
-from .pruning_apply import set_constant
-from .pruning_groups import _attr
+from ...activations import with_outputs
+from ...backends.ort import OrtArtifact
+from ...ir import add_initializer, constant_array
+from .apply import set_constant
+from .groups import _attr
 
 logger = logging.getLogger(__name__)
 

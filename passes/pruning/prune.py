@@ -5,7 +5,7 @@ Pipeline text: `prune(0.3)`, `prune(macs=0.5,criterion=l2,round_to=8)`,
 `prune(macs=0.5,overrides="conv1=0;layer4.*=0.6")`.
 
 What it does
-1. Analysis (`pruning_groups.analyze`) on a copy with concrete input shapes:
+1. Analysis (`groups.analyze`) on a copy with concrete input shapes:
    *units* (channels that must go together: a conv filter with its BN entries,
    every consumer's input column, the matching channel of a residual Add or a
    slice of a Concat; a whole conv group; an attention head with its Q/K/V
@@ -24,8 +24,8 @@ What it does
    layer or weight names match the fnmatch pattern (e.g. `layer4.*`); every
    group keeps at least `min_channels` channels, and groups of single channels
    keep a multiple of `round_to`.
-4. Physical removal (`pruning_apply`): smaller weights and ops, not masks.
-5. Recovery without training (`pruning_recover`, with calibration data and
+4. Physical removal (`apply`): smaller weights and ops, not masks.
+5. Recovery without training (`recover`, with calibration data and
    `recover=true`): least-squares refit of every layer that lost inputs, against
    the original layer outputs; then BN running statistics re-estimated
    (`bn_recalib`).
@@ -51,16 +51,16 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from ..activations import iter_activations, with_outputs
-from ..backends.ort import OrtArtifact
-from ..errors import OnnxforgeError, PipelineError
-from ..ir import constant_array, infer_shapes, load_model
-from ..metrics import MAC_OPS, compute_metrics, node_macs
-from ..shapes import model_inputs
-from .base import ForgePass, option, register
-from .pruning_apply import PruneApplyError, apply_plan, group_removed, kept_indices
-from .pruning_groups import Analysis, Group, _attr, _Shapes, analyze
-from .pruning_recover import RefitTarget, conv_geometry, node_dag, recover
+from ...activations import iter_activations, with_outputs
+from ...backends.ort import OrtArtifact
+from ...errors import OnnxforgeError, PipelineError
+from ...ir import constant_array, infer_shapes, load_model
+from ...metrics import MAC_OPS, compute_metrics, node_macs
+from ...shapes import model_inputs
+from ..base import ForgePass, option, register
+from .apply import PruneApplyError, apply_plan, group_removed, kept_indices
+from .groups import Analysis, Group, _attr, _Shapes, analyze
+from .recover import RefitTarget, conv_geometry, node_dag, recover
 
 logger = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from ..ir import constant_array
+from ...ir import constant_array
 
 logger = logging.getLogger(__name__)
 

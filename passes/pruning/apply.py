@@ -1,6 +1,6 @@
 """Physical channel removal: slice weights and fix shape-carrying ops.
 
-Given the dependency analysis (`pruning_groups.analyze`) and, per axis node, the
+Given the dependency analysis (`groups.analyze`) and, per axis node, the
 indices to remove, this rewrites the graph in place so every op is smaller (no
 masks):
 
@@ -27,8 +27,8 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from ..ir import add_initializer
-from .pruning_groups import (
+from ...ir import add_initializer
+from .groups import (
     Analysis,
     Blocked,
     _attr,
@@ -322,7 +322,7 @@ def masked_reference(original: ir.Model, analysis: Analysis,
     pruned model without recovery must compute the same outputs as this copy:
     a direct check that the dependency analysis and the removal agree.
     """
-    from ..ir import load_model
+    from ...ir import load_model
 
     copy = load_model(original, check=False)
     consts: dict[str, ir.Value] = dict(copy.graph.initializers)
