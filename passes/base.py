@@ -121,7 +121,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-layernorm": "onnxforge.passes.fusion.patterns",
     "fuse-gelu": "onnxforge.passes.fusion.patterns",
     "prune": "onnxforge.passes.pruning.prune",
-    "lowrank": "onnxforge.passes.lowrank",
+    "lowrank": "onnxforge.passes.lowrank.lowrank",
     "quantize": "onnxforge.passes.quantization",
 }
 

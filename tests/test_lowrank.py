@@ -27,14 +27,14 @@ from onnxforge.ir import load_model, to_proto
 from onnxforge.metrics import compute_metrics
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.lowrank import LowRankPass
-from onnxforge.passes.lowrank_linalg import (
+from onnxforge.passes.lowrank.linalg import (
     MomentStats,
     evbmf_rank,
     spatial_factorize,
     svd_factorize,
     tucker2_factorize,
 )
+from onnxforge.passes.lowrank.lowrank import LowRankPass
 from onnxforge.pipeline import Pipeline
 
 FULL = "lowrank(rank=full,margin=-10,guard=false,round_to=1)"

@@ -37,7 +37,7 @@ from onnxforge.ir import load_model
 from onnxforge.metrics import compute_metrics
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.lowrank import LowRankPass
+from onnxforge.passes.lowrank.lowrank import LowRankPass
 from onnxforge.pipeline import Pipeline
 from onnxforge.shapes import input_dtypes, resolve_input_shapes
 from rich.console import Console
@@ -248,7 +248,7 @@ def bench_digits(args, console: Console) -> Table:
 
 def _candidate_params(model) -> int:
     """Parameters of the layers lowrank may decompose (its `candidates`)."""
-    from onnxforge.passes.lowrank_graph import Layer, inspect_node
+    from onnxforge.passes.lowrank.graph import Layer, inspect_node
 
     total = 0
     for node in model.graph:

@@ -24,13 +24,13 @@ Preconditions (a layer failing one is left as is and listed in
 MatMul; 2-D conv with group = 1 (grouped / depthwise convs are refused); spatial
 SVD needs kh, kw > 1 and explicit pads. Only the main graph is rewritten.
 
-Rank selection (see `lowrank_rank`): `energy=E` (per layer), `macs=F` /
+Rank selection (see `rank`): `energy=E` (per layer), `macs=F` /
 `params=F` (global budget), `rank=vbmf|full|N|fraction`. Default: energy 0.95.
 
 Data-aware mode (`data_aware`, default on when calibration data is given): the
 layer's input statistics are collected with `iter_activations` on the original
 model and the factors minimise the output error instead of the weight error
-(whiten with the input covariance, truncate, un-whiten; see `lowrank_linalg`),
+(whiten with the input covariance, truncate, un-whiten; see `linalg`),
 with the mean error moved into the bias when the layer has a bias slot. When a
 BatchNormalization alone reads the layer's output, each output channel's error is
 weighted by its |γ|/σ (the error after BN is what the network sees). The covariance
@@ -58,13 +58,13 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from ..activations import iter_activations
-from ..calibration import open_calibration
-from ..errors import InputSpecError, PipelineError
-from ..ir import add_initializer, constant_array, infer_shapes, load_model
-from ..shapes import model_inputs
-from .base import ForgePass, option, register
-from .lowrank_graph import (
+from ...activations import iter_activations
+from ...calibration import open_calibration
+from ...errors import InputSpecError, PipelineError
+from ...ir import add_initializer, constant_array, infer_shapes, load_model
+from ...shapes import model_inputs
+from ..base import ForgePass, option, register
+from .graph import (
     Layer,
     decomposed_chain,
     drop_if_unused,
@@ -73,8 +73,8 @@ from .lowrank_graph import (
     layer_key,
     original_chain,
 )
-from .lowrank_guard import measure
-from .lowrank_linalg import (
+from .guard import measure
+from .linalg import (
     DEFAULT_DAMP,
     LowRankSVD,
     MomentStats,
@@ -91,7 +91,7 @@ from .lowrank_linalg import (
     tucker_mode1_matrix,
     vertical_patches,
 )
-from .lowrank_rank import allocate, layer_choices, rank_grid, round_rank
+from .rank import allocate, layer_choices, rank_grid, round_rank
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..ir import add_initializer, constant_array
-from .fusion.common import attr
+from ...ir import add_initializer, constant_array
+from ..fusion.common import attr
 
 LINEAR_OPS = ("Gemm", "MatMul")
 

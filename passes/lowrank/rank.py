@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lowrank_linalg import energy_kept
+from .linalg import energy_kept
 
 # Most candidate ranks tried per mode in the global allocation (a coarser step beyond).
 MAX_CANDIDATES_PER_MODE = 64

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..backends.ort import OrtArtifact
-from .lowrank_graph import Stage, emit_chain
+from ...backends.ort import OrtArtifact
+from .graph import Stage, emit_chain
 
 logger = logging.getLogger(__name__)
 
