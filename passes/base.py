@@ -122,7 +122,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-gelu": "onnxforge.passes.fusion.patterns",
     "prune": "onnxforge.passes.pruning.prune",
     "lowrank": "onnxforge.passes.lowrank.lowrank",
-    "quantize": "onnxforge.passes.quantization",
+    "quantize": "onnxforge.passes.quantization.quantize",
 }
 
 

@@ -9,7 +9,7 @@ from onnxforge.calibration import ArraySource, open_calibration
 from onnxforge.ir import load_model
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.mixed_precision import BudgetError
+from onnxforge.passes.quantization.mixed import BudgetError
 from onnxforge.shapes import input_dtypes
 from onnxforge.verify import compare_models
 
@@ -76,7 +76,7 @@ def test_mixed_accuracy_drop_budget_uses_labels(digits_model):
 
 
 def test_mixed_metric_callback(digits_model):
-    from onnxforge.passes.quantization import QuantizePass
+    from onnxforge.passes.quantization.quantize import QuantizePass
 
     calls = []
 

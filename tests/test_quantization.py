@@ -25,13 +25,13 @@ from onnxforge.calibration import ArraySource, RandomSource, open_calibration
 from onnxforge.ir import constant_array, load_model, to_proto
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.quant_observers import (
+from onnxforge.passes.quantization.observers import (
     Histogram,
     TensorObserver,
     choose_range,
     kl_threshold,
 )
-from onnxforge.passes.quant_repair import equalize_model
+from onnxforge.passes.quantization.repair import equalize_model
 from onnxforge.shapes import input_dtypes
 from onnxforge.verify import compare_models
 
@@ -381,7 +381,7 @@ def test_smoothquant_is_exact_in_float_and_reduces_error():
             assert stats["smoothed"] == 1
     assert errs["0.5"] < 0.7 * errs["0"], errs
     # the float rewrite alone is exact
-    from onnxforge.passes.quant_repair import smooth_model
+    from onnxforge.passes.quantization.repair import smooth_model
 
     model = load_model(proto)
     before = load_model(model)
@@ -537,7 +537,7 @@ def _exact(proto, fn) -> float:
 
 
 def test_prepare_rewrites_are_exact_in_float():
-    from onnxforge.passes.quant_prepare import (
+    from onnxforge.passes.quantization.prepare import (
         fold_conv_bias_add,
         fuse_hardswish,
         matmul_add_to_gemm,

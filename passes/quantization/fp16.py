@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..ir import constant_array
-from .naming import NameAllocator
-from .quant_prepare import add_const, ensure_node_names, remove_unused
+from ...ir import constant_array
+from ..naming import NameAllocator
+from .prepare import add_const, ensure_node_names, remove_unused
 
 logger = logging.getLogger(__name__)
 

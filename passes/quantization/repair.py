@@ -28,11 +28,11 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
-from ..activations import iter_activations
-from ..ir import constant_array
-from .naming import NameAllocator
-from .quant_observers import ChannelMeanObserver, quantize_weight
-from .quant_prepare import attr, only_consumer
+from ...activations import iter_activations
+from ...ir import constant_array
+from ..naming import NameAllocator
+from .observers import ChannelMeanObserver, quantize_weight
+from .prepare import attr, only_consumer
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,9 @@
-"""`quantize`: post-training quantization to standard QDQ ONNX (int8), dynamic int8, fp16.
+"""The plan/apply core of `quantize`, below its modes: options, which tensors get a
+Q -> DQ pair (`make_plan`), calibration (`calibrate`, `resolve_ranges`) and the QDQ
+rewrite (`apply_plan`). Static int8 (static.py) and mixed precision (mixed.py) build on
+it; dynamic (dynamic.py) uses `quantize_embeddings`. It imports none of them.
 
-mode=int8 (static PTQ) rewrite rules:
+INT8 QDQ rewrite rules:
   * Conv / ConvTranspose / Gemm / MatMul ("compute ops") get
       activation inputs   Q -> DQ, per-tensor: u8 asymmetric or s8 symmetric
       constant weights    int8 initializer -> DQ, symmetric, per output channel
@@ -21,9 +24,6 @@ mode=int8 (static PTQ) rewrite rules:
     are all quantized get their output quantized too (QLinearAdd, QLinearGlobalAveragePool...).
   * Each quantized tensor gets exactly one Q -> DQ pair, shared by all its consumers;
     graph outputs keep their float value (never re-quantized under their name).
-  * Before planning, exact float rewrites (passes/quant_prepare.py): BatchNorm folding,
-    conv-bias Adds folded into Conv, MatMul + bias Add -> Gemm (the bias stays int32),
-    decomposed HardSwish/HardSigmoid fused, opset raised to 13/14 for per-channel axes.
   * Embedding tables (Gather of a constant matrix) become int8 rows dequantized after
     the Gather (`embeddings=true`).
   Preconditions / refusals: weights must be constant (initializer or Constant node);
@@ -31,17 +31,8 @@ mode=int8 (static PTQ) rewrite rules:
   falls back to per-tensor weights (< 10: no quantization). Nodes named in
   `keep_float` (or "first"/"last" compute op) stay float.
 
-Calibration streams `context.calibration_batches()` through the float model once
-(twice with `smooth`), feeding bounded observers (passes/quant_observers.py).
-
-Accuracy repair (passes/quant_repair.py): bias correction (on by default),
-cross-layer equalization (`equalize=true`), SmoothQuant (`smooth=0.5`).
-
-mode=dynamic: weights int8, activations quantized at run time
-(DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses into
-DynamicQuantizeMatMul / MatMulIntegerToFloat) for MatMul / Gemm.
-mode=fp16: weights and compute in float16, float32 graph inputs/outputs via Cast.
-mode=mixed: per-layer int8 / fp16 / fp32 under an error budget (passes/mixed_precision.py).
+Calibration streams `context.calibration_batches()` through the float model once,
+feeding bounded observers (observers.py); each scale group gets one range.
 """
 
 from __future__ import annotations
@@ -55,12 +46,12 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from ..activations import iter_activations
-from ..errors import InputSpecError
-from ..ir import constant_array, infer_shapes
-from .base import ForgePass, option, register
-from .naming import NameAllocator
-from .quant_observers import (
+from ...activations import iter_activations
+from ...errors import InputSpecError
+from ...ir import constant_array
+from ..base import option
+from ..naming import NameAllocator
+from .observers import (
     ChannelMeanObserver,
     QuantRange,
     TensorObserver,
@@ -68,18 +59,12 @@ from .quant_observers import (
     make_range,
     quantize_weight,
 )
-from .quant_prepare import (
+from .prepare import (
     attr,
     ensure_node_names,
-    fold_batchnorm,
-    fold_conv_bias_add,
-    fuse_hardswish,
     is_float,
-    matmul_add_to_gemm,
-    normalize_gemm,
     only_consumer,
     remove_unused,
-    upgrade_opset,
 )
 
 logger = logging.getLogger(__name__)
@@ -735,72 +720,7 @@ def _quantize_compute(builder: _Builder, n: ir.Node, r_in: QuantRange | None,
     return WeightRecord(n, w, w_deq, eff_axis, r_in.scale if r_in is not None else None)
 
 
-# ---------------------------------------------------------------- the pass
-
-
-def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
-                  stats: dict[str, Any], *, only: set[str] | None = None,
-                  calibration: Calibration | None = None) -> Calibration:
-    """Static INT8 QDQ quantization of `model` in place; returns the calibration used."""
-    from . import quant_repair
-
-    if opts.per_channel and model.opset_imports.get("", 13) < 13:
-        # 14 rather than 13: HardSwish exists from opset 14 (see fuse_hardswish)
-        stats["opset_upgraded"] = upgrade_opset(model, 14) or upgrade_opset(model, 13)
-    infer_shapes(model)
-    stats["bn_folded"] = fold_batchnorm(model)
-    stats["conv_bias_add_folded"] = fold_conv_bias_add(model)
-    stats["gemm_normalized"] = normalize_gemm(model)
-    if opts.equalize:
-        stats["equalized_pairs"] = quant_repair.equalize_model(model)
-    alpha = opts.smooth
-    if alpha < 0:
-        alpha = 0.5 if any(g[2] for g in quant_repair.smoothable_groups(model, insert=False)) else 0.0
-    if alpha > 0:
-        stats["smooth_alpha"] = alpha
-        stats["smoothed"] = quant_repair.smooth_model(model, context, alpha,
-                                                      limit=opts.calib_batches or None,
-                                                      insert=opts.smooth_insert)
-    stats["matmul_add_to_gemm"] = matmul_add_to_gemm(model)
-    stats["hardswish_fused"] = fuse_hardswish(model)
-    plan = make_plan(model, opts, only)
-    channel_inputs = {}
-    if opts.bias_correction:
-        for n in plan.compute:
-            if n.op_type != "MatMul" or constant_array(n.inputs[1]) is not None:
-                channel_inputs[n.inputs[0].name] = channel_axis_of_input(n)
-    if calibration is None:
-        calibration = calibrate(model, context, {t.data_name for t in plan.tensors.values()},
-                                method=opts.calibration, channel_inputs=channel_inputs,
-                                limit=opts.calib_batches or None)
-    ranges = resolve_ranges(plan, calibration, opts)
-    shifts: dict[str, np.ndarray] = {}
-    if opts.bias_correction:
-        shifts = quant_repair.analytic_bias_shifts(plan.compute, calibration.channel,
-                                                   per_channel=opts.per_channel,
-                                                   method=opts.weight_calibration)
-    applied = apply_plan(model, plan, ranges, opts, bias_shift=shifts)
-    if opts.embeddings:
-        stats["embeddings_quantized"] = quantize_embeddings(model, set(plan.skipped) & _keep_names(opts))
-    stats.update({
-        "compute_quantized": len(plan.compute),
-        "compute_by_op": _count_ops(plan.compute),
-        "int8_elementwise": len(plan.int8_ops),
-        "shared_scale_ops": len(plan.shared),
-        "relu_folded": len(plan.folded),
-        "qdq_pairs": applied["qdq_pairs"],
-        "weights_quantized": applied["weights_quantized"],
-        "bias_int32": applied["bias_int32"],
-        "bias_corrected": len(shifts),
-        "calibration_batches": calibration.batches,
-        "calibration_seconds": round(calibration.seconds, 3),
-        "kept_float": {k: v for k, v in plan.skipped.items()},
-    })
-    return calibration
-
-
-def _keep_names(opts: QuantizeOptions) -> set[str]:
-    return {t.strip() for t in opts.keep_float.split(",") if t.strip() not in ("", "first", "last")}
+# ---------------------------------------------------------------- shared by the modes
 
 
 def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *, min_size: int = 4096) -> int:
@@ -851,47 +771,6 @@ def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *, min_si
     if count:
         remove_unused(model)
     return count
-
-
-def _count_ops(nodes: list[ir.Node]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for n in nodes:
-        out[n.op_type] = out.get(n.op_type, 0) + 1
-    return out
-
-
-@register
-class QuantizePass(ForgePass):
-    """Post-training quantization: int8 QDQ (static), dynamic int8, fp16, or mixed."""
-
-    name = "quantize"
-    summary = "INT8 QDQ post-training quantization (static/dynamic), fp16, mixed precision"
-    exact = False
-    Options = QuantizeOptions
-    positional = ("mode",)
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        opts: QuantizeOptions = self.options
-        before = weight_bytes(model)
-        if opts.mode == "int8":
-            quantize_int8(model, opts, self.context, self.stats)
-        elif opts.mode == "dynamic":
-            from .quant_dynamic import quantize_dynamic
-
-            self.stats.update(quantize_dynamic(model, opts))
-        elif opts.mode == "fp16":
-            from .quant_fp16 import convert_fp16
-
-            self.stats.update(convert_fp16(model, opts))
-        elif opts.mode == "mixed":
-            from .mixed_precision import quantize_mixed
-
-            self.stats.update(quantize_mixed(model, opts, self.context))
-        after = weight_bytes(model)
-        self.stats["weight_bytes_before"] = before
-        self.stats["weight_bytes_after"] = after
-        self.stats["size_ratio"] = round(before / after, 3) if after else None
-        return ir.passes.PassResult(model, modified=True)
 
 
 def weight_bytes(model: ir.Model) -> int:

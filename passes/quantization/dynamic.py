@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..ir import constant_array
-from .naming import NameAllocator
-from .quant_observers import quantize_weight
-from .quant_prepare import add_const, attr, ensure_node_names, is_float, remove_unused
+from ...ir import constant_array
+from ..naming import NameAllocator
+from .core import quantize_embeddings
+from .observers import quantize_weight
+from .prepare import add_const, attr, ensure_node_names, is_float, remove_unused
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ def quantize_dynamic(model: ir.Model, opts: Any) -> dict[str, Any]:
     remove_unused(model)
     stats: dict[str, Any] = {"dynamic_matmuls": count, "kept_float": skipped}
     if getattr(opts, "embeddings", False):
-        from .quantization import quantize_embeddings
-
         stats["embeddings_quantized"] = quantize_embeddings(model, keep)
     return stats
 

@@ -40,11 +40,20 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ..backends.ort import OrtArtifact
-from ..errors import OnnxforgeError
-from ..ir import constant_array, infer_shapes, load_model
-from .naming import NameAllocator
-from .quant_prepare import (
+from ...backends.ort import OrtArtifact
+from ...errors import OnnxforgeError
+from ...ir import constant_array, infer_shapes, load_model
+from ..naming import NameAllocator
+from .core import (
+    QuantizeOptions,
+    apply_plan,
+    calibrate,
+    channel_axis_of_input,
+    make_plan,
+    resolve_ranges,
+    weight_bytes,
+)
+from .prepare import (
     add_const,
     ensure_node_names,
     fold_batchnorm,
@@ -55,15 +64,7 @@ from .quant_prepare import (
     remove_unused,
     upgrade_opset,
 )
-from .quantization import (
-    QuantizeOptions,
-    apply_plan,
-    calibrate,
-    channel_axis_of_input,
-    make_plan,
-    resolve_ranges,
-    weight_bytes,
-)
+from .repair import analytic_bias_shifts
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +185,6 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
             ranges = resolve_ranges(plan, calib, int8_opts)
             shifts = {}
             if opts.bias_correction:
-                from .quant_repair import analytic_bias_shifts
-
                 shifts = analytic_bias_shifts(plan.compute, calib.channel, per_channel=opts.per_channel,
                                               method=opts.weight_calibration)
             apply_plan(target, plan, ranges, int8_opts, bias_shift=shifts)

@@ -21,8 +21,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
-from ..ir import constant_array
-from .naming import NameAllocator
+from ...ir import constant_array
+from ..naming import NameAllocator
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def upgrade_opset(model: ir.Model, target: int = 13) -> bool:
     """
     import onnx
 
-    from ..ir import to_proto
+    from ...ir import to_proto
 
     current = model.opset_imports.get("", target)
     if current >= target:

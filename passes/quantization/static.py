@@ -1,0 +1,112 @@
+"""`quantize(int8)`: static post-training INT8 QDQ quantization, step by step.
+
+`quantize_int8` rewrites the model in place:
+  1. exact float rewrites (prepare.py): opset raised to 13/14 for per-channel axes,
+     BatchNorm folding, conv-bias Adds folded into Conv, Gemm alpha/beta normalized;
+  2. accuracy repair before calibration (repair.py): cross-layer equalization
+     (`equalize=true`), SmoothQuant (`smooth=0.5`; auto when a LayerNorm feeds
+     MatMul/Gemm layers);
+  3. MatMul + bias Add -> Gemm (the bias stays int32), decomposed HardSwish/HardSigmoid
+     fused (prepare.py);
+  4. plan, calibrate, ranges and the QDQ rewrite (core.py), with bias correction
+     (repair.py, on by default);
+  5. embedding tables as int8 rows (`embeddings=true`, core.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ...ir import constant_array, infer_shapes
+from . import repair
+from .core import (
+    Calibration,
+    QuantizeOptions,
+    apply_plan,
+    calibrate,
+    channel_axis_of_input,
+    make_plan,
+    quantize_embeddings,
+    resolve_ranges,
+)
+from .prepare import (
+    fold_batchnorm,
+    fold_conv_bias_add,
+    fuse_hardswish,
+    matmul_add_to_gemm,
+    normalize_gemm,
+    upgrade_opset,
+)
+
+
+def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
+                  stats: dict[str, Any], *, only: set[str] | None = None,
+                  calibration: Calibration | None = None) -> Calibration:
+    """Static INT8 QDQ quantization of `model` in place; returns the calibration used."""
+    if opts.per_channel and model.opset_imports.get("", 13) < 13:
+        # 14 rather than 13: HardSwish exists from opset 14 (see fuse_hardswish)
+        stats["opset_upgraded"] = upgrade_opset(model, 14) or upgrade_opset(model, 13)
+    infer_shapes(model)
+    stats["bn_folded"] = fold_batchnorm(model)
+    stats["conv_bias_add_folded"] = fold_conv_bias_add(model)
+    stats["gemm_normalized"] = normalize_gemm(model)
+    if opts.equalize:
+        stats["equalized_pairs"] = repair.equalize_model(model)
+    alpha = opts.smooth
+    if alpha < 0:
+        alpha = 0.5 if any(g[2] for g in repair.smoothable_groups(model, insert=False)) else 0.0
+    if alpha > 0:
+        stats["smooth_alpha"] = alpha
+        stats["smoothed"] = repair.smooth_model(model, context, alpha,
+                                                      limit=opts.calib_batches or None,
+                                                      insert=opts.smooth_insert)
+    stats["matmul_add_to_gemm"] = matmul_add_to_gemm(model)
+    stats["hardswish_fused"] = fuse_hardswish(model)
+    plan = make_plan(model, opts, only)
+    channel_inputs = {}
+    if opts.bias_correction:
+        for n in plan.compute:
+            if n.op_type != "MatMul" or constant_array(n.inputs[1]) is not None:
+                channel_inputs[n.inputs[0].name] = channel_axis_of_input(n)
+    if calibration is None:
+        calibration = calibrate(model, context, {t.data_name for t in plan.tensors.values()},
+                                method=opts.calibration, channel_inputs=channel_inputs,
+                                limit=opts.calib_batches or None)
+    ranges = resolve_ranges(plan, calibration, opts)
+    shifts: dict[str, np.ndarray] = {}
+    if opts.bias_correction:
+        shifts = repair.analytic_bias_shifts(plan.compute, calibration.channel,
+                                                   per_channel=opts.per_channel,
+                                                   method=opts.weight_calibration)
+    applied = apply_plan(model, plan, ranges, opts, bias_shift=shifts)
+    if opts.embeddings:
+        stats["embeddings_quantized"] = quantize_embeddings(model, set(plan.skipped) & _keep_names(opts))
+    stats.update({
+        "compute_quantized": len(plan.compute),
+        "compute_by_op": _count_ops(plan.compute),
+        "int8_elementwise": len(plan.int8_ops),
+        "shared_scale_ops": len(plan.shared),
+        "relu_folded": len(plan.folded),
+        "qdq_pairs": applied["qdq_pairs"],
+        "weights_quantized": applied["weights_quantized"],
+        "bias_int32": applied["bias_int32"],
+        "bias_corrected": len(shifts),
+        "calibration_batches": calibration.batches,
+        "calibration_seconds": round(calibration.seconds, 3),
+        "kept_float": {k: v for k, v in plan.skipped.items()},
+    })
+    return calibration
+
+
+def _keep_names(opts: QuantizeOptions) -> set[str]:
+    return {t.strip() for t in opts.keep_float.split(",") if t.strip() not in ("", "first", "last")}
+
+
+def _count_ops(nodes: list[ir.Node]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in nodes:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
