@@ -34,6 +34,7 @@ from onnxforge.passes.quantization.observers import (
 from onnxforge.passes.quantization.repair import equalize_model
 from onnxforge.shapes import input_dtypes
 from onnxforge.verify import compare_models
+from text_lines import recognizer_lines
 
 RNG = np.random.default_rng(0)
 
@@ -585,11 +586,8 @@ def test_old_opset_is_upgraded_for_per_channel_weights():
 
 def test_ppocr_rec_on_rendered_text_lines(tmp_path):
     path = zoo_path("ppocr_rec")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import bench_quantization as bench
-
     try:
-        task = bench.ppocr_rec_task()
+        task = recognizer_lines(path)
     except FileNotFoundError as exc:  # DejaVu fonts absent
         pytest.skip(str(exc))
     model = load_model(path)

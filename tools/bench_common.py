@@ -5,7 +5,8 @@
   `onnxforge.api.benchmark_artifacts` on `OrtArtifact` sessions;
 - data with held-out splits (`Task`): the shipped digits CNN, the zoo's MiniLM sentences,
   natural photos bundled in scikit-image, and text lines rendered with DejaVu fonts for
-  the PP-OCR models; stdlib docstring sentences for MiniLM calibration;
+  the PP-OCR models (from the test helper `tests/text_lines.py`); stdlib docstring
+  sentences for MiniLM calibration;
 - `print_table`: a rich table from rows of strings.
 
 The tools import it as `import bench_common` (they run as scripts from this folder).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,11 @@ from onnxforge.api import benchmark_artifacts
 from onnxforge.backends.ort import OrtArtifact
 
 REPO = Path(__file__).resolve().parents[1]
+# The rendered text lines are a test helper (tests/text_lines.py) the benchmarks share;
+# `text_lines` is re-exported for bench_pruning.
+sys.path.insert(0, str(REPO / "tests"))
+from text_lines import OCR_LINES, fonts, recognizer_lines, render_line, text_lines  # noqa: F401
+
 ZOO = Path(os.environ.get("ONNXFORGE_ZOO", REPO / ".zoo"))
 DATA = REPO / "compiler" / "data"
 
@@ -212,68 +219,6 @@ def vision_task(name: str) -> Task | None:
 
 # ---------------------------------------------------------------- rendered text
 
-OCR_LINES = [
-    "Hello World 2024", "quantization error", "onnxruntime int8", "The quick brown fox",
-    "jumps over 13 lazy dogs", "Invoice No. 48213", "Total: $1,299.00", "Station 7 Platform B",
-    "deep learning on phones", "version 3.14.15", "Open 9:00 - 18:30", "Room 402, Level 4",
-    "Temperature 21.5 C", "Please keep left", "Exit only / No entry", "Model: PP-OCRv4",
-    "call 555-0199 now", "Batch size 32", "error rate below 1%", "Monday to Friday",
-    "Serial ABX-7731-Q", "coffee and tea", "Meeting at noon", "North Gate 12",
-]
-
-WORDS = ["alpha", "beta", "model", "layer", "tensor", "quant", "int8", "float", "error", "batch",
-         "kernel", "graph", "node", "scale", "zero", "point", "onnx", "runtime", "speed", "size",
-         "phone", "board", "camera", "image", "text", "line", "price", "total", "room", "gate",
-         "north", "south", "east", "west", "level", "open", "close", "data"]
-
-
-def text_lines(count: int, seed: int = 0) -> list[str]:
-    """Seeded synthetic text lines: words, numbers and punctuation (ASCII)."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for _ in range(count):
-        parts = []
-        for _ in range(int(rng.integers(2, 5))):
-            r = rng.random()
-            if r < 0.6:
-                w = str(rng.choice(WORDS))
-                parts.append(w.capitalize() if rng.random() < 0.3 else w)
-            elif r < 0.85:
-                parts.append(str(int(rng.integers(0, 10000))))
-            else:
-                parts.append(str(rng.choice(["No.", "$12.50", "3.14", "A-7", "(ok)", "x2", "50%"])))
-        lines.append(" ".join(parts))
-    return lines
-
-
-def render_line(text: str, font_path: str, height: int = 48, width: int = 320) -> np.ndarray:
-    """One text line rendered black on white, normalized to [-1, 1], as [1, 3, H, W]."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.truetype(font_path, 30)
-    left, top, right, bottom = font.getbbox(text)
-    img = Image.new("RGB", (right - left + 16, height), (255, 255, 255))
-    ImageDraw.Draw(img).text((8 - left, (height - (bottom - top)) // 2 - top), text,
-                             fill=(0, 0, 0), font=font)
-    w = min(width, int(img.width * height / img.height))
-    img = img.resize((w, height), Image.BILINEAR)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - 0.5) / 0.5
-    canvas = np.zeros((height, width, 3), dtype=np.float32)
-    canvas[:, :w] = arr
-    return canvas.transpose(2, 0, 1)[None]
-
-
-def fonts() -> list[str]:
-    """Paths of the DejaVu fonts installed; FileNotFoundError when there are none."""
-    base = Path("/usr/share/fonts/truetype/dejavu")
-    found = [str(base / f) for f in ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
-                                     "DejaVuSans-Bold.ttf", "DejaVuSansCondensed.ttf")
-             if (base / f).exists()]
-    if not found:
-        raise FileNotFoundError("DejaVu fonts missing: apt-get install fonts-dejavu-core")
-    return found
-
 
 def text_page(height: int, width: int, seed: int = 0) -> np.ndarray:
     """White page with dark word-like bars (no font needed); one text line for short crops."""
@@ -293,62 +238,12 @@ def text_page(height: int, width: int, seed: int = 0) -> np.ndarray:
     return img
 
 
-def _edit_distance(a, b) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def ppocr_rec_task() -> Task | None:
     path = ZOO / "ppocr_rec.onnx"
     if not path.exists():
         return None
-    proto = onnx.load(str(path), load_external_data=False)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    charset = meta.get("character", "").splitlines()
-    input_name = proto.graph.input[0].name
-    font_paths = fonts()
-    texts = OCR_LINES + text_lines(72)
-    lines = [(t, font_paths[i % len(font_paths)]) for i, t in enumerate(texts)]
-    samples = [{input_name: render_line(t, f)} for t, f in lines]
-    # 32 lines calibrate, the other 64 (about 1,000 characters) evaluate
-    cal = samples[:32]
-    ev = samples[32:]
-    truth = texts[32:]
-    chars = ["blank", *charset, " "] if charset else None
-
-    def decode(probs: np.ndarray) -> list[int] | str:
-        idx = probs[0].argmax(-1)
-        seq, prev = [], -1
-        for i in idx:
-            if i != prev and i != 0:
-                seq.append(int(i))
-            prev = i
-        if chars is None:
-            return seq
-        return "".join(chars[i] if i < len(chars) else "?" for i in seq)
-
-    def metric(ref, cand):
-        out = {}
-        for key, outs in (("cer_ref", ref), ("cer", cand)):
-            errors = total = 0
-            for o, t in zip(outs, truth):
-                pred = decode(next(iter(o.values())))
-                errors += _edit_distance(pred, t if chars else decode(next(iter(ref[0].values()))))
-                total += len(t)
-            out[key] = errors / max(total, 1)
-        agree = [decode(next(iter(r.values()))) == decode(next(iter(c.values())))
-                 for r, c in zip(ref, cand)]
-        out["seq_agree"] = float(np.mean(agree))
-        return {"cer": out["cer"], **out}
-
-    charset_note = "from model metadata" if chars else "absent"
-    return Task("ppocr_rec", path, cal, ev, metric,
-                notes=f"{len(ev)} rendered lines, charset {charset_note}")
+    lines = recognizer_lines(path)
+    return Task("ppocr_rec", path, lines.calib, lines.evaluate, lines.metric, notes=lines.notes)
 
 
 def ppocr_cls_task() -> Task | None:
