@@ -1,1 +1,2 @@
-"""Graph rewrites, one module per family; each registers itself by name."""
+"""Graph rewrites: `base` (pass base class, registry, the list of shipped passes), `naming`,
+`cleanup`, and one subpackage per family: `fusion`, `pruning`, `lowrank`, `quantization`."""
