@@ -77,7 +77,8 @@ def search_configs(
     from ..kernels.config_search import search_module
     from ..kernels.schedule_configs import load_configs, save_configs, target_class
     from .tuning import db_lock
-    from .tvm import prepare_module, resolve_tuning_db
+    from .tvm.database import resolve_tuning_db
+    from .tvm.pipeline import prepare_module
 
     started = time.monotonic()
     tvm_target = resolve_target(target)

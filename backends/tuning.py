@@ -75,14 +75,10 @@ from .targets import (
     target_arch,
     target_key,
 )
+from .tvm.database import BASELINE_FILE, RECORD_FILE, WORKLOAD_FILE, read_baselines
 
 logger = logging.getLogger(__name__)
 
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-# Latency of each task under onnxforge's default schedule, keyed by the workload hash:
-# compile_model keeps the default schedule where tuning did not beat it.
-BASELINE_FILE = "default_schedules.json"
 DEFAULT_BUILDER_TIMEOUT = 120.0
 DEFAULT_RUNNER_TIMEOUT = 60.0
 
@@ -193,7 +189,7 @@ def _commit(staging: Path, db_dir: Path) -> int:
     try:
         (check / WORKLOAD_FILE).write_text("".join(workloads), encoding="utf-8")
         (check / RECORD_FILE).write_text("".join(records), encoding="utf-8")
-        from .tvm import open_database
+        from .tvm.database import open_database
 
         open_database(check)
     finally:
@@ -205,18 +201,6 @@ def _commit(staging: Path, db_dir: Path) -> int:
     if baselines:
         _write_atomic(db_dir / BASELINE_FILE, [json.dumps(baselines, indent=1, sort_keys=True)])
     return len(records)
-
-
-def read_baselines(db_dir: Path | None) -> dict[str, dict]:
-    """{workload hash: {"us": default-schedule latency, "task": name, "config": the knob
-    setting it was timed with (None: the rule's heuristic)}} (empty if none)."""
-    if db_dir is None or not (db_dir / BASELINE_FILE).is_file():
-        return {}
-    try:
-        data = json.loads((db_dir / BASELINE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,7 +245,7 @@ def _model_file(model: Any, staging: Path) -> str:
 
     if isinstance(model, (str, os.PathLike)):
         return str(Path(model).resolve())
-    from .tvm import load_onnx
+    from .tvm.importer import load_onnx
 
     proto, _ = load_onnx(model)
     path = staging / "model.onnx"
@@ -333,7 +317,8 @@ def tune(
         retune: tune tasks the database already covers (default: only uncovered ones).
         rpc_tracker / rpc_key: measure on a remote device through TVM's RPC tracker.
     """
-    from .tvm import database_is_populated, open_database, prepare_module, resolve_tuning_db
+    from .tvm.database import database_is_populated, open_database, resolve_tuning_db
+    from .tvm.pipeline import prepare_module
 
     started = time.monotonic()
     if max_trials < 1:
@@ -818,7 +803,7 @@ def _watch_parent(parent: int) -> None:
 
 def _cross_export_aarch64(mod) -> str:
     """Builder export for AArch64 boards over RPC: a .so linked by the cross compiler."""
-    from .tvm import aarch64_compiler
+    from .tvm.aarch64 import aarch64_compiler
 
     path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
     mod.export_library(path, cc=aarch64_compiler())
@@ -868,7 +853,7 @@ def _measure_default_schedules(tasks, relax_mod, target, builder, runner, databa
     from tvm.s_tir.meta_schedule.builder import BuilderInput
     from tvm.s_tir.meta_schedule.runner import RunnerInput
 
-    from .tvm import default_cpu_schedule_pass, schedule_configs_for
+    from .tvm.schedules import default_cpu_schedule_pass, schedule_configs_for
 
     # the knob settings compile_model would use: the shipped database for the target's
     # class and the measured ones (`schedule_configs.json`, copied into `work_dir`)
@@ -948,7 +933,7 @@ def worker_main(spec_path: str) -> int:
     try:
         import tvm
 
-        from .tvm import prepare_module
+        from .tvm.pipeline import prepare_module
 
         target = tvm.target.Target(spec["target"])
         gpu = is_gpu_target(target)
