@@ -188,9 +188,11 @@ def inline_epilogue_chain(sch: s_tir.Schedule, blocks: list[SBlockRV]) -> list[S
 
 
 def reads_pointwise(sch: s_tir.Schedule, anchor: SBlockRV, block: SBlockRV) -> bool:
-    """True when ``block`` reads the anchor's output one element per iteration, inside the
-    anchor's output domain (the indices are a permutation of the block's own iters; the
-    domain may be smaller, as after ``pad_einsum``).
+    """True when every element ``block`` reads from the anchor's output lies inside the
+    anchor's output domain and is read as is: each index is one of the block's own iters
+    (distinct, with an extent within the dimension) or a constant inside the dimension (a
+    broadcast, as in a squeeze-excite ``x * gate[n, c, 0, 0]``), and every read of it
+    uses the same indices.
 
     Only such a consumer can be computed at a tile of the anchor
     (``reverse_compute_at``): a consumer that reads the output shifted or guarded (a Pad
@@ -203,22 +205,30 @@ def reads_pointwise(sch: s_tir.Schedule, anchor: SBlockRV, block: SBlockRV) -> b
         return False
     ivars = [iv.var for iv in stmt.iter_vars]
     extents = [as_int(iv.dom.extent) for iv in stmt.iter_vars]
-    if len(ivars) != len(out.shape):
+    reads = [r for r in stmt.reads if r.source.same_as(out)]
+    if not reads:
         return False
     mappings = set()
-    for region in stmt.reads:
-        if not region.source.same_as(out):
-            continue
-        index = []
+    for region in reads:
+        index_map = []  # per dimension: ("iter", position) or ("const", value)
         for rng, dim in zip(region.region, out.shape):
+            dim = as_int(dim)
+            if as_int(rng.extent) != 1 or dim is None:
+                return False
+            index = as_int(rng.min)
+            if index is not None:
+                if not 0 <= index < dim:
+                    return False
+                index_map.append(("const", index))
+                continue
             pos = [i for i, v in enumerate(ivars) if rng.min.same_as(v)]
-            if as_int(rng.extent) != 1 or len(pos) != 1:
+            if len(pos) != 1 or ("iter", pos[0]) in index_map or extents[pos[0]] is None \
+                    or extents[pos[0]] > dim:
                 return False
-            if extents[pos[0]] is None or as_int(dim) is None or extents[pos[0]] > as_int(dim):
-                return False
-            index.append(pos[0])
-        mappings.add(tuple(index))
-    return len(mappings) == 1 and sorted(next(iter(mappings))) == list(range(len(ivars)))
+            index_map.append(("iter", pos[0]))
+        mappings.add(tuple(index_map))
+    # two different reads (x[i, j] + x[j, i]) need elements of tiles not produced yet
+    return len(mappings) == 1
 
 
 def tile_epilogue(
