@@ -62,7 +62,7 @@ def _shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
 
 
 def optimize_before_compile(model: Path, pipeline: str | None,
-                            shapes: dict[str, tuple[int, ...]]) -> Any:
+                            shapes: dict[str, tuple[int, ...]], target: str) -> Any:
     """`-p PIPELINE`: run onnxforge's pass pipeline first (via `onnxforge.api.optimize`).
 
     Without `-p`, when every input shape is fixed (by the model or `--input-shape`),
@@ -73,10 +73,12 @@ def optimize_before_compile(model: Path, pipeline: str | None,
     Returns the model to compile: the path itself without a pipeline, else the optimized
     in-memory onnx_ir model (already verified by the pipeline's own checks).
     """
+    from .backends.targets import resolve_target
     from .ir import load_model
     from .shapes import resolve_input_shapes
 
     loaded = load_model(model)  # refuse what `optimize` refuses (newer IR/opset, ...)
+    resolve_target(target)  # then an unknown target, before any pass runs
     default = pipeline is None
     if default:
         try:
@@ -257,14 +259,12 @@ def register(app: typer.Typer) -> None:
           [bold]onnxforge compile model.onnx --target cortex-a72 -o model.so --verify[/]
           [bold]onnxforge compile model.onnx -t host -o m.so --tuning-db db/ --tune-trials 64[/]
         """
-        from .backends.targets import resolve_target
         from .backends.tuning import tune
         from .backends.tvm import compile_model
         from .ir import files_read
         from .report import write_json
         from .safe_write import check_writes, reading
 
-        resolve_target(target)  # an unknown target fails before any pass runs
         shapes = _shapes(input_shape)
         reads = files_read(model)  # nothing written may be one of these (checked again later)
         check_writes([("--output", output), ("--report", report)], reads)
@@ -273,7 +273,7 @@ def register(app: typer.Typer) -> None:
             err_console.print(f"tuning database: {tuning_db}")
         if (tune_seconds or rpc_tracker) and not tune_trials:
             raise InputSpecError("--tune-seconds / --rpc-tracker need --tune-trials N")
-        source = optimize_before_compile(model, pipeline, shapes)
+        source = optimize_before_compile(model, pipeline, shapes, target)
         if tune_trials:
             tuned = tune(source, target, tuning_db, max_trials=tune_trials,
                          max_seconds=tune_seconds, input_shapes=shapes or None,
@@ -350,7 +350,7 @@ def register(app: typer.Typer) -> None:
             error = InputSpecError if rpc_tracker else BackendError
             raise error(f"--method configs: {why_not}")
         shapes = _shapes(input_shape)
-        source = optimize_before_compile(model, pipeline, shapes)
+        source = optimize_before_compile(model, pipeline, shapes, target)
         if why_not:
             err_console.print(f"[yellow]note:[/] schedule-config step skipped: {why_not}")
         elif method != TuneMethod.metaschedule:
