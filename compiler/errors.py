@@ -69,3 +69,16 @@ class BackendError(OnnxforgeError):
 
 class UnsafeWriteError(InputSpecError):
     """An output path is a file the run reads, or not a regular file; nothing is written."""
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """An error message on one line: its first line, plus its last line when that is a
+    different one (where TVM and onnxruntime put the reason), cut at `limit`."""
+    lines = [" ".join(line.split()) for line in str(text).strip().splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    line = lines[0]
+    if len(lines) > 1 and lines[-1] not in line:
+        line = f"{line} ... {lines[-1]}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."

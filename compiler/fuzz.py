@@ -38,10 +38,8 @@ timeout). `tools/fuzz_graphs.py` is the command line.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -56,7 +54,9 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
+from .errors import one_line
 from .random_graphs import RandomGraph, describe_model, generate_graph, random_inputs
+from .worker import SpawnedWorker, WorkerGone, serve
 
 logger = logging.getLogger(__name__)
 
@@ -184,12 +184,12 @@ def reference_problem(model: onnx.ModelProto, input_sets: list[dict[str, np.ndar
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # noqa: BLE001 - several checker error types
-        return f"invalid: {_one_line(str(exc), 120)}", []
+        return f"invalid: {one_line(str(exc), 120)}", []
     try:
         references = ort_outputs(model, input_sets)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types
         text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(exc))
-        return f"ORT rejects: {_one_line(text, 100)}", []
+        return f"ORT rejects: {one_line(text, 100)}", []
     declared = {o.name: tuple(d.dim_value for d in o.type.tensor_type.shape.dim)
                 for o in model.graph.output}
     for outputs in references:
@@ -228,17 +228,6 @@ def valid_case(seed: int, index: int, families: Sequence[str] | None = None,
 # ---------------------------------------------------------------------- comparing
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    lines = [" ".join(line.split()) for line in str(text).strip().splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        return ""
-    line = lines[0]
-    if len(lines) > 1 and lines[-1] not in line:
-        line = f"{line} ... {lines[-1]}"
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def compare(references: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]],
             rtol: float = RTOL, atol: float = ATOL) -> StageResult:
     """`correct` or `wrong` (with the worst relative errors) over all input sets."""
@@ -250,7 +239,7 @@ def compare(references: list[dict[str, np.ndarray]], got: list[dict[str, np.ndar
         for ref, out in zip(references, got):
             comparer.add(ref, out)
     except VerificationError as exc:
-        return StageResult("wrong", _one_line(str(exc)))
+        return StageResult("wrong", one_line(str(exc)))
     result = comparer.result()
     worst_rel, worst_l2, worst_name = 0.0, 0.0, ""
     for o in result.outputs:
@@ -274,13 +263,13 @@ def classify_exception(exc: BaseException) -> StageResult:
     """refused for a clear onnxforge error about the model, crash for anything else."""
     from .errors import OnnxforgeError
 
-    text = _one_line(f"{type(exc).__name__}: {exc}")
+    text = one_line(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, OnnxforgeError):
         cause = exc.__cause__
         if type(exc).__name__ in REFUSAL_NAMES or cause is None or \
                 isinstance(cause, OnnxforgeError):
             return StageResult("refused", text)
-        return StageResult("crash", _one_line(
+        return StageResult("crash", one_line(
             f"{type(exc).__name__} wrapping {type(cause).__name__}: {exc}"))
     return StageResult("crash", text)
 
@@ -308,7 +297,7 @@ def run_pipeline_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray
         try:
             got = ort_outputs(optimized, inputs)
         except Exception as exc:  # noqa: BLE001
-            result = StageResult("wrong", _one_line(f"ORT cannot run the rewritten model: "
+            result = StageResult("wrong", one_line(f"ORT cannot run the rewritten model: "
                                                     f"{exc}"))
         else:
             result = compare(references, got, rtol)
@@ -389,20 +378,16 @@ def _worker_main(conn, threads: int, preload_tvm: bool) -> None:
 
     if preload_tvm:
         import onnxforge.backends.tvm  # noqa: F401
-    conn.send(("ready", None))
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
+
+    def handle(task: dict) -> tuple[str, dict]:
         try:
             result = check_task(task, lambda kind, payload: conn.send((kind, payload)))
         except Exception as exc:  # noqa: BLE001 - a tool-level error, reported as a crash
-            result = {"worker": asdict(StageResult("crash", _one_line(
+            result = {"worker": asdict(StageResult("crash", one_line(
                 f"{type(exc).__name__}: {exc}")))}
-        conn.send(("result", result))
+        return ("result", result)
+
+    serve(conn, handle)
 
 
 class FuzzWorker:
@@ -412,55 +397,15 @@ class FuzzWorker:
     def __init__(self, timeout: float = 60.0, threads: int = 1, preload_tvm: bool = True,
                  start_timeout: float = 300.0):
         self.timeout = timeout
-        self.threads = threads
-        self.preload_tvm = preload_tvm
-        self.start_timeout = start_timeout
-        self.restarts = 0
-        self._ctx = multiprocessing.get_context("spawn")
-        self._proc = None
-        self._conn = None
+        self.process = SpawnedWorker(_worker_main, (threads, preload_tvm),
+                                     name="onnxforge-fuzz-worker", start_timeout=start_timeout)
 
-    def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.threads,
-                                                            self.preload_tvm),
-                                 daemon=True, name="onnxforge-fuzz-worker")
-        proc.start()
-        child.close()
-        if not parent.poll(self.start_timeout):
-            self._kill(proc)
-            raise RuntimeError(f"the fuzz worker did not start in {self.start_timeout:.0f} s")
-        try:
-            parent.recv()
-        except EOFError as exc:
-            self._kill(proc)
-            raise RuntimeError(f"the fuzz worker died while starting (exit code "
-                               f"{proc.exitcode})") from exc
-        self._proc, self._conn = proc, parent
-
-    @staticmethod
-    def _kill(proc) -> None:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
-
-    def _drop(self) -> None:
-        if self._proc is not None:
-            self._kill(self._proc)
-            self._conn.close()
-            self.restarts += 1
-        self._proc = self._conn = None
+    @property
+    def restarts(self) -> int:
+        return self.process.restarts
 
     def close(self) -> None:
-        if self._proc is not None:
-            try:
-                self._conn.send(None)
-            except OSError:
-                pass
-            self._proc.join(5)
-            self._kill(self._proc)
-            self._conn.close()
-        self._proc = self._conn = None
+        self.process.close()
 
     def __enter__(self) -> Self:
         return self
@@ -470,27 +415,17 @@ class FuzzWorker:
 
     def check(self, task: dict[str, Any]) -> dict[str, StageResult]:
         """Stage results; a worker death or a timeout is a crash of the running stage."""
-        if self._proc is not None and not self._proc.is_alive():
-            self._drop()
-        if self._proc is None:
-            self._start()
         start = time.perf_counter()
         deadline = start + self.timeout
         stage = task["stages"][0]  # until the worker reports that a stage began
         done: dict[str, StageResult] = {}
-        self._conn.send(task)
+        self.process.send(task)
         while True:
-            left = deadline - time.perf_counter()
-            if left <= 0 or not self._conn.poll(left):
-                why = f"timeout: still running after {self.timeout:.0f} s"
-                break
             try:
-                kind, payload = self._conn.recv()
-            except (EOFError, OSError):
-                self._proc.join(10)
-                code = self._proc.exitcode
-                why = (f"worker died: signal {signal.Signals(-code).name}"
-                       if code is not None and code < 0 else f"worker died: exit code {code}")
+                kind, payload = self.process.receive(deadline)
+            except WorkerGone as gone:
+                why = (f"timeout: still running after {self.timeout:.0f} s"
+                       if str(gone) == "timeout" else f"worker died: {gone}")
                 break
             if kind == "stage":
                 stage = payload
@@ -498,7 +433,6 @@ class FuzzWorker:
                 done[payload[0]] = StageResult(**payload[1])
             elif kind == "result":
                 return {k: StageResult(**v) for k, v in payload.items()}
-        self._drop()
         elapsed = time.perf_counter() - start
         results: dict[str, StageResult] = {}
         for s in dict.fromkeys([*task["stages"], stage]):
@@ -764,7 +698,7 @@ def failure_classes(summary: FuzzSummary) -> list[tuple[tuple[str, str, str], li
         stage, status = failure_key(r.stages)
         detail = r.stages[stage].detail
         if status == "crash":
-            kind = _one_line(re.sub(r"\d+", "N", detail), 90)
+            kind = one_line(re.sub(r"\d+", "N", detail), 90)
         elif r.shrunk_description:
             kind = r.shrunk_description.split("nodes: ")[-1]
         else:
@@ -801,7 +735,7 @@ def report_renderables(summary: FuzzSummary) -> list[Any]:
     if summary.discarded:
         out.append(Text("discarded (regenerated; not failures): " + ", ".join(
             f"{k} {n}" for k, n in summary.discarded.most_common())))
-    refused = Counter(_one_line(re.sub(r"\d+", "N", r.stages[s].detail), 100)
+    refused = Counter(one_line(re.sub(r"\d+", "N", r.stages[s].detail), 100)
                       for r in summary.results for s in r.stages
                       if r.stages[s].status == "refused")
     if refused:

@@ -29,6 +29,7 @@ import tvm
 from tvm import tirx
 
 from .cpu_rules import default_rules
+from .kernel_check import random_arrays
 from .schedule_configs import workload_key
 from .schedule_pass import apply_rule, attach_layout_free_buffers, is_scheduled, matching_rule
 
@@ -67,21 +68,7 @@ def _build(func: tirx.PrimFunc, target, keep_packing: bool):
 
 
 def _random_args(func: tirx.PrimFunc, seed: int) -> list:
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-
-    rng = np.random.default_rng(seed)
-    args = []
-    for info in ArgInfo.from_prim_func(func):
-        shape = [int(d) for d in info.shape]
-        dtype = str(info.dtype)
-        if dtype.startswith("float"):
-            arr = rng.uniform(-1, 1, shape).astype(dtype)
-        elif dtype == "bool":
-            arr = rng.integers(0, 2, shape).astype(dtype)
-        else:
-            arr = rng.integers(-8, 8, shape).astype(dtype)
-        args.append(tvm.runtime.tensor(arr))
-    return args
+    return [tvm.runtime.tensor(a) for a in random_arrays(func, seed)]
 
 
 def _timer(lib, func, min_repeat_ms: float):

@@ -41,8 +41,10 @@ class KernelCheck:
         return self.deterministic and bool(self.rel_error <= RTOL)
 
 
-def _arguments(func: tirx.PrimFunc, seed: int) -> list[np.ndarray]:
-    """Seeded arguments; floats in [0.1, 1) so that sqrt/log/pow of inputs stay finite."""
+def random_arrays(func: tirx.PrimFunc, seed: int, floats=(-1.0, 1.0), ints=(-8, 8)
+                  ) -> list[np.ndarray]:
+    """Seeded numpy arguments for every buffer of ``func``: floats uniform in ``floats``,
+    integers in ``ints`` (upper bound excluded), bools 0/1."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     rng = np.random.default_rng(seed)
@@ -51,12 +53,18 @@ def _arguments(func: tirx.PrimFunc, seed: int) -> list[np.ndarray]:
         shape = [int(d) for d in info.shape]
         dtype = str(info.dtype)
         if dtype.startswith("float"):
-            arrays.append(rng.uniform(0.1, 1.0, shape).astype(dtype))
+            arrays.append(rng.uniform(*floats, shape).astype(dtype))
         elif dtype == "bool":
             arrays.append(rng.integers(0, 2, shape).astype(dtype))
-        else:  # indices: small and non-negative
-            arrays.append(rng.integers(0, 4, shape).astype(dtype))
+        else:
+            arrays.append(rng.integers(*ints, shape).astype(dtype))
     return arrays
+
+
+def _arguments(func: tirx.PrimFunc, seed: int) -> list[np.ndarray]:
+    """Floats in [0.1, 1), so that sqrt/log/pow of the inputs stay finite; small
+    non-negative integers, which are safe as indices."""
+    return random_arrays(func, seed, floats=(0.1, 1.0), ints=(0, 4))
 
 
 def _run(lib, arrays: list[np.ndarray]) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from builders import make_model
 from conftest import zoo_input_shapes, zoo_path
 from onnx import TensorProto, helper, numpy_helper
 from onnxforge.calibration import RandomSource
@@ -32,9 +33,7 @@ from onnxforge.verify import compare_models
 
 
 def _model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
+    m = make_model(nodes, inputs, outputs, inits, opset)
     onnx.checker.check_model(m)
     return m
 

@@ -52,10 +52,8 @@ import glob
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -70,6 +68,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
+from onnxforge.errors import one_line
+from onnxforge.worker import SpawnedWorker, WorkerGone, serve
 
 TOLERANCE_TIERS: list[tuple[float, float] | None] = [None, (1e-3, 1e-5), (1e-2, 1e-3)]
 
@@ -356,15 +356,7 @@ _LABEL = "<in-memory model>: "
 
 def _one_line(text: str, limit: int = 240) -> str:
     """First line of an error, plus its last line when that is a different one."""
-    lines = [" ".join(line.split()) for line in str(text).strip().splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        return ""
-    line = lines[0]
-    if len(lines) > 1 and lines[-1] not in line:
-        line = f"{line} ... {lines[-1]}"
-    line = line.replace(_LABEL, "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    return one_line(str(text).replace(_LABEL, ""), limit)
 
 
 def case_op(model: onnx.ModelProto) -> str:
@@ -606,21 +598,16 @@ def _tvm_worker_loop(conn, threads: int) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     import onnxforge.backends.tvm  # noqa: F401 - pay the import before the first timeout
 
-    conn.send("ready")
-    while True:
+
+    def handle(task: dict) -> dict:
         try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        try:
-            result = tvm_check_case(task)
+            return tvm_check_case(task)
         except Exception as exc:  # noqa: BLE001 - anything left is a tool-level error
-            result = {"status": "error", "stage": "worker", "detail": _one_line(
+            return {"status": "error", "stage": "worker", "detail": _one_line(
                 f"{type(exc).__name__}: {exc}"), "op": "", "blame": "", "frozen": False,
                 "rel_error": None, "seconds": 0.0}
-        conn.send(result)
+
+    serve(conn, handle)
 
 
 class TVMWorker:
@@ -628,91 +615,40 @@ class TVMWorker:
 
     def __init__(self, timeout: float = 120.0, threads: int = 1, start_timeout: float = 300.0):
         self.timeout = timeout
-        self.threads = threads
-        self.start_timeout = start_timeout
-        self.restarts = 0
-        self._proc = None
-        self._conn = None
         # spawn (a fresh interpreter: no forked ORT threads); the child imports this file
         # by its module name, so its folder must be on the child's sys.path.
-        self._ctx = multiprocessing.get_context("spawn")
         tools_dir = str(Path(__file__).resolve().parent)
         if tools_dir not in sys.path:
             sys.path.append(tools_dir)
+        self.process = SpawnedWorker(_tvm_worker_loop, (threads,),
+                                     name="onnxforge-node-suite-tvm",
+                                     start_timeout=start_timeout)
 
-    def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_tvm_worker_loop, args=(child, self.threads),
-                                 daemon=True, name="onnxforge-node-suite-tvm")
-        proc.start()
-        child.close()
-        if not parent.poll(self.start_timeout):
-            self._kill(proc)
-            raise RuntimeError(f"the TVM worker did not start in {self.start_timeout:.0f} s")
-        try:
-            parent.recv()
-        except EOFError as exc:
-            self._kill(proc)
-            raise RuntimeError(f"the TVM worker died while starting (exit code "
-                               f"{proc.exitcode})") from exc
-        self._proc, self._conn = proc, parent
-
-    @staticmethod
-    def _kill(proc) -> None:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
-
-    def _drop(self) -> None:
-        if self._proc is not None:
-            self._kill(self._proc)
-            self._conn.close()
-        self._proc = self._conn = None
-        self.restarts += 1
+    @property
+    def restarts(self) -> int:
+        return self.process.restarts
 
     @property
     def pid(self) -> int | None:
         """The worker's process id (None until the first case starts it)."""
-        return self._proc.pid if self._proc is not None else None
+        return self.process.pid
 
     def check(self, task: dict[str, Any]) -> dict[str, Any]:
         """The worker's result dict; a crash or a timeout is a result too (stage says)."""
-        if self._proc is not None and not self._proc.is_alive():
-            self._drop()  # died between cases
-        if self._proc is None:
-            self._start()
         start = time.perf_counter()
+        self.process.send(task)
         try:
-            self._conn.send(task)
-        except (BrokenPipeError, ConnectionResetError, EOFError):
-            self._drop()
-            self._start()
-            self._conn.send(task)
-        if self._conn.poll(self.timeout):
-            try:
-                return self._conn.recv()
-            except (EOFError, OSError):  # the worker died: EOF or connection reset
-                pass
-            self._proc.join(10)
-            code = self._proc.exitcode
-            why = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
-                   else f"exit code {code}")
-            self._drop()
-            return {"status": "error", "stage": "crash", "detail": f"the worker died ({why})",
+            return self.process.receive(start + self.timeout)
+        except WorkerGone as gone:
+            if str(gone) == "timeout":
+                return {"status": "error", "stage": "timeout",
+                        "detail": f"no result in {self.timeout:.0f} s (worker killed)",
+                        "seconds": time.perf_counter() - start}
+            return {"status": "error", "stage": "crash", "detail": f"the worker died ({gone})",
                     "seconds": time.perf_counter() - start}
-        self._drop()
-        return {"status": "error", "stage": "timeout",
-                "detail": f"no result in {self.timeout:.0f} s (worker killed)",
-                "seconds": time.perf_counter() - start}
 
     def close(self) -> None:
-        if self._proc is not None:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                self._conn.send(None)
-            self._proc.join(10)
-            self._kill(self._proc)
-            self._conn.close()
-            self._proc = self._conn = None
+        self.process.close()
 
     def __enter__(self) -> Self:
         return self
