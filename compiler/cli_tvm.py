@@ -235,11 +235,12 @@ def register(app: typer.Typer) -> None:
             "--tune-seconds", help="Wall-clock budget for tuning, in seconds.")] = None,
         rpc_tracker: RpcTrackerOpt = None,
         rpc_key: RpcKeyOpt = None,
-        verify: Annotated[bool, typer.Option(
-            "--verify", help="Before writing, run the result against onnxruntime on 3 random "
-            f"inputs (the first twice: outputs must not change); past {VERIFY_RTOL:g} relative "
-            "error nothing is written and the exit code is 5 (AArch64 runs under qemu).")
-        ] = False,
+        verify: Annotated[bool | None, typer.Option(
+            "--verify/--no-verify", help="Before writing, run the result against onnxruntime "
+            "on 3 random inputs (the first twice: outputs must not change); past "
+            f"{VERIFY_RTOL:g} relative error nothing is written and the exit code is 5. "
+            "Default: on when the code can run here (this CPU, or AArch64 under qemu).")
+        ] = None,
         # -p: onnxforge's pass pipeline before compiling, through onnxforge.api.optimize.
         pipeline: Annotated[str | None, typer.Option(
             "--pipeline", "-p", help="Run this onnxforge pass pipeline first, e.g. cleanup,fuse "
@@ -295,6 +296,11 @@ def register(app: typer.Typer) -> None:
                if info.get("default_kept_over_database") else ""), soft_wrap=True)
         for note in info["notes"]:
             err_console.print(f"[yellow]note:[/] {note}")
+        if verify is None:  # check whatever can run here; say so when it cannot
+            verify = artifact.can_run()
+            if not verify:
+                err_console.print(f"[yellow]note:[/] not verified against onnxruntime: "
+                                  f"{info['target_key']} code cannot run on this machine")
         if verify:  # before anything is written: a failed check leaves no library
             checked = run_verification(artifact, source)
             info["verification"] = {**checked.comparison.to_dict(), "rtol": checked.rtol,

@@ -224,11 +224,19 @@ def test_compile_verify_failure_leaves_no_library(tmp_path, monkeypatch):
     assert not out.exists() and not (tmp_path / "r.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
+    # host code runs here, so compile verifies it without being asked
+    result = CliRunner().invoke(app, ["compile", str(model_path), "-t", "host", "-o", str(out)])
+    assert isinstance(result.exception, VerificationError), result.output
+    assert not out.exists()
+    unchecked = CliRunner().invoke(app, ["compile", str(model_path), "-t", "host", "-o",
+                                         str(out), "--no-verify"])
+    assert unchecked.exit_code == 0 and out.is_file(), unchecked.output  # as asked
+    out.unlink()
+
     monkeypatch.setattr(TVMArtifact, "run", real_run)
-    result = CliRunner().invoke(app, ["compile", str(model_path), "-t", "host", "-o", str(out),
-                                      "--verify"])
+    result = CliRunner().invoke(app, ["compile", str(model_path), "-t", "host", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert out.is_file()
+    assert "same twice" in result.output and out.is_file()
 
 
 def test_bench_refuses_to_time_a_wrong_build(tmp_path, monkeypatch):
