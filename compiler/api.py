@@ -3,6 +3,7 @@
     import onnxforge
     result = onnxforge.optimize("model.onnx", "cleanup,fuse", output="out.onnx")
     print(result.report["steps"])
+    built = onnxforge.api.compile("model.onnx", "host", "model.so")  # verified, then written
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from rich.console import Console
 
 from .backends.ort import OrtArtifact
 from .calibration import CalibrationSource, open_calibration
-from .errors import BudgetExceededError, InputSpecError
+from .errors import BudgetExceededError, InputSpecError, VerificationError
 from .ir import ModelSource, files_read, load_model, save_model
 from .metrics import compute_metrics
 from .pass_manager import PassManager, StepReport
@@ -341,3 +342,115 @@ def verify_models(reference: ModelSource, candidate: ModelSource, *,
     shapes = resolve_input_shapes(ref, input_shapes)
     source = open_calibration(data if data is not None else f"random:{batches}", ref, shapes)
     return compare_models(ref, cand, source, limit=batches, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------
+# Compile for deployment: ONNX in, a checked TVM library out
+# ---------------------------------------------------------------------------------------
+# The recipe `onnxforge compile` runs: refuse outputs that are files the run reads; the
+# pass pipeline (`cleanup` by default when every input shape is fixed, so TVM's importer
+# gets constant shapes); optionally MetaSchedule tuning first; `backends.tvm.
+# compile_model`; verification against onnxruntime (3 inputs, the first run twice), on by
+# default whenever the code can run here, which raises and writes nothing on failure;
+# the library and the JSON report written atomically.
+
+DEFAULT_COMPILE_PIPELINE = "cleanup"
+
+
+@dataclass
+class CompileResult:
+    artifact: Any  # backends.tvm.TVMArtifact
+    report: dict[str, Any]
+    written: list[str] = field(default_factory=list)
+    verification: Any | None = None  # backends.tvm.Verification, when it ran
+    tuning: Any | None = None  # backends.tuning result, when tune_trials > 0
+    pipeline: str = ""  # the pass pipeline that ran first ("" none)
+
+
+def prepare_for_compile(model: ModelSource, pipeline: str | None,
+                        input_shapes: Mapping[str, Sequence[int]] | None, target: Any,
+                        console: Console | None = None) -> tuple[Any, str]:
+    """(the model to compile, the pipeline that ran): the model is validated, the target
+    resolved, then `pipeline` runs (None: `cleanup` when every input shape is fixed)."""
+    from .backends.targets import resolve_target
+
+    loaded = load_model(model)  # refuse what `optimize` refuses (newer IR/opset, ...)
+    resolve_target(target)  # then an unknown target, before any pass runs
+    shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()}
+    if pipeline is None:
+        try:
+            resolve_input_shapes(loaded, shapes)
+            pipeline = DEFAULT_COMPILE_PIPELINE
+        except InputSpecError:  # dynamic dims: compile itself says which --input-shape
+            pipeline = ""
+    if not pipeline.strip():
+        return model, ""
+    result = optimize(model, pipeline, input_shapes=shapes or None, console=console)
+    return result.model, str(result.report.get("pipeline", pipeline))
+
+
+def compile(
+    model: ModelSource,
+    target: Any = "host",
+    output: str | os.PathLike | None = None,
+    *,
+    pipeline: str | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    tuning_db: str | os.PathLike | None = None,
+    tune_trials: int = 0,
+    tune_seconds: float | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    default_schedules: bool = True,
+    shipped_db: bool = True,
+    verify: bool | None = None,
+    report_path: str | os.PathLike | None = None,
+    console: Console | None = None,
+) -> CompileResult:
+    """Compile `model` for `target` and write the library to `output` (a .so or .tar;
+    None: nothing written), following the module's recipe. `verify=None` verifies when
+    the code can run here, True demands it, False skips it. Raises VerificationError (with
+    `.verification` and `.report` attached) and writes nothing when the check fails."""
+    from .backends.tuning import tune
+    from .backends.tvm import compile_model, verify_artifact
+
+    reads = files_read(model)  # nothing written may be one of these (checked again later)
+    check_writes([("output", output), ("report", report_path)], reads)
+    if (tune_seconds or rpc_tracker) and not tune_trials:
+        raise InputSpecError("tune_seconds / rpc_tracker need tune_trials > 0")
+    if tune_trials and tuning_db is None:
+        raise InputSpecError("tune_trials needs a tuning_db folder to tune into")
+    source, ran = prepare_for_compile(model, pipeline, input_shapes, target, console)
+    shapes = dict(input_shapes) if input_shapes else None
+    tuning = None
+    if tune_trials:
+        tuning = tune(source, target, tuning_db, max_trials=tune_trials,
+                      max_seconds=tune_seconds, input_shapes=shapes, rpc_tracker=rpc_tracker,
+                      rpc_key=rpc_key, progress=console is not None, console=console)
+    artifact = compile_model(source, target, input_shapes=shapes, tuning_db=tuning_db,
+                             default_schedules=default_schedules, shipped_db=shipped_db)
+    result = CompileResult(artifact, artifact.report, tuning=tuning, pipeline=ran)
+    if verify is None:
+        verify = artifact.can_run()
+        if not verify:
+            artifact.report["notes"].append(
+                f"not verified against onnxruntime: {artifact.report['target_key']} code "
+                "cannot run on this machine")
+    if verify:  # before anything is written: a failed check leaves no library
+        checked = verify_artifact(artifact, source, raise_on_failure=False)
+        result.verification = checked
+        artifact.report["verification"] = {
+            **checked.comparison.to_dict(), "rtol": checked.rtol,
+            "same_output_twice": not checked.nondeterministic}
+        if not checked.ok:
+            error = VerificationError(f"{artifact.report.get('model', '<model>')}: "
+                                      f"{checked.problem()}; nothing was written")
+            error.verification, error.report = checked, artifact.report
+            raise error
+    with reading(reads):
+        if output is not None:
+            written = artifact.export(Path(output))
+            result.written = list(artifact.report.get("exported", [str(written)]))
+        if report_path is not None:
+            write_json(report_path, artifact.report)
+    return result

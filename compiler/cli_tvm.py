@@ -32,7 +32,6 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 VERIFY_RTOL = 1e-4
-DEFAULT_COMPILE_PIPELINE = "cleanup"
 
 TargetOpt = Annotated[str, typer.Option(
     "--target", "-t", help="Target preset (see `onnxforge targets`) or a TVM JSON target dict.")]
@@ -63,38 +62,20 @@ def _shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
 
 def optimize_before_compile(model: Path, pipeline: str | None,
                             shapes: dict[str, tuple[int, ...]], target: str) -> Any:
-    """`-p PIPELINE`: run onnxforge's pass pipeline first (via `onnxforge.api.optimize`).
+    """`api.prepare_for_compile` (validate, resolve the target, run the pipeline:
+    `cleanup` by default when shapes are fixed), saying on the terminal what ran."""
+    from .api import prepare_for_compile
 
-    Without `-p`, when every input shape is fixed (by the model or `--input-shape`),
-    `cleanup` runs: it folds the shape computations TVM's importer cannot take
-    (Reshape/Shape/Gather chains), so any model ORT runs either compiles or fails on a
-    truly unsupported op. `-p ''` runs nothing.
+    source, ran = prepare_for_compile(model, pipeline, shapes or None, target, err_console)
+    _say_pipeline(ran, default=pipeline is None)
+    return source
 
-    Returns the model to compile: the path itself without a pipeline, else the optimized
-    in-memory onnx_ir model (already verified by the pipeline's own checks).
-    """
-    from .backends.targets import resolve_target
-    from .ir import load_model
-    from .shapes import resolve_input_shapes
 
-    loaded = load_model(model)  # refuse what `optimize` refuses (newer IR/opset, ...)
-    resolve_target(target)  # then an unknown target, before any pass runs
-    default = pipeline is None
-    if default:
-        try:
-            resolve_input_shapes(loaded, shapes)
-            pipeline = DEFAULT_COMPILE_PIPELINE
-        except InputSpecError:  # dynamic dims: compile itself says which --input-shape
-            pipeline = ""
-    if not pipeline.strip():
-        return model
-    from . import api
-
-    result = api.optimize(model, pipeline, input_shapes=shapes or None, console=err_console)
-    steps = result.report.get("steps", [])
-    err_console.print(f"pipeline {result.report.get('pipeline', pipeline)}: {len(steps)} step(s)"
-                      + (" (the default before compiling; -p '' skips it)" if default else ""))
-    return result.model
+def _say_pipeline(ran: str, default: bool) -> None:
+    if ran:
+        err_console.print(f"pipeline {ran}"
+                          + (" (the default before compiling; -p '' skips it)" if default
+                             else ""))
 
 
 def render_targets() -> Table:
@@ -188,25 +169,33 @@ def _seconds_left(budget: float | None, started: float) -> float | None:
     return None if budget is None else budget - (time.monotonic() - started)
 
 
-def run_verification(artifact: Any, model: Any, *, rtol: float = VERIFY_RTOL) -> Any:
-    """Artifact vs onnxruntime on several random inputs, the first one run twice (see
-    `backends.tvm.verify_artifact`); prints the table, raises VerificationError."""
-    from .backends.tvm import VERIFY_ATOL, VERIFY_SAMPLES, verify_artifact
+def render_verification(result: Any) -> Table:
+    """The table of `backends.tvm.verify_artifact`'s result."""
+    from .backends.tvm import VERIFY_ATOL, VERIFY_SAMPLES
 
-    result = verify_artifact(artifact, model, rtol=rtol, raise_on_failure=False)
     table = Table("output", "shape", "max abs", "relative", "rel L2", "same twice", "ok",
                   title=f"verify vs onnxruntime on {VERIFY_SAMPLES} random inputs: rel L2 or "
-                        f"max abs <= {rtol:g} x max |ORT| (+{VERIFY_ATOL:g} float floor)")
+                        f"max abs <= {result.rtol:g} x max |ORT| (+{VERIFY_ATOL:g} float floor)")
     for err in result.comparison.outputs:
         same = err.name not in result.nondeterministic
         table.add_row(err.name, str(err.shape), f"{err.max_abs:.3e}", f"{err.rel:.3e}",
                       f"{err.rel_l2:.3e}", "yes" if same else "[red]NO[/]",
-                      "[green]yes[/]" if same and err.within(rtol, VERIFY_ATOL) else "[red]NO[/]")
-    console.print(table)
-    if not result.ok:
-        raise VerificationError(f"{artifact.report.get('model', '<model>')}: {result.problem()}; "
-                                "nothing was written")
-    return result
+                      "[green]yes[/]" if same and err.within(result.rtol, VERIFY_ATOL)
+                      else "[red]NO[/]")
+    return table
+
+
+def compile_summary(info: dict) -> str:
+    """compile's one-line summary: time, functions and who scheduled them."""
+    return (
+        f"compiled for {info.get('target') or info['target_key']} in "
+        f"{info['compile_seconds']:.1f} s: {info['num_primfuncs']} functions, "
+        f"{info['scheduled_by_database']} from the tuning database, "
+        f"{info['scheduled_by_default']} by default rules ({info['default_rules'] or '-'}), "
+        f"{info['unscheduled']} unscheduled" + schedule_configs_note(info)
+        + (f"; default schedule kept over a slower tuning record for "
+           f"{len(info['default_kept_over_database'])}"
+           if info.get("default_kept_over_database") else ""))
 
 
 def register(app: typer.Typer) -> None:
@@ -244,7 +233,7 @@ def register(app: typer.Typer) -> None:
         # -p: onnxforge's pass pipeline before compiling, through onnxforge.api.optimize.
         pipeline: Annotated[str | None, typer.Option(
             "--pipeline", "-p", help="Run this onnxforge pass pipeline first, e.g. cleanup,fuse "
-            f"(default: {DEFAULT_COMPILE_PIPELINE}; -p '' runs none).")] = None,
+            "(default: cleanup when every input shape is fixed; -p '' runs none).")] = None,
         no_default_schedules: Annotated[bool, typer.Option(
             "--no-default-schedules", help="Leave functions outside the database unscheduled.")
         ] = False,
@@ -260,57 +249,33 @@ def register(app: typer.Typer) -> None:
           [bold]onnxforge compile model.onnx --target cortex-a72 -o model.so --verify[/]
           [bold]onnxforge compile model.onnx -t host -o m.so --tuning-db db/ --tune-trials 64[/]
         """
-        from .backends.tuning import tune
-        from .backends.tvm import compile_model
-        from .ir import files_read
-        from .report import write_json
-        from .safe_write import check_writes, reading
+        from . import api
 
-        shapes = _shapes(input_shape)
-        reads = files_read(model)  # nothing written may be one of these (checked again later)
-        check_writes([("--output", output), ("--report", report)], reads)
         if tune_trials and tuning_db is None:
             tuning_db = output.parent / "tuning_db"
             err_console.print(f"tuning database: {tuning_db}")
-        if (tune_seconds or rpc_tracker) and not tune_trials:
-            raise InputSpecError("--tune-seconds / --rpc-tracker need --tune-trials N")
-        source = optimize_before_compile(model, pipeline, shapes, target)
-        if tune_trials:
-            tuned = tune(source, target, tuning_db, max_trials=tune_trials,
-                         max_seconds=tune_seconds, input_shapes=shapes or None,
-                         rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=True,
-                         console=err_console)
-            console.print(render_tuning(tuned))
-        artifact = compile_model(source, target, input_shapes=shapes or None,
-                                 tuning_db=tuning_db, default_schedules=not no_default_schedules,
-                                 shipped_db=not no_shipped_db)
-        info = artifact.report
-        console.print(
-            f"compiled for {info.get('target') or info['target_key']} in "
-            f"{info['compile_seconds']:.1f} s: {info['num_primfuncs']} functions, "
-            f"{info['scheduled_by_database']} from the tuning database, "
-            f"{info['scheduled_by_default']} by default rules ({info['default_rules'] or '-'}), "
-            f"{info['unscheduled']} unscheduled" + schedule_configs_note(info)
-            + (f"; default schedule kept over a slower tuning record for "
-               f"{len(info['default_kept_over_database'])}"
-               if info.get("default_kept_over_database") else ""), soft_wrap=True)
+        try:
+            result = api.compile(
+                model, target, output, pipeline=pipeline, input_shapes=_shapes(input_shape),
+                tuning_db=tuning_db, tune_trials=tune_trials, tune_seconds=tune_seconds,
+                rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                default_schedules=not no_default_schedules, shipped_db=not no_shipped_db,
+                verify=verify, report_path=report, console=err_console)
+        except VerificationError as exc:  # show what was measured, then the error
+            if getattr(exc, "report", None) is not None:
+                console.print(compile_summary(exc.report), soft_wrap=True)
+                console.print(render_verification(exc.verification))
+            raise
+        _say_pipeline(result.pipeline, default=pipeline is None)
+        if result.tuning is not None:
+            console.print(render_tuning(result.tuning))
+        info = result.report
+        console.print(compile_summary(info), soft_wrap=True)
         for note in info["notes"]:
             err_console.print(f"[yellow]note:[/] {note}")
-        if verify is None:  # check whatever can run here; say so when it cannot
-            verify = artifact.can_run()
-            if not verify:
-                err_console.print(f"[yellow]note:[/] not verified against onnxruntime: "
-                                  f"{info['target_key']} code cannot run on this machine")
-        if verify:  # before anything is written: a failed check leaves no library
-            checked = run_verification(artifact, source)
-            info["verification"] = {**checked.comparison.to_dict(), "rtol": checked.rtol,
-                                    "same_output_twice": not checked.nondeterministic}
-        with reading(reads):
-            written = artifact.export(output)
-        console.print(f"wrote {', '.join(info.get('exported', [str(written)]))}")
-        if report:
-            with reading(reads):
-                write_json(report, info)
+        if result.verification is not None:
+            console.print(render_verification(result.verification))
+        console.print(f"wrote {', '.join(result.written)}")
 
     @app.command("tune")
     def tune_command(
@@ -336,7 +301,7 @@ def register(app: typer.Typer) -> None:
         )] = False,
         pipeline: Annotated[str | None, typer.Option(
             "--pipeline", "-p", help="Run this onnxforge pass pipeline first (as compile does: "
-            f"default {DEFAULT_COMPILE_PIPELINE}, -p '' none)."
+            "default cleanup, -p '' none)."
         )] = None,
     ) -> None:
         """Tune a model into a persistent, per-target database: the default rules' knob

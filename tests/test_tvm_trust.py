@@ -294,3 +294,28 @@ def test_resize_with_fractional_sizes_is_refused(mode):
         model = resize_model(scale, mode, transform)
         result = verify_artifact(compile_model(model, "host"), model, raise_on_failure=False)
         assert result.ok, (scale, transform, result.problem())
+
+
+def test_api_compile_verifies_then_writes(tmp_path, monkeypatch):
+    """`onnxforge.api.compile` is the recipe the CLI runs: verified before anything is
+    written, nothing written when the check fails."""
+    from onnxforge import api
+
+    model_path = tmp_path / "m.onnx"
+    onnx.save(_tiny_model(), model_path)
+    out, report = tmp_path / "m.so", tmp_path / "m.json"
+    built = api.compile(model_path, "host", out, report_path=report)
+    assert built.verification is not None and built.verification.ok
+    assert built.written == [str(out)] and out.is_file() and report.is_file()
+    assert built.pipeline == "cleanup"  # fixed shapes: the default pipeline ran
+    out.unlink()
+    report.unlink()
+
+    real_run = TVMArtifact.run
+    monkeypatch.setattr(TVMArtifact, "run",
+                        lambda self, inputs, **kw: {k: -v for k, v in
+                                                    real_run(self, inputs, **kw).items()})
+    with pytest.raises(VerificationError) as failed:
+        api.compile(model_path, "host", out, report_path=report)
+    assert not failed.value.verification.ok and failed.value.report["target"] == "host"
+    assert not out.exists() and not report.exists()
