@@ -385,8 +385,14 @@ def prepare_for_compile(model: ModelSource, pipeline: str | None,
             pipeline = ""
     if not pipeline.strip():
         return model, ""
-    result = optimize(model, pipeline, input_shapes=shapes or None, console=console)
-    return result.model, str(result.report.get("pipeline", pipeline))
+    # the model loaded above, not the file again (a copy is cheaper than a second read)
+    result = optimize(loaded, pipeline, input_shapes=shapes or None, console=console)
+    ran = str(result.report.get("pipeline", pipeline))
+    if isinstance(model, (str, os.PathLike)):  # errors further on still name the file
+        from .backends.tvm.importer import LABEL_KEY
+
+        result.model.meta[LABEL_KEY] = f"{model} (after {ran})"
+    return result.model, ran
 
 
 def compile(

@@ -319,3 +319,15 @@ def test_api_compile_verifies_then_writes(tmp_path, monkeypatch):
         api.compile(model_path, "host", out, report_path=report)
     assert not failed.value.verification.ok and failed.value.report["target"] == "host"
     assert not out.exists() and not report.exists()
+
+
+def test_errors_after_the_default_cleanup_name_the_file(tmp_path):
+    """compile runs `cleanup` on the loaded model first; a refusal afterwards still
+    names the user's file, not '<in-memory model>'."""
+    from onnxforge import api
+
+    path = tmp_path / "upsample.onnx"
+    onnx.save(resize_model(1.5, "linear", "half_pixel"), path)
+    with pytest.raises(UnsupportedOpError, match=r"upsample\.onnx \(after cleanup\).*'up'"):
+        api.compile(path, "host", tmp_path / "u.so")
+    assert not (tmp_path / "u.so").exists()

@@ -42,6 +42,9 @@ _DEFAULT_ADVICE = (
 )
 
 
+LABEL_KEY = "onnxforge.label"  # onnx_ir Model.meta: what error messages call the model
+
+
 def load_onnx(model: Any) -> tuple[onnx.ModelProto, str]:
     """`onnx.ModelProto`, `onnx_ir.Model` or a path -> (ModelProto, label for messages)."""
     if isinstance(model, onnx.ModelProto):
@@ -51,7 +54,8 @@ def load_onnx(model: Any) -> tuple[onnx.ModelProto, str]:
     except ImportError:  # pragma: no cover - onnx-ir is a hard dependency
         ir = None
     if ir is not None and isinstance(model, ir.Model):
-        return ir.serde.serialize_model(model), "<in-memory model>"
+        # a model rewritten from a file keeps naming it (`api.prepare_for_compile`)
+        return ir.serde.serialize_model(model), model.meta.get(LABEL_KEY, "<in-memory model>")
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.is_file():
