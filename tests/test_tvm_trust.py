@@ -331,3 +331,12 @@ def test_errors_after_the_default_cleanup_name_the_file(tmp_path):
     with pytest.raises(UnsupportedOpError, match=r"upsample\.onnx \(after cleanup\).*'up'"):
         api.compile(path, "host", tmp_path / "u.so")
     assert not (tmp_path / "u.so").exists()
+
+
+def test_resize_align_corners_to_one_pixel_is_refused():
+    """Found by the fuzzer (seed 9, graph 114): TVM's legalization divides by
+    (output size - 1) and fails with an internal error; refused naming the node."""
+    model = resize_model(0.5, "nearest", "align_corners")
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 3  # 3 x 0.5 -> 1 row
+    with pytest.raises(UnsupportedOpError, match="'up' .*align_corners.*resized to 1"):
+        compile_model(model, "host")

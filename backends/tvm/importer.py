@@ -190,14 +190,42 @@ def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return values
 
 
+def _resize_problem(node: onnx.NodeProto, shape: list[int] | None,
+                    constants: dict[str, np.ndarray]) -> str | None:
+    """Why TVM would get this Resize wrong, or None (also when it cannot tell)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    align_corners = attrs.get("coordinate_transformation_mode", b"half_pixel") == b"align_corners"
+    scales = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    sizes = constants.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    if shape is None:
+        return None
+    if sizes is not None and sizes.size == len(shape):
+        out = [int(v) for v in sizes]
+    elif scales is not None and scales.size == len(shape):
+        products = np.asarray(shape, np.float64) * scales.astype(np.float64)
+        if not align_corners and not np.allclose(products, np.round(products), rtol=0,
+                                                 atol=1e-6):
+            return (f"input shape {shape} times scales {scales.tolist()} is not whole: TVM "
+                    "resizes by output/input size, ONNX by the scale")
+        out = [int(np.floor(v + 1e-6)) for v in products]
+    else:
+        return None
+    if align_corners and any(o == 1 < i for i, o in zip(shape, out)):
+        return (f"align_corners from {shape} to {out}: an axis resized to 1 makes TVM "
+                "divide by zero (output size - 1)")
+    return None
+
+
 def _miscompiled_forms(proto: onnx.ModelProto, specs: Sequence[InputSpec]) -> list[tuple]:
     """(node, why) for forms TVM 0.27's importer accepts but computes differently from
-    ONNX; found by the differential fuzzer (`tools/fuzz_graphs.py`). They are refused
-    rather than compiled wrong.
+    ONNX, or crashes on; found by the differential fuzzer (`tools/fuzz_graphs.py`). They
+    are refused rather than compiled wrong.
 
     * Resize by `scales` where an input size times its scale is not a whole number: ONNX
       maps output to input coordinates with the given scale, TVM with output/input size
       (wrong for every coordinate mode but align_corners, nearest and linear alike).
+    * Resize with align_corners to an output size of 1 on an axis longer than 1: TVM's
+      legalization divides by (output size - 1) and fails with an internal error.
     """
     resizes = [n for n in proto.graph.node if n.op_type == "Resize"]
     if not resizes:
@@ -205,18 +233,8 @@ def _miscompiled_forms(proto: onnx.ModelProto, specs: Sequence[InputSpec]) -> li
     shapes, constants = _static_shapes(proto, specs), _constants(proto)
     found = []
     for node in resizes:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        mode = attrs.get("coordinate_transformation_mode", b"half_pixel")
-        has_sizes = len(node.input) > 3 and node.input[3]
-        if mode == b"align_corners" or has_sizes or len(node.input) < 3 or not node.input[2]:
-            continue
-        scales, shape = constants.get(node.input[2]), shapes.get(node.input[0])
-        if scales is None or shape is None or scales.size != len(shape):
-            continue
-        products = np.asarray(shape, np.float64) * scales.astype(np.float64)
-        if not np.allclose(products, np.round(products), rtol=0, atol=1e-6):
-            why = (f"input shape {shape} times scales {scales.tolist()} is not whole: TVM "
-                   "resizes by output/input size, ONNX by the scale")
+        why = _resize_problem(node, shapes.get(node.input[0]), constants)
+        if why:
             found.append((node, why))
     return found
 
@@ -230,9 +248,10 @@ def import_onnx(proto: onnx.ModelProto, specs: Sequence[InputSpec], label: str =
     if wrong:
         node, why = wrong[0]
         raise UnsupportedOpError(
-            f"{label}: TVM would compute {describe_node(node, proto)} differently from ONNX: {why}"
+            f"{label}: TVM would get {describe_node(node, proto)} wrong: {why}"
             + (f" ({len(wrong)} such nodes)" if len(wrong) > 1 else "")
-            + "; give Resize `sizes` instead of `scales`, or scales that give whole sizes"
+            + "; give Resize sizes and scales it computes like ONNX (whole output sizes, "
+            "no align_corners axis resized to 1)"
         )
     missing = _unsupported_nodes(proto)
     if missing:
