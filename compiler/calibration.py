@@ -20,7 +20,6 @@ Spec strings understood by `open_calibration` (and `--calib` on the CLI):
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,11 +85,6 @@ class CalibrationSource:
             f"({int(bad.sum())} non-finite value(s)); calibration and verification data "
             "must be finite"
         )
-
-
-@dataclass
-class _Stacked:
-    arrays: dict[str, np.ndarray]
 
 
 class ArraySource(CalibrationSource):

@@ -423,10 +423,6 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     return None
 
 
-def is_constant(value: ir.Value | None) -> bool:
-    return constant_array(value) is not None
-
-
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register `array` as a new initializer with a name unique in the graph."""
     taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}

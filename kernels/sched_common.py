@@ -163,15 +163,6 @@ def try_compute_inline(sch: s_tir.Schedule, block: SBlockRV) -> bool:
         return False
 
 
-def try_reverse_compute_inline(sch: s_tir.Schedule, block: SBlockRV) -> bool:
-    """reverse_compute_inline that reports failure instead of raising."""
-    try:
-        sch.reverse_compute_inline(block)
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def inline_epilogue_chain(sch: s_tir.Schedule, blocks: list[SBlockRV]) -> list[SBlockRV]:
     """Inline a chain of elementwise epilogue blocks into its last member.
 
