@@ -11,15 +11,14 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
 from ..errors import BackendError
-from ..ir import PROTOBUF_LIMIT, load_model, model_bytes, save_model
-from .base import Timing, time_callable
+from ..ir import PROTOBUF_LIMIT, model_bytes, save_model
+from .timing import Timing, time_callable
 
 
 def session_options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
@@ -79,16 +78,6 @@ class OrtArtifact:
 
     def export(self, path: str | os.PathLike) -> Path:
         return save_model(self.model, path)
-
-
-class OrtBackend:
-    name = "ort"
-
-    def compile(self, model: Any, target: Any = None, *, threads: int | None = None,
-                optimize: bool = True, **_: Any) -> OrtArtifact:
-        if not isinstance(model, ir.Model):
-            model = load_model(model)
-        return OrtArtifact(model, threads=threads, optimize=optimize)
 
 
 def run_model(model: ir.Model, inputs: Mapping[str, np.ndarray], *,

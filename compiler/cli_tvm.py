@@ -27,11 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import BackendError, InputSpecError, VerificationError
+from .tolerance import VERIFY_ATOL, VERIFY_RTOL
 
 console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
-
-VERIFY_RTOL = 1e-4
 
 TargetOpt = Annotated[str, typer.Option(
     "--target", "-t", help="Target preset (see `onnxforge targets`) or a TVM JSON target dict.")]
@@ -171,7 +170,7 @@ def _seconds_left(budget: float | None, started: float) -> float | None:
 
 def render_verification(result: Any) -> Table:
     """The table of `backends.tvm.verify_artifact`'s result."""
-    from .backends.tvm import VERIFY_ATOL, VERIFY_SAMPLES
+    from .backends.tvm import VERIFY_SAMPLES
 
     table = Table("output", "shape", "max abs", "relative", "rel L2", "same twice", "ok",
                   title=f"verify vs onnxruntime on {VERIFY_SAMPLES} random inputs: rel L2 or "

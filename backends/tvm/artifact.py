@@ -15,13 +15,13 @@ from ...errors import (
     BackendError,
     InputSpecError,
 )
-from ..base import Timing, time_callable
 from ..targets import (
     physical_cores,
     resolve_target,
     runs_on_this_machine,
     target_arch,
 )
+from ..timing import Timing, time_callable
 from .aarch64 import aarch64_compiler, qemu_available, run_under_qemu
 from .importer import InputSpec, contiguous
 

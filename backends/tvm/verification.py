@@ -15,6 +15,7 @@ from ...errors import (
     InputSpecError,
     VerificationError,
 )
+from ...tolerance import VERIFY_ATOL, VERIFY_RTOL
 from ...verify import Comparison, OutputComparer, OutputError
 from .artifact import TVMArtifact
 from .importer import InputSpec, load_onnx
@@ -42,8 +43,6 @@ def random_inputs(specs: Sequence[InputSpec], seed: int = 0) -> dict[str, np.nda
     return inputs
 
 
-VERIFY_RTOL = 1e-4  # compiler.verify.OutputError.within: rel L2, or every element
-VERIFY_ATOL = 1e-6  # absolute floor: float32 noise on outputs whose values are all ~0
 VERIFY_SAMPLES = 3
 
 

@@ -1,24 +1,19 @@
-"""The protocol every backend follows: compile a model once, then run, time and export it.
+"""How every backend is timed: median-of-N wall time after warm-up (`time_callable`).
 
-    artifact = backend.compile(model, target)
-    outputs = artifact.run({"input": x})          # dict name -> np.ndarray
-    timing = artifact.benchmark(inputs, warmup=5, repeat=30)
-    artifact.export("out.so")
+    timing = time_callable(lambda: session.run(None, feed), warmup=5, repeat=30)
+    timing.median_ms
 
-onnxruntime is both the reference executor and the baseline every speed claim
-is measured against; TVM follows the same protocol.
+onnxruntime (`ort.OrtArtifact`) is both the reference executor and the baseline every
+speed claim is measured against; `tvm.TVMArtifact.benchmark` is timed the same way.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 
 @dataclass
@@ -59,25 +54,3 @@ def time_callable(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 30
         warmup=warmup,
         samples_ms=samples,
     )
-
-
-class Artifact(Protocol):
-    """A compiled model that can run, be timed and be exported."""
-
-    backend: str
-    input_names: list[str]
-    output_names: list[str]
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-    def benchmark(
-        self, inputs: Mapping[str, np.ndarray], *, warmup: int = 5, repeat: int = 30
-    ) -> Timing: ...
-
-    def export(self, path: str | Path) -> Path: ...
-
-
-class Backend(Protocol):
-    name: str
-
-    def compile(self, model: Any, target: Any = None, **options: Any) -> Artifact: ...

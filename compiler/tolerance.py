@@ -1,0 +1,11 @@
+"""The tolerance compiled code is checked with against onnxruntime (`backends.tvm.
+verification`): an output passes with relative L2, or every element, within `VERIFY_RTOL`
+of the output's scale, plus `VERIFY_ATOL` for outputs whose values are all ~0 (the rule
+of `verify.OutputError.within`).
+
+A module of its own, importing nothing, so that the CLI can state the tolerance in its
+help without importing onnxruntime or TVM at start-up.
+"""
+
+VERIFY_RTOL = 1e-4  # verify.OutputError.within: rel L2, or every element
+VERIFY_ATOL = 1e-6  # absolute floor: float32 noise on outputs whose values are all ~0
