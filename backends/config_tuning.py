@@ -75,9 +75,9 @@ def search_configs(
         progress: called as (kernels done, kernels to do, kernel name).
     """
     from ..kernels.config_search import search_module
-    from ..kernels.schedule_configs import load_configs, save_configs, target_class
+    from ..kernels.schedule_configs import load_configs, target_class
     from .tuning import db_lock
-    from .tvm.database import resolve_tuning_db
+    from .tvm.database import resolve_tuning_db, save_configs
     from .tvm.pipeline import prepare_module
 
     started = time.monotonic()

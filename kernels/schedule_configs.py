@@ -2,8 +2,10 @@
 
 The default CPU rules pick their knobs (register tile, row width) by a heuristic.
 ``config_search`` times the other settings on the machine and keeps, per kernel, the one
-that beat the heuristic; this module stores those findings and looks them up at compile
-time (like TVM's old TopHub did for AutoTVM templates).
+that beat the heuristic; this module says how those findings are stored
+(``configs_document``; ``backends.tvm.database.save_configs`` writes the file, with
+onnxforge's one atomic writer) and looks them up at compile time (like TVM's old TopHub
+did for AutoTVM templates). It imports nothing from onnxforge outside ``kernels``.
 
 File: ``<db dir>/schedule_configs.json``, the same folder MetaSchedule's
 ``database_*.json`` live in (``tune`` writes both)::
@@ -30,8 +32,6 @@ import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-
-from ..report import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +116,10 @@ def load_configs(db_dir: Path | None) -> dict[str, dict]:
             and (v.get("config") is None or isinstance(v.get("config"), dict))}
 
 
-def save_configs(db_dir: Path, entries: Mapping[str, dict], target_cls: str | None,
-                 provenance: Mapping | None = None) -> Path:
-    """Write ``db_dir/schedule_configs.json`` (sorted, so diffs of a shipped one are small)."""
-    path = Path(db_dir) / CONFIG_FILE
-    data = {"format": FORMAT, "tvm": tvm_version(), "target_class": target_cls,
+def configs_document(entries: Mapping[str, dict], target_cls: str | None,
+                     provenance: Mapping | None = None) -> dict:
+    """The content of ``schedule_configs.json`` for ``entries`` (sorted, so that diffs of a
+    shipped one are small)."""
+    return {"format": FORMAT, "tvm": tvm_version(), "target_class": target_cls,
             "provenance": dict(provenance or {}),
             "entries": {k: dict(entries[k]) for k in sorted(entries)}}
-    write_json(path, data)  # atomic: a crash never leaves half a file
-    return path

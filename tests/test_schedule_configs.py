@@ -33,6 +33,7 @@ from onnxforge.backends.tvm import (
     random_inputs,
     resolve_tuning_db,
 )
+from onnxforge.backends.tvm.database import save_configs
 from onnxforge.kernels import schedule_configs
 from onnxforge.kernels.cpu_contraction import TileChoice, choose_tile, tile_config, tile_options
 from onnxforge.kernels.cpu_target import cpu_info
@@ -42,7 +43,6 @@ from onnxforge.kernels.schedule_configs import (
     CONFIG_ATTR,
     CONFIG_FILE,
     load_configs,
-    save_configs,
     target_class,
     workload_key,
 )

@@ -70,8 +70,9 @@ def write_schedule_configs(model_path: Path, work: Path) -> dict:
     """A schedule-config database in `work` giving each kernel with knobs its last listed
     (non-heuristic) setting, as `search_configs` would have written it; {key: entry}."""
     from onnxforge.backends.tvm import prepare_module
+    from onnxforge.backends.tvm.database import save_configs
     from onnxforge.kernels.cpu_rules import default_rules
-    from onnxforge.kernels.schedule_configs import save_configs, target_class, workload_key
+    from onnxforge.kernels.schedule_configs import target_class, workload_key
     from onnxforge.kernels.schedule_pass import attach_layout_free_buffers, matching_rule
 
     target = resolve_target("host")

@@ -1,5 +1,9 @@
 """The tuning database on disk: where it lives for a target, its files, and applying
-it to a fused module (keeping the default schedule where the tuner measured it faster)."""
+it to a fused module (keeping the default schedule where the tuner measured it faster).
+
+A database folder holds MetaSchedule's two JSON-lines files, the default-schedule
+latencies the tuner measured (`BASELINE_FILE`) and the measured knob settings of the
+default rules (`schedule_configs.json`, format in `kernels.schedule_configs`)."""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..targets import (
-    target_key,
-)
+from ... import safe_write
+from ...kernels.schedule_configs import CONFIG_FILE, configs_document
+from ..targets import target_key
 from .schedules import is_scheduled
 
 logger = logging.getLogger(__name__)
@@ -98,7 +102,6 @@ def database_is_populated(db_dir: Path | None) -> bool:
     return records.is_file() and records.stat().st_size > 0
 
 
-
 def read_baselines(db_dir: Path | None) -> dict[str, dict]:
     """{workload hash: {"us": default-schedule latency, "task": name, "config": the knob
     setting it was timed with (None: the rule's heuristic)}} (empty if none)."""
@@ -109,3 +112,13 @@ def read_baselines(db_dir: Path | None) -> dict[str, dict]:
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def save_configs(db_dir: Path, entries: Mapping[str, dict], target_cls: str | None,
+                 provenance: Mapping | None = None) -> Path:
+    """Write `db_dir/schedule_configs.json` (`kernels.schedule_configs.configs_document`)
+    atomically: a crash never leaves half a file."""
+    path = Path(db_dir) / CONFIG_FILE
+    safe_write.write_json(path, configs_document(entries, target_cls, provenance),
+                          label="schedule configs")
+    return path
