@@ -446,12 +446,24 @@ def nbytes(value: ir.Value) -> int:
     return 0 if tensor is None else int(tensor.nbytes)
 
 
-def infer_shapes(model: ir.Model) -> ir.Model:
-    """Fill value shapes/types with ONNX shape inference (data-propagating); in place."""
+def infer_shapes(model: ir.Model, *, missing_only: bool = False) -> ir.Model:
+    """Fill value shapes/types of main-graph node outputs with ONNX shape inference
+    (data-propagating); in place, best effort (shapes it cannot find stay as they are).
+
+    By default an inferred shape replaces the one a value has, with its type (concrete
+    input shapes a pass pinned reach every value). With `missing_only`, only values
+    without a shape get one (and a type where they have none), and inference reads a
+    copy whose large tensors keep their dims but not their bytes (only small constants
+    such as Reshape targets are read for shapes): the fusion passes run it before every
+    rewrite, where a 50 MB model then costs tens of milliseconds, not seconds.
+    """
     if not _is_small(model):
         return model  # onnx shape inference works on protos, which cannot exceed 2 GiB
     try:
-        proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True)
+        proto = ir.to_proto(model)
+        if missing_only:
+            _drop_large_tensor_bytes(proto)
+        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - best effort: shapes simply stay unknown
         logger.debug("shape inference failed: %s", exc)
         return model
@@ -459,6 +471,26 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     shapes = {v.name: (v.shape, v.type) for n in inferred.graph for v in n.outputs}
     for node in model.graph:
         for out in node.outputs:
-            if out.name in shapes and shapes[out.name][0] is not None:
-                out.shape, out.type = shapes[out.name]
+            shape, vtype = shapes.get(out.name, (None, None))
+            if shape is None:
+                continue
+            if not missing_only:
+                out.shape, out.type = shape, vtype
+            elif out.shape is None:
+                out.shape = shape
+                if out.type is None and vtype is not None \
+                        and vtype.dtype != ir.DataType.UNDEFINED:
+                    out.type = vtype
     return model
+
+
+def _drop_large_tensor_bytes(proto: onnx.ModelProto, limit: int = 4096) -> None:
+    """Clear the raw bytes of main-graph initializers and node tensor attributes over
+    `limit` bytes (their dims and types stay)."""
+    for tensor in proto.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) > limit:
+            tensor.ClearField("raw_data")
+    for node in proto.graph.node:
+        for a in node.attribute:
+            if a.HasField("t") and a.t.HasField("raw_data") and len(a.t.raw_data) > limit:
+                a.t.ClearField("raw_data")

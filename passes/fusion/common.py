@@ -13,17 +13,14 @@ point, then drops dead nodes/initializers and sorts the graph topologically.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from ...ir import PROTOBUF_LIMIT, add_initializer, constant_array, nbytes
+from ...ir import add_initializer, constant_array, infer_shapes
 from ..base import ForgePass
-
-logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -170,52 +167,6 @@ def all_nodes(model: ir.Model) -> list[ir.Node]:
     return list(ir.traversal.RecursiveGraphIterator(model.graph))
 
 
-def infer_shapes(model: ir.Model) -> None:
-    """Fill missing value shapes/types of main-graph node outputs (ONNX shape inference).
-
-    Runs on a copy whose large initializers keep their dims but not their bytes
-    (shape inference only reads the data of small constants such as Reshape
-    targets), so a 50 MB model costs tens of milliseconds, not seconds. Shapes a
-    value already has are kept. Skipped for models over the protobuf limit.
-    """
-    import onnx
-
-    if sum(nbytes(v) for v in model.graph.initializers.values()) > PROTOBUF_LIMIT // 2:
-        return
-    proto = ir.to_proto(model)
-    for tensor in proto.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) > 4096:
-            tensor.ClearField("raw_data")
-    for node in proto.graph.node:
-        for a in node.attribute:
-            if a.HasField("t") and a.t.HasField("raw_data") and len(a.t.raw_data) > 4096:
-                a.t.ClearField("raw_data")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - inference is best effort; ranks stay unknown
-        logger.debug("shape inference failed: %s", exc)
-        return
-    found: dict[str, onnx.TypeProto] = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
-        found[info.name] = info.type
-    for node in model.graph:
-        for out in node.outputs:
-            if out.shape is not None or out.name not in found:
-                continue
-            t = found[out.name]
-            if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-                continue
-            dims: list[int | str | None] = []
-            for d in t.tensor_type.shape.dim:
-                if d.HasField("dim_value"):
-                    dims.append(int(d.dim_value))
-                else:
-                    dims.append(d.dim_param or None)
-            out.shape = ir.Shape(dims)
-            if out.type is None and t.tensor_type.elem_type:
-                out.type = ir.TensorType(ir.DataType(t.tensor_type.elem_type))
-
-
 class RewritePass(ForgePass):
     """A pass made of one local rewrite applied to every matching node until none is left.
 
@@ -230,7 +181,7 @@ class RewritePass(ForgePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.infer:
-            infer_shapes(model)
+            infer_shapes(model, missing_only=True)
         self.model = model
         total = 0
         for _ in range(self.max_rounds):

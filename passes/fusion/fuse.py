@@ -23,10 +23,11 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from ...ir import infer_shapes
 from ..base import ForgePass, option, register
 from .affine import FoldAffinePass, FuseMatMulAddPass
 from .batchnorm import FoldBatchNormPass
-from .common import RewritePass, infer_shapes
+from .common import RewritePass
 from .horizontal import FuseHorizontalPass
 from .layout import FuseReshapePass, FuseTransposePass
 from .pad import FusePadPass
@@ -68,7 +69,7 @@ class FusePass(ForgePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        infer_shapes(model)
+        infer_shapes(model, missing_only=True)
         for round_index in range(max(1, self.options.rounds)):
             changed = False
             for cls in self.rewrites():
