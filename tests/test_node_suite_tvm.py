@@ -11,19 +11,16 @@ layout ops, Resize, Pad, Gather, Expand, Shape) plus every 7th other case.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
-import sys
-from pathlib import Path
 
 import pytest
+from onnxforge import node_suite as suite
 
 pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install -e '.[tvm]')")
 pytest.importorskip("onnxforge.backends.tvm", reason="the TVM backend does not import")
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "run_node_suite.py"
 FOCUS = re.compile(
     r"^test_(basic_conv|conv_|convtranspose|gemm|matmul_|averagepool|maxpool|globalaveragepool|"
     r"globalmaxpool|relu|leakyrelu|elu|selu|sigmoid|hardsigmoid|hardswish|gelu|tanh|softplus|"
@@ -70,23 +67,14 @@ def _reason(name: str, table: dict[str, str]) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def suite():
-    spec = importlib.util.spec_from_file_location("run_node_suite", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["run_node_suite"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def cases(suite):
+def cases():
     found = suite.load_cases()
     if not found:
         pytest.skip("no ONNX node test cases available")
     return found
 
 
-def test_node_suite_tvm_sample(suite, cases) -> None:
+def test_node_suite_tvm_sample(cases) -> None:
     sample = [c for i, c in enumerate(cases)
               if FOCUS.search(c.name) or i % EVERY_NTH_OTHER == 0]
     summary = suite.run_tvm_suite(sample, "host", timeout=120)
@@ -129,7 +117,7 @@ def test_node_suite_tvm_sample(suite, cases) -> None:
     assert all(r.op for r in results if r.status == "unsupported")
 
 
-def test_worker_survives_timeout_and_crash(suite, cases) -> None:
+def test_worker_survives_timeout_and_crash(cases) -> None:
     """A case past its timeout or a dead worker costs that case only; the next one runs."""
     relu = next(c for c in cases if c.name == "test_relu")
     with suite.TVMWorker(timeout=0.001) as worker:
