@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxforge.ir import load_model, model_bytes
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
+from onnxforge.sample_inputs import zoo_feeds as zoo_feeds_of
 
 RNG = np.random.default_rng(0)
 F = TensorProto.FLOAT
@@ -612,56 +613,14 @@ def test_fuse_conv_bn_pad_affine_pipeline() -> None:
 # ------------------------------------------------------------------ real models
 
 
-def _text_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """White page with dark word-like bars (letter gaps every 14 px), values in [0, 1].
-
-    Tall pages (detection) get 40 words of 8-24 px height; a text-line crop
-    (recognition, direction classifier) gets one line filling 60 % of its height.
-    """
-    rng = np.random.default_rng(seed)
-    img = np.ones((height, width), np.float32)
-    if height <= 64:
-        boxes = [(height // 5, width // 20, height * 3 // 5, width * 9 // 10)]
-    else:
-        boxes = []
-        for _ in range(40):
-            y, x = (int(v) for v in rng.integers(0, min(height, width) - 40, 2))
-            boxes.append((y, x, int(rng.integers(8, 24)), int(rng.integers(40, 300))))
-    for y, x, h, w in boxes:
-        img[y:y + h, x:x + w] = 0.0
-        for gx in range(x, min(width, x + w), 14):
-            img[y:y + h, gx:gx + 3] = 1.0
-    return img
-
-
 def zoo_feeds(name: str) -> dict[str, np.ndarray]:
-    """Inputs that give meaningful outputs: shipped samples, text-like images for the
-    OCR models (random noise drives their outputs to ~0, where relative errors mean
-    nothing), uniform values in the manifest's range otherwise."""
+    """Inputs that give meaningful outputs (`onnxforge.sample_inputs.zoo_feeds`): shipped
+    samples, text-like images for the OCR models (random noise drives their outputs to
+    ~0, where relative errors mean nothing), uniform values in the manifest's range
+    otherwise."""
     from conftest import ZOO, zoo_manifest
 
-    entry = zoo_manifest()["models"][name]
-    rng = np.random.default_rng(0)
-    samples = np.load(ZOO / entry["sample_inputs"]) if entry.get("sample_inputs") else None
-    feeds = {}
-    for spec in entry["inputs"]:
-        shape, (lo, hi) = spec["shape"], spec["range"]
-        if samples is not None and spec["name"] in samples.files:
-            feeds[spec["name"]] = samples[spec["name"]][: shape[0]].astype(spec["dtype"])
-        elif name.startswith("ppocr"):
-            img = np.stack([_text_image(shape[2], shape[3])] * 3)[None]
-            if name == "ppocr_det":
-                mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
-                std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
-                img = (img - mean) / std
-            else:
-                img = (img - 0.5) / 0.5
-            feeds[spec["name"]] = img.astype(np.float32)
-        elif spec["dtype"] == "int64":
-            feeds[spec["name"]] = rng.integers(lo, hi, size=shape).astype(np.int64)
-        else:
-            feeds[spec["name"]] = rng.uniform(lo, hi, size=shape).astype(np.float32)
-    return feeds
+    return zoo_feeds_of(name, zoo_manifest()["models"][name], ZOO)
 
 
 # (model, ops that must be gone after cleanup,fuse)

@@ -32,9 +32,9 @@ from onnxforge.passes.quantization.observers import (
     kl_threshold,
 )
 from onnxforge.passes.quantization.repair import equalize_model
+from onnxforge.sample_inputs import recognizer_lines
 from onnxforge.shapes import input_dtypes
 from onnxforge.verify import compare_models
-from text_lines import recognizer_lines
 
 RNG = np.random.default_rng(0)
 

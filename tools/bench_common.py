@@ -5,7 +5,7 @@
   `onnxforge.api.benchmark_artifacts` on `OrtArtifact` sessions;
 - data with held-out splits (`Task`): the shipped digits CNN, the zoo's MiniLM sentences,
   natural photos bundled in scikit-image, and text lines rendered with DejaVu fonts for
-  the PP-OCR models (from the test helper `tests/text_lines.py`); stdlib docstring
+  the PP-OCR models (`onnxforge.sample_inputs`, which the tests use too); stdlib docstring
   sentences for MiniLM calibration;
 - `print_table`: a rich table from rows of strings.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +25,21 @@ import numpy as np
 import onnx
 from onnxforge.api import benchmark_artifacts
 from onnxforge.backends.ort import OrtArtifact
+from onnxforge.sample_inputs import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OCR_LINES,
+    fonts,
+    recognizer_lines,
+    render_line,
+)
+from onnxforge.sample_inputs import zoo_feeds as _zoo_feeds
 
 REPO = Path(__file__).resolve().parents[1]
-# The rendered text lines are a test helper (tests/text_lines.py) the benchmarks share;
-# `text_lines` is re-exported for bench_pruning.
-sys.path.insert(0, str(REPO / "tests"))
-from text_lines import OCR_LINES, fonts, recognizer_lines, render_line, text_lines  # noqa: F401
-
 ZOO = Path(os.environ.get("ONNXFORGE_ZOO", REPO / ".zoo"))
 DATA = REPO / "compiler" / "data"
 
 logger = logging.getLogger("bench_common")
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 SKIMAGE_IMAGES = ["astronaut", "camera", "cat", "chelsea", "coffee", "coins", "colorwheel",
                   "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina",
                   "rocket", "text", "horse", "grass", "gravel", "brick", "microaneurysms", "cell",
@@ -206,36 +207,26 @@ def vision_task(name: str) -> Task | None:
     ev = [s for i, s in enumerate(samples) if (i // 6) % 2 == 1]
 
     def metric(ref, cand):
-        agree, cos = [], []
-        for r, c in zip(ref, cand):
-            a, b = next(iter(r.values())), next(iter(c.values()))
-            agree.append(float(a.argmax() == b.argmax()))
-            a, b = a.ravel(), b.ravel()
-            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))))
-        return {"top1_agree": float(np.mean(agree)), "cosine_mean": float(np.mean(cos))}
+        agree, cos = top1_and_cosine(ref, cand)
+        return {"top1_agree": agree, "cosine_mean": cos}
 
     return Task(name, path, cal, ev, metric, notes=f"{len(cal)} calib / {len(ev)} eval crops")
 
 
+def top1_and_cosine(ref, cand, eps: float = 0.0) -> tuple[float, float]:
+    """Classifier agreement over paired runs (lists of output dicts): the mean top-1
+    agreement and the mean cosine of the first outputs (``eps`` added to the cosine's
+    denominator)."""
+    agree, cos = [], []
+    for r, c in zip(ref, cand):
+        a, b = next(iter(r.values())), next(iter(c.values()))
+        agree.append(float(a.argmax() == b.argmax()))
+        a, b = a.ravel(), b.ravel()
+        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + eps)))
+    return float(np.mean(agree)), float(np.mean(cos))
+
+
 # ---------------------------------------------------------------- rendered text
-
-
-def text_page(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """White page with dark word-like bars (no font needed); one text line for short crops."""
-    rng = np.random.default_rng(seed)
-    img = np.ones((height, width), np.float32)
-    if height <= 64:
-        boxes = [(height // 5, width // 20, height * 3 // 5, width * 9 // 10)]
-    else:
-        boxes = []
-        for _ in range(40):
-            y, x = (int(v) for v in rng.integers(0, min(height, width) - 40, 2))
-            boxes.append((y, x, int(rng.integers(8, 24)), int(rng.integers(40, 300))))
-    for y, x, h, w in boxes:
-        img[y:y + h, x:x + w] = 0.0
-        for gx in range(x, min(width, x + w), 14):
-            img[y:y + h, gx:gx + 3] = 1.0
-    return img
 
 
 def ppocr_rec_task() -> Task | None:
@@ -310,26 +301,6 @@ def docstring_sentences(modules: Iterable[str], max_chars: int) -> list[str]:
 
 
 def zoo_feeds(name: str, entry: dict | None = None) -> dict[str, np.ndarray]:
-    """Sample inputs for a zoo model (`entry`: its manifest entry): the shipped samples,
-    text-like pages for the OCR models (noise drives their outputs to ~0), else uniform
-    values in the manifest's range."""
-    entry = entry if entry is not None else manifest()[name]
-    rng = np.random.default_rng(0)
-    samples = np.load(ZOO / entry["sample_inputs"]) if entry.get("sample_inputs") else None
-    feeds = {}
-    for spec in entry["inputs"]:
-        shape, (lo, hi) = spec["shape"], spec["range"]
-        if samples is not None and spec["name"] in samples.files:
-            feeds[spec["name"]] = samples[spec["name"]][: shape[0]].astype(spec["dtype"])
-        elif name.startswith("ppocr"):
-            img = np.stack([text_page(shape[2], shape[3])] * 3)[None]
-            if name == "ppocr_det":
-                img = (img - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
-            else:
-                img = (img - 0.5) / 0.5
-            feeds[spec["name"]] = img.astype(np.float32)
-        elif spec["dtype"] == "int64":
-            feeds[spec["name"]] = rng.integers(lo, hi, size=shape).astype(np.int64)
-        else:
-            feeds[spec["name"]] = rng.uniform(lo, hi, size=shape).astype(np.float32)
-    return feeds
+    """Sample inputs for a zoo model (`entry`: its manifest entry, else the zoo's):
+    `onnxforge.sample_inputs.zoo_feeds`."""
+    return _zoo_feeds(name, entry if entry is not None else manifest()[name], ZOO)

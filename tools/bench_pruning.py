@@ -34,6 +34,7 @@ import time
 import bench_common as bc
 import numpy as np
 from bench_common import Task
+from onnxforge import sample_inputs
 from onnxforge.backends.ort import OrtArtifact
 from onnxforge.calibration import CalibrationSource
 from onnxforge.ir import load_model
@@ -73,13 +74,8 @@ def _random_images(name: str, count: int, seed: int) -> list[dict[str, np.ndarra
 
 
 def _vision_metric(ref, cand):
-    agree, cos = [], []
-    for r, c in zip(ref, cand):
-        a, b = next(iter(r.values())), next(iter(c.values()))
-        agree.append(float(a.argmax() == b.argmax()))
-        a, b = a.ravel(), b.ravel()
-        cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
-    return {"top1_agree": float(np.mean(agree)), "cosine": float(np.mean(cos))}
+    agree, cos = bc.top1_and_cosine(ref, cand, eps=1e-12)
+    return {"top1_agree": agree, "cosine": cos}
 
 
 def vision_task(name: str) -> Task | None:
@@ -96,14 +92,14 @@ def vision_task(name: str) -> Task | None:
 
 def ppocr_det_task() -> Task | None:
     path = ZOO / "ppocr_det.onnx"
-    fonts = bc.fonts()
+    fonts = sample_inputs.fonts()
     if not path.exists() or not fonts:
         return None
     (name, shape), = bc.zoo_shapes("ppocr_det").items()
     _, _, h, w = shape
     from PIL import Image, ImageDraw, ImageFont
 
-    lines = bc.text_lines(160, seed=5)
+    lines = sample_inputs.text_lines(160, seed=5)
     rng = np.random.default_rng(5)
     pages = []
     for p in range(10):

@@ -1,8 +1,15 @@
-"""Text lines rendered with DejaVu fonts, for the PP-OCR models in tests and benchmarks.
+"""Inputs that make real models give meaningful outputs, for tests, benchmarks and
+calibration.
 
-Seeded synthetic lines (`text_lines`) and fixed ones (`OCR_LINES`), `render_line` to a
-[1, 3, H, W] input, and `recognizer_lines`: calibration / evaluation feeds for the
-recognizer with a character-error-rate metric. `tools/bench_common.py` imports it too.
+- PP-OCR text: seeded synthetic lines (`text_lines`) and fixed ones (`OCR_LINES`),
+  rendered with the installed DejaVu fonts by `render_line` to a [1, 3, H, W] input;
+  `recognizer_lines`: calibration / evaluation feeds for the recognizer with a
+  character-error-rate metric; `text_page`: a white page with dark word-like bars (no
+  font needed), what the detector and a text-line crop expect rather than noise, which
+  drives their outputs to ~0.
+- `zoo_feeds`: inputs for a model of the zoo that `tools/build_zoo.py` builds, from its
+  manifest entry: the shipped samples, text pages for the OCR models, else uniform
+  values in the manifest's range.
 """
 
 from __future__ import annotations
@@ -142,3 +149,55 @@ def recognizer_lines(path: str | Path) -> RecognizerLines:
 
     charset_note = "from model metadata" if chars else "absent"
     return RecognizerLines(cal, ev, metric, f"{len(ev)} rendered lines, charset {charset_note}")
+
+
+def text_page(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """White page with dark word-like bars (letter gaps every 14 px), values in [0, 1].
+
+    Tall pages (detection) get 40 words of 8-24 px height; a text-line crop
+    (recognition, direction classifier) gets one line filling 60 % of its height.
+    """
+    rng = np.random.default_rng(seed)
+    img = np.ones((height, width), np.float32)
+    if height <= 64:
+        boxes = [(height // 5, width // 20, height * 3 // 5, width * 9 // 10)]
+    else:
+        boxes = []
+        for _ in range(40):
+            y, x = (int(v) for v in rng.integers(0, min(height, width) - 40, 2))
+            boxes.append((y, x, int(rng.integers(8, 24)), int(rng.integers(40, 300))))
+    for y, x, h, w in boxes:
+        img[y:y + h, x:x + w] = 0.0
+        for gx in range(x, min(width, x + w), 14):
+            img[y:y + h, gx:gx + 3] = 1.0
+    return img
+
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def zoo_feeds(name: str, entry: dict, folder: Path) -> dict[str, np.ndarray]:
+    """Inputs for zoo model ``name`` from its manifest ``entry`` (``folder``: the zoo's
+    folder, where its sample inputs are): the shipped samples, text-like pages for the
+    OCR models (ImageNet-normalized for the detector, [-1, 1] for the others), else
+    uniform values in the manifest's range (seed 0)."""
+    rng = np.random.default_rng(0)
+    samples = np.load(folder / entry["sample_inputs"]) if entry.get("sample_inputs") else None
+    feeds = {}
+    for spec in entry["inputs"]:
+        shape, (lo, hi) = spec["shape"], spec["range"]
+        if samples is not None and spec["name"] in samples.files:
+            feeds[spec["name"]] = samples[spec["name"]][: shape[0]].astype(spec["dtype"])
+        elif name.startswith("ppocr"):
+            img = np.stack([text_page(shape[2], shape[3])] * 3)[None]
+            if name == "ppocr_det":
+                img = (img - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+            else:
+                img = (img - 0.5) / 0.5
+            feeds[spec["name"]] = img.astype(np.float32)
+        elif spec["dtype"] == "int64":
+            feeds[spec["name"]] = rng.integers(lo, hi, size=shape).astype(np.int64)
+        else:
+            feeds[spec["name"]] = rng.uniform(lo, hi, size=shape).astype(np.float32)
+    return feeds
