@@ -4,7 +4,8 @@
 The compile pipeline is a few short, named lists of passes, in the spirit of TVM's
 `relax/backend/cpu_generic/pipeline.py`:
 
-  import     `importer.import_onnx`: `tvm.relax.frontend.onnx.from_onnx` with fixed shapes
+  import     `importer.import_onnx`: `tvm.relax.frontend.onnx.from_onnx` with fixed shapes;
+             CPU: `qdq.integer_contractions` makes quantized conv/matmul integer
   prepare    DispatchSampling, DispatchSortScan, (CPU: `onnxforge.kernels.
              relax_prepasses`, which fold BatchNorm into convs), DecomposeOpsForInference
   legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
@@ -50,6 +51,7 @@ from .database import (
     resolve_tuning_db,
 )
 from .importer import InputSpec, import_onnx, input_specs, load_onnx
+from .qdq import integer_contractions
 from .schedules import (
     count_configured,
     default_cpu_schedule_pass,
@@ -59,6 +61,10 @@ from .schedules import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Targets whose quantized conv/matmul run as integer kernels (`qdq.integer_contractions`);
+# GPU targets keep QDQ as float fake-quantization.
+INTEGER_TARGET_KINDS = ("llvm", "hexagon")
 
 
 def prepare_passes(target) -> list:
@@ -154,6 +160,7 @@ class PreparedModule:
     label: str
     seconds: dict[str, float] = field(default_factory=dict)
     pipeline: dict[str, list[str]] = field(default_factory=dict)
+    integer: dict[str, Any] = field(default_factory=dict)  # qdq.IntegerReport.as_dict()
 
 
 def prepare_module(model: Any, target: Any = "host", *,
@@ -165,6 +172,10 @@ def prepare_module(model: Any, target: Any = "host", *,
     proto, label = load_onnx(model)
     specs = input_specs(proto, input_shapes)
     mod = import_onnx(proto, specs, label)
+    integer: dict[str, Any] = {}
+    if target.kind.name in INTEGER_TARGET_KINDS:
+        mod, found = integer_contractions(mod)
+        integer = found.as_dict()
     seconds["import"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -178,7 +189,8 @@ def prepare_module(model: Any, target: Any = "host", *,
     seconds["legalize"] = time.perf_counter() - start
     outputs = [o.name for o in proto.graph.output]
     return PreparedModule(mod, target, specs, outputs, label, seconds,
-                          {"prepare": pass_names(prepare), "legalize": pass_names(legalize)})
+                          {"prepare": pass_names(prepare), "legalize": pass_names(legalize)},
+                          integer)
 
 
 def compile_model(
@@ -220,6 +232,7 @@ def compile_model(
         "inputs": {s.name: {"shape": list(s.shape), "dtype": s.dtype} for s in prepared.inputs},
         "notes": [],
         "num_primfuncs": len(prim_funcs(mod)),
+        "integer": prepared.integer,
     }
     pipeline = dict(prepared.pipeline)
     seconds = dict(prepared.seconds)

@@ -15,7 +15,7 @@ from ...errors import (
     InputSpecError,
     VerificationError,
 )
-from ...tolerance import VERIFY_ATOL, VERIFY_RTOL
+from ...tolerance import QDQ_FLOOR, QDQ_MARGIN, VERIFY_ATOL, VERIFY_RTOL
 from ...verify import Comparison, OutputComparer, OutputError
 from .artifact import TVMArtifact
 from .importer import InputSpec, load_onnx
@@ -46,13 +46,20 @@ def random_inputs(specs: Sequence[InputSpec], seed: int = 0) -> dict[str, np.nda
 VERIFY_SAMPLES = 3
 
 
-def _ort_reference(model: Any, threads: int | None):
+def is_qdq(model: Any) -> bool:
+    """Whether the model quantizes activations (QuantizeLinear nodes in its main graph)."""
+    proto, _ = load_onnx(model)
+    return any(node.op_type == "QuantizeLinear" for node in proto.graph.node)
+
+
+def _ort_reference(model: Any, threads: int | None, optimize: bool = True):
     import onnxruntime as ort
 
     from ..ort import session_options
 
     proto, _ = load_onnx(model)
-    session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   session_options(threads, optimize=optimize),
                                    providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
@@ -92,6 +99,9 @@ class Verification:
     rtol: float
     samples: int
     nondeterministic: list[str]  # outputs that changed between two runs on one input
+    # QDQ models: rel L2 between onnxruntime's integer kernels and its float
+    # fake-quantization on the same inputs, which sets `rtol` (None: not quantized)
+    ort_spread: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -121,7 +131,9 @@ def verify_artifact(artifact: TVMArtifact, model: Any, *, rtol: float = VERIFY_R
     if samples < 1:
         raise InputSpecError(f"verification needs at least one sample, got {samples}")
     reference = _ort_reference(model, threads)
-    comparer = OutputComparer()
+    # QDQ: onnxruntime without graph optimizations runs the float fake-quantization
+    float_reference = _ort_reference(model, threads, optimize=False) if is_qdq(model) else None
+    comparer, spread = OutputComparer(), OutputComparer()
     nondeterministic: list[str] = []
     for seed in range(samples):
         inputs = random_inputs(artifact.inputs, seed=seed)
@@ -129,11 +141,17 @@ def verify_artifact(artifact: TVMArtifact, model: Any, *, rtol: float = VERIFY_R
         got = artifact.run(inputs)
         _check_outputs(expected, got)
         comparer.add(expected, got)
+        if float_reference is not None:
+            spread.add(expected, float_reference(inputs))
         if seed == 0:
             again = artifact.run(inputs)
             nondeterministic = [name for name in expected
                                 if not np.array_equal(got[name], again[name], equal_nan=True)]
-    result = Verification(comparer.result(), rtol, samples, nondeterministic)
+    ort_spread = None
+    if float_reference is not None:
+        ort_spread = max((o.rel_l2 for o in spread.result().outputs), default=0.0)
+        rtol = max(rtol, QDQ_MARGIN * ort_spread, QDQ_FLOOR)
+    result = Verification(comparer.result(), rtol, samples, nondeterministic, ort_spread)
     if raise_on_failure and not result.ok:
         raise VerificationError(f"{artifact.report.get('model', '<model>')}: {result.problem()}")
     return result

@@ -1,0 +1,202 @@
+"""Default schedules for int8 convolutions and matmuls with a dot-product instruction.
+
+Pattern (what ``backends.tvm.qdq`` makes of a quantized layer, after LegalizeOps and
+FuseOps): a reduction block ``acc[..] += int32(x_u8[..]) * int32(w_s8[..])`` writing an
+int32 intermediate, then the fused epilogue (cast, scale, bias, activation, quantize,
+residual add) writing the kernel's outputs.
+
+- conv2d, NCHW / OIHW, one group, out channels a multiple of 16, in channels of 4: the
+  padded input copy and the int32 accumulator are laid out NHWC inside the kernel (4
+  consecutive input channels are one 32-bit broadcast, 16 output channels one vector),
+  the weights are packed at compile time to ``[OC/16, KH, KW, IC/4, 16, 4]``.
+- matmul with a constant ``[K, N]`` weight, N a multiple of 16, K of 4: weights packed
+  to ``[N/16, K/4, 16, 4]``.
+
+Both are tiled with a row of output pixels (or matrix rows) as independent
+accumulators, the 16x4 dot product tensorized (``int8_intrin``: ``vpdpbusd`` on
+AVX-512 VNNI), and the epilogue computed per tile while the accumulators are in cache.
+A function that does not fit (odd channel counts, groups, int8 activations, a target
+without the instruction) is declined and the plain schedules handle it as widening
+multiplies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+
+from .cpu_target import CpuInfo
+from .int8_intrin import DotIntrinsic, intrinsic_for
+from .rule_base import LAYOUT_REWRITE_ANN, CpuRule
+
+logger = logging.getLogger(__name__)
+
+ROW_TILES = (8, 7, 6, 5, 4, 3, 2, 1)  # independent accumulators along the output row
+
+
+def _int8_contraction(sch: s_tir.Schedule):
+    """The int32 reduction block over u8 x s8 products, with its data and weight read
+    indices, or None."""
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    for block in sch.get_child_blocks(root):
+        stmt = sch.get(block)
+        if stmt.init is None or len(stmt.writes) != 1 or len(stmt.reads) < 2:
+            continue
+        if str(stmt.writes[0].source.dtype) != "int32":
+            continue
+        dtypes = [str(r.source.dtype) for r in stmt.reads]
+        if "uint8" in dtypes and "int8" in dtypes:
+            return block, dtypes.index("uint8"), dtypes.index("int8")
+    return None
+
+
+def _var_indices(region) -> list | None:
+    """The block vars a read indexes with, when every index is a plain var."""
+    out = []
+    for r in region:
+        if not isinstance(r.min, tirx.Var):
+            return None
+        out.append(r.min)
+    return out
+
+
+def _is_intermediate(sch: s_tir.Schedule, buffer) -> bool:
+    return not any(buffer.same_as(p) for p in sch.mod["main"].params)
+
+
+def _row_tile(extent: int) -> int:
+    return next(t for t in ROW_TILES if extent % t == 0)
+
+
+def _pack_weight(sch, block, index: int, index_map) -> None:
+    """Repack a layout-free weight through a preproc block (folded at compile time)."""
+    pack = sch.cache_read(block, index, "global")
+    sch.annotate(pack, LAYOUT_REWRITE_ANN, True)
+    sch.transform_layout(block, ("read", index), index_map)
+
+
+def _epilogue_at(sch: s_tir.Schedule, block, loop) -> None:
+    """Inline the elementwise epilogue and compute what is left per tile at ``loop``."""
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    children = sch.get_child_blocks(root)
+    after = children[[sch.get(b).name_hint for b in children].index(sch.get(block).name_hint)
+                     + 1:]
+    for consumer in after:
+        if _is_intermediate(sch, sch.get(consumer).writes[0].source):
+            try:
+                sch.compute_inline(consumer)
+            except Exception:  # noqa: BLE001 - not inlinable: stays its own loop nest
+                pass
+    for consumer in sch.get_consumers(block):
+        try:
+            sch.reverse_compute_at(consumer, loop)
+        except Exception:  # noqa: BLE001 - stays a loop nest after the contraction
+            logger.debug("int8 epilogue %s left outside the tile", sch.get(consumer).name_hint)
+
+
+class Int8DotRule(CpuRule):
+    """int8 conv2d / matmul -> packed weights + tensorized dot products."""
+
+    name = "int8-dot"
+
+    def is_target_available(self, target) -> bool:
+        return intrinsic_for(target) is not None
+
+    def apply(self, func, target, tunable, config=None):
+        intrinsic = intrinsic_for(target)
+        if intrinsic is None or not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        found = _int8_contraction(sch)
+        if found is None:
+            return None
+        block, data, weight = found
+        stmt = sch.get(block)
+        if not _is_intermediate(sch, stmt.writes[0].source):
+            return None  # an int32 output: its layout is the caller's
+        if len(stmt.reads[weight].region) == 4:
+            ok = _schedule_conv(sch, block, data, weight, intrinsic)
+        elif len(stmt.reads[weight].region) == 2:
+            ok = _schedule_matmul(sch, block, data, weight, intrinsic)
+        else:
+            ok = False
+        return sch if ok else None
+
+    def schedule(self, sch, func, cpu: CpuInfo) -> bool:  # pragma: no cover - apply() used
+        raise NotImplementedError
+
+
+def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+    stmt = sch.get(block)
+    iters = [iv.var for iv in stmt.iter_vars]
+    if len(iters) != 7:
+        return False
+    n, f, y, x, c, ky, kx = iters
+    w_vars = _var_indices(stmt.reads[weight].region)
+    if w_vars is None or [v.same_as(u) for v, u in zip(w_vars, (f, c, ky, kx))] != [True] * 4:
+        return False  # groups > 1 index the weight differently
+    out_channels, in_channels = (int(d) for d in stmt.reads[weight].source.shape[:2])
+    if out_channels % intrinsic.lanes or in_channels % intrinsic.reduce:
+        return False
+    out_w = int(stmt.writes[0].source.shape[3])
+    lanes, red = intrinsic.lanes, intrinsic.reduce
+
+    # layouts: input copy and accumulator NHWC, weights [OC/16, KH, KW, IC/4, 16, 4]
+    producer = sch.get_producers(block)
+    data_buffer = stmt.reads[data].source
+    pad = [p for p in producer if sch.get(p).writes[0].source.same_as(data_buffer)]
+    copy = pad[0] if pad else sch.cache_read(block, data, "global")
+    sch.transform_layout(copy, ("write", 0), lambda a, b, h, w: (a, h, w, b))
+    sch.transform_layout(block, ("write", 0), lambda a, b, h, w: (a, h, w, b))
+    _pack_weight(sch, block, weight, lambda o, i, h, w: (
+        o // lanes, h, w, i // red, o % lanes, i % red))
+
+    ln, lf, ly, lx, lc, lky, lkx = sch.get_loops(block)
+    fo, fi = sch.split(lf, [None, lanes])
+    co, ci = sch.split(lc, [None, red])
+    xo, xi = sch.split(lx, [None, _row_tile(out_w)])
+    sch.reorder(ln, fo, ly, xo, lky, lkx, co, xi, fi, ci)
+    outer = sch.fuse(ln, fo, ly)
+    sch.parallel(outer)
+    _epilogue_at(sch, block, xo)
+    sch.unroll(xi)
+    init = sch.decompose_reduction(block, lky)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(fi, intrinsic.name)
+    # the input copy: one parallel pass writing NHWC
+    copy_loops = sch.get_loops(copy)
+    sch.parallel(sch.fuse(*copy_loops[:2]))
+    return True
+
+
+def _schedule_matmul(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+    stmt = sch.get(block)
+    iters = [iv.var for iv in stmt.iter_vars]
+    w_vars = _var_indices(stmt.reads[weight].region)
+    a_vars = _var_indices(stmt.reads[data].region)
+    if w_vars is None or a_vars is None or len(iters) < 3:
+        return False
+    *batch, i, j, k = iters
+    if not (w_vars[0].same_as(k) and w_vars[1].same_as(j) and a_vars[-1].same_as(k)):
+        return False
+    depth, columns = (int(d) for d in stmt.reads[weight].source.shape)
+    lanes, red = intrinsic.lanes, intrinsic.reduce
+    if columns % lanes or depth % red:
+        return False
+    rows = int(stmt.writes[0].source.shape[-2])
+    _pack_weight(sch, block, weight, lambda kk, jj: (jj // lanes, kk // red, jj % lanes, kk % red))
+
+    *lb, li, lj, lk = sch.get_loops(block)
+    jo, ji = sch.split(lj, [None, lanes])
+    ko, ki = sch.split(lk, [None, red])
+    io, ii = sch.split(li, [None, _row_tile(rows)])
+    sch.reorder(*lb, io, jo, ko, ii, ji, ki)
+    outer = sch.fuse(*lb, io, jo)
+    sch.parallel(outer)
+    _epilogue_at(sch, block, outer)
+    sch.unroll(ii)
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ji, intrinsic.name)
+    return True
