@@ -52,3 +52,18 @@ def zoo_sample_inputs(name: str) -> str | None:
     entry = zoo_manifest().get("models", {}).get(name, {})
     sample = entry.get("sample_inputs")
     return str(ZOO / sample) if sample else None
+
+
+def need_qemu() -> None:
+    """Skip unless AArch64 code can run here (qemu-aarch64, the cross compiler and the
+    aarch64 TVM runtime wheel)."""
+    from onnxforge.backends.tvm import build_aarch64_runner, fetch_aarch64_runtime, qemu_available
+    from onnxforge.errors import BackendError
+
+    if not qemu_available():
+        pytest.skip("qemu-aarch64 / aarch64-linux-gnu-g++ absent "
+                    "(apt-get install qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
+    try:
+        build_aarch64_runner(fetch_aarch64_runtime())
+    except BackendError as exc:
+        pytest.skip(f"aarch64 TVM runtime wheel unavailable: {exc}")

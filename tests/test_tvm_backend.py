@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from conftest import zoo_input_shapes, zoo_path, zoo_sample_inputs
+from conftest import need_qemu, zoo_input_shapes, zoo_path, zoo_sample_inputs
 from onnxforge.backends.tvm import (
     TVMArtifact,
     compare_to_ort,
@@ -206,18 +206,6 @@ def test_digits_model_matches_ort_on_its_test_data(digits_model, digits_test_dat
 # AArch64: cross-compiled, run for real under qemu-aarch64
 # ---------------------------------------------------------------------------------------
 
-def _need_qemu():
-    if not qemu_available():
-        pytest.skip("qemu-aarch64 / aarch64-linux-gnu-g++ absent "
-                    "(apt-get install qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
-    from onnxforge.backends.tvm import build_aarch64_runner, fetch_aarch64_runtime
-
-    try:
-        build_aarch64_runner(fetch_aarch64_runtime())
-    except BackendError as exc:
-        pytest.skip(f"aarch64 TVM runtime wheel unavailable: {exc}")
-
-
 def test_aarch64_export_is_an_arm_shared_library(tiny, tmp_path):
     art = compile_model(tiny, "cortex-a72", input_shapes={"x": (1, 3, 8, 8)})
     if shutil.which("aarch64-linux-gnu-gcc") is None:
@@ -230,7 +218,7 @@ def test_aarch64_export_is_an_arm_shared_library(tiny, tmp_path):
 
 
 def test_digits_cortex_a72_under_qemu_matches_ort(digits_model, digits_test_data):
-    _need_qemu()
+    need_qemu()
     art = compile_model(digits_model, "cortex-a72", input_shapes={"input": (1, 1, 8, 8)})
     assert art.can_run()
     data = np.load(digits_test_data)
@@ -239,14 +227,14 @@ def test_digits_cortex_a72_under_qemu_matches_ort(digits_model, digits_test_data
 
 
 def test_tiny_model_cortex_a76_dotprod_under_qemu(tiny):
-    _need_qemu()
+    need_qemu()
     art = compile_model(tiny, "cortex-a76", input_shapes={"x": (2, 3, 8, 8)})
     assert_matches_ort(art, tiny)
 
 
 @pytest.mark.slow
 def test_mobilenet_v2_cortex_a72_under_qemu_matches_ort():
-    _need_qemu()
+    need_qemu()
     path = zoo_path("mobilenet_v2")
     art = compile_model(path, "cortex-a72", input_shapes=zoo_input_shapes("mobilenet_v2"))
     assert_matches_ort(art, path)

@@ -240,6 +240,20 @@ class TVMArtifact:
         self.report["exported"] = written
         return path
 
+    def host_assembly(self) -> str:
+        """Assembly of the compiled CPU code (LLVM modules): where tests look for the
+        instructions a kernel was meant to use (e.g. ``vpdpbusd``)."""
+        found = []
+
+        def walk(module):
+            for sub in module.imports:
+                if sub.kind == "llvm":
+                    found.append(sub.inspect_source("asm"))
+                walk(sub)
+
+        walk(self.executable.mod)
+        return "\n".join(found)
+
     def device_source(self) -> str:
         """Generated GPU source (CUDA C / OpenCL C); '' for CPU targets."""
         return "\n".join(m.inspect_source() for m in _device_modules(self.executable))

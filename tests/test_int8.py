@@ -1,0 +1,275 @@
+"""INT8 in compiled code: quantized conv/matmul as integer kernels (backends/tvm/qdq.py)
+and the VNNI schedule rule (kernels/rule_int8.py), checked against onnxruntime on the
+same QDQ model, kernel by kernel against plain loops, and in the assembly."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+from conftest import need_qemu  # noqa: E402
+from onnxforge.backends.tvm import compile_model, random_inputs  # noqa: E402
+from onnxforge.backends.tvm.pipeline import prepare_module  # noqa: E402
+from onnxforge.kernels.int8_intrin import intrinsic_for  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+HOST_HAS_VNNI = intrinsic_for(tvm.target.Target({
+    "kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})) is not None
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def qdq_conv(ic=16, oc=32, k=3, stride=1, pad=1, groups=1, act="uint8", zx=0, size=9,
+             per_channel=True, weight="int8", relu=True, seed=0) -> tuple[onnx.ModelProto, float]:
+    """x -> Q/DQ -> Conv(DQ(W), DQ(b)) [-> Relu] -> Q/DQ: one quantized layer whose output
+    lies on the grid of its scale (returned, for the one-step rule)."""
+    rng = np.random.default_rng(seed)
+    sx, sy = 0.02, 0.05
+    w_shape = (oc, ic // groups, k, k)
+    sw = (rng.uniform(0.002, 0.01, oc) if per_channel else np.array(0.005)).astype(np.float32)
+    if weight == "int8":
+        wq, zw = rng.integers(-127, 128, w_shape).astype(np.int8), np.zeros_like(sw, np.int8)
+    else:  # uint8 weights with a zero point (ORT's QUInt8 weights)
+        wq = rng.integers(0, 256, w_shape).astype(np.uint8)
+        zw = np.full(sw.shape, 128, np.uint8)
+    bias = rng.integers(-2000, 2000, oc).astype(np.int32)
+    act_type = np.uint8 if act == "uint8" else np.int8
+    inits = [_init("sx", np.float32(sx)), _init("zx", act_type(zx)), _init("wq", wq),
+             _init("sw", sw), _init("zw", zw), _init("bq", bias),
+             _init("sb", (sx * sw).astype(np.float32)),
+             _init("zb", np.zeros(sw.shape, np.int32)),
+             _init("sy", np.float32(sy)), _init("zy", act_type(0 if relu else zx))]
+    axis = {"axis": 0} if per_channel else {}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], **axis),
+        helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["bd"], **axis),
+        helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], pads=[pad] * 4,
+                         strides=[stride] * 2, group=groups, kernel_shape=[k, k]),
+    ]
+    last = "c"
+    out = (size + 2 * pad - k) // stride + 1
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["r"]))
+        last = "r"
+    nodes += [helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "qconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ic, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, oc, out, out])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, sy
+
+
+def qdq_matmul(shape=(2, 5, 32), n=48, transposed=False, zx=0, seed=0):
+    """x -> Q/DQ -> MatMul(DQ(W)) (or Gemm transB) -> Q/DQ, per-column weight scales."""
+    rng = np.random.default_rng(seed)
+    k = shape[-1]
+    sx, sy = 0.02, 0.1
+    sw = rng.uniform(0.002, 0.01, n).astype(np.float32)
+    wq = rng.integers(-127, 128, (n, k) if transposed else (k, n)).astype(np.int8)
+    inits = [_init("sx", np.float32(sx)), _init("zx", np.uint8(zx)), _init("wq", wq),
+             _init("sw", sw), _init("zw", np.zeros(n, np.int8)),
+             _init("sy", np.float32(sy)), _init("zy", np.uint8(128))]
+    op = (helper.make_node("Gemm", ["xd", "wd"], ["c"], transB=1) if transposed
+          else helper.make_node("MatMul", ["xd", "wd"], ["c"]))
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"],
+                         axis=0 if transposed else 1),
+        op,
+        helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "qmm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, sy
+
+
+def _ort(model, feed):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feed)[0]
+
+
+def assert_within_one_step(model, step, target="host", seeds=(0, 1)):
+    """The documented rule: every output element within one quantization step of ORT."""
+    art = compile_model(model, target)
+    for seed in seeds:
+        feed = random_inputs(art.inputs, seed=seed)
+        got = list(art.run(feed).values())[0]
+        expected = _ort(model, feed)
+        assert got.shape == expected.shape
+        diff = np.abs(got - expected)
+        assert diff.max() <= step * 1.001, f"max diff {diff.max()} > one step {step}"
+        # a wrong kernel differs everywhere; rounding flips are rare
+        assert np.mean(diff > step * 0.5) < 0.02
+    return art
+
+
+@pytest.mark.parametrize("case", [
+    dict(),                                   # VNNI shape: 16 -> 32 channels
+    dict(zx=128, relu=False),                 # zero point with padding: padded with z_x
+    dict(stride=2, size=10),                  # stride 2, even input
+    dict(ic=3, oc=5, k=3),                    # channels not a multiple of 4 / 16
+    dict(ic=20, oc=48, k=1, pad=0),           # 1x1, no padding copy
+    dict(groups=8, ic=8, oc=8),               # depthwise
+    dict(groups=2, ic=8, oc=32),              # grouped
+    dict(act="int8", zx=-5),                  # s8 activations
+    dict(per_channel=False),                  # one weight scale
+])
+def test_quantized_conv_is_integer_and_within_one_step_of_ort(case):
+    model, step = qdq_conv(**case)
+    art = assert_within_one_step(model, step)
+    integer = art.report["integer"]
+    assert integer["integer_ops"] == {"conv2d": 1}, integer
+    assert integer["float_total"] == 0
+
+
+@pytest.mark.parametrize("case", [
+    dict(), dict(transposed=True, shape=(1, 64)), dict(zx=100), dict(n=10, shape=(3, 7)),
+])
+def test_quantized_matmul_is_integer_and_within_one_step_of_ort(case):
+    model, step = qdq_matmul(**case)
+    art = assert_within_one_step(model, step)
+    assert art.report["integer"]["integer_ops"] == {"matmul": 1}
+
+
+def test_weights_with_a_zero_point_stay_float_and_say_why():
+    model, step = qdq_conv(weight="uint8")
+    art = assert_within_one_step(model, step)
+    integer = art.report["integer"]
+    assert integer["integer_total"] == 0
+    assert integer["float_ops"] == [
+        {"op": "conv2d", "reason": "the weight is uint8, not int8", "count": 1}]
+
+
+def test_float_models_are_not_counted():
+    model, _ = qdq_conv()
+    art = compile_model(_dequantized_copy(model), "host")
+    assert art.report["integer"] == {"integer_ops": {}, "integer_total": 0, "float_ops": [],
+                                     "float_total": 0}
+
+
+def _dequantized_copy(model):
+    """The same conv in plain float (weights dequantized in numpy)."""
+    from onnx import numpy_helper as nh
+
+    inits = {i.name: nh.to_array(i) for i in model.graph.initializer}
+    w = inits["wq"].astype(np.float32) * inits["sw"].reshape(-1, 1, 1, 1)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4)], "f",
+        list(model.graph.input), list(model.graph.output),
+        [nh.from_array(w, "w")])
+    out = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out.ir_version = 8
+    return out
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+def test_vnni_kernels_are_used_and_in_the_assembly():
+    model, step = qdq_conv()
+    art = assert_within_one_step(model, step)
+    assert "vpdpbusd" in art.host_assembly()
+    assert art.report["schedule_rules"].get("int8-dot") == 1
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+def test_vnni_kernels_match_plain_loops_on_full_range_data():
+    """Each kernel the int8 rule schedules, against its plain loops on u8/s8 data over the
+    whole range: the int32 sums are exact, so only a float rounding flip of the epilogue
+    (FMA or not) may move a quantized output by one."""
+    from onnxforge.kernels.kernel_check import random_arrays
+    from onnxforge.kernels.rule_int8 import Int8DotRule
+    from onnxforge.kernels.schedule_pass import apply_rule, attach_layout_free_buffers
+
+    conv, _ = qdq_conv(ic=32, oc=48, stride=2, size=11, zx=7, relu=False)
+    matmul, _ = qdq_matmul(shape=(3, 9, 64), n=80, zx=3)
+    checked = 0
+    for model in (conv, matmul):
+        prepared = prepare_module(model, "host")
+        mod = attach_layout_free_buffers(prepared.mod)
+        with prepared.target:
+            for gvar, func in mod.functions_items():
+                if not isinstance(func, tvm.tirx.PrimFunc):
+                    continue
+                scheduled = apply_rule(Int8DotRule(), func, prepared.target)
+                if scheduled is None:
+                    continue
+                build = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                                     target=prepared.target) for f in (func, scheduled)]
+                for seed in (0, 1):
+                    arrays = random_arrays(func, seed, floats=(0.1, 1.0), ints=(-128, 128))
+                    outs = []
+                    for lib in build:
+                        tensors = [tvm.runtime.tensor(a.copy()) for a in arrays]
+                        lib["main"](*tensors)
+                        outs.append(tensors[-1].numpy().astype(np.float64))
+                    diff = np.abs(outs[0] - outs[1])
+                    assert diff.max() <= 1.0 + 1e-6, (gvar.name_hint, diff.max())
+                    assert np.mean(diff > 0) < 0.01, gvar.name_hint
+                checked += 1
+    assert checked == 2
+
+
+def test_two_layer_residual_chain_stays_int8_and_verifies(tmp_path):
+    """conv -> conv -> + residual, all quantized: both convs integer, no float conv left,
+    and compile's default verification (the QDQ tolerance rule) passes."""
+    from onnxforge import api
+
+    first, _ = qdq_conv(ic=16, oc=16, relu=True, seed=1)
+    second, _ = qdq_conv(ic=16, oc=16, relu=False, seed=2)
+    nodes = list(first.graph.node)
+    rename = {n: f"b_{n}" for n in ["wq", "sw", "zw", "bq", "sb", "zb", "sy", "zy", "xq", "xd",
+                                    "wd", "bd", "c", "yq", "y", "sx", "zx"]}
+    inits = list(first.graph.initializer)
+    for init in second.graph.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(init)
+        copy.name = rename[init.name]
+        inits.append(copy)
+    for node in second.graph.node:
+        new = helper.make_node(node.op_type, [rename.get(i, i) if i != "x" else "y"
+                                              for i in node.input],
+                               [rename[o] for o in node.output])
+        new.attribute.extend(node.attribute)
+        nodes.append(new)
+    nodes += [helper.make_node("Add", ["y", "b_y"], ["s"]),
+              helper.make_node("QuantizeLinear", ["s", "sy", "zy"], ["sq"]),
+              helper.make_node("DequantizeLinear", ["sq", "sy", "zy"], ["out"])]
+    graph = helper.make_graph(nodes, "chain", list(first.graph.input),
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT,
+                                                             [1, 16, 9, 9])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, path)
+    result = api.compile(path, "host", tmp_path / "chain.so")
+    assert result.report["integer"]["integer_ops"] == {"conv2d": 2}
+    assert result.verification is not None and result.verification.ok
+    assert result.verification.ort_spread is not None
+
+
+@pytest.mark.parametrize("target", ["cortex-a72", "cortex-a76"])
+def test_int8_on_aarch64_under_qemu_within_one_step(target):
+    """AArch64 (no VNNI: the plain widening schedules) runs the integer kernels right."""
+    need_qemu()
+    for model, step in (qdq_conv(zx=128, relu=False), qdq_matmul(transposed=True, shape=(1, 64))):
+        art = assert_within_one_step(model, step, target=target, seeds=(0,))
+        assert art.report["integer"]["integer_total"] == 1
