@@ -17,7 +17,9 @@ Rewrite (exact in integers, float only in the scale)::
     y   = float(acc) * (s_x * s_w[oc])
 
 ``x_q'`` is ``x_q`` padded with ``z_x`` (the quantized zero) when the conv pads and
-``z_x != 0``, so the border terms cancel exactly. Everything after the contraction
+``z_x != 0``, so the border terms cancel exactly; a conv whose input channels are not a
+multiple of 4 (an RGB stem) gets zero weights and a padded channel so that the
+dot-product kernels take it. Everything after the contraction
 (bias, activation, the next ``quantize``) is left as it is: FuseOps folds the cast,
 scale, bias, activation and quantize into the contraction's epilogue, so each layer is
 one kernel that reads int8 and writes int8 ("requantize with a float scale"), and the
@@ -43,6 +45,7 @@ import tvm
 from tvm import ir, relax
 
 _CONTRACTIONS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
+DOT_REDUCE = 4  # int8 products one dot-product instruction sums (VNNI, ARM sdot/udot)
 
 
 @dataclass
@@ -177,11 +180,16 @@ class _IntegerContractions(relax.PyExprMutator):
             raise _StaysFloat("the weight is quantized along an input axis")
         padding = [int(p) for p in attrs.padding]
         bb = self.builder_
-        if z_x != 0 and any(padding):
-            top, left, bottom, right = padding
+        # a dot-product instruction sums 4 input channels: pad a stem's 3 channels to 4
+        # (zero weights, so the padded channel's value does not matter)
+        extra = (-w_q.shape[1]) % DOT_REDUCE if int(attrs.groups) == 1 else 0
+        if extra:
+            w_q = np.pad(w_q, [(0, 0), (0, extra), (0, 0), (0, 0)])
+        if extra or (z_x != 0 and any(padding)):
+            top, left, bottom, right = padding if z_x != 0 else (0, 0, 0, 0)
             x_q = bb.emit(relax.op.nn.pad(
-                x_q, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(z_x)))
-            padding = [0, 0, 0, 0]
+                x_q, [0, 0, 0, extra, top, bottom, left, right], pad_value=float(z_x)))
+            padding = [0, 0, 0, 0] if z_x != 0 else padding
         acc = bb.emit(relax.op.nn.conv2d(
             x_q, relax.const(w_q), strides=attrs.strides, padding=padding,
             dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32"))
