@@ -49,6 +49,7 @@ from onnx_ir.passes import common as ir_common
 
 from ..ir import PROTOBUF_LIMIT, constant_array, nbytes
 from .base import ForgePass, option, register
+from .graph import bypass, can_take_output_name, const
 from .naming import NameAllocator
 
 logger = logging.getLogger(__name__)
@@ -274,19 +275,12 @@ def eliminate_identities(model: ir.Model) -> int:
         if graph is None:
             continue
         if y.is_graph_output():
-            producer = x.producer()
-            if (x.is_graph_input() or x.is_initializer() or x.is_graph_output()
-                    or producer is None or producer.graph is not graph):
+            if not can_take_output_name(x, graph):
                 continue
-            name = y.name
-            y.replace_all_uses_with(x, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            x.name = name
-        else:
-            if x.type is None:
-                x.type = y.type
-            y.replace_all_uses_with(x)
-            graph.remove(node, safe=True)
+        elif x.type is None:
+            x.type = y.type
+        bypass(y, x, rename=False, annotate=False)
+        graph.remove(node, safe=True)
         removed += 1
     return removed
 
@@ -315,12 +309,6 @@ def _dropout_to_identity(model: ir.Model) -> int:
     return changed
 
 
-def _foldable_constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.is_graph_input():
-        return None
-    return constant_array(value)
-
-
 def fold_constant_nodes(model: ir.Model, *, size_limit: int = 1 << 20) -> int:
     """Evaluate main-graph nodes whose inputs are all constants; return how many folded.
 
@@ -347,7 +335,7 @@ def fold_constant_nodes(model: ir.Model, *, size_limit: int = 1 << 20) -> int:
             if inp is None:
                 arrays.append(None)
                 continue
-            arr = _foldable_constant(inp)
+            arr = const(inp)
             if arr is None and node.op_type == "CastLike" and index == 1:
                 arr = _type_witness(inp)  # CastLike reads only the type of its 2nd input
             if arr is None:

@@ -35,22 +35,18 @@ import numpy as np
 import onnx_ir as ir
 
 from ..base import register
-from .common import (
-    RewritePass,
+from ..graph import (
     attr,
     bypass,
-    exclusive_const,
     float_const,
     is_op,
     output_channels,
-    rank,
     remove_nodes,
     scale_output_channels,
     set_attr,
-    set_weight,
     sole_consumer,
-    static_shape,
 )
+from .common import RewritePass, exclusive_const, rank, set_weight, static_shape
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +124,7 @@ def _into_conv(conv: ir.Node, kind: str, c: np.ndarray) -> bool:
     w = exclusive_const(conv.inputs[1] if len(conv.inputs) > 1 else None, conv)
     if w is None or w.ndim < 3 or c.dtype != w.dtype:
         return False
-    group = int(attr(conv, "group", 1))
-    m = output_channels(conv.op_type, w, group)
+    m = output_channels(conv, w)
     if m is None:
         return False
     vec = _per_channel(c, w.ndim, 1, m)
@@ -141,8 +136,7 @@ def _into_conv(conv: ir.Node, kind: str, c: np.ndarray) -> bool:
         return False
     b64 = b.astype(np.float64).reshape(-1) if b is not None else np.zeros(m)
     if kind == "mul":
-        set_weight(conv, 1, scale_output_channels(conv.op_type, w, vec, group).astype(w.dtype),
-                   "scaled")
+        set_weight(conv, 1, scale_output_channels(conv, w, vec).astype(w.dtype), "scaled")
         if b is not None:
             set_weight(conv, 2, (b64 * vec).astype(w.dtype), "scaled")
     else:

@@ -30,40 +30,20 @@ import numpy as np
 import onnx_ir as ir
 
 from ..base import register
-from .common import (
-    RewritePass,
+from ..graph import (
     attr,
+    batchnorm_affine,
     bypass,
-    exclusive_const,
-    float_const,
     is_op,
     output_channels,
-    rank,
     remove_nodes,
     scale_output_channels,
     set_attr,
-    set_weight,
     sole_consumer,
 )
+from .common import RewritePass, exclusive_const, rank, set_weight
 
 logger = logging.getLogger(__name__)
-
-
-def _bn_params(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
-    if len(bn.inputs) < 5 or attr(bn, "training_mode", 0):
-        return None
-    if any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
-        return None
-    arrays = [float_const(v) for v in bn.inputs[1:5]]
-    if any(a is None for a in arrays):
-        return None
-    scale, bias, mean, var = (a.astype(np.float64).reshape(-1) for a in arrays)
-    if not (scale.size == bias.size == mean.size == var.size):
-        return None
-    eps = float(attr(bn, "epsilon", 1e-5))
-    s = scale / np.sqrt(var + eps)
-    t = bias - mean * s
-    return s, t
 
 
 def fold_batchnorm(model: ir.Model, bn: ir.Node) -> bool:
@@ -74,7 +54,7 @@ def fold_batchnorm(model: ir.Model, bn: ir.Node) -> bool:
     producer = x.producer() if x is not None else None
     if producer is None or sole_consumer(x) is not bn:
         return False
-    params = _bn_params(bn)
+    params = batchnorm_affine(bn)
     if params is None:
         return False
     s, t = params
@@ -105,11 +85,10 @@ def _fold_conv(conv: ir.Node, s: np.ndarray, t: np.ndarray) -> bool:
     b = exclusive_const(conv.inputs[2], conv) if has_bias else None
     if has_bias and b is None:
         return False
-    group = int(attr(conv, "group", 1))
-    m = output_channels(conv.op_type, w, group)
+    m = output_channels(conv, w)
     if m is None or m != s.size:
         return False
-    w_new = scale_output_channels(conv.op_type, w, s, group)
+    w_new = scale_output_channels(conv, w, s)
     b_old = b.astype(np.float64).reshape(-1) if b is not None else np.zeros(m)
     if b_old.size != m:
         return False

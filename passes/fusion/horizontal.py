@@ -30,18 +30,10 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from ...ir import add_initializer
 from ..base import register
-from .common import (
-    RewritePass,
-    add_initializer,
-    attr,
-    bypass,
-    exclusive_const,
-    is_op,
-    opset,
-    remove_nodes,
-    sole_consumer,
-)
+from ..graph import attr, bypass, is_op, opset, remove_nodes, sole_consumer
+from .common import RewritePass, exclusive_const
 
 logger = logging.getLogger(__name__)
 

@@ -24,17 +24,17 @@ import numpy as np
 import onnx_ir as ir
 
 from ..base import register
-from .common import (
-    RewritePass,
+from ..graph import (
     attr,
     bypass,
+    can_take_output_name,
     const,
     is_op,
-    rank,
     remove_nodes,
     set_attr,
     sole_consumer,
 )
+from .common import RewritePass, rank
 
 logger = logging.getLogger(__name__)
 
@@ -75,15 +75,10 @@ def fuse_transpose(model: ir.Model, node: ir.Node) -> bool:
 def _drop(node: ir.Node, source: ir.Value, nodes: list[ir.Node]) -> bool:
     """Remove `nodes` (ending in `node`) so that `node`'s readers read `source`."""
     out = node.outputs[0]
-    if out.is_graph_output():
-        producer = source.producer()
-        if (source.is_graph_input() or source.is_initializer() or source.is_graph_output()
-                or producer is None or producer.graph is not node.graph):
-            return False
-    if out.is_graph_output():
-        bypass(out, source)
-    else:
-        out.replace_all_uses_with(source)
+    output = out.is_graph_output()
+    if output and not can_take_output_name(source, node.graph):
+        return False
+    bypass(out, source, rename=False, annotate=output)
     remove_nodes(nodes)
     return True
 

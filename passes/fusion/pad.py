@@ -21,17 +21,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..base import register
-from .common import (
-    RewritePass,
-    attr,
-    const,
-    is_op,
-    opset,
-    rank,
-    remove_nodes,
-    set_attr,
-    sole_consumer,
-)
+from ..graph import attr, const, is_op, opset, remove_nodes, set_attr, sole_consumer
+from .common import RewritePass, rank
 
 logger = logging.getLogger(__name__)
 

@@ -35,21 +35,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from ...ir import add_initializer
 from ..base import register
-from .common import (
-    RewritePass,
-    add_initializer,
-    attr,
-    bypass,
-    const,
-    float_const,
-    is_op,
-    opset,
-    rank,
-    remove_nodes,
-    sole_consumer,
-    static_shape,
-)
+from ..graph import attr, bypass, const, float_const, is_op, opset, remove_nodes, sole_consumer
+from .common import RewritePass, rank, static_shape
 
 logger = logging.getLogger(__name__)
 

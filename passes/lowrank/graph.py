@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir import add_initializer, constant_array
-from ..fusion.common import attr
+from ..graph import attr, is_op, sole_consumer
 
 LINEAR_OPS = ("Gemm", "MatMul")
 
@@ -79,11 +79,8 @@ def _shared(value: ir.Value) -> int:
 def _matmul_bias(node: ir.Node, n_out: int) -> tuple[ir.Node, int, np.ndarray] | None:
     """The Add that adds a constant vector of length n_out right after a MatMul."""
     out = node.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return None
-    add, _ = uses[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+    add = sole_consumer(out)
+    if not is_op(add, "Add") or len(add.inputs) != 2:
         return None
     index = 1 if add.inputs[0] is out else 0
     bias = constant_array(add.inputs[index])
@@ -97,11 +94,8 @@ def _matmul_bias(node: ir.Node, n_out: int) -> tuple[ir.Node, int, np.ndarray] |
 def following_bn_scale(node: ir.Node, n_out: int) -> np.ndarray | None:
     """|γ| / sqrt(var + ε) of an inference BatchNormalization that alone reads the output."""
     out = node.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or out.is_graph_output():
-        return None
-    bn, index = uses[0]
-    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or index != 0:
+    bn = sole_consumer(out)
+    if not is_op(bn, "BatchNormalization") or bn.inputs[0] is not out:
         return None
     if int(attr(bn, "training_mode", 0)) != 0 or len(bn.inputs) < 5:
         return None

@@ -28,10 +28,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir import add_initializer
+from ..graph import attr
 from .groups import (
     Analysis,
     Blocked,
-    _attr,
     _norm_axis,
     _Shapes,
     reshape_target,
@@ -102,7 +102,7 @@ def apply_plan(model: ir.Model, analysis: Analysis, removed: dict[int, np.ndarra
         if node.domain not in ("", "ai.onnx"):
             continue
         try:
-            if op == "Conv" and int(_attr(node, "group", 1)) > 1:
+            if op == "Conv" and int(attr(node, "group", 1)) > 1:
                 edits += _fix_group(s, node, new_dim)
             elif op == "Reshape":
                 edits += _fix_reshape(s, graph, node, new_dim)
@@ -139,7 +139,7 @@ def _fix_group(s: _Shapes, node: ir.Node, new_dim) -> int:
     n = new_dim(w, 0)
     if n is None:
         return 0
-    group = int(_attr(node, "group", 1))
+    group = int(attr(node, "group", 1))
     cout = s.dim(w, 0)
     per_group = cout // group
     if n % per_group:
@@ -231,7 +231,7 @@ def _rebuild_concat_target(s: _Shapes, graph: ir.Graph, node: ir.Node, changes: 
 
 def _fix_split(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
     x = node.inputs[0]
-    axis = _norm_axis(int(_attr(node, "axis", 0)), s.rank(x))
+    axis = _norm_axis(int(attr(node, "axis", 0)), s.rank(x))
     sizes = split_sizes(s, node)
     new_sizes = []
     changed = False
@@ -342,7 +342,7 @@ def masked_reference(original: ir.Model, analysis: Analysis,
         elif op == "ConvTranspose":
             axis = 0
         elif op == "Gemm":
-            axis = 1 if int(_attr(k.node, "transB", 0)) else 0
+            axis = 1 if int(attr(k.node, "transB", 0)) else 0
         else:
             axis = 0
         value = consts.get(k.weight.name)

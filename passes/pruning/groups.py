@@ -68,6 +68,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir import constant_array
+from ..graph import attr, weight_out_axis
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +190,6 @@ class Analysis:
 # ---------------------------------------------------------------- helpers
 
 
-def _attr(node: ir.Node, name: str, default=None):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 def _norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
@@ -255,9 +251,9 @@ class _Shapes:
 
     def axes_of(self, node: ir.Node, input_index: int = 1) -> list[int] | None:
         """`axes` from the attribute (old opsets) or the input (new opsets)."""
-        attr = _attr(node, "axes")
-        if attr is not None:
-            return list(attr)
+        axes = attr(node, "axes")
+        if axes is not None:
+            return axes
         if len(node.inputs) > input_index and node.inputs[input_index] is not None:
             ints = self.ints(node.inputs[input_index])
             if ints is None:
@@ -295,8 +291,8 @@ class _Shapes:
             if shape is None:
                 return None
             r = len(shape)
-            start = _norm_axis(int(_attr(node, "start", 0)), r)
-            end = _attr(node, "end", None)
+            start = _norm_axis(int(attr(node, "start", 0)), r)
+            end = attr(node, "end", None)
             end = r if end is None else _norm_axis(int(end), r)
             start, end = max(0, min(start, r)), max(0, min(end, r))
             return [("dim", src, k) for k in range(start, end)]
@@ -313,7 +309,7 @@ class _Shapes:
         if op == "Gather":
             data = self.shape_elements(node.inputs[0])
             idx = self.const(node.inputs[1])
-            if data is None or idx is None or int(_attr(node, "axis", 0)) != 0:
+            if data is None or idx is None or int(attr(node, "axis", 0)) != 0:
                 return None
             n = len(data)
             try:
@@ -374,7 +370,7 @@ def _rule_conv(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Lin
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
     y = node.outputs[0]
-    group = int(_attr(node, "group", 1))
+    group = int(attr(node, "group", 1))
     wshape = s.shape(w)
     if wshape is None or any(d is None for d in wshape):
         raise Blocked(f"Conv {node.name}: weight shape unknown")
@@ -409,7 +405,7 @@ def _rule_conv(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Lin
 
 def _rule_conv_transpose(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Link]:
     kind, i = port
-    if int(_attr(node, "group", 1)) != 1:
+    if int(attr(node, "group", 1)) != 1:
         raise Blocked(f"ConvTranspose {node.name}: grouped")
     x, w = node.inputs[0], node.inputs[1]
     b = node.inputs[2] if len(node.inputs) > 2 else None
@@ -428,7 +424,7 @@ def _rule_gemm(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Lin
     A, B = node.inputs[0], node.inputs[1]
     C = node.inputs[2] if len(node.inputs) > 2 else None
     y = node.outputs[0]
-    ta, tb = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
+    ta, tb = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
     a_k, a_m = (0, 1) if ta else (1, 0)
     b_k, b_n = (1, 0) if tb else (0, 1)
     role = None
@@ -510,7 +506,7 @@ def _rule_layernorm(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> lis
     kind, i = port
     x, y = node.inputs[0], node.outputs[0]
     r = s.rank(x)
-    start = _norm_axis(int(_attr(node, "axis", -1)), r)
+    start = _norm_axis(int(attr(node, "axis", -1)), r)
     if (kind == "in" and i != 0) or (kind == "out" and i != 0) or a >= start:
         raise Blocked(f"LayerNormalization {node.name}: normalizes over the axis")
     if any(o is not None and o.uses() for o in node.outputs[1:]):
@@ -530,7 +526,7 @@ def _rule_pool(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Lin
 def _rule_softmax(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Link]:
     r = s.rank(node.inputs[0])
     default = -1 if s.opset >= 13 else 1
-    axis = _norm_axis(int(_attr(node, "axis", default)), r)
+    axis = _norm_axis(int(attr(node, "axis", default)), r)
     if a == axis or (s.opset < 13 and a >= axis):
         raise Blocked(f"{node.op_type} {node.name}: normalizes over the axis")
     return [Link(node.outputs[0], a)] if port[0] == "in" else [Link(node.inputs[0], a)]
@@ -546,7 +542,7 @@ def _rule_reduce(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[L
     if not axes:
         raise Blocked(f"{node.op_type} {node.name}: reduces all axes")
     axes = sorted(_norm_axis(ax, r) for ax in axes)
-    keep = int(_attr(node, "keepdims", 1))
+    keep = int(attr(node, "keepdims", 1))
     kept = [k for k in range(r) if k not in axes]
     if kind == "in":
         if a in axes:
@@ -560,7 +556,7 @@ def _rule_reduce(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[L
 
 def _rule_transpose(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Link]:
     r = s.rank(node.inputs[0])
-    perm = list(_attr(node, "perm", list(range(r))[::-1]))
+    perm = list(attr(node, "perm", list(range(r))[::-1]))
     if port[0] == "in":
         return [Link(node.outputs[0], perm.index(a))]
     return [Link(node.inputs[0], perm[a])]
@@ -646,7 +642,7 @@ def _reshape_links(shape_in, shape_out, a: int, from_input: bool, other: ir.Valu
 def _rule_flatten(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Link]:
     x, y = node.inputs[0], node.outputs[0]
     shape_in = s.full_shape(x)
-    axis = _norm_axis(int(_attr(node, "axis", 1)), len(shape_in))
+    axis = _norm_axis(int(attr(node, "axis", 1)), len(shape_in))
     shape_out = (int(np.prod(shape_in[:axis], dtype=np.int64)),
                  int(np.prod(shape_in[axis:], dtype=np.int64)))
     if port[0] == "in":
@@ -676,7 +672,7 @@ def _rule_reshape(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[
     if tag[0] == "const":
         if tag[1] == 0:
             in_axes, out_axes, *_ = _block_of(shape_in, shape_out, a, False)
-            if int(_attr(node, "allowzero", 0)) or in_axes != [a] or out_axes != [a]:
+            if int(attr(node, "allowzero", 0)) or in_axes != [a] or out_axes != [a]:
                 raise Blocked(f"Reshape {node.name}: 0 in target shape")
         elif tag[1] < -1:
             raise Blocked(f"Reshape {node.name}: bad target shape")
@@ -690,7 +686,7 @@ def _rule_concat(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[L
     kind, i = port
     y = node.outputs[0]
     r = s.rank(y)
-    axis = _norm_axis(int(_attr(node, "axis", 0)), r)
+    axis = _norm_axis(int(attr(node, "axis", 0)), r)
     inputs = [x for x in node.inputs]
     if a != axis:
         links = [Link(y, a)] + [Link(x, a) for x in inputs if x is not None]
@@ -711,9 +707,9 @@ def _rule_concat(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[L
 def split_sizes(s: _Shapes, node: ir.Node) -> list[int]:
     x = node.inputs[0]
     r = s.rank(x)
-    axis = _norm_axis(int(_attr(node, "axis", 0)), r)
+    axis = _norm_axis(int(attr(node, "axis", 0)), r)
     total = s.dim(x, axis)
-    sizes = _attr(node, "split")
+    sizes = attr(node, "split")
     if sizes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         sizes = s.ints(node.inputs[1])
         if sizes is None:
@@ -734,7 +730,7 @@ def _rule_split(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Li
         raise Blocked(f"Split {node.name}: sizes input")
     x = node.inputs[0]
     r = s.rank(x)
-    axis = _norm_axis(int(_attr(node, "axis", 0)), r)
+    axis = _norm_axis(int(attr(node, "axis", 0)), r)
     outs = list(node.outputs)
     if a != axis:
         links = [Link(x, a)] + [Link(o, a) for o in outs]
@@ -751,8 +747,8 @@ def _rule_split(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Li
 def slice_params(s: _Shapes, node: ir.Node) -> tuple[list[int], list[int], list[int], list[int]]:
     """(starts, ends, axes, steps) as constants, else Blocked."""
     if len(node.inputs) == 1:  # opset < 10: attributes
-        starts, ends = list(_attr(node, "starts")), list(_attr(node, "ends"))
-        axes = list(_attr(node, "axes", range(len(starts))))
+        starts, ends = list(attr(node, "starts")), list(attr(node, "ends"))
+        axes = list(attr(node, "axes", range(len(starts))))
         return starts, ends, axes, [1] * len(starts)
     starts, ends = s.ints(node.inputs[1]), s.ints(node.inputs[2])
     axes = s.ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
@@ -811,7 +807,7 @@ def _rule_resize(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[L
 
 
 def pad_amounts(s: _Shapes, node: ir.Node, rank: int) -> dict[int, tuple[int, int]]:
-    pads = _attr(node, "pads")
+    pads = attr(node, "pads")
     if pads is None:
         pads = s.ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
         if pads is None:
@@ -842,7 +838,7 @@ def _rule_gather(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[L
         raise Blocked(f"Gather {node.name}: indices")
     x, y = node.inputs[0], node.outputs[0]
     r = s.rank(x)
-    g = _norm_axis(int(_attr(node, "axis", 0)), r)
+    g = _norm_axis(int(attr(node, "axis", 0)), r)
     qr = s.rank(node.inputs[1])
     if kind == "in":
         if a == g:
@@ -962,7 +958,7 @@ def kernel_uses(s: _Shapes, graph: ir.Graph) -> list[KernelUse]:
         try:
             if op == "Conv":
                 w = node.inputs[1]
-                g = int(_attr(node, "group", 1))
+                g = int(attr(node, "group", 1))
                 uses.append(KernelUse(node, w, (node.inputs[0], 1) if g == 1 else None,
                                       [(w, 0), (w, 1)]))
             elif op == "ConvTranspose":
@@ -970,7 +966,7 @@ def kernel_uses(s: _Shapes, graph: ir.Graph) -> list[KernelUse]:
                 uses.append(KernelUse(node, w, (node.inputs[0], 1), [(w, 0), (w, 1)]))
             elif op == "Gemm":
                 w = node.inputs[1]
-                ka = 0 if int(_attr(node, "transA", 0)) else 1
+                ka = 0 if int(attr(node, "transA", 0)) else 1
                 uses.append(KernelUse(node, w, (node.inputs[0], ka), [(w, 0), (w, 1)]))
             else:
                 A, B, y = node.inputs[0], node.inputs[1], node.outputs[0]
@@ -985,18 +981,10 @@ def kernel_uses(s: _Shapes, graph: ir.Graph) -> list[KernelUse]:
 
 
 def _sources(s: _Shapes, kernels: list[KernelUse]) -> list[tuple[ir.Value, int]]:
-    out = []
-    for k in kernels:
-        op = k.node.op_type
-        if op == "Conv" and s.const(k.weight) is not None:
-            out.append((k.weight, 0))
-        elif op == "ConvTranspose" and s.const(k.weight) is not None:
-            out.append((k.weight, 1))
-        elif op == "Gemm" and s.const(k.weight) is not None:
-            out.append((k.weight, 0 if int(_attr(k.node, "transB", 0)) else 1))
-        elif op == "MatMul" and k.weight is not None:
-            out.append((k.weight, 1))
-    return out
+    """The output-channel axis of every constant kernel weight (a MatMul's is constant
+    whenever `kernel_uses` recorded one)."""
+    return [(k.weight, weight_out_axis(k.node)) for k in kernels
+            if k.weight is not None and s.const(k.weight) is not None]
 
 
 def _visit(s: _Shapes, graph: ir.Graph, v: ir.Value, a: int) -> tuple[list[Link], list[str]]:
@@ -1042,7 +1030,7 @@ def _classify(s: _Shapes, group_nodes: list[AxisNode], kernels_by_weight) -> tup
                 has_conv = True
         if an.constant and id(an.value) in kernels_by_weight:
             for k in kernels_by_weight[id(an.value)]:
-                out_axis = _kernel_out_axis(k)
+                out_axis = weight_out_axis(k.node)
                 if an.axis == out_axis:
                     if not name:
                         name = k.node.name or an.value.name
@@ -1057,17 +1045,6 @@ def _classify(s: _Shapes, group_nodes: list[AxisNode], kernels_by_weight) -> tup
                 names.append(an.value.name or "")
         name = names[0] if names else group_nodes[0].label()
     return kind, name, [n for n in names if n]
-
-
-def _kernel_out_axis(k: KernelUse) -> int:
-    op = k.node.op_type
-    if op == "Conv":
-        return 0
-    if op == "ConvTranspose":
-        return 1
-    if op == "Gemm":
-        return 0 if int(_attr(k.node, "transB", 0)) else 1
-    return 1
 
 
 def analyze(model: ir.Model) -> Analysis:

@@ -58,8 +58,9 @@ from ...ir import constant_array, infer_shapes, load_model
 from ...metrics import MAC_OPS, compute_metrics, node_macs
 from ...shapes import model_inputs
 from ..base import ForgePass, option, register
+from ..graph import attr, weight_out_axis
 from .apply import PruneApplyError, apply_plan, group_removed, kept_indices
-from .groups import Analysis, Group, _attr, _Shapes, analyze
+from .groups import Analysis, Group, _Shapes, analyze
 from .recover import RefitTarget, conv_geometry, node_dag, recover
 
 logger = logging.getLogger(__name__)
@@ -471,8 +472,7 @@ class PrunePass(ForgePass):
             w = s.const(k.weight)
             if w is None or len(k.weight.uses()) != 1:
                 continue  # shared weight: a refit for one user would break the other
-            out_axis = {"Conv": 0, "Gemm": 0 if int(_attr(node, "transB", 0)) else 1,
-                        "MatMul": 1}[node.op_type]
+            out_axis = weight_out_axis(node)
             out_nid = analysis.index.get((id(k.weight), out_axis))
             kept_out = kept.get(out_nid) if out_nid is not None else None
             if kept_out is None:
@@ -484,10 +484,10 @@ class PrunePass(ForgePass):
                     continue
                 attrs["geometry"] = conv_geometry(node, xs, w.shape, ys)
             elif node.op_type == "Gemm":
-                if float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) \
-                        != 1.0 or int(_attr(node, "transA", 0)):
+                if float(attr(node, "alpha", 1.0)) != 1.0 or float(attr(node, "beta", 1.0)) \
+                        != 1.0 or int(attr(node, "transA", 0)):
                     continue
-                attrs["transB"] = int(_attr(node, "transB", 0))
+                attrs["transB"] = int(attr(node, "transB", 0))
             targets.append(RefitTarget(node, np.asarray(kept_out), attrs))
         return targets
 

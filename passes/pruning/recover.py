@@ -42,8 +42,8 @@ import onnx_ir as ir
 from ...activations import with_outputs
 from ...backends.ort import OrtArtifact
 from ...ir import add_initializer, constant_array
+from ..graph import attr
 from .apply import set_constant
-from .groups import _attr
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ def _im2col(x: np.ndarray, kernel, strides, pads, dilations) -> np.ndarray:
 def conv_geometry(node: ir.Node, x_shape, w_shape, y_shape):
     """(kernel, strides, pads, dilations) of a 2-D conv, resolving auto_pad."""
     kernel = tuple(w_shape[2:])
-    strides = tuple(_attr(node, "strides", (1, 1)))
-    dilations = tuple(_attr(node, "dilations", (1, 1)))
-    auto = _attr(node, "auto_pad", "NOTSET")
+    strides = tuple(attr(node, "strides", (1, 1)))
+    dilations = tuple(attr(node, "dilations", (1, 1)))
+    auto = attr(node, "auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0, 0, 0, 0]
@@ -93,7 +93,7 @@ def conv_geometry(node: ir.Node, x_shape, w_shape, y_shape):
     elif auto == "VALID":
         pads = [0, 0, 0, 0]
     else:
-        pads = list(_attr(node, "pads", (0, 0, 0, 0)))
+        pads = list(attr(node, "pads", (0, 0, 0, 0)))
     return kernel, strides, tuple(pads), dilations
 
 
@@ -265,7 +265,7 @@ def _bn_update(bn: ir.Node, graph: ir.Graph, orig: tuple, pruned: tuple,
     mu, var = constant_array(bn.inputs[3]), constant_array(bn.inputs[4])
     if mu is None or var is None or mu.shape != mean_p.shape or mean_o.shape != mean_p.shape:
         return False
-    eps = float(_attr(bn, "epsilon", 1e-5))
+    eps = float(attr(bn, "epsilon", 1e-5))
     sigma = np.sqrt(var.astype(np.float64) + eps)
     ok = var_o > 1e-12
     ratio = np.where(ok, np.sqrt(np.maximum(var_p, 0) / np.where(ok, var_o, 1)), 1.0)

@@ -50,6 +50,14 @@ from ...activations import iter_activations
 from ...errors import InputSpecError
 from ...ir import constant_array
 from ..base import option
+from ..graph import (
+    attr,
+    bypass,
+    output_channels,
+    remove_unused,
+    sole_consumer,
+    weight_axis,
+)
 from ..naming import NameAllocator
 from .observers import (
     ChannelMeanObserver,
@@ -59,13 +67,7 @@ from .observers import (
     make_range,
     quantize_weight,
 )
-from .prepare import (
-    attr,
-    ensure_node_names,
-    is_float,
-    only_consumer,
-    remove_unused,
-)
+from .prepare import ensure_node_names, is_float
 
 logger = logging.getLogger(__name__)
 
@@ -157,19 +159,6 @@ class QuantPlan:
 
 def _is_activation(v: ir.Value | None) -> bool:
     return v is not None and constant_array(v) is None and is_float(v)
-
-
-def _weight_axis(node: ir.Node, w: np.ndarray) -> int | None:
-    """Output-channel axis of a compute node's weight, None when per-tensor only."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1 if int(attr(node, "group", 1)) == 1 else None
-    if node.op_type == "Gemm":
-        return 0 if int(attr(node, "transB", 0)) else 1
-    if node.op_type == "MatMul":
-        return 1 if w.ndim == 2 else None
-    return None
 
 
 def compute_eligibility(node: ir.Node, opts: QuantizeOptions, allowed: set[str]) -> str | None:
@@ -368,7 +357,7 @@ def _foldable_relu(n: ir.Node, avail: set[str], in_n: set[ir.Node]) -> bool:
     if x is None or x.name not in avail or y.is_graph_output() or x.is_graph_output():
         return False
     producer = x.producer()
-    if producer is None or producer not in in_n or only_consumer(x) is not n:
+    if producer is None or producer not in in_n or sole_consumer(x) is not n:
         return False
     if producer.op_type not in COMPUTE_OPS and producer.op_type not in INT8_OPS:
         return False
@@ -677,30 +666,20 @@ def apply_plan(model: ir.Model, plan: QuantPlan, ranges: dict[str, QuantRange],
     return stats
 
 
-def _output_channels(n: ir.Node, w: np.ndarray) -> int:
-    if n.op_type == "Conv":
-        return int(w.shape[0])
-    if n.op_type == "ConvTranspose":
-        return int(w.shape[1] * int(attr(n, "group", 1)))
-    if n.op_type == "Gemm":
-        return int(w.shape[0] if int(attr(n, "transB", 0)) else w.shape[1])
-    return int(w.shape[-1])
-
-
 def _quantize_compute(builder: _Builder, n: ir.Node, r_in: QuantRange | None,
                       shift: np.ndarray | None, stats: dict[str, Any]) -> WeightRecord | None:
     if n.op_type == "MatMul" and constant_array(n.inputs[1]) is None:
         return None  # two activations: both inputs were quantized as tensors
     w = constant_array(n.inputs[1])
     assert w is not None
-    axis = _weight_axis(n, w)
+    axis = weight_axis(n, w)
     dq, scales = builder.weight_dq(n, 1, w, axis)
     n.replace_input_with(1, dq)
     stats["weights_quantized"] += 1
     eff_axis = axis if builder.opts.per_channel and builder.opset >= 13 else None
     _, _, w_deq = quantize_weight(w, eff_axis, method=builder.opts.weight_calibration)
     if n.op_type in ("Conv", "ConvTranspose", "Gemm"):
-        cout = _output_channels(n, w)
+        cout = output_channels(n, w)
         has_bias = len(n.inputs) > 2 and n.inputs[2] is not None
         b = constant_array(n.inputs[2]) if has_bias else np.zeros(cout, dtype=np.float32)
         if b is not None and b.dtype == np.float32 and b.size == cout and r_in is not None \
@@ -763,10 +742,8 @@ def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *, min_si
         out = mul.outputs[0]
         out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
         graph.insert_before(n, [g_rows, cast, g_scale, unsq, mul])
-        name = y.name
-        y.replace_all_uses_with(out, replace_graph_outputs=True)
+        bypass(y, out)
         graph.remove(n, safe=True)
-        out.name = name
         count += 1
     if count:
         remove_unused(model)

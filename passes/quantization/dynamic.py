@@ -20,10 +20,11 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir import constant_array
+from ..graph import attr, bypass, remove_unused
 from ..naming import NameAllocator
 from .core import quantize_embeddings
 from .observers import quantize_weight
-from .prepare import add_const, attr, ensure_node_names, is_float, remove_unused
+from .prepare import add_const, ensure_node_names, is_float
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,6 @@ def _rewrite(graph: ir.Graph, n: ir.Node, per_channel: bool, names: NameAllocato
         result = add.outputs[0]
     graph.insert_before(n, new_nodes)
     y = n.outputs[0]
-    result.name = None
     result.type, result.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
-    name = y.name
-    y.replace_all_uses_with(result, replace_graph_outputs=True)
+    bypass(y, result)
     graph.remove(n, safe=True)
-    result.name = name

@@ -23,8 +23,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir import constant_array
+from ..graph import remove_unused
 from ..naming import NameAllocator
-from .prepare import add_const, ensure_node_names, remove_unused
+from .prepare import add_const, ensure_node_names
 
 logger = logging.getLogger(__name__)
 

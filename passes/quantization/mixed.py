@@ -43,6 +43,7 @@ import onnx_ir as ir
 from ...backends.ort import OrtArtifact
 from ...errors import OnnxforgeError
 from ...ir import constant_array, infer_shapes, load_model
+from ..graph import remove_unused
 from ..naming import NameAllocator
 from .core import (
     QuantizeOptions,
@@ -61,7 +62,6 @@ from .prepare import (
     fuse_hardswish,
     matmul_add_to_gemm,
     normalize_gemm,
-    remove_unused,
     upgrade_opset,
 )
 from .repair import analytic_bias_shifts

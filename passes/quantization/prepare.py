@@ -19,28 +19,20 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from ...ir import constant_array
+from ..graph import (
+    attr,
+    batchnorm_affine,
+    bypass,
+    output_channels,
+    remove_unused,
+    scale_output_channels,
+    sole_consumer,
+)
 from ..naming import NameAllocator
 
 logger = logging.getLogger(__name__)
-
-
-def attr(node: ir.Node, name: str, default=None):
-    """Python value of a node attribute, or `default`."""
-    a = node.attributes.get(name)
-    if a is None:
-        return default
-    return a.value
-
-
-def only_consumer(value: ir.Value) -> ir.Node | None:
-    """The single node consuming `value` (None if several, none, or a graph output)."""
-    if value.is_graph_output():
-        return None
-    consumers = value.consumers()
-    return consumers[0] if len(consumers) == 1 else None
 
 
 def is_float(value: ir.Value | None) -> bool:
@@ -62,11 +54,6 @@ def ensure_node_names(graph: ir.Graph) -> None:
             n.name = names.node(f"{n.op_type}_{i}")
 
 
-def remove_unused(model: ir.Model) -> None:
-    """Dead-code elimination of nodes and initializers (onnx_ir's common pass)."""
-    ir.passes.common.RemoveUnusedNodesPass()(model)
-
-
 def fold_batchnorm(model: ir.Model) -> int:
     """Fold inference BatchNormalization nodes into the preceding Conv/ConvTranspose."""
     graph = model.graph
@@ -75,52 +62,31 @@ def fold_batchnorm(model: ir.Model) -> int:
     for bn in list(graph):
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
             continue
-        if len(bn.outputs) != 1 or attr(bn, "training_mode", 0):
-            continue
         x = bn.inputs[0]
         conv = x.producer() if x is not None else None
-        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or only_consumer(x) is not bn:
+        if len(bn.outputs) != 1 or conv is None or conv.op_type not in ("Conv", "ConvTranspose") \
+                or sole_consumer(x) is not bn:
             continue
+        has_b = len(conv.inputs) > 2 and conv.inputs[2] is not None
         w = constant_array(conv.inputs[1])
-        b = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
-        params = [constant_array(v) for v in bn.inputs[1:5]]
-        if w is None or any(p is None for p in params) or (len(conv.inputs) > 2 and conv.inputs[2] is not None and b is None):
+        b = constant_array(conv.inputs[2]) if has_b else None
+        # initializers that are also graph inputs are folded too (old exporters list them)
+        affine = batchnorm_affine(bn, constant_array)
+        if w is None or affine is None or (has_b and b is None):
             continue
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)  # type: ignore[union-attr]
-        eps = float(attr(bn, "epsilon", 1e-5))
-        factor = gamma / np.sqrt(var + eps)
-        cout = factor.size
-        if conv.op_type == "Conv":
-            if w.shape[0] != cout:
-                continue
-            w_new = w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))
-        else:
-            group = int(attr(conv, "group", 1))
-            cin = w.shape[0]
-            if w.shape[1] * group != cout:
-                continue
-            w6 = w.astype(np.float64).reshape(group, cin // group, w.shape[1], *w.shape[2:])
-            f = factor.reshape(group, 1, w.shape[1], *([1] * (w.ndim - 2)))
-            w_new = (w6 * f).reshape(w.shape)
-        b0 = b.astype(np.float64) if b is not None else np.zeros(cout)
-        b_new = (b0 - mean) * factor + beta
+        s, t = affine
+        if output_channels(conv, w) != s.size:
+            continue
+        w_new = scale_output_channels(conv, w.astype(np.float64), s)
+        b_new = (b.astype(np.float64) if b is not None else np.zeros(s.size)) * s + t
         w_val = names.initializer(f"{conv.name or 'conv'}_bnfold_W", w_new.astype(np.float32))
         b_val = names.initializer(f"{conv.name or 'conv'}_bnfold_B", b_new.astype(np.float32))
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
         conv.replace_input_with(1, w_val)
         conv.replace_input_with(2, b_val)
-        y = bn.outputs[0]
-        if y.is_graph_output():
-            # Keep the graph output's name on the conv output.
-            idx = next(i for i, o in enumerate(graph.outputs) if o is y)
-            name = y.name
-            graph.outputs[idx] = x
-            graph.remove(bn, safe=False)
-            x.name = name
-        else:
-            y.replace_all_uses_with(x)
-            graph.remove(bn, safe=True)
+        bypass(bn.outputs[0], x, rename=False, annotate=False)  # a graph output keeps its name
+        graph.remove(bn, safe=True)
         folded += 1
     if folded:
         remove_unused(model)
@@ -171,7 +137,7 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
             continue
         w = constant_array(mm.inputs[1])
         y = mm.outputs[0]
-        add = only_consumer(y)
+        add = sole_consumer(y)
         if w is None or w.ndim != 2 or w.dtype != np.float32 or add is None or add.op_type != "Add":
             continue
         other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
@@ -216,11 +182,9 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
         z = add.outputs[0]
         result.type, result.shape = ir.TensorType(ir.DataType.FLOAT), z.shape
         graph.insert_before(add, nodes)
-        name = z.name
-        z.replace_all_uses_with(result, replace_graph_outputs=True)
+        bypass(z, result)
         graph.remove(add, safe=True)
         graph.remove(mm, safe=True)
-        result.name = name
         count += 1
     if count:
         remove_unused(model)
@@ -280,24 +244,24 @@ def fuse_hardswish(model: ir.Model) -> int:
             x, three = add.inputs[0], consts[1]
         else:
             continue
-        clip = only_consumer(add.outputs[0])
+        clip = sole_consumer(add.outputs[0])
         if three != 3.0 or clip is None or clip.op_type != "Clip":
             continue
         lo = _scalar(clip.inputs[1]) if len(clip.inputs) > 1 else attr(clip, "min")
         hi = _scalar(clip.inputs[2]) if len(clip.inputs) > 2 else attr(clip, "max")
         if lo != 0.0 or hi != 6.0:
             continue
-        nxt = only_consumer(clip.outputs[0])
+        nxt = sole_consumer(clip.outputs[0])
         if nxt is None:
             continue
         # Either Div(clip, 6) -> Mul(x, .) or Mul(x, clip) -> Div(., 6)
         if nxt.op_type == "Div" and nxt.inputs[0] is clip.outputs[0] and _scalar(nxt.inputs[1]) == 6.0:
-            mul = only_consumer(nxt.outputs[0])
+            mul = sole_consumer(nxt.outputs[0])
             last = mul
             ok = mul is not None and mul.op_type == "Mul" and set(mul.inputs) == {x, nxt.outputs[0]}
             chain = [add, clip, nxt, mul]
         elif nxt.op_type == "Mul" and set(nxt.inputs) == {x, clip.outputs[0]}:
-            div = only_consumer(nxt.outputs[0])
+            div = sole_consumer(nxt.outputs[0])
             last = div
             ok = div is not None and div.op_type == "Div" and div.inputs[0] is nxt.outputs[0] \
                 and _scalar(div.inputs[1]) == 6.0
@@ -314,11 +278,9 @@ def fuse_hardswish(model: ir.Model) -> int:
             out = sig.outputs[0]
             out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
             graph.insert_before(add, sig)
-            name = y.name
-            y.replace_all_uses_with(out, replace_graph_outputs=True)
+            bypass(y, out)
             for node in (nxt, clip, add):
                 graph.remove(node, safe=True)
-            out.name = name
             count += 1
             continue
         if not ok or last is None:
@@ -337,11 +299,9 @@ def fuse_hardswish(model: ir.Model) -> int:
             out = mul.outputs[0]
         out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
         graph.insert_before(add, new_nodes)
-        name = y.name
-        y.replace_all_uses_with(out, replace_graph_outputs=True)
+        bypass(y, out)
         for node in reversed(chain):
             graph.remove(node, safe=True)
-        out.name = name
         count += 1
     if count:
         remove_unused(model)
@@ -403,7 +363,7 @@ def fold_conv_bias_add(model: ir.Model) -> int:
             for i in (0, 1):
                 y, other = node.inputs[i], node.inputs[1 - i]
                 conv = y.producer() if y is not None else None
-                if conv is None or conv.op_type != "Conv" or only_consumer(y) is not node:
+                if conv is None or conv.op_type != "Conv" or sole_consumer(y) is not node:
                     continue
                 w = constant_array(conv.inputs[1])
                 c = _folded_constant(other)
@@ -428,13 +388,8 @@ def fold_conv_bias_add(model: ir.Model) -> int:
                     conv.resize_inputs(3)
                 conv.replace_input_with(2, names.initializer(f"{conv.name}_bias_folded",
                                                            new_b.astype(np.float32)))
-                z = node.outputs[0]
-                name = z.name
-                was_output = z.is_graph_output()
-                z.replace_all_uses_with(y, replace_graph_outputs=True)
+                bypass(node.outputs[0], y, rename=False, annotate=False)
                 graph.remove(node, safe=True)
-                if was_output:
-                    y.name = name
                 count += 1
                 changed = True
                 break

@@ -26,30 +26,17 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common  # RemoveUnusedNodesPass
 
 from ...activations import iter_activations
 from ...ir import constant_array
+from ..graph import attr, remove_unused, sole_consumer, weight_axis
 from ..naming import NameAllocator
 from .observers import ChannelMeanObserver, quantize_weight
-from .prepare import attr, only_consumer
 
 logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- bias correction
-
-
-def weight_axis(node: ir.Node, w: np.ndarray) -> int | None:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if int(attr(node, "transB", 0)) else 1
-    if node.op_type == "MatMul":
-        return 1 if w.ndim == 2 else None
-    if node.op_type == "ConvTranspose":
-        return 1 if int(attr(node, "group", 1)) == 1 else None
-    return None
 
 
 def expected_output_shift(node: ir.Node, w: np.ndarray, w_deq: np.ndarray,
@@ -121,9 +108,9 @@ def equalizable_pairs(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
         if n1.op_type == "Gemm" and int(attr(n1, "transA", 0)):
             continue
         y = n1.outputs[0]
-        nxt = only_consumer(y)
+        nxt = sole_consumer(y)
         if nxt is not None and nxt.op_type == "Relu":
-            nxt = only_consumer(nxt.outputs[0])
+            nxt = sole_consumer(nxt.outputs[0])
         if nxt is None or nxt.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
         if nxt.op_type == "Conv" and int(attr(nxt, "group", 1)) != 1:
@@ -179,7 +166,7 @@ def equalize_model(model: ir.Model, iterations: int = 8) -> int:
                 w2n = w2 * s[None, :]
             n2.replace_input_with(1, names.initializer(f"{n2.name}_cle_W", w2n.astype(np.float32)))
     if pairs:
-        ir.passes.common.RemoveUnusedNodesPass()(model)
+        remove_unused(model)
     logger.info("cross-layer equalization: %d pairs", len(pairs))
     return len(pairs)
 
@@ -309,5 +296,5 @@ def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | No
                 wn = w * s[:, None]
             c.replace_input_with(1, names.initializer(f"{c.name}_smooth_W", wn.astype(np.float32)))
         done += 1
-    ir.passes.common.RemoveUnusedNodesPass()(model)
+    remove_unused(model)
     return done
