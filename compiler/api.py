@@ -363,7 +363,7 @@ class CompileResult:
     report: dict[str, Any]
     written: list[str] = field(default_factory=list)
     verification: Any | None = None  # backends.tvm.Verification, when it ran
-    tuning: Any | None = None  # backends.tuning result, when tune_trials > 0
+    tuning: Any | None = None  # backends.tvm.tuning.TuningReport, when tune_trials > 0
     pipeline: str = ""  # the pass pipeline that ran first ("" none)
 
 
@@ -417,8 +417,8 @@ def compile(
     None: nothing written), following the module's recipe. `verify=None` verifies when
     the code can run here, True demands it, False skips it. Raises VerificationError (with
     `.verification` and `.report` attached) and writes nothing when the check fails."""
-    from .backends.tuning import tune
     from .backends.tvm import compile_model, verify_artifact
+    from .backends.tvm.tuning import tune
 
     reads = files_read(model)  # nothing written may be one of these (checked again later)
     check_writes([("output", output), ("report", report_path)], reads)

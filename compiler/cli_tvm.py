@@ -1,8 +1,8 @@
 """The TVM commands of the `onnxforge` CLI: `targets`, `compile` and `tune`.
 
 `compiler/cli.py` calls `register(app)`. Every command is a thin layer over
-`onnxforge.backends.{targets,tvm,tuning}`; errors are onnxforge exceptions, which the
-main CLI prints on one line (traceback with --debug).
+`onnxforge.api` and `onnxforge.backends.{targets,tvm}`; errors are onnxforge exceptions,
+which the main CLI prints on one line (traceback with --debug).
 
 Examples:
   onnxforge targets
@@ -310,8 +310,8 @@ def register(app: typer.Typer) -> None:
           [bold]onnxforge tune model.onnx -t host --tuning-db db/ --trials 128 --seconds 900[/]
           [bold]onnxforge tune model.onnx -t host --tuning-db db/ --method configs[/]
         """
-        from .backends.config_tuning import search_configs
-        from .backends.tuning import tune
+        from .backends.tvm.config_tuning import search_configs
+        from .backends.tvm.tuning import tune
 
         started = time.monotonic()
         why_not = None if method == TuneMethod.metaschedule else \

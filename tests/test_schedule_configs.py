@@ -24,7 +24,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from onnxforge.backends.config_tuning import search_configs
 from onnxforge.backends.targets import resolve_target, target_key
 from onnxforge.backends.tvm import (
     compare_to_ort,
@@ -33,6 +32,7 @@ from onnxforge.backends.tvm import (
     random_inputs,
     resolve_tuning_db,
 )
+from onnxforge.backends.tvm.config_tuning import search_configs
 from onnxforge.backends.tvm.database import save_configs
 from onnxforge.kernels import schedule_configs
 from onnxforge.kernels.cpu_contraction import TileChoice, choose_tile, tile_config, tile_options
@@ -347,12 +347,9 @@ def test_shipped_database_matches_the_target_class(conv_path, tmp_path, no_shipp
 
 def test_tuner_baseline_times_the_default_schedule_with_the_configs(conv_path, tmp_path):
     """MetaSchedule's default-schedule baseline uses the configs compile would apply."""
-    from onnxforge.backends.tuning import (
-        BASELINE_FILE,
-        _measure_default_schedules,
-        extract_tasks,
-        read_baselines,
-    )
+    from onnxforge.backends.tvm.database import BASELINE_FILE, read_baselines
+    from onnxforge.backends.tvm.metaschedule import extract_tasks
+    from onnxforge.backends.tvm.tuning_worker import measure_default_schedules
     from tvm.s_tir import meta_schedule as ms
 
     func = kernel(conv_path)
@@ -388,8 +385,8 @@ def test_tuner_baseline_times_the_default_schedule_with_the_configs(conv_path, t
             path_workload=str(work_dir / "database_workload.json"),
             path_tuning_record=str(work_dir / "database_tuning_record.json"),
             allow_missing=True)
-        _measure_default_schedules(tasks, prepared.mod, HOST, builder, Runner(), database,
-                                   work_dir, work_dir / "progress.jsonl")
+        measure_default_schedules(tasks, prepared.mod, HOST, builder, Runner(), database,
+                                  work_dir, work_dir / "progress.jsonl")
         (built,) = [f for mod in builder.mods for _, f in mod.functions_items()]
         timed = built.attrs.get(CONFIG_ATTR)
         assert (None if timed is None else json.loads(str(timed))) == expect

@@ -25,12 +25,6 @@ tvm = pytest.importorskip("tvm")
 pytest.importorskip("xgboost")
 
 from onnxforge.backends.targets import resolve_target, target_key
-from onnxforge.backends.tuning import (
-    RECORD_FILE,
-    WORKLOAD_FILE,
-    count_records,
-    tune,
-)
 from onnxforge.backends.tvm import (
     compare_to_ort,
     compile_model,
@@ -38,6 +32,8 @@ from onnxforge.backends.tvm import (
     random_inputs,
     resolve_tuning_db,
 )
+from onnxforge.backends.tvm.database import RECORD_FILE, WORKLOAD_FILE, count_records
+from onnxforge.backends.tvm.tuning import tune
 from onnxforge.errors import BackendError, InputSpecError
 
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
@@ -126,7 +122,7 @@ def test_tuning_measures_and_persists_per_target(tuned):
 def test_baseline_is_timed_with_the_schedule_configs(tuned):
     """The default schedule the tuner times is the one compile builds: with the database's
     measured knob settings; the tuner leaves the config file itself alone."""
-    from onnxforge.backends.tuning import read_baselines
+    from onnxforge.backends.tvm.database import read_baselines
     from onnxforge.kernels.schedule_configs import CONFIG_FILE, load_configs
 
     _, report, _ = tuned
@@ -185,7 +181,7 @@ def test_default_schedule_baseline_decides_per_function(tuned, model_path, tmp_p
     """A tuning record is applied only when it beats the default schedule's measured time."""
     import shutil
 
-    from onnxforge.backends.tuning import BASELINE_FILE
+    from onnxforge.backends.tvm.database import BASELINE_FILE
 
     _, report, _ = tuned
     db_dir = Path(report.db_dir)
@@ -290,7 +286,7 @@ def test_rpc_tuning_through_a_loopback_tracker(model_path, tmp_path):
         for err in compare_to_ort(art, model_path, random_inputs(art.inputs)):
             assert err.within(1e-4)
         with pytest.raises(BackendError, match="no device with key 'nope'"):
-            from onnxforge.backends.tuning import check_rpc_device
+            from onnxforge.backends.tvm.metaschedule import check_rpc_device
 
             check_rpc_device(f"127.0.0.1:{port}", "nope", wait=2)
     finally:

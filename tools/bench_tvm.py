@@ -147,7 +147,7 @@ def bench_model(name: str, path: Path, shapes: dict, args) -> dict:
         labels.append("tvm_naive")
     if args.tuning_db:
         if args.tune_trials:
-            from onnxforge.backends.tuning import tune
+            from onnxforge.backends.tvm.tuning import tune
 
             report = tune(model, args.target, args.tuning_db, max_trials=args.tune_trials,
                           max_seconds=args.tune_seconds, input_shapes=shapes or None,

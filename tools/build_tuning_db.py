@@ -4,7 +4,7 @@
 For every zoo model (and the shipped digits CNN), as imported and after onnxforge's
 exact `cleanup,fuse` pipeline (the two forms users compile), every fused kernel whose
 default CPU rule has knobs gets each setting timed on this machine
-(`onnxforge.backends.config_tuning.search_configs`). Per kernel the fastest setting is
+(`onnxforge.backends.tvm.config_tuning.search_configs`). Per kernel the fastest setting is
 kept when it beats the rules' heuristic by 3 % and gives the same output; kernels where
 the heuristic won are recorded too (config null), so nothing is measured twice.
 
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="budget per model form, seconds")
     args = parser.parse_args(argv)
 
-    from onnxforge.backends.config_tuning import search_configs
     from onnxforge.backends.targets import resolve_target, target_key
+    from onnxforge.backends.tvm.config_tuning import search_configs
     from onnxforge.errors import OnnxforgeError
     from onnxforge.kernels.schedule_configs import CONFIG_FILE, load_configs, target_class
 

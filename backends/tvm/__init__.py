@@ -9,7 +9,9 @@
 Read in this order: `pipeline` (the whole lowering, top to bottom), `importer` (ONNX ->
 Relax and what is refused), `schedules` and `database` (who schedules each kernel),
 `artifact` (run, time, export), `verification` (against onnxruntime), `aarch64` (ARM
-code under qemu). MetaSchedule tuning is `onnxforge.backends.tuning`.
+code under qemu). Tuning: `tuning` (MetaSchedule: the run, in the parent process),
+`tuning_worker` (the process that searches), `metaschedule` (the pieces put into the
+search, RPC) and `config_tuning` (the default rules' knob settings).
 
 Threads: TVM's thread pool is sized once per process from `TVM_NUM_THREADS` (default:
 half the logical CPUs, i.e. 1 on a 2-core machine). Importing this package sets

@@ -3,17 +3,27 @@ it to a fused module (keeping the default schedule where the tuner measured it f
 
 A database folder holds MetaSchedule's two JSON-lines files, the default-schedule
 latencies the tuner measured (`BASELINE_FILE`) and the measured knob settings of the
-default rules (`schedule_configs.json`, format in `kernels.schedule_configs`)."""
+default rules (`schedule_configs.json`, format in `kernels.schedule_configs`).
+
+A tuning run writes into a staging copy of the folder (`staging_copy`) and moves what it
+measured over the database at the end (`commit_staging`), under a lock (`db_lock`): a
+crash or kill never leaves a half-written database."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ... import safe_write
+from ...errors import BackendError
 from ...kernels.schedule_configs import CONFIG_FILE, configs_document
 from ..targets import target_key
 from .schedules import is_scheduled
@@ -122,3 +132,121 @@ def save_configs(db_dir: Path, entries: Mapping[str, dict], target_cls: str | No
     safe_write.write_json(path, configs_document(entries, target_cls, provenance),
                           label="schedule configs")
     return path
+
+
+def write_baselines(db_dir: Path, baselines: Mapping[str, dict]) -> None:
+    """Write `BASELINE_FILE` (the format `read_baselines` reads) atomically."""
+    _write_atomic(db_dir / BASELINE_FILE, [json.dumps(baselines, indent=1, sort_keys=True)])
+
+
+# ---------------------------------------------------------------------------------------
+# Writing the database: a staging copy, committed under a lock
+# ---------------------------------------------------------------------------------------
+
+def _valid_lines(path: Path) -> list[str]:
+    """Lines of a JSON-lines file that parse; stops at the first broken one (a torn write)."""
+    if not path.is_file():
+        return []
+    lines = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                break
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                break
+            lines.append(line)
+    return lines
+
+
+def count_records(db_dir: Path) -> int:
+    return len(_valid_lines(db_dir / RECORD_FILE))
+
+
+def _sanitize(staging: Path) -> tuple[list[str], list[str]]:
+    """Whole workload lines, and the record lines that refer to one of them."""
+    workloads = _valid_lines(staging / WORKLOAD_FILE)
+    records = [line for line in _valid_lines(staging / RECORD_FILE)
+               if isinstance(json.loads(line), list) and 0 <= json.loads(line)[0] < len(workloads)]
+    return workloads, records
+
+
+def _write_atomic(path: Path, lines: Sequence[str]) -> None:
+    safe_write.write_text(path, "".join(lines))  # temp + fsync + rename, umask mode
+
+
+@contextlib.contextmanager
+def db_lock(db_dir: Path, *, wait: float = 3600.0):
+    """An exclusive lock on a database folder (one tuner per target at a time)."""
+    db_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(db_dir / ".lock", "w")  # noqa: SIM115 - closed below
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise BackendError(f"{db_dir} is locked by another tuning run") from None
+                time.sleep(0.5)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def staging_copy(db_dir: Path) -> Path:
+    """A new staging folder inside `db_dir` holding a copy of the database's files (the
+    schedule configs too: the tuner times the default schedule with them). Call it under
+    `db_lock`; staging folders a killed tuner left behind are removed first."""
+    _remove_stale_staging(db_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=db_dir))
+    for name in (WORKLOAD_FILE, RECORD_FILE, BASELINE_FILE, CONFIG_FILE):
+        if (db_dir / name).is_file():
+            shutil.copyfile(db_dir / name, staging / name)
+    return staging
+
+
+def _remove_stale_staging(db_dir: Path) -> None:
+    """Staging folders left by a tuner that was killed (its pid is gone)."""
+    for folder in db_dir.glob(".staging-*"):
+        try:
+            pid = int(folder.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def commit_staging(staging: Path, db_dir: Path) -> int:
+    """Move the staging database over the real one (workloads first: records refer to
+    them): the files are cut back to their last whole record and checked by loading them.
+    Returns the number of records the database now holds."""
+    workloads, records = _sanitize(staging)
+    if not workloads:
+        return count_records(db_dir)
+    # A final check that TVM can read what is about to become the database.
+    check = Path(tempfile.mkdtemp(prefix=".check.", dir=staging))
+    try:
+        (check / WORKLOAD_FILE).write_text("".join(workloads), encoding="utf-8")
+        (check / RECORD_FILE).write_text("".join(records), encoding="utf-8")
+        open_database(check)
+    finally:
+        shutil.rmtree(check, ignore_errors=True)
+    _write_atomic(db_dir / WORKLOAD_FILE, workloads)
+    _write_atomic(db_dir / RECORD_FILE, records)
+    baselines = read_baselines(db_dir)
+    baselines.update(read_baselines(staging))
+    if baselines:
+        write_baselines(db_dir, baselines)
+    return len(records)

@@ -1,6 +1,6 @@
 """Schedule-config search: the fast tuner (minutes) in front of MetaSchedule (hours).
 
-    from onnxforge.backends.config_tuning import search_configs
+    from onnxforge.backends.tvm.config_tuning import search_configs
     report = search_configs("model.onnx", "host", "tuning/")
     art = compile_model("model.onnx", "host", tuning_db="tuning/")   # applies it
 
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError
-from .targets import canonical_json, resolve_target, runs_on_this_machine, target_key
+from ...errors import BackendError
+from ..targets import canonical_json, resolve_target, runs_on_this_machine, target_key
 
 
 @dataclass
@@ -74,11 +74,10 @@ def search_configs(
         retune: measure kernels the database already has again.
         progress: called as (kernels done, kernels to do, kernel name).
     """
-    from ..kernels.config_search import search_module
-    from ..kernels.schedule_configs import load_configs, target_class
-    from .tuning import db_lock
-    from .tvm.database import resolve_tuning_db, save_configs
-    from .tvm.pipeline import prepare_module
+    from ...kernels.config_search import search_module
+    from ...kernels.schedule_configs import load_configs, target_class
+    from .database import db_lock, resolve_tuning_db, save_configs
+    from .pipeline import prepare_module
 
     started = time.monotonic()
     tvm_target = resolve_target(target)
