@@ -210,7 +210,7 @@ def compile_model(
         model: `onnx.ModelProto`, `onnx_ir.Model` or a path.
         target: e.g. "host", "cortex-a72", "cuda-sm87", "opencl-mali" or a JSON dict.
         input_shapes: concrete shapes for inputs with dynamic dims.
-        tuning_db: folder written by `onnxforge.backends.tuning.tune` (its per-target
+        tuning_db: folder written by `tuning.tune` (its per-target
             subfolder is chosen here) or a plain MetaSchedule work dir. Never tunes.
         default_schedules: schedule what the database does not cover with onnxforge's
             default CPU rules (CPU) or dlight (GPU). GPU code always needs them.
