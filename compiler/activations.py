@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .backends.ort import OrtArtifact
+from .errors import BackendError
 from .ir import load_model
 
 
@@ -33,6 +34,29 @@ def with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
     return copy
 
 
+class ActivationReader:
+    """One onnxruntime session on a copy of `model` that also outputs `names`.
+
+    `read` computes any of those values (or of the model's outputs) on a batch; graph
+    inputs come from the batch itself. The session runs unoptimized, so every named
+    value exists as it is in the model.
+    """
+
+    def __init__(self, model: ir.Model, names: Iterable[str], *, threads: int | None = None):
+        self.artifact = OrtArtifact(with_outputs(model, names), threads=threads, optimize=False)
+
+    def read(self, batch: dict[str, np.ndarray], names: Iterable[str]) -> dict[str, np.ndarray]:
+        names = list(names)
+        computed = [name for name in names if name not in batch]
+        feed = {name: batch[name] for name in self.artifact.input_names}
+        try:
+            values = self.artifact.session.run(computed, feed) if computed else []
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"onnxruntime failed to run the model: {exc}") from exc
+        result = dict(zip(computed, values))
+        return {name: batch[name] if name in batch else result[name] for name in names}
+
+
 def iter_activations(
     model: ir.Model,
     names: list[str],
@@ -41,10 +65,16 @@ def iter_activations(
     threads: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """For each input batch, the arrays of the named values (graph inputs allowed)."""
-    probe = OrtArtifact(with_outputs(model, names), threads=threads, optimize=False)
+    reader = ActivationReader(model, names, threads=threads)
     for batch in batches:
-        result = probe.run(batch)
-        out = {}
-        for name in names:
-            out[name] = batch[name] if name in batch else result[name]
-        yield out
+        yield reader.read(batch, names)
+
+
+def probe_shapes(model: ir.Model, names: list[str], batch: dict[str, np.ndarray], *,
+                 threads: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named tensor values on one batch, by running the model (for shapes
+    that shape inference cannot settle: after Reshape of computed targets, Expand/Where
+    masks, shape arithmetic data propagation does not follow)."""
+    values = ActivationReader(model, names, threads=threads).read(batch, names)
+    return {name: tuple(int(d) for d in arr.shape) for name, arr in values.items()
+            if isinstance(arr, np.ndarray)}

@@ -58,7 +58,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx_ir as ir
 
-from ...activations import iter_activations
+from ...activations import iter_activations, probe_shapes
 from ...calibration import open_calibration
 from ...errors import InputSpecError, PipelineError
 from ...ir import add_initializer, constant_array, infer_shapes, load_model
@@ -286,8 +286,9 @@ class LowRankPass(ForgePass):
             else:
                 batches = open_calibration("random:1", model, self.context.input_shapes,
                                            seed=self.context.seed).batches(1)
-            for acts in iter_activations(model, names, batches, threads=self.context.threads):
-                return {name: tuple(int(d) for d in np.shape(acts[name])) for name in names}
+            batch = next(iter(batches), None)
+            if batch is not None:
+                return probe_shapes(model, names, batch, threads=self.context.threads)
         except InputSpecError as exc:  # dynamic input dims and no --input-shape
             logger.info("lowrank: shapes unknown for %d values: %s", len(names), exc)
         return {}

@@ -51,7 +51,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from ...activations import iter_activations, with_outputs
+from ...activations import iter_activations, probe_shapes
 from ...backends.ort import OrtArtifact
 from ...errors import OnnxforgeError, PipelineError
 from ...ir import constant_array, infer_shapes, load_model
@@ -590,16 +590,13 @@ def _probe_shapes(model: ir.Model, batch: dict[str, np.ndarray], threads: int | 
     if not missing:
         return 0
     try:
-        probe = OrtArtifact(with_outputs(model, [v.name for v in missing]), threads=threads,
-                            optimize=False)
-        result = probe.run(batch)
+        shapes = probe_shapes(model, [v.name for v in missing], batch, threads=threads)
     except (OnnxforgeError, KeyError) as exc:
         logger.warning("prune: shape probe failed (%s); using inferred shapes", exc)
         return 0
     for value in missing:
-        arr = result.get(value.name)
-        if isinstance(arr, np.ndarray):
-            value.shape = ir.Shape(arr.shape)
+        if value.name in shapes:
+            value.shape = ir.Shape(shapes[value.name])
     return len(missing)
 
 

@@ -39,8 +39,7 @@ import networkx as nx
 import numpy as np
 import onnx_ir as ir
 
-from ...activations import with_outputs
-from ...backends.ort import OrtArtifact
+from ...activations import ActivationReader
 from ...ir import add_initializer, constant_array
 from ..graph import attr
 from .apply import set_constant
@@ -328,16 +327,13 @@ def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
     rng = np.random.default_rng(seed)
     waves = _waves(pruned.graph, [t.node for t in refits] + list(bns))
     wanted = sorted({t.node.outputs[0].name for t in refits} | {n.inputs[0].name for n in bns})
-    reference = OrtArtifact(with_outputs(original, wanted), threads=threads, optimize=False)
-
-    def run(artifact: OrtArtifact, names: list[str], batch) -> dict[str, np.ndarray]:
-        values = artifact.session.run(names, {k: batch[k] for k in artifact.input_names})
-        return dict(zip(names, values))
+    reference = ActivationReader(original, wanted, threads=threads)
 
     def stream(x_names: list[str], y_names: list[str]):
-        probe = OrtArtifact(with_outputs(pruned, x_names), threads=threads, optimize=False)
+        probe = ActivationReader(pruned, x_names, threads=threads)
         for batch in batches():
-            yield run(reference, y_names, batch), run(probe, x_names, batch), _token_mask(batch)
+            yield (reference.read(batch, y_names), probe.read(batch, x_names),
+                   _token_mask(batch))
 
     done = {"refit_layers": 0, "bn_recalibrated": 0, "recovery_waves": 0}
     for wave in waves:
