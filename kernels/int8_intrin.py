@@ -5,10 +5,14 @@ One intrinsic computes ``C[i] += sum_k A[k] * B[i, k]`` for ``i < lanes`` and ``
 broadcast to every lane, and each lane reads its own four weights, which is why the
 weights are packed to ``[.., lanes, 4]`` ahead of time.
 
-- x86 AVX-512 VNNI: ``vpdpbusd`` (16 lanes). TVM ships this intrinsic in
-  ``tvm.s_tir.tensor_intrin.x86``, but with the signature of older LLVMs
+- x86 AVX-512 VNNI: ``vpdpbusd`` (16 lanes, u8 activations). TVM ships this intrinsic
+  in ``tvm.s_tir.tensor_intrin.x86``, but with the signature of older LLVMs
   (``<16 x i32>`` operands); the LLVM bundled with TVM 0.27 declares
   ``llvm.x86.avx512.vpdpbusd.512`` on ``<64 x i8>``, so it is registered here again.
+- AArch64 with the dot-product extension (ARMv8.2+dotprod: Cortex-A55/A76 and later):
+  ``sdot`` (4 lanes, s8 x s8), TVM's own description and implementation. Its
+  activations are signed, so ``backends.tvm.qdq`` shifts u8 activations to s8 (-128,
+  zero point -128) for these targets (``DotIntrinsic.data_dtype``).
 
 ``intrinsic_for(target)`` names the one the target can run, or None (no dot-product
 instruction: the rule declines and the plain widening-multiply schedule runs instead).
@@ -29,6 +33,7 @@ class DotIntrinsic:
     lanes: int  # int32 accumulators per instruction (the packed weight's inner N)
     reduce: int  # int8 products summed per lane (the packed weight's inner K)
     instruction: str  # what the assembly shows
+    data_dtype: str  # the activations' type the instruction multiplies
 
 
 @T.prim_func(s_tir=True)
@@ -66,7 +71,8 @@ def _dot_16x4_vnni(
         )
 
 
-VNNI_16X4 = DotIntrinsic("onnxforge_vnni_u8s8_16x4", 16, 4, "vpdpbusd")
+VNNI_16X4 = DotIntrinsic("onnxforge_vnni_u8s8_16x4", 16, 4, "vpdpbusd", "uint8")
+SDOT_4X4 = DotIntrinsic("onnxforge_sdot_s8s8_4x4", 4, 4, "sdot", "int8")
 
 _REGISTERED: set[str] = set()
 
@@ -94,4 +100,8 @@ def intrinsic_for(target: tvm.target.Target) -> DotIntrinsic | None:
         return None
     if _has("avx512vnni", target) and _has("avx512bw", target):
         return _register(VNNI_16X4, _dot_16x4_desc, _dot_16x4_vnni)
+    if _has("dotprod", target) and "aarch64" in str(target.attrs.get("mtriple", "")):
+        from tvm.s_tir.tensor_intrin.arm_cpu import get_dotprod_intrin
+
+        return _register(SDOT_4X4, *get_dotprod_intrin("int8", "int32"))
     return None

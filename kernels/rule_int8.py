@@ -12,9 +12,11 @@ residual add) writing the kernel's outputs.
 - matmul with a constant ``[K, N]`` weight, N a multiple of 16, K of 4: weights packed
   to ``[N/16, K/4, 16, 4]``.
 
+(16 is the VNNI lane count; with ARM ``sdot`` it is 4, see ``int8_intrin``.)
+
 Both are tiled with a row of output pixels (or matrix rows) as independent
 accumulators, the 16x4 dot product tensorized (``int8_intrin``: ``vpdpbusd`` on
-AVX-512 VNNI), and the epilogue computed per tile while the accumulators are in cache.
+AVX-512 VNNI; ``sdot`` 4x4 on AArch64 with dotprod), and the epilogue computed per tile while the accumulators are in cache.
 A function that does not fit (odd channel counts, groups, int8 activations, a target
 without the instruction) is declined and the plain schedules handle it as widening
 multiplies.
@@ -28,26 +30,32 @@ from tvm import s_tir, tirx
 
 from .cpu_target import CpuInfo
 from .int8_intrin import DotIntrinsic, intrinsic_for
-from .rule_base import LAYOUT_REWRITE_ANN, CpuRule
+from .rule_base import LAYOUT_REWRITE_ANN, CpuRule, layout_free_params
 
 logger = logging.getLogger(__name__)
 
 ROW_TILES = (8, 7, 6, 5, 4, 3, 2, 1)  # independent accumulators along the output row
 
 
-def _int8_contraction(sch: s_tir.Schedule):
-    """The int32 reduction block over u8 x s8 products, with its data and weight read
-    indices, or None."""
-    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+def _int8_contraction(sch: s_tir.Schedule, data_dtype: str):
+    """The int32 reduction block over ``data_dtype`` x s8-weight products, with its data
+    and weight read indices, or None. The weight is the read of a layout-free (constant)
+    parameter; the data the other 8-bit read."""
+    func = sch.mod["main"]
+    weights = layout_free_params(func)
+    root = sch.get_sblock(func.body.block.name_hint)
     for block in sch.get_child_blocks(root):
         stmt = sch.get(block)
         if stmt.init is None or len(stmt.writes) != 1 or len(stmt.reads) < 2:
             continue
         if str(stmt.writes[0].source.dtype) != "int32":
             continue
-        dtypes = [str(r.source.dtype) for r in stmt.reads]
-        if "uint8" in dtypes and "int8" in dtypes:
-            return block, dtypes.index("uint8"), dtypes.index("int8")
+        reads = [(i, r.source) for i, r in enumerate(stmt.reads)]
+        weight = [i for i, b in reads if str(b.dtype) == "int8"
+                  and any(b.same_as(w) for w in weights)]
+        data = [i for i, b in reads if str(b.dtype) == data_dtype and i not in weight]
+        if len(weight) == 1 and len(data) == 1:
+            return block, data[0], weight[0]
     return None
 
 
@@ -108,7 +116,7 @@ class Int8DotRule(CpuRule):
         if intrinsic is None or not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        found = _int8_contraction(sch)
+        found = _int8_contraction(sch, intrinsic.data_dtype)
         if found is None:
             return None
         block, data, weight = found

@@ -266,10 +266,19 @@ def test_two_layer_residual_chain_stays_int8_and_verifies(tmp_path):
     assert result.verification.ort_spread is not None
 
 
-@pytest.mark.parametrize("target", ["cortex-a72", "cortex-a76"])
-def test_int8_on_aarch64_under_qemu_within_one_step(target):
-    """AArch64 (no VNNI: the plain widening schedules) runs the integer kernels right."""
+@pytest.mark.parametrize("target,instruction", [("cortex-a72", None), ("cortex-a76", "sdot")])
+def test_int8_on_aarch64_under_qemu_within_one_step(target, instruction):
+    """AArch64 runs the integer kernels right: cortex-a72 (no dot product) with the plain
+    widening schedules, cortex-a76 (ARMv8.2 dotprod) with `sdot` on u8 activations shifted
+    to s8 (odd channel counts stay on the plain schedule)."""
     need_qemu()
-    for model, step in (qdq_conv(zx=128, relu=False), qdq_matmul(transposed=True, shape=(1, 64))):
+    cases = (qdq_conv(zx=128, relu=False), qdq_conv(ic=3, oc=5), qdq_conv(act="int8", zx=-5),
+             qdq_matmul(transposed=True, shape=(1, 64)), qdq_matmul(n=10, shape=(3, 7)))
+    dot_kernels = 0
+    for model, step in cases:
         art = assert_within_one_step(model, step, target=target, seeds=(0,))
         assert art.report["integer"]["integer_total"] == 1
+        dot_kernels += art.report["schedule_rules"].get("int8-dot", 0)
+        if instruction and art.report["schedule_rules"].get("int8-dot"):
+            assert f"\t{instruction}\t" in art.host_assembly()
+    assert (dot_kernels > 0) == (instruction is not None)

@@ -36,6 +36,7 @@ from typing import Any
 from ...errors import (
     BackendError,
 )
+from ...kernels.int8_intrin import intrinsic_for
 from ..targets import (
     plain_target_dict,
     preset_name,
@@ -174,7 +175,9 @@ def prepare_module(model: Any, target: Any = "host", *,
     mod = import_onnx(proto, specs, label)
     integer: dict[str, Any] = {}
     if target.kind.name in INTEGER_TARGET_KINDS:
-        mod, found = integer_contractions(mod)
+        dot = intrinsic_for(target)
+        mod, found = integer_contractions(
+            mod, signed_activations=dot is not None and dot.data_dtype == "int8")
         integer = found.as_dict()
     seconds["import"] = time.perf_counter() - start
 

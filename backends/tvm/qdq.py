@@ -87,9 +87,10 @@ def _scalar(values: np.ndarray | None, what: str):
 
 @relax.expr_functor.mutator
 class _IntegerContractions(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, signed_activations: bool):
         super().__init__(mod)
         self.report = IntegerReport()
+        self.signed_activations = signed_activations
 
     def _binding(self, expr):
         """The call a dataflow var is bound to (or the expression itself)."""
@@ -143,6 +144,11 @@ class _IntegerContractions(relax.PyExprMutator):
             raise _StaysFloat(f"the activation is {dtype}, not 8-bit")
         scale = float(_scalar(_constant(x_dq.args[1]), "the activation scale"))
         zero = int(_scalar(_constant(x_dq.args[2]), "the activation zero point"))
+        if self.signed_activations and dtype == "uint8":
+            # x - 128 in int8, zero point - 128: the same real values (ARM sdot is s8 x s8)
+            shifted = relax.op.subtract(relax.op.astype(x_q, "int32"), relax.const(128, "int32"))
+            x_q = self.builder_.emit(relax.op.astype(shifted, "int8"))
+            zero -= 128
         return x_q, scale, zero
 
     def _weight(self, w_expr) -> tuple[np.ndarray, np.ndarray, list[int] | None, int]:
@@ -227,10 +233,13 @@ class _IntegerContractions(relax.PyExprMutator):
         return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale))
 
 
-def integer_contractions(mod: tvm.IRModule) -> tuple[tvm.IRModule, IntegerReport]:
+def integer_contractions(mod: tvm.IRModule, signed_activations: bool = False
+                         ) -> tuple[tvm.IRModule, IntegerReport]:
     """Rewrite the quantized conv2d/matmul calls of every Relax function to integer
-    compute; returns the module and what was rewritten or left float."""
-    mutator = _IntegerContractions(mod)
+    compute; returns the module and what was rewritten or left float.
+    `signed_activations`: give the contractions s8 activations (u8 ones shifted by -128),
+    for dot-product instructions that multiply s8 x s8."""
+    mutator = _IntegerContractions(mod, signed_activations)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gvar, mutator.visit_expr(func))
