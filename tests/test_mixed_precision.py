@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import DATA
 from onnxforge.calibration import ArraySource, open_calibration
+from onnxforge.errors import BudgetExceededError
 from onnxforge.ir import load_model
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
-from onnxforge.passes.quantization.mixed import BudgetError
 from onnxforge.shapes import input_dtypes
 from onnxforge.verify import compare_models
 
@@ -56,11 +59,22 @@ def test_mixed_loose_budget_is_all_int8_and_tight_budget_refuses_or_stays_float(
     _, _, loose, _ = _run(digits_model, "quantize(mixed,max_error=1.0)")
     assert loose["layers_int8"] == 5
     # nothing meets 1e-7 when the float layers are stored in fp16 ...
-    with pytest.raises(BudgetError, match="no configuration meets the budget"):
+    with pytest.raises(BudgetExceededError, match="no configuration meets the budget"):
         _run(digits_model, "quantize(mixed,max_error=1e-7)")
     # ... but all-fp32 does when fp16 fallback is off
     _ref, _q, stats, _calib = _run(digits_model, "quantize(mixed,max_error=1e-7,fp16_fallback=false)")
     assert stats["layers_fp32"] == 5 and stats["final_error"]["rel_l2"] <= 1e-7
+
+
+def test_mixed_over_budget_exits_with_the_budget_code(digits_model, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxforge.cli", "optimize", str(digits_model), "-o", str(out),
+         "-p", "quantize(mixed,max_error=1e-7)", "--calib", str(DATA / "digits_calib.npz"),
+         "--input-shape", "input:8,1,8,8", "--no-latency"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == BudgetExceededError.exit_code == 6
+    assert "no configuration meets the budget" in result.stderr and not out.exists()
 
 
 def test_mixed_accuracy_drop_budget_uses_labels(digits_model):

@@ -13,7 +13,8 @@ Algorithm:
      budget given; with `max_size_ratio` (weight bytes / fp32 weight bytes) the
      first point that reaches it, if it is within the error budgets.
   5. The chosen configuration is applied and its error measured once more; the pass
-     refuses (raises) when even the all-float16 / float32 point misses the budget.
+     refuses (raises `BudgetExceededError`, the budget error of the whole package)
+     when even the all-float16 / float32 point misses the budget.
 
 Budgets (any combination; all must hold):
   max_error          relative L2 error of the outputs vs float (default 0.01)
@@ -41,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...backends.ort import OrtArtifact
-from ...errors import OnnxforgeError
+from ...errors import BudgetExceededError
 from ...ir import constant_array, infer_shapes, load_model
 from ..graph import remove_unused
 from ..naming import NameAllocator
@@ -67,10 +68,6 @@ from .prepare import (
 from .repair import analytic_bias_shifts
 
 logger = logging.getLogger(__name__)
-
-
-class BudgetError(OnnxforgeError):
-    """No mixed-precision configuration meets the requested budget."""
 
 
 def store_fp16_weights(model: ir.Model, names: set[str]) -> int:
@@ -139,7 +136,8 @@ class _Evaluator:
             ok = err["rel_l2"] <= o.max_error if o.max_error > 0 else True
         if o.max_accuracy_drop >= 0:
             if "accuracy_drop" not in err:
-                raise BudgetError("quantize(mode=mixed): max_accuracy_drop needs calibration data with labels")
+                raise BudgetExceededError("quantize(mode=mixed): max_accuracy_drop needs "
+                                          "calibration data with labels")
             ok = ok and err["accuracy_drop"] <= o.max_accuracy_drop + 1e-12
         return ok
 
@@ -221,7 +219,7 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
     # 4. choice
     ok_points = [p for p in curve if p["within_budget"]]
     if not ok_points:
-        raise BudgetError(
+        raise BudgetExceededError(
             f"quantize(mode=mixed): no configuration meets the budget (max_error={opts.max_error}, "
             f"max_accuracy_drop={opts.max_accuracy_drop}); the least lossy point has error "
             f"{curve[0]}. Raise the budget or use mode=fp16."
@@ -238,7 +236,8 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
     apply(model, int8, fp16)
     final = evaluator.errors(model)
     if not evaluator.within(final):
-        raise BudgetError(f"quantize(mode=mixed): the chosen configuration measured {final}, over budget")
+        raise BudgetExceededError(f"quantize(mode=mixed): the chosen configuration measured "
+                                  f"{final}, over budget")
     bits = {n: 8 if n in int8 else (16 if n in fp16 else 32) for n in layers}
     stats.update({
         "bits_per_layer": bits,
