@@ -1,2 +1,3 @@
 """Graph rewrites: `base` (pass base class, registry, the list of shipped passes), `naming`,
-`cleanup`, and one subpackage per family: `fusion`, `pruning`, `lowrank`, `quantization`."""
+`graph` (helpers every family shares), `cleanup`, and one subpackage per family: `fusion`,
+`pruning`, `lowrank`, `quantization`."""

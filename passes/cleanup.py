@@ -258,10 +258,6 @@ def _count_nodes(graph: ir.Graph) -> int:
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(graph))
 
 
-def _count_op(model: ir.Model, op_type: str) -> int:
-    return sum(1 for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == op_type)
-
-
 def eliminate_identities(model: ir.Model) -> int:
     """Remove Identity nodes in all graphs; return how many were removed."""
     removed = 0
