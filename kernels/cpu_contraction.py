@@ -30,22 +30,26 @@ from dataclasses import dataclass, field
 
 import tvm
 from tvm import ir, s_tir, tirx
-from tvm.s_tir.schedule import SBlockRV
+from tvm.s_tir.schedule import LoopRV, SBlockRV
 
 from .cpu_target import CpuInfo, cpu_info
 from .rule_base import CpuRule, layout_free_params
 from .sched_common import (
     MIN_PARALLEL_MACS,
     as_int,
+    blocks_around,
     child_blocks,
     divisors,
     expr_vars,
     has_if_then_else,
+    inline_prologue,
     is_reduction,
     is_spatial,
+    iter_kinds,
     loop_extent,
     loops_bind_iters,
     schedule_spatial_block,
+    spatial_and_reduction_iters,
     tile_epilogue,
     try_compute_inline,
     write_dtype_bits,
@@ -158,6 +162,85 @@ def _read_index(block_stmt, buffer) -> int | None:
     return None
 
 
+def _index_vars(indices) -> set:
+    """The variables that a list of buffer indices uses."""
+    return set().union(*(expr_vars(i) for i in indices))
+
+
+def _stores_iters_in_order(store, ivars, spatial: list[int]) -> bool:
+    """Whether each spatial iter indexes C exactly once, as the bare variable, in order."""
+    return spatial == [
+        next((j for j, v in enumerate(ivars) if idx.same_as(v)), -1) for idx in store.indices
+    ]
+
+
+def _group_size(a_indices, var) -> int | None:
+    """k when A reads the N variable only as ``var // k`` (one k: a grouped conv), else
+    None (``var`` must occur in ``a_indices``)."""
+    uses = [_only_floordiv_uses(idx, var) for idx in a_indices]
+    if any(u is None for u in uses):
+        return None
+    ks = {u for u in uses if u}
+    if len(ks) != 1:
+        return None
+    return ks.pop()
+
+
+@dataclass
+class _NAxisChoice:
+    """One reading of the block as ``C += A * B`` with N = iter ``n_iter``; ``score``
+    ranks the readings (a packable B, no group, N a multiple of 4, a long N)."""
+
+    score: tuple
+    a: object  # the load of A
+    b: object  # the load of B
+    n_iter: int
+    n_dim_in_b: int
+    n_divisor: int | None
+    m_iter: int | None
+    m2_iter: int | None
+    b_layout_free: bool
+
+
+def _n_axis_choices(
+    a, b, c_vars: set, ivars, extents: list[int], spatial: list[int], layout_free: list
+) -> list[_NAxisChoice]:
+    """Every spatial iter that can be the N axis with A = ``a`` and B = ``b``, the
+    innermost output axis first, with the M axes that go with it."""
+    a_vars = _index_vars(a.indices)
+    b_vars = _index_vars(b.indices)
+    b_free = any(b.source.same_as(p) for p in layout_free)
+    choices = []
+    for it in reversed(spatial):  # prefer the innermost output axis
+        v = ivars[it]
+        if v not in c_vars or v not in b_vars:
+            continue
+        dims = [d for d, idx in enumerate(b.indices) if idx.same_as(v)]
+        if len(dims) != 1:
+            continue
+        divisor = None
+        if v in a_vars:
+            divisor = _group_size(a.indices, v)
+            if divisor is None:
+                continue
+        # B must be packable (layout-free) or already contiguous along n
+        if not b_free and dims[0] != len(b.indices) - 1:
+            continue
+        m_iters = [
+            jt for jt in reversed(spatial)
+            if jt != it and ivars[jt] in a_vars and ivars[jt] not in b_vars
+            and extents[jt] > 1
+        ]
+        choices.append(_NAxisChoice(
+            score=(b_free, divisor is None, extents[it] % 4 == 0, extents[it]),
+            a=a, b=b, n_iter=it, n_dim_in_b=dims[0], n_divisor=divisor,
+            m_iter=m_iters[0] if m_iters else None,
+            m2_iter=m_iters[1] if len(m_iters) > 1 else None,
+            b_layout_free=b_free,
+        ))
+    return choices
+
+
 def analyze_contraction(
     sch: s_tir.Schedule, block: SBlockRV, layout_free: list
 ) -> Contraction | None:
@@ -173,74 +256,28 @@ def analyze_contraction(
     extents = [as_int(iv.dom.extent) for iv in stmt.iter_vars]
     if any(e is None for e in extents):
         return None  # symbolic shapes: left to the fallback rule
-    kinds = "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in stmt.iter_vars)
-    c_vars = set().union(*(expr_vars(i) for i in store.indices)) if store.indices else set()
-    spatial = [i for i, k in enumerate(kinds) if k == "S"]
-    reduction = [i for i, k in enumerate(kinds) if k == "R"]
-    # each spatial iter must index C exactly once, as the bare variable, in order
-    if [i for i in spatial] != [
-        next((j for j, v in enumerate(ivars) if idx.same_as(v)), -1) for idx in store.indices
-    ]:
+    spatial, reduction = spatial_and_reduction_iters(sch, block)
+    if not _stores_iters_in_order(store, ivars, spatial):
         return None
-
-    candidates = []
-    for a, b in ((x, y), (y, x)):
-        if a.source.same_as(b.source):
-            continue
-        a_vars = set().union(*(expr_vars(i) for i in a.indices))
-        b_vars = set().union(*(expr_vars(i) for i in b.indices))
-        b_free = any(b.source.same_as(p) for p in layout_free)
-        for it in reversed(spatial):  # prefer the innermost output axis
-            v = ivars[it]
-            if v not in c_vars or v not in b_vars:
-                continue
-            dims = [d for d, idx in enumerate(b.indices) if idx.same_as(v)]
-            if len(dims) != 1:
-                continue
-            divisor = None
-            if v in a_vars:
-                uses = [_only_floordiv_uses(idx, v) for idx in a.indices]
-                if any(u is None for u in uses):
-                    continue
-                ks = {u for u in uses if u}
-                if len(ks) != 1:
-                    continue
-                divisor = ks.pop()
-            # B must be packable (layout-free) or already contiguous along n
-            if not b_free and dims[0] != len(b.indices) - 1:
-                continue
-            m_iters = [
-                jt for jt in reversed(spatial)
-                if jt != it and ivars[jt] in a_vars and ivars[jt] not in b_vars
-                and extents[jt] > 1
-            ]
-            m_iter = m_iters[0] if m_iters else None
-            m2_iter = m_iters[1] if len(m_iters) > 1 else None
-            score = (b_free, divisor is None, extents[it] % 4 == 0, extents[it])
-            candidates.append((score, a, b, it, dims[0], divisor, m_iter, b_free, m2_iter))
-    if not candidates:
+    c_vars = _index_vars(store.indices)
+    choices = [
+        choice
+        for a, b in ((x, y), (y, x))
+        if not a.source.same_as(b.source)
+        for choice in _n_axis_choices(a, b, c_vars, ivars, extents, spatial, layout_free)
+    ]
+    if not choices:
         return None
-    candidates.sort(key=lambda c: c[0], reverse=True)
-    _, a, b, it, dim, divisor, m_iter, b_free, m2_iter = candidates[0]
-    a_read = _read_index(stmt, a.source)
-    b_read = _read_index(stmt, b.source)
+    best = max(choices, key=lambda choice: choice.score)  # the first of equal scores
+    a_read = _read_index(stmt, best.a.source)
+    b_read = _read_index(stmt, best.b.source)
     if a_read is None or b_read is None:
         return None
     return Contraction(
-        block=block,
-        a_buffer=a.source,
-        b_buffer=b.source,
-        a_read=a_read,
-        b_read=b_read,
-        n_iter=it,
-        n_dim_in_b=dim,
-        n_divisor=divisor,
-        m_iter=m_iter,
-        m2_iter=m2_iter,
-        extents=extents,
-        kinds=kinds,
-        b_layout_free=b_free,
-        spatial=spatial,
+        block=block, a_buffer=best.a.source, b_buffer=best.b.source, a_read=a_read,
+        b_read=b_read, n_iter=best.n_iter, n_dim_in_b=best.n_dim_in_b,
+        n_divisor=best.n_divisor, m_iter=best.m_iter, m2_iter=best.m2_iter, extents=extents,
+        kinds=iter_kinds(sch, block), b_layout_free=best.b_layout_free, spatial=spatial,
         reduction=reduction,
     )
 
@@ -261,6 +298,15 @@ class TileChoice:
     # axis the epilogue stores along: "m" (contiguous output rows), "n" (the accumulator's
     # fast axis), "" = heuristic (m only for a power-of-two row tile of at least 4)
     store: str = ""
+
+    @property
+    def stores_along_m(self) -> bool:
+        """Whether the epilogue stores along M: ``store`` when set, else the heuristic. The
+        store side wants x innermost (contiguous rows), but only a power-of-two row tile
+        of at least 4 makes a good vector; otherwise N (the accumulator's fast axis)."""
+        if self.store:
+            return self.store == "m"
+        return self.mb >= 4 and self.mb & (self.mb - 1) == 0
 
 
 def _row_tile(m_ext: int, max_mb: int) -> int:
@@ -349,9 +395,8 @@ def tile_options(
     # the heuristic tile storing along the other axis (rows of 2+ columns only)
     first = chosen[0]
     if first.mb >= 2:
-        heuristic_m = first.mb >= 4 and first.mb & (first.mb - 1) == 0
         chosen.insert(1, TileChoice(first.nb, first.mb, first.n_padded, first.yb,
-                                    "n" if heuristic_m else "m"))
+                                    "n" if first.stores_along_m else "m"))
     return chosen + [tile for _, _, tile in alternatives]
 
 
@@ -435,59 +480,54 @@ def runs_parallel(info: Contraction, cpu: CpuInfo) -> bool:
     return cpu.num_cores > 1 and _macs(info) >= MIN_PARALLEL_MACS
 
 
-def schedule_contraction(
-    sch: s_tir.Schedule, info: Contraction, tile: TileChoice, cpu: CpuInfo,
-    parallel: bool = True,
-) -> None:
-    """Apply the register-tiled micro-kernel to the whole function around ``info.block``
-    (``parallel=False``: one thread even when the heuristic would use all)."""
+@dataclass
+class _TileLoops:
+    """The main block's loops once tiled (``_tile_loops``): the outer spatial tiles fused
+    into one, the reductions, then the register tile (``yi`` x ``mi`` unrolled rows,
+    ``ni`` the vector along N)."""
+
+    reductions: list[LoopRV]
+    yi: LoopRV | None
+    mi: LoopRV | None
+    ni: LoopRV
+    fused: LoopRV | None = None
+
+    @property
+    def inner(self) -> list[LoopRV]:
+        return [lp for lp in (self.yi, self.mi) if lp is not None] + [self.ni]
+
+
+def _pad_n(sch: s_tir.Schedule, info: Contraction, tile: TileChoice):
+    """Pad N to ``tile.n_padded`` (``pad_einsum``: zero weights in the padded columns).
+
+    Returns the blocks before and after the main block as they are now, and the block
+    that pads B (None if none); when B is layout-free that block is left out of the
+    prologue: ``_pack_b`` turns it into the packing block."""
     main = info.block
-    blocks = child_blocks(sch)
-    pos = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main)))
-    prologue, epilogue = blocks[:pos], blocks[pos + 1 :]
-    if not all(is_spatial(sch, b) for b in prologue + epilogue):
-        raise ValueError("contraction: another reduction in the function")
-
-    # 0. N not a multiple of the vector tile: pad the iteration space (zero weights)
+    producers_before = {sch.get(b).name_hint for b in sch.get_producers(main)}
+    pads = [1] * len(info.extents)
+    pads[info.n_iter] = tile.nb
+    sch.pad_einsum(main, pads)
+    new_producers = [
+        b for b in sch.get_producers(main) if sch.get(b).name_hint not in producers_before
+    ]
     b_pad = None
-    if tile.n_padded != info.n_extent:
-        producers_before = {sch.get(b).name_hint for b in sch.get_producers(main)}
-        pads = [1] * len(info.extents)
-        pads[info.n_iter] = tile.nb
-        sch.pad_einsum(main, pads)
-        new_producers = [
-            b for b in sch.get_producers(main) if sch.get(b).name_hint not in producers_before
-        ]
-        for b in new_producers:
-            if sch.get(b).writes[0].source.same_as(sch.get(main).reads[info.b_read].source):
-                b_pad = b
-        blocks = child_blocks(sch)
-        pos = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main)))
-        prologue, epilogue = blocks[:pos], blocks[pos + 1 :]
-        if info.b_layout_free:
-            prologue = [
-                b for b in prologue if b_pad is None or not sch.get(b).same_as(sch.get(b_pad))
-            ]
-
-    # 1. prologue: inline cheap producers (reshape, transpose), keep padding materialized
-    kept_prologue = []
-    for b in reversed(prologue):
-        if has_if_then_else(sch, b) or not try_compute_inline(sch, b):
-            kept_prologue.append(b)
-    kept_prologue.reverse()
-
-    # 2. epilogue: one elementwise block fed by the accumulator tile (a consumer that is
-    #    not pointwise, e.g. a Pad, runs after the kernel as a loop nest of its own)
-    epi, epi_rest = tile_epilogue(sch, main, epilogue)
-
-    # 3. pack B so that the N tile is contiguous
+    for b in new_producers:
+        if sch.get(b).writes[0].source.same_as(sch.get(main).reads[info.b_read].source):
+            b_pad = b
+    prologue, epilogue = blocks_around(sch, main)
     if info.b_layout_free:
-        _pack_b(sch, info, tile.nb, b_pad)
+        prologue = [
+            b for b in prologue if b_pad is None or not sch.get(b).same_as(sch.get(b_pad))
+        ]
+    return prologue, epilogue, b_pad
 
-    # 4. tile: outer spatial loops, reductions, then mi (unrolled) x ni (vectorized)
-    loops = sch.get_loops(main)
-    n_loop = loops[info.n_iter]
-    no, ni = sch.split(n_loop, [None, tile.nb])
+
+def _tile_loops(sch: s_tir.Schedule, info: Contraction, tile: TileChoice) -> _TileLoops:
+    """Split N, M (and the second M axis) by the tile and order the loops: outer spatial
+    tiles (fused), reductions, then mi (unrolled) x ni (vectorized)."""
+    loops = sch.get_loops(info.block)
+    no, ni = sch.split(loops[info.n_iter], [None, tile.nb])
     if info.m_iter is not None and tile.mb > 1:
         mo, mi = sch.split(loops[info.m_iter], [None, tile.mb])
     else:
@@ -506,15 +546,19 @@ def schedule_contraction(
         else:
             outer.append(loops[it])
     outer = [lp for lp in outer if lp is not None]
-    reds = [loops[it] for it in info.reduction]
-    inner = [lp for lp in (yi, mi) if lp is not None] + [ni]
-    sch.reorder(*outer, *reds, *inner)
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if parallel and runs_parallel(info, cpu) and (loop_extent(sch, fused) or 0) > 1:
-        sch.parallel(fused)
+    tiled = _TileLoops([loops[it] for it in info.reduction], yi, mi, ni)
+    sch.reorder(*outer, *tiled.reductions, *tiled.inner)
+    tiled.fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    return tiled
 
-    # 5. accumulator tile lives under the parallel loop, N innermost
-    sch.reverse_compute_at(epi, fused)
+
+def _accumulate_in_registers(
+    sch: s_tir.Schedule, info: Contraction, epi, tiled: _TileLoops
+) -> int:
+    """Put the accumulator tile (and the epilogue) under the fused outer loop with N
+    innermost, unroll the rows, vectorize N; returns N's dimension in the output."""
+    main = info.block
+    sch.reverse_compute_at(epi, tiled.fused)
     c_ndim = len(sch.get(main).writes[0].region)
     n_dim_c = info.spatial.index(info.n_iter)
     sch.transform_layout(
@@ -522,23 +566,25 @@ def schedule_contraction(
         ("write", 0),
         tirx.IndexMap.from_func(_permute_n_last(c_ndim, n_dim_c), ndim=c_ndim),
     )
-    for lp in (yi, mi):
+    for lp in (tiled.yi, tiled.mi):
         if lp is not None:
             sch.unroll(lp)
-    sch.vectorize(ni)
-    init = sch.decompose_reduction(main, reds[0])
+    sch.vectorize(tiled.ni)
+    init = sch.decompose_reduction(main, tiled.reductions[0])
     del init  # its loops are copies of (mi, ni): vectorized/unrolled already
+    return n_dim_c
 
-    # 6. epilogue over the tile: vectorize its innermost loop
+
+def _vectorize_epilogue(
+    sch: s_tir.Schedule, info: Contraction, tile: TileChoice, cpu: CpuInfo, epi,
+    tiled: _TileLoops, n_dim_c: int,
+) -> None:
+    """Vectorize the innermost loop of the epilogue over the tile, along M or along N
+    (``TileChoice.stores_along_m``)."""
     epi_loops = sch.get_loops(epi)
-    fused_depth = len(sch.get_loops(main)) - len(reds) - len(inner)
+    fused_depth = len(sch.get_loops(info.block)) - len(tiled.reductions) - len(tiled.inner)
     tile_loops = epi_loops[fused_depth:]
-    # the store side wants x innermost (contiguous rows), but only a power-of-two row
-    # tile makes a good vector; otherwise vectorize along N (the accumulator's fast axis)
-    mb_vector = tile.mb >= 4 and tile.mb & (tile.mb - 1) == 0
-    if tile.store:
-        mb_vector = tile.store == "m"
-    if not mb_vector and len(tile_loops) >= 2:
+    if not tile.stores_along_m and len(tile_loops) >= 2:
         n_loop_e = _loop_feeding_dim(sch, epi, tile_loops, n_dim_c)
         if n_loop_e is not None and not n_loop_e.same_as(tile_loops[-1]):
             order = [lp for lp in tile_loops if not lp.same_as(n_loop_e)] + [n_loop_e]
@@ -549,6 +595,36 @@ def schedule_contraction(
         if ext is not None and 2 <= ext <= 4 * cpu.lanes(write_dtype_bits(sch, epi)):
             sch.vectorize(tile_loops[-1])
 
+
+def schedule_contraction(
+    sch: s_tir.Schedule, info: Contraction, tile: TileChoice, cpu: CpuInfo,
+    parallel: bool = True,
+) -> None:
+    """Apply the register-tiled micro-kernel to the whole function around ``info.block``
+    (``parallel=False``: one thread even when the heuristic would use all)."""
+    prologue, epilogue = blocks_around(sch, info.block)
+    if not all(is_spatial(sch, b) for b in prologue + epilogue):
+        raise ValueError("contraction: another reduction in the function")
+    # 0. N not a multiple of the vector tile: pad the iteration space (zero weights)
+    b_pad = None
+    if tile.n_padded != info.n_extent:
+        prologue, epilogue, b_pad = _pad_n(sch, info, tile)
+    # 1. prologue: inline cheap producers (reshape, transpose), keep padding materialized
+    kept_prologue = inline_prologue(sch, prologue)
+    # 2. epilogue: one elementwise block fed by the accumulator tile (a consumer that is
+    #    not pointwise, e.g. a Pad, runs after the kernel as a loop nest of its own)
+    epi, epi_rest = tile_epilogue(sch, info.block, epilogue)
+    # 3. pack B so that the N tile is contiguous
+    if info.b_layout_free:
+        _pack_b(sch, info, tile.nb, b_pad)
+    # 4. tile; the outer tiles run in parallel when the kernel is worth the fork
+    tiled = _tile_loops(sch, info, tile)
+    if parallel and runs_parallel(info, cpu) and (loop_extent(sch, tiled.fused) or 0) > 1:
+        sch.parallel(tiled.fused)
+    # 5. accumulator tile lives under the parallel loop, N innermost
+    n_dim_c = _accumulate_in_registers(sch, info, epi, tiled)
+    # 6. epilogue over the tile: vectorize its innermost loop
+    _vectorize_epilogue(sch, info, tile, cpu, epi, tiled, n_dim_c)
     # 7. padding / other producers and non-pointwise consumers: parallel, vectorized
     for b in kept_prologue + epi_rest:
         schedule_spatial_block(sch, b, cpu)

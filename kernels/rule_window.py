@@ -23,17 +23,19 @@ from .cpu_target import CpuInfo, cpu_info
 from .rule_base import CpuRule
 from .sched_common import (
     MIN_PARALLEL_MACS,
+    blocks_around,
     child_blocks,
     divisors,
     expr_vars,
     has_if_then_else,
+    inline_prologue,
     is_reduction,
     is_spatial,
     loop_extent,
     loops_bind_iters,
     schedule_spatial_block,
+    spatial_and_reduction_iters,
     tile_epilogue,
-    try_compute_inline,
     vectorize_inner,
     write_dtype_bits,
 )
@@ -45,12 +47,10 @@ MAX_UNROLLED_TAPS = 64
 
 def _window_axes(sch: s_tir.Schedule, block) -> tuple[list[int], list[int]] | None:
     """(spatial iters, reduction iters) when some read slides x over a reduction axis."""
-    stmt = sch.get(block)
-    kinds = ["S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in stmt.iter_vars]
-    spatial = [i for i, k in enumerate(kinds) if k == "S"]
-    reduction = [i for i, k in enumerate(kinds) if k == "R"]
+    spatial, reduction = spatial_and_reduction_iters(sch, block)
     if len(spatial) < 3 or not reduction:
         return None
+    stmt = sch.get(block)
     ivars = [iv.var for iv in stmt.iter_vars]
     x = ivars[spatial[-1]]
     red = {ivars[i] for i in reduction}
@@ -135,13 +135,11 @@ class WindowRule(CpuRule):
         return self.schedule_config(sch, func, cpu, None)
 
     def schedule_config(self, sch, func, cpu, config) -> bool:
-        blocks = child_blocks(sch)
         found = self._main(sch)
         if found is None:
             return False
         main, spatial, reduction = found
-        pos = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(main)))
-        prologue, epilogue = blocks[:pos], blocks[pos + 1 :]
+        prologue, epilogue = blocks_around(sch, main)
         if not all(is_spatial(sch, b) for b in prologue + epilogue):
             return False
         loops = sch.get_loops(main)
@@ -150,11 +148,7 @@ class WindowRule(CpuRule):
         if x_ext is None or x_ext < 2:
             return False
 
-        kept = []
-        for b in reversed(prologue):
-            if has_if_then_else(sch, b) or not try_compute_inline(sch, b):
-                kept.append(b)
-        kept.reverse()
+        kept = inline_prologue(sch, prologue)
         try:
             epi, epi_rest = tile_epilogue(sch, main, epilogue)
         except ValueError:

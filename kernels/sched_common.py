@@ -60,6 +60,22 @@ def iter_kinds(sch: s_tir.Schedule, block: SBlockRV) -> str:
     return "".join(kinds.get(iv.iter_type, "O") for iv in sch.get(block).iter_vars)
 
 
+def spatial_and_reduction_iters(
+    sch: s_tir.Schedule, block: SBlockRV
+) -> tuple[list[int], list[int]]:
+    """Positions of the block's spatial (S) iters and of its reduction (R) iters."""
+    kinds = iter_kinds(sch, block)
+    spatial = [i for i, k in enumerate(kinds) if k == "S"]
+    return spatial, [i for i, k in enumerate(kinds) if k == "R"]
+
+
+def blocks_around(sch: s_tir.Schedule, block: SBlockRV) -> tuple[list[SBlockRV], list[SBlockRV]]:
+    """The root-level blocks before ``block`` and those after it, in program order."""
+    blocks = child_blocks(sch)
+    pos = next(i for i, b in enumerate(blocks) if sch.get(b).same_as(sch.get(block)))
+    return blocks[:pos], blocks[pos + 1 :]
+
+
 def is_spatial(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     """True when every block iter is data-parallel."""
     return set(iter_kinds(sch, block)) <= {"S"}
@@ -161,6 +177,17 @@ def try_compute_inline(sch: s_tir.Schedule, block: SBlockRV) -> bool:
         return True
     except Exception:  # noqa: BLE001 - the schedule state is unchanged on failure
         return False
+
+
+def inline_prologue(sch: s_tir.Schedule, prologue: list[SBlockRV]) -> list[SBlockRV]:
+    """Inline the producers before an anchor block, last first; the ones kept (padding
+    with ``if_then_else``, blocks that do not inline) are returned in program order."""
+    kept = []
+    for block in reversed(prologue):
+        if has_if_then_else(sch, block) or not try_compute_inline(sch, block):
+            kept.append(block)
+    kept.reverse()
+    return kept
 
 
 def inline_epilogue_chain(sch: s_tir.Schedule, blocks: list[SBlockRV]) -> list[SBlockRV]:
