@@ -6,7 +6,8 @@ Default CPU schedules (x86 and AArch64), so that untuned TVM code is fast:
    before LegalizeOps: BatchNorm folded into conv weights (or decomposed so it fuses
    into the conv epilogue), float32 exp/sigmoid/erf/tanh/softmax made vectorizable.
 2. the usual LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
-   (then MetaScheduleApplyDatabase when a tuning database is used).
+   (``legalize_and_fuse_passes()``; then MetaScheduleApplyDatabase when a tuning
+   database is used).
 3. ``default_schedule_pass(target)`` -> module pass: schedules every PrimFunc without
    ``tirx.is_scheduled`` with the rules of ``cpu_rules.default_rules()`` (conv2d,
    matmul, sliding window, row reduction, elementwise, fallback), packs weight constants
@@ -18,11 +19,16 @@ Vector width, register count and core count come from the target (``cpu_target``
 
 from __future__ import annotations
 
-__all__ = ["default_schedule_pass", "relax_prepasses", "schedule_summary"]
+__all__ = [
+    "default_schedule_pass",
+    "legalize_and_fuse_passes",
+    "relax_prepasses",
+    "schedule_summary",
+]
 
 
 def __getattr__(name):  # lazy: importing onnxforge.kernels must not require TVM
-    if name in ("default_schedule_pass", "schedule_summary"):
+    if name in ("default_schedule_pass", "legalize_and_fuse_passes", "schedule_summary"):
         from . import schedule_pass
 
         return getattr(schedule_pass, name)

@@ -15,8 +15,9 @@ out (``SplitLayoutRewritePreproc``) and folds them into new constants (numpy, se
 run time. Weights passed as function inputs (``num_input``)
 stay packed at run time by a small scheduled kernel.
 
-``schedule_summary(mod)`` tells, per PrimFunc, who scheduled it: a rule name,
-``"database"`` (MetaSchedule) or ``"unscheduled"``.
+``legalize_and_fuse_passes()`` lists the Relax passes to run before it (without a
+tuning database). ``schedule_summary(mod)`` tells, per PrimFunc, who scheduled it: a
+rule name, ``"database"`` (MetaSchedule) or ``"unscheduled"``.
 """
 
 from __future__ import annotations
@@ -179,6 +180,19 @@ def attach_layout_free_buffers(mod: tvm.IRModule) -> tvm.IRModule:
 
 def _has_relax_function(mod: tvm.IRModule) -> bool:
     return any(isinstance(f, relax.Function) for _, f in mod.functions_items())
+
+
+def legalize_and_fuse_passes() -> list[tvm.transform.Pass]:
+    """The Relax passes that make the fused PrimFuncs ``default_schedule_pass`` schedules:
+    LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR (in this order,
+    under the target's context)."""
+    return [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
 
 
 def default_schedule_pass(target: Target,

@@ -16,7 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 tvm = pytest.importorskip("tvm")
 ort = pytest.importorskip("onnxruntime")
 
-from onnxforge.kernels import default_schedule_pass, relax_prepasses, schedule_summary
+from onnxforge.kernels import (
+    default_schedule_pass,
+    legalize_and_fuse_passes,
+    relax_prepasses,
+    schedule_summary,
+)
 from onnxforge.kernels.cpu_target import cpu_info
 from onnxforge.kernels.schedule_pass import RULE_ATTR
 from tvm import relax, s_tir, tirx
@@ -174,14 +179,7 @@ def lower(model, target, prepasses=False, keep_params=False):
     target = tvm.target.Target(target)
     mod = from_onnx(model, keep_params_in_input=keep_params)
     passes = list(relax_prepasses(target)) if prepasses else []
-    passes += [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        default_schedule_pass(target),
-    ]
+    passes += [*legalize_and_fuse_passes(), default_schedule_pass(target)]
     with target:
         return tvm.transform.Sequential(passes)(mod)
 
@@ -485,15 +483,8 @@ def test_tiny_kernels_stay_on_one_thread():
 def test_pass_skips_functions_already_scheduled():
     target = tvm.target.Target(_host_target())
     model = conv(1, 8, 10, 10, 16, 3, 1, 1)
-    passes = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
     with target:
-        mod = tvm.transform.Sequential(passes)(from_onnx(model))
+        mod = tvm.transform.Sequential(legalize_and_fuse_passes())(from_onnx(model))
     (gvar,) = [gv for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
     marked = mod[gvar].with_attr("tirx.is_scheduled", True)
     mod[gvar] = marked

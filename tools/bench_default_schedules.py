@@ -244,18 +244,14 @@ def build_default(mod, target, configs=None):
     """Legalize + fuse, default schedules (knobs from ``configs`` where it has the
     kernel), then the stock lowering."""
     import tvm
-    from onnxforge.kernels import default_schedule_pass, schedule_summary
+    from onnxforge.kernels import (
+        default_schedule_pass,
+        legalize_and_fuse_passes,
+        schedule_summary,
+    )
     from onnxforge.kernels.schedule_configs import CONFIG_ATTR
-    from tvm import relax
 
-    passes = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        default_schedule_pass(target, configs),
-    ]
+    passes = [*legalize_and_fuse_passes(), default_schedule_pass(target, configs)]
     with target:
         mod = tvm.transform.Sequential(passes)(mod)
     configured = sum(
@@ -346,6 +342,70 @@ def loadavg() -> str:
         return "?"
 
 
+def _rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    """max |out - ref| / max |ref|."""
+    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def _time_naive(mod, target, inputs, ref, args, clock, result: dict) -> None:
+    """Build without the default schedules and time ``args.naive_runs`` runs (into
+    ``result``: naive_ms_median/min, rel_err_naive)."""
+    t3 = time.perf_counter()
+    naive_exe = build_naive(mod, target)
+    t4 = time.perf_counter()
+    _, run_naive = vm_runner(naive_exe, inputs)
+    naive_err = _rel_err(first_output(run_naive()), ref)
+    values = []
+    for _ in range(args.naive_runs):
+        start = clock()
+        run_naive()
+        values.append(clock() - start)
+    result["naive_ms_median"] = 1e3 * float(np.median(values))
+    result["naive_ms_min"] = 1e3 * float(np.min(values))
+    result["rel_err_naive"] = naive_err
+    print(f"naive build {t4 - t3:.1f} s")
+
+
+def _print_latencies(result: dict) -> None:
+    """The engines' latencies against ORT's, the errors, the load after the runs."""
+    ort_med, ort_min = result["ort_ms_median"], result["ort_ms_min"]
+    print(f"{'engine':<10}{'median ms':>12}{'min ms':>10}{'x ORT (med)':>13}{'x ORT (min)':>13}")
+    for key in ("ort", "naive", "default", "default+db"):
+        if f"{key}_ms_median" not in result:
+            continue
+        med, low = result[f"{key}_ms_median"], result[f"{key}_ms_min"]
+        print(f"{key:<10}{med:>12.2f}{low:>10.2f}{med / ort_med:>13.2f}{low / ort_min:>13.2f}")
+    if "naive_ms_median" in result:
+        speedup = result["naive_ms_median"] / result["default_ms_median"]
+        print(f"default vs naive: {speedup:.1f}x faster")
+    print(
+        f"max rel error vs ORT: default {result['rel_err_default']:.1e}"
+        + (f", default+db {result['rel_err_db']:.1e}" if "rel_err_db" in result else "")
+        + (f", naive {result['rel_err_naive']:.1e}" if "rel_err_naive" in result else "")
+    )
+    if "db_kernels" in result:
+        print(f"default+db: {result['db_kernels']} kernels scheduled with a measured setting")
+    print(f"load after: {result['load_after']}")
+
+
+def _print_profile(rows: list[tuple], top: int) -> None:
+    """The ``top`` slowest PrimFuncs and the time share of each rule."""
+    print(f"per-PrimFunc profile (default schedules, top {top}):")
+    print(f"  {'ms':>8} {'share':>6} {'calls':>5}  {'rule':<20} function")
+    for ms_, share, calls, func, rule in rows[:top]:
+        print(f"  {1e3 * ms_:8.3f} {100 * share:5.1f}% {calls:5.0f}  {rule:<20} {func}")
+    by_rule = collections.defaultdict(float)
+    for ms_, _, _, _, rule in rows:
+        by_rule[rule] += ms_
+    total = sum(by_rule.values()) or 1.0
+    print(
+        "  by rule: "
+        + ", ".join(
+            f"{k} {100 * v / total:.0f}%" for k, v in sorted(by_rule.items(), key=lambda kv: -kv[1])
+        )
+    )
+
+
 def bench_model(name: str, args, target) -> dict | None:
     loaded = load_model(name)
     if loaded is None:
@@ -371,77 +431,28 @@ def bench_model(name: str, args, target) -> dict | None:
     session = ort_session(model, threads)
     ref = session.run(None, inputs)[0]
     vm, run_default = vm_runner(exe, inputs)
-    out = first_output(run_default())
-    err = float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-12))
+    result = {"model": name, "rel_err_default": _rel_err(first_output(run_default()), ref),
+              "rules": dict(rules)}
     runners = {"ort": lambda: session.run(None, inputs), "default": run_default}
-    result = {"model": name, "rel_err_default": err, "rules": dict(rules)}
     if args.configs:
         db_exe, _, configured = build_default(mod, target, args.configs)
         _, runners["default+db"] = vm_runner(db_exe, inputs)
-        out_db = first_output(runners["default+db"]())
-        result["rel_err_db"] = float(np.abs(out_db - ref).max() / max(np.abs(ref).max(), 1e-12))
+        result["rel_err_db"] = _rel_err(first_output(runners["default+db"]()), ref)
         result["db_kernels"] = configured
     times = interleaved(runners, args.rounds, args.inner, clock)
     for key, values in times.items():
         result[f"{key}_ms_median"] = 1e3 * float(np.median(values))
         result[f"{key}_ms_min"] = 1e3 * float(np.min(values))
-
     if not args.skip_naive:
-        t3 = time.perf_counter()
-        naive_exe = build_naive(mod, target)
-        t4 = time.perf_counter()
-        _, run_naive = vm_runner(naive_exe, inputs)
-        naive_err = float(
-            np.abs(first_output(run_naive()) - ref).max() / max(np.abs(ref).max(), 1e-12)
-        )
-        values = []
-        for _ in range(args.naive_runs):
-            start = clock()
-            run_naive()
-            values.append(clock() - start)
-        result["naive_ms_median"] = 1e3 * float(np.median(values))
-        result["naive_ms_min"] = 1e3 * float(np.min(values))
-        result["rel_err_naive"] = naive_err
-        print(f"naive build {t4 - t3:.1f} s")
-
+        _time_naive(mod, target, inputs, ref, args, clock, result)
     result["load_after"] = loadavg()
-    ort_med, ort_min = result["ort_ms_median"], result["ort_ms_min"]
-    print(f"{'engine':<10}{'median ms':>12}{'min ms':>10}{'x ORT (med)':>13}{'x ORT (min)':>13}")
-    for key in ("ort", "naive", "default", "default+db"):
-        if f"{key}_ms_median" not in result:
-            continue
-        med, low = result[f"{key}_ms_median"], result[f"{key}_ms_min"]
-        print(f"{key:<10}{med:>12.2f}{low:>10.2f}{med / ort_med:>13.2f}{low / ort_min:>13.2f}")
-    if "naive_ms_median" in result:
-        speedup = result["naive_ms_median"] / result["default_ms_median"]
-        print(f"default vs naive: {speedup:.1f}x faster")
-    print(
-        f"max rel error vs ORT: default {err:.1e}"
-        + (f", default+db {result['rel_err_db']:.1e}" if "rel_err_db" in result else "")
-        + (f", naive {result['rel_err_naive']:.1e}" if "rel_err_naive" in result else "")
-    )
-    if "db_kernels" in result:
-        print(f"default+db: {result['db_kernels']} kernels scheduled with a measured setting")
-    print(f"load after: {result['load_after']}")
+    _print_latencies(result)
 
     rows = profile_primfuncs(vm, run_default, summary, clock)
     result["profile"] = [
         {"ms": r[0], "share": r[1], "calls": r[2], "func": r[3], "rule": r[4]} for r in rows
     ]
-    print(f"per-PrimFunc profile (default schedules, top {args.top}):")
-    print(f"  {'ms':>8} {'share':>6} {'calls':>5}  {'rule':<20} function")
-    for ms_, share, calls, func, rule in rows[: args.top]:
-        print(f"  {1e3 * ms_:8.3f} {100 * share:5.1f}% {calls:5.0f}  {rule:<20} {func}")
-    by_rule = collections.defaultdict(float)
-    for ms_, _, _, _, rule in rows:
-        by_rule[rule] += ms_
-    total = sum(by_rule.values()) or 1.0
-    print(
-        "  by rule: "
-        + ", ".join(
-            f"{k} {100 * v / total:.0f}%" for k, v in sorted(by_rule.items(), key=lambda kv: -kv[1])
-        )
-    )
+    _print_profile(rows, args.top)
     return result
 
 
