@@ -1,4 +1,15 @@
-"""The ordered list of CPU default-schedule rules (first match wins)."""
+"""The ordered list of CPU default-schedule rules.
+
+``default_schedule_pass`` tries the rules of ``default_rules()`` on each PrimFunc in
+this order and the first that schedules it wins (a rule that declines or raises hands
+the function to the next one), so the list runs from the most specific pattern to the
+catch-all ``FallbackRule``.
+
+A new rule is one file and one entry here: a ``rule_<name>.py`` holding a ``CpuRule``
+subclass (``rule_base``: ``name`` and ``schedule``; ``configs`` and ``schedule_config``
+when it has knobs), then its import and its line in ``default_rules()``, placed before
+the rules that would otherwise take its functions.
+"""
 
 from __future__ import annotations
 
