@@ -457,22 +457,16 @@ def _rule_matmul(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[L
     if ra < 2 or rb < 2:
         raise Blocked(f"MatMul {node.name}: 1-D operand")
     r = max(ra, rb)
-    # role of the visited axis
-    if kind == "in" and i == 0:
-        if a == ra - 1:
-            return [Link(B, rb - 2)]
-        if a == ra - 2:
-            return [Link(y, r - 2)]
-        yb = a + (r - ra)
-        if s.dim(A, a) == 1 and s.dim(y, yb) != 1:
-            raise Blocked(f"MatMul {node.name}: broadcast batch axis")
-    elif kind == "in" and i == 1:
-        if a == rb - 2:
-            return [Link(A, ra - 1)]
-        if a == rb - 1:
-            return [Link(y, r - 1)]
-        yb = a + (r - rb)
-        if s.dim(B, a) == 1 and s.dim(y, yb) != 1:
+    # role of the visited axis: A is [..., M, K], B [..., K, N], Y [..., M, N]
+    if kind == "in" and i in (0, 1):
+        x, rx = (A, ra) if i == 0 else (B, rb)
+        k_axis, kept_axis = (ra - 1, ra - 2) if i == 0 else (rb - 2, rb - 1)
+        if a == k_axis:  # contracted with the other operand's K axis
+            return [Link(B, rb - 2) if i == 0 else Link(A, ra - 1)]
+        if a == kept_axis:  # M or N: the same axis of Y
+            return [Link(y, r - 2 if i == 0 else r - 1)]
+        yb = a + (r - rx)
+        if s.dim(x, a) == 1 and s.dim(y, yb) != 1:
             raise Blocked(f"MatMul {node.name}: broadcast batch axis")
     else:
         yb = a
@@ -1057,55 +1051,81 @@ def analyze(model: ir.Model) -> Analysis:
     graph = model.graph
     s = _Shapes(model)
     kernels = kernel_uses(s, graph)
-    nodes: list[AxisNode] = []
-    index: dict[tuple[int, int], int] = {}
-    pending: list[tuple[int, Link]] = []
-    queue = list(_sources(s, kernels))
-    reasons_count: dict[str, int] = defaultdict(int)
+    found = _explore(s, graph, kernels)
+    coupling, labels = _couple(found)
+    units, blocked_units, by_signature = _units(found.nodes, labels)
+    groups = _groups(s, found.nodes, by_signature, kernels)
+    logger.info("pruning analysis: %d axis nodes, %d units in %d groups, %d unprunable units",
+                len(found.nodes), len(units), len(groups), blocked_units)
+    return Analysis(found.nodes, units, groups, blocked_units, coupling, found.index, kernels,
+                    dict(found.reasons))
 
-    def node_for(v: ir.Value, a: int) -> int:
+
+@dataclass
+class _Exploration:
+    """What `_explore` reached: axis nodes (by id), their index by (id(value), axis), the
+    links found from each (axis node id, link), and block reasons counted by kind."""
+
+    nodes: list[AxisNode] = field(default_factory=list)
+    index: dict[tuple[int, int], int] = field(default_factory=dict)
+    links: list[tuple[int, Link]] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def node_for(self, s: _Shapes, v: ir.Value, a: int) -> int:
+        """The id of axis node (v, a), created on first use."""
         rank = len(s.shape(v) or ())
         key = (id(v), a)
-        if key in index:
-            return index[key]
+        if key in self.index:
+            return self.index[key]
         size = None
         shape = s.shape(v)
         if shape is not None and 0 <= a < rank:
             size = shape[a]
-        an = AxisNode(len(nodes), v, a, int(size or 0), constant=s.const(v) is not None)
+        an = AxisNode(len(self.nodes), v, a, int(size or 0), constant=s.const(v) is not None)
         if size is None or size <= 0:
             an.blocked = "size unknown"
-        nodes.append(an)
-        index[key] = an.id
+        self.nodes.append(an)
+        self.index[key] = an.id
         return an.id
 
+
+def _explore(s: _Shapes, graph: ir.Graph, kernels: list[KernelUse]) -> _Exploration:
+    """Follow the op rules from every weight's output-channel axis to all coupled axes."""
+    found = _Exploration()
+    queue = list(_sources(s, kernels))
     done: set[int] = set()
     while queue:
         v, a = queue.pop()
         rank = len(s.shape(v) or ())
         if rank and a < 0:
             a += rank
-        nid = node_for(v, a)
+        nid = found.node_for(s, v, a)
         if nid in done:
             continue
         done.add(nid)
-        an = nodes[nid]
+        an = found.nodes[nid]
         if an.blocked:
-            reasons_count[an.blocked] += 1
+            found.reasons[an.blocked] += 1
             continue
         links, reasons = _visit(s, graph, v, a)
         if reasons:
             an.blocked = reasons[0]
-            reasons_count[_reason_kind(reasons[0])] += 1
+            found.reasons[_reason_kind(reasons[0])] += 1
         for link in links:
             lrank = len(s.shape(link.value) or ())
             if lrank and link.axis < 0:
                 link.axis += lrank
-            pending.append((nid, link))
-            if index.get((id(link.value), link.axis)) not in done:
+            found.links.append((nid, link))
+            if found.index.get((id(link.value), link.axis)) not in done:
                 queue.append((link.value, link.axis))
+    return found
 
-    # element offsets
+
+def _couple(found: _Exploration) -> tuple[nx.Graph, np.ndarray]:
+    """The coupling graph of the axis nodes, and the connected-component label of every
+    element (axis nodes laid end to end: `offset` is set here). Links whose sizes or
+    index maps do not fit block both ends."""
+    nodes = found.nodes
     total = 0
     for an in nodes:
         an.offset = total
@@ -1113,31 +1133,42 @@ def analyze(model: ir.Model) -> Analysis:
     graph_nx = nx.Graph()
     graph_nx.add_nodes_from(range(len(nodes)))
     ea, eb = [], []
-    for nid, link in pending:
+    for nid, link in found.links:
         src = nodes[nid]
-        dst = nodes[index[(id(link.value), link.axis)]]
+        dst = nodes[found.index[(id(link.value), link.axis)]]
         graph_nx.add_edge(src.id, dst.id)
-        if link.pairs is None:
-            if src.size != dst.size:
-                _block(src, f"size mismatch with {dst.label()}", reasons_count)
-                _block(dst, f"size mismatch with {src.label()}", reasons_count)
-                n = min(src.size, dst.size)
-                pi = pj = np.arange(n)
-            else:
-                pi = pj = np.arange(src.size)
-        else:
-            pi, pj = np.asarray(link.pairs[0]), np.asarray(link.pairs[1])
-            bad = (pi < 0) | (pi >= src.size) | (pj < 0) | (pj >= dst.size)
-            if bad.any():
-                _block(src, "index map out of range", reasons_count)
-                _block(dst, "index map out of range", reasons_count)
-                pi, pj = pi[~bad], pj[~bad]
+        pi, pj = _element_pairs(src, dst, link, found.reasons)
         ea.append(src.offset + pi)
         eb.append(dst.offset + pj)
     a_arr = np.concatenate(ea) if ea else np.zeros(0, np.int64)
     b_arr = np.concatenate(eb) if eb else np.zeros(0, np.int64)
-    labels = _components(total, a_arr.astype(np.int64), b_arr.astype(np.int64))
+    return graph_nx, _components(total, a_arr.astype(np.int64), b_arr.astype(np.int64))
 
+
+def _element_pairs(src: AxisNode, dst: AxisNode, link: Link,
+                   reasons: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of `src` and of `dst` that `link` couples, pairwise."""
+    if link.pairs is None:
+        if src.size != dst.size:
+            _block(src, f"size mismatch with {dst.label()}", reasons)
+            _block(dst, f"size mismatch with {src.label()}", reasons)
+            n = min(src.size, dst.size)
+            return np.arange(n), np.arange(n)
+        return np.arange(src.size), np.arange(src.size)
+    pi, pj = np.asarray(link.pairs[0]), np.asarray(link.pairs[1])
+    bad = (pi < 0) | (pi >= src.size) | (pj < 0) | (pj >= dst.size)
+    if bad.any():
+        _block(src, "index map out of range", reasons)
+        _block(dst, "index map out of range", reasons)
+        pi, pj = pi[~bad], pj[~bad]
+    return pi, pj
+
+
+def _units(nodes: list[AxisNode], labels: np.ndarray
+           ) -> tuple[list[Unit], int, dict[tuple[int, ...], list[Unit]]]:
+    """One unit per component of elements without a blocked element; the number of
+    blocked components; the units by the axis nodes they touch (their signature)."""
+    total = len(labels)
     elem_node = np.repeat(np.arange(len(nodes)), [an.size for an in nodes])
     elem_index = np.concatenate([np.arange(an.size) for an in nodes]) if nodes else np.zeros(0, int)
     blocked_elem = np.repeat([an.blocked is not None for an in nodes], [an.size for an in nodes])
@@ -1163,7 +1194,12 @@ def analyze(model: ir.Model) -> Analysis:
         unit = Unit(len(units), members)
         units.append(unit)
         by_signature[tuple(sorted(members))].append(unit)
+    return units, blocked_units, by_signature
 
+
+def _groups(s: _Shapes, nodes: list[AxisNode], by_signature: dict[tuple[int, ...], list[Unit]],
+            kernels: list[KernelUse]) -> list[Group]:
+    """A group per signature, classified (conv / linear / heads) and named."""
     kernels_by_weight: dict[int, list[KernelUse]] = defaultdict(list)
     for k in kernels:
         if k.weight is not None:
@@ -1172,10 +1208,7 @@ def analyze(model: ir.Model) -> Analysis:
     for sig, us in by_signature.items():
         kind, name, names = _classify(s, [nodes[i] for i in sig], kernels_by_weight)
         groups.append(Group(len(groups), sig, us, kind, name, names))
-    logger.info("pruning analysis: %d axis nodes, %d units in %d groups, %d unprunable units",
-                len(nodes), len(units), len(groups), blocked_units)
-    return Analysis(nodes, units, groups, blocked_units, graph_nx, index, kernels,
-                    dict(reasons_count))
+    return groups
 
 
 def _reason_kind(reason: str) -> str:
