@@ -223,9 +223,23 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
     """
     graph = model.graph
     plan = QuantPlan()
-    allowed = {o.strip() for o in opts.ops.split(",") if o.strip()}
     ensure_node_names(graph)
     nodes = list(graph)
+    compute_set = _select_compute(graph, nodes, opts, only, plan)
+    plan.compute = [n for n in nodes if n in compute_set]
+    flow = _Int8Flow(plan, opts, in_n=set(compute_set))
+    for n in nodes:
+        flow.visit(n, n in compute_set)
+    needs = _needs_qdq(nodes, compute_set, opts, plan)
+    _add_tensors(graph, nodes, needs, flow, plan)
+    # Groups may span values without Q/DQ (pass-through outputs); keep union info only.
+    return plan
+
+
+def _select_compute(graph: ir.Graph, nodes: list[ir.Node], opts: QuantizeOptions,
+                    only: set[str] | None, plan: QuantPlan) -> set[ir.Node]:
+    """The compute ops to quantize; why the others stay float goes to `plan.skipped`."""
+    allowed = {o.strip() for o in opts.ops.split(",") if o.strip()}
     eligible = []
     for n in nodes:
         if n.op_type in COMPUTE_OPS:
@@ -243,66 +257,93 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
             continue
         else:
             compute_set.add(n)
-    plan.compute = [n for n in nodes if n in compute_set]
+    return compute_set
 
-    # Forward: which values can be produced in int8.
-    avail: set[str] = set()
-    one_sided: set[str] = set()
-    in_n: set[ir.Node] = set(compute_set)
-    folded_alias: dict[str, str] = {}  # relu output -> quantized pre-relu value
-    for n in nodes:
-        if n in compute_set:
-            avail.update(o.name for o in n.outputs)
-            continue
+
+@dataclass
+class _Int8Flow:
+    """The forward walk of `make_plan`: which values can be produced in int8 (`avail`),
+    which of them are quantized on a one-sided range, which nodes run in int8 (`in_n`),
+    and the folded Relu outputs (-> the quantized pre-Relu value)."""
+
+    plan: QuantPlan
+    opts: QuantizeOptions
+    avail: set[str] = field(default_factory=set)
+    one_sided: set[str] = field(default_factory=set)
+    in_n: set[ir.Node] = field(default_factory=set)
+    folded_alias: dict[str, str] = field(default_factory=dict)
+
+    def visit(self, n: ir.Node, compute: bool) -> None:
+        if compute:
+            self.avail.update(o.name for o in n.outputs)
+            return
         acts = [v for v in n.inputs if _is_activation(v)]
         if not acts:
-            continue
-        if n.op_type in ("Relu", "Clip") and opts.fold_relu and _foldable_relu(n, avail, in_n):
-            x, y = n.inputs[0], n.outputs[0]
-            plan.folded.append(n)
-            folded_alias[y.name] = x.name
-            one_sided.update((x.name, y.name))
-            avail.add(y.name)
-            plan.union(x.name, y.name)
-            continue
-        if n.op_type in PASSTHROUGH_OPS and n.inputs[0] is not None and n.inputs[0].name in avail \
+            return
+        if n.op_type in ("Relu", "Clip") and self.opts.fold_relu \
+                and _foldable_relu(n, self.avail, self.in_n):
+            self._fold_relu(n)
+        elif n.op_type in PASSTHROUGH_OPS and n.inputs[0] is not None \
+                and n.inputs[0].name in self.avail \
                 and all(not _is_activation(v) for v in n.inputs[1:]):
-            in_n.add(n)
-            plan.shared.append(n)
-            for o in n.outputs:
-                avail.add(o.name)
-                plan.union(n.inputs[0].name, o.name)
-                if n.inputs[0].name in one_sided and n.op_type != "Pad":
-                    one_sided.add(o.name)
-            continue
-        if n.op_type == "Concat" and all(v.name in avail for v in acts) and len(acts) == len(n.inputs):
-            in_n.add(n)
-            plan.shared.append(n)
-            sides = {v.name in one_sided for v in acts}
-            out = n.outputs[0]
-            avail.add(out.name)
-            if len(sides) == 1:  # mixed one-sided / signed inputs keep separate scales
-                for v in acts:
-                    plan.union(v.name, out.name)
-                if True in sides:
-                    one_sided.add(out.name)
-            continue
-        if opts.elementwise and n.op_type in INT8_OPS and all(v.name in avail for v in acts):
-            consts = [i for i, v in enumerate(n.inputs) if v is not None and not _is_activation(v)]
-            if n.op_type in ("Add", "Mul") and consts:
-                arr = constant_array(n.inputs[consts[0]])
-                # A constant operand (e.g. a MatMul's bias) becomes a per-tensor
-                # quantized initializer so the op still runs as QLinearAdd/QLinearMul.
-                if len(consts) != 1 or arr is None or arr.dtype != np.float32 or not _const_fits_u8(arr):
-                    continue
-                plan.const_inputs.append((n, consts[0]))
-            elif consts and n.op_type not in ("AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"):
-                continue
-            in_n.add(n)
-            plan.int8_ops.append(n)
-            avail.update(o.name for o in n.outputs)
+            self._pass_through(n)
+        elif n.op_type == "Concat" and all(v.name in self.avail for v in acts) \
+                and len(acts) == len(n.inputs):
+            self._concat(n, acts)
+        elif self.opts.elementwise and n.op_type in INT8_OPS \
+                and all(v.name in self.avail for v in acts):
+            self._int8_op(n)
 
-    # Backward: which values need a Q/DQ pair.
+    def _fold_relu(self, n: ir.Node) -> None:
+        x, y = n.inputs[0], n.outputs[0]
+        self.plan.folded.append(n)
+        self.folded_alias[y.name] = x.name
+        self.one_sided.update((x.name, y.name))
+        self.avail.add(y.name)
+        self.plan.union(x.name, y.name)
+
+    def _pass_through(self, n: ir.Node) -> None:
+        self.in_n.add(n)
+        self.plan.shared.append(n)
+        for o in n.outputs:
+            self.avail.add(o.name)
+            self.plan.union(n.inputs[0].name, o.name)
+            if n.inputs[0].name in self.one_sided and n.op_type != "Pad":
+                self.one_sided.add(o.name)
+
+    def _concat(self, n: ir.Node, acts: list[ir.Value]) -> None:
+        self.in_n.add(n)
+        self.plan.shared.append(n)
+        sides = {v.name in self.one_sided for v in acts}
+        out = n.outputs[0]
+        self.avail.add(out.name)
+        if len(sides) == 1:  # mixed one-sided / signed inputs keep separate scales
+            for v in acts:
+                self.plan.union(v.name, out.name)
+            if True in sides:
+                self.one_sided.add(out.name)
+
+    def _int8_op(self, n: ir.Node) -> None:
+        consts = [i for i, v in enumerate(n.inputs) if v is not None and not _is_activation(v)]
+        if n.op_type in ("Add", "Mul") and consts:
+            arr = constant_array(n.inputs[consts[0]])
+            # A constant operand (e.g. a MatMul's bias) becomes a per-tensor
+            # quantized initializer so the op still runs as QLinearAdd/QLinearMul.
+            if len(consts) != 1 or arr is None or arr.dtype != np.float32 \
+                    or not _const_fits_u8(arr):
+                return
+            self.plan.const_inputs.append((n, consts[0]))
+        elif consts and n.op_type not in ("AveragePool", "GlobalAveragePool", "Sigmoid",
+                                          "LeakyRelu"):
+            return
+        self.in_n.add(n)
+        self.plan.int8_ops.append(n)
+        self.avail.update(o.name for o in n.outputs)
+
+
+def _needs_qdq(nodes: list[ir.Node], compute_set: set[ir.Node], opts: QuantizeOptions,
+               plan: QuantPlan) -> set[str]:
+    """The backward walk of `make_plan`: the values that need a Q/DQ pair."""
     needs: set[str] = set()
     folded_set = set(plan.folded)
     for n in reversed(nodes):
@@ -320,13 +361,18 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
             continue
         if n in plan.shared and any(o.name in needs for o in n.outputs):
             needs.add(n.inputs[0].name)
+    return needs
 
+
+def _add_tensors(graph: ir.Graph, nodes: list[ir.Node], needs: set[str], flow: _Int8Flow,
+                 plan: QuantPlan) -> None:
+    """A `TensorQuant` in `plan.tensors` for every float value in `needs`."""
     values = {v.name: v for v in graph.inputs}
     for n in nodes:
         for o in n.outputs:
             values[o.name] = o
     for name in needs:
-        if name in folded_alias:  # quantized through its pre-relu value
+        if name in flow.folded_alias:  # quantized through its pre-relu value
             continue
         v = values.get(name)
         if v is None or not is_float(v):
@@ -336,9 +382,7 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
         for relu in plan.folded:
             if relu.inputs[0].name == name:
                 data = relu.outputs[0].name
-        plan.tensors[name] = TensorQuant(v, data, one_sided=name in one_sided)
-    # Groups may span values without Q/DQ (pass-through outputs); keep union info only.
-    return plan
+        plan.tensors[name] = TensorQuant(v, data, one_sided=name in flow.one_sided)
 
 
 def _const_fits_u8(arr: np.ndarray, tol: float = 0.01) -> bool:
