@@ -1,7 +1,8 @@
 """The plan/apply core of `quantize`, below its modes: options, which tensors get a
 Q -> DQ pair (`make_plan`), calibration (`calibrate`, `resolve_ranges`) and the QDQ
 rewrite (`apply_plan`). Static int8 (static.py) and mixed precision (mixed.py) build on
-it; dynamic (dynamic.py) uses `quantize_embeddings`. It imports none of them.
+it; dynamic (dynamic.py) uses `quantize_embeddings`. It imports none of them (bias
+correction, from repair.py, is part of `apply_calibrated`).
 
 INT8 QDQ rewrite rules:
   * Conv / ConvTranspose / Gemm / MatMul ("compute ops") get
@@ -68,6 +69,7 @@ from .observers import (
     quantize_weight,
 )
 from .prepare import ensure_node_names, is_float
+from .repair import analytic_bias_shifts
 
 logger = logging.getLogger(__name__)
 
@@ -479,6 +481,18 @@ def channel_axis_of_input(node: ir.Node) -> int:
     return 1 if node.op_type in ("Conv", "ConvTranspose") else -1
 
 
+def bias_correction_inputs(plan: QuantPlan, opts: QuantizeOptions) -> dict[str, int]:
+    """The compute-node inputs whose per-channel means bias correction needs (value name
+    -> channel axis); none without `bias_correction`. A MatMul of two activations has no
+    weight to correct."""
+    inputs: dict[str, int] = {}
+    if opts.bias_correction:
+        for n in plan.compute:
+            if n.op_type != "MatMul" or constant_array(n.inputs[1]) is not None:
+                inputs[n.inputs[0].name] = channel_axis_of_input(n)
+    return inputs
+
+
 def resolve_ranges(plan: QuantPlan, calib: Calibration, opts: QuantizeOptions) -> dict[str, QuantRange]:
     """Ranges per scale group (union of members' observed ranges), keyed by tensor name."""
     symmetric = opts.activations == "s8"
@@ -655,6 +669,18 @@ class WeightRecord:
     w_deq: np.ndarray
     axis: int | None
     input_scale: float | None
+
+
+def apply_calibrated(model: ir.Model, plan: QuantPlan, calib: Calibration,
+                     opts: QuantizeOptions) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The calibrated ranges of `plan`, bias correction (when on) and the QDQ rewrite:
+    (`apply_plan`'s counters, the bias shift per corrected node)."""
+    ranges = resolve_ranges(plan, calib, opts)
+    shifts: dict[str, np.ndarray] = {}
+    if opts.bias_correction:
+        shifts = analytic_bias_shifts(plan.compute, calib.channel, per_channel=opts.per_channel,
+                                      method=opts.weight_calibration)
+    return apply_plan(model, plan, ranges, opts, bias_shift=shifts), shifts
 
 
 def apply_plan(model: ir.Model, plan: QuantPlan, ranges: dict[str, QuantRange],

@@ -47,25 +47,21 @@ from ...ir import constant_array, infer_shapes, load_model
 from ..graph import remove_unused
 from ..naming import NameAllocator
 from .core import (
+    Calibration,
     QuantizeOptions,
-    apply_plan,
+    apply_calibrated,
+    bias_correction_inputs,
     calibrate,
-    channel_axis_of_input,
     make_plan,
-    resolve_ranges,
     weight_bytes,
 )
 from .prepare import (
     add_const,
     ensure_node_names,
-    fold_batchnorm,
-    fold_conv_bias_add,
-    fuse_hardswish,
-    matmul_add_to_gemm,
-    normalize_gemm,
+    fold_into_weights,
+    merge_for_int8,
     upgrade_opset,
 )
-from .repair import analytic_bias_shifts
 
 logger = logging.getLogger(__name__)
 
@@ -145,95 +141,31 @@ class _Evaluator:
 def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict[str, Any]:
     """Choose int8 / fp16 / fp32 per layer under the budget and rewrite `model` in place."""
     start = time.perf_counter()
-    int8_opts = replace(opts, mode="int8")
-    if opts.per_channel and model.opset_imports.get("", 13) < 13:
-        upgrade_opset(model, 13)
-    infer_shapes(model)
-    stats: dict[str, Any] = {"bn_folded": fold_batchnorm(model),
-                             "conv_bias_add_folded": fold_conv_bias_add(model), "gemm_normalized": normalize_gemm(model),
-                             "matmul_add_to_gemm": matmul_add_to_gemm(model),
-                             "hardswish_fused": fuse_hardswish(model)}
-    ensure_node_names(model.graph)
+    stats = _prepare(model, opts)
     fp32 = load_model(model, check=False)
+    int8_opts = replace(opts, mode="int8")
     full = make_plan(load_model(fp32, check=False), int8_opts)
     layers = [n.name for n in full.compute]
     if not layers:
         stats["bits_per_layer"] = {}
         return stats
-    channel_inputs = {}
-    if opts.bias_correction:
-        for n in full.compute:
-            if n.op_type != "MatMul" or constant_array(n.inputs[1]) is not None:
-                channel_inputs[n.inputs[0].name] = channel_axis_of_input(n)
     calib = calibrate(fp32, context, {t.data_name for t in full.tensors.values()},
-                      method=opts.calibration, channel_inputs=channel_inputs,
+                      method=opts.calibration, channel_inputs=bias_correction_inputs(full, opts),
                       limit=opts.calib_batches or None)
-    eval_count = min(calib.batches, opts.calib_batches or 8)
-    batches = list(context.calibration_batches(eval_count))
-    labels = None
-    if context.calibration is not None and hasattr(context.calibration, "labels"):
-        labels = context.calibration.labels()
-    evaluator = _Evaluator(fp32, batches, opts, labels, context.threads)
-    fp32_bytes = weight_bytes(fp32)
-
-    def apply(target: ir.Model, int8: set[str], fp16: set[str]) -> ir.Model:
-        """Quantize the `int8` layers and store the `fp16` ones in half precision, in place."""
-        if int8:
-            plan = make_plan(target, int8_opts, only=int8)
-            ranges = resolve_ranges(plan, calib, int8_opts)
-            shifts = {}
-            if opts.bias_correction:
-                shifts = analytic_bias_shifts(plan.compute, calib.channel, per_channel=opts.per_channel,
-                                              method=opts.weight_calibration)
-            apply_plan(target, plan, ranges, int8_opts, bias_shift=shifts)
-        if fp16:
-            store_fp16_weights(target, fp16)
-        return target
-
-    def build(int8: set[str], fp16: set[str]) -> ir.Model:
-        return apply(load_model(fp32, check=False), int8, fp16)
-
+    evaluator = _evaluator(fp32, calib, opts, context)
+    precisions = _Precisions(fp32, calib, int8_opts)
     # 2. sensitivity of each layer alone
-    sensitivity: dict[str, dict[str, float]] = {}
-    for name in layers:
-        sensitivity[name] = evaluator.errors(build({name}, set()))
+    sensitivity = {name: evaluator.errors(precisions.build({name}, set())) for name in layers}
     key = "metric" if opts.metric is not None else "rel_l2"
-    order = sorted(layers, key=lambda n: (sensitivity[n][key], sensitivity[n].get("accuracy_drop", 0.0)))
-    # 3. budget curve
-    rest_fp16 = opts.fp16_fallback
-    curve = []
-    points = list(range(len(order) + 1))
-    if len(points) > 41:  # bound the cost on very deep models: 40 evenly spaced points
-        points = sorted({round(i * len(order) / 40) for i in range(41)})
-    configs = {}
-    for k in points:
-        int8 = set(order[:k])
-        fp16 = set(order[k:]) if rest_fp16 else set()
-        cand = build(int8, fp16)
-        err = evaluator.errors(cand)
-        size = weight_bytes(cand)
-        curve.append({"int8_layers": k, **{e: round(v, 6) for e, v in err.items()},
-                      "weight_bytes": size, "size_ratio": round(size / fp32_bytes, 4),
-                      "within_budget": evaluator.within(err)})
-        configs[k] = (int8, fp16)
-    # 4. choice
-    ok_points = [p for p in curve if p["within_budget"]]
-    if not ok_points:
-        raise BudgetExceededError(
-            f"quantize(mode=mixed): no configuration meets the budget (max_error={opts.max_error}, "
-            f"max_accuracy_drop={opts.max_accuracy_drop}); the least lossy point has error "
-            f"{curve[0]}. Raise the budget or use mode=fp16."
-        )
-    chosen = max(ok_points, key=lambda p: p["int8_layers"])
-    size_met = None
-    if opts.max_size_ratio > 0:
-        small = [p for p in ok_points if p["size_ratio"] <= opts.max_size_ratio]
-        size_met = bool(small)
-        if small:
-            chosen = min(small, key=lambda p: p["int8_layers"])
+    order = sorted(layers, key=lambda n: (sensitivity[n][key],
+                                          sensitivity[n].get("accuracy_drop", 0.0)))
+    # 3. budget curve, 4. choice
+    curve, configs = _budget_curve(order, evaluator, precisions, opts.fp16_fallback,
+                                   weight_bytes(fp32))
+    chosen, size_met = _choose(curve, opts)
     int8, fp16 = configs[chosen["int8_layers"]]
     # 5. apply to the model itself and verify
-    apply(model, int8, fp16)
+    precisions.apply(model, int8, fp16)
     final = evaluator.errors(model)
     if not evaluator.within(final):
         raise BudgetExceededError(f"quantize(mode=mixed): the chosen configuration measured "
@@ -252,7 +184,95 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
         "size_target_met": size_met,
         "int4": "skipped: onnxruntime runs int4 weights only as MatMulNBits, not emitted",
         "evaluations": evaluator.evaluations,
-        "eval_batches": len(batches),
+        "eval_batches": len(evaluator.batches),
         "seconds": round(time.perf_counter() - start, 2),
     })
     return stats
+
+
+def _prepare(model: ir.Model, opts: QuantizeOptions) -> dict[str, Any]:
+    """1. The float rewrites int8 quantization runs first (without its accuracy repair)."""
+    if opts.per_channel and model.opset_imports.get("", 13) < 13:
+        upgrade_opset(model, 13)
+    infer_shapes(model)
+    stats: dict[str, Any] = {**fold_into_weights(model), **merge_for_int8(model)}
+    ensure_node_names(model.graph)
+    return stats
+
+
+def _evaluator(fp32: ir.Model, calib: Calibration, opts: QuantizeOptions,
+               context: Any) -> _Evaluator:
+    """An evaluator on the first calibration batches (at most 8, or `calib_batches`),
+    with their labels when the calibration data has them."""
+    eval_count = min(calib.batches, opts.calib_batches or 8)
+    batches = list(context.calibration_batches(eval_count))
+    labels = None
+    if context.calibration is not None and hasattr(context.calibration, "labels"):
+        labels = context.calibration.labels()
+    return _Evaluator(fp32, batches, opts, labels, context.threads)
+
+
+class _Precisions:
+    """Builds the float model with a chosen precision per layer."""
+
+    def __init__(self, fp32: ir.Model, calib: Calibration, int8_opts: QuantizeOptions):
+        self.fp32, self.calib, self.int8_opts = fp32, calib, int8_opts
+
+    def apply(self, target: ir.Model, int8: set[str], fp16: set[str]) -> ir.Model:
+        """Quantize the `int8` layers and store the `fp16` ones in half precision, in place."""
+        if int8:
+            plan = make_plan(target, self.int8_opts, only=int8)
+            apply_calibrated(target, plan, self.calib, self.int8_opts)
+        if fp16:
+            store_fp16_weights(target, fp16)
+        return target
+
+    def build(self, int8: set[str], fp16: set[str]) -> ir.Model:
+        """A new copy of the float model with these precisions."""
+        return self.apply(load_model(self.fp32, check=False), int8, fp16)
+
+
+def _budget_curve(order: list[str], evaluator: _Evaluator, precisions: _Precisions,
+                  rest_fp16: bool, fp32_bytes: int
+                  ) -> tuple[list[dict[str, Any]], dict[int, tuple[set[str], set[str]]]]:
+    """Error and weight bytes with the first k layers of `order` in int8 (the rest fp16
+    when `rest_fp16`, else fp32), for every k (40 evenly spaced ones on deep models);
+    and the (int8, fp16) layer sets of each point."""
+    curve = []
+    points = list(range(len(order) + 1))
+    if len(points) > 41:  # bound the cost on very deep models: 40 evenly spaced points
+        points = sorted({round(i * len(order) / 40) for i in range(41)})
+    configs = {}
+    for k in points:
+        int8 = set(order[:k])
+        fp16 = set(order[k:]) if rest_fp16 else set()
+        cand = precisions.build(int8, fp16)
+        err = evaluator.errors(cand)
+        size = weight_bytes(cand)
+        curve.append({"int8_layers": k, **{e: round(v, 6) for e, v in err.items()},
+                      "weight_bytes": size, "size_ratio": round(size / fp32_bytes, 4),
+                      "within_budget": evaluator.within(err)})
+        configs[k] = (int8, fp16)
+    return curve, configs
+
+
+def _choose(curve: list[dict[str, Any]], opts: QuantizeOptions
+            ) -> tuple[dict[str, Any], bool | None]:
+    """The point of the curve to apply, and whether the size target was met (None
+    without one): the most int8 layers within the error budgets, or with
+    `max_size_ratio` the fewest that reach it."""
+    ok_points = [p for p in curve if p["within_budget"]]
+    if not ok_points:
+        raise BudgetExceededError(
+            f"quantize(mode=mixed): no configuration meets the budget (max_error={opts.max_error}, "
+            f"max_accuracy_drop={opts.max_accuracy_drop}); the least lossy point has error "
+            f"{curve[0]}. Raise the budget or use mode=fp16."
+        )
+    chosen = max(ok_points, key=lambda p: p["int8_layers"])
+    size_met = None
+    if opts.max_size_ratio > 0:
+        small = [p for p in ok_points if p["size_ratio"] <= opts.max_size_ratio]
+        size_met = bool(small)
+        if small:
+            chosen = min(small, key=lambda p: p["int8_layers"])
+    return chosen, size_met

@@ -54,6 +54,20 @@ def ensure_node_names(graph: ir.Graph) -> None:
             n.name = names.node(f"{n.op_type}_{i}")
 
 
+def fold_into_weights(model: ir.Model) -> dict[str, int]:
+    """BatchNormalization, conv-bias Adds and Gemm alpha/beta folded into the layers'
+    weights (the counts of each, for the stats)."""
+    return {"bn_folded": fold_batchnorm(model), "conv_bias_add_folded": fold_conv_bias_add(model),
+            "gemm_normalized": normalize_gemm(model)}
+
+
+def merge_for_int8(model: ir.Model) -> dict[str, int]:
+    """MatMul + bias Add -> Gemm and decomposed HardSwish -> one op: fewer ops to quantize
+    (the counts of each, for the stats)."""
+    return {"matmul_add_to_gemm": matmul_add_to_gemm(model),
+            "hardswish_fused": fuse_hardswish(model)}
+
+
 def fold_batchnorm(model: ir.Model) -> int:
     """Fold inference BatchNormalization nodes into the preceding Conv/ConvTranspose."""
     graph = model.graph

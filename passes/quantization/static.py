@@ -17,29 +17,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
-from ...ir import constant_array, infer_shapes
+from ...ir import infer_shapes
 from . import repair
 from .core import (
     Calibration,
     QuantizeOptions,
-    apply_plan,
+    apply_calibrated,
+    bias_correction_inputs,
     calibrate,
-    channel_axis_of_input,
     make_plan,
     quantize_embeddings,
-    resolve_ranges,
 )
-from .prepare import (
-    fold_batchnorm,
-    fold_conv_bias_add,
-    fuse_hardswish,
-    matmul_add_to_gemm,
-    normalize_gemm,
-    upgrade_opset,
-)
+from .prepare import fold_into_weights, merge_for_int8, upgrade_opset
 
 
 def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
@@ -50,9 +41,7 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
         # 14 rather than 13: HardSwish exists from opset 14 (see fuse_hardswish)
         stats["opset_upgraded"] = upgrade_opset(model, 14) or upgrade_opset(model, 13)
     infer_shapes(model)
-    stats["bn_folded"] = fold_batchnorm(model)
-    stats["conv_bias_add_folded"] = fold_conv_bias_add(model)
-    stats["gemm_normalized"] = normalize_gemm(model)
+    stats.update(fold_into_weights(model))
     if opts.equalize:
         stats["equalized_pairs"] = repair.equalize_model(model)
     alpha = opts.smooth
@@ -61,29 +50,19 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
     if alpha > 0:
         stats["smooth_alpha"] = alpha
         stats["smoothed"] = repair.smooth_model(model, context, alpha,
-                                                      limit=opts.calib_batches or None,
-                                                      insert=opts.smooth_insert)
-    stats["matmul_add_to_gemm"] = matmul_add_to_gemm(model)
-    stats["hardswish_fused"] = fuse_hardswish(model)
+                                                limit=opts.calib_batches or None,
+                                                insert=opts.smooth_insert)
+    stats.update(merge_for_int8(model))
     plan = make_plan(model, opts, only)
-    channel_inputs = {}
-    if opts.bias_correction:
-        for n in plan.compute:
-            if n.op_type != "MatMul" or constant_array(n.inputs[1]) is not None:
-                channel_inputs[n.inputs[0].name] = channel_axis_of_input(n)
     if calibration is None:
         calibration = calibrate(model, context, {t.data_name for t in plan.tensors.values()},
-                                method=opts.calibration, channel_inputs=channel_inputs,
+                                method=opts.calibration,
+                                channel_inputs=bias_correction_inputs(plan, opts),
                                 limit=opts.calib_batches or None)
-    ranges = resolve_ranges(plan, calibration, opts)
-    shifts: dict[str, np.ndarray] = {}
-    if opts.bias_correction:
-        shifts = repair.analytic_bias_shifts(plan.compute, calibration.channel,
-                                                   per_channel=opts.per_channel,
-                                                   method=opts.weight_calibration)
-    applied = apply_plan(model, plan, ranges, opts, bias_shift=shifts)
+    applied, shifts = apply_calibrated(model, plan, calibration, opts)
     if opts.embeddings:
-        stats["embeddings_quantized"] = quantize_embeddings(model, set(plan.skipped) & _keep_names(opts))
+        stats["embeddings_quantized"] = quantize_embeddings(
+            model, set(plan.skipped) & _keep_names(opts))
     stats.update({
         "compute_quantized": len(plan.compute),
         "compute_by_op": _count_ops(plan.compute),
