@@ -31,6 +31,7 @@ already fuses these primitives itself — only standard ONNX ops are produced):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -127,98 +128,146 @@ def fuse_layernorm(model: ir.Model, div: ir.Node) -> bool:
     """Replace the LayerNorm pattern ending in `div` (Div or Mul by Reciprocal)."""
     if opset(model) < 17:
         return False
+    ln = _match_layernorm(model, div)
+    if ln is None or not ln.private():
+        return False
+    vectors = _layernorm_vectors(ln)
+    if vectors is None or not _shape_preserved(ln.x, ln.out, ln.nodes()):
+        return False
+    g, b = vectors
+    graph = div.graph
+    assert graph is not None
+    base = div.name or "layernorm"
+    g_val = add_initializer(graph, f"{base}_ln_scale", g)
+    b_val = add_initializer(graph, f"{base}_ln_bias", b)
+    node = ir.node("LayerNormalization", [ln.x, g_val, b_val], {"axis": -1, "epsilon": ln.eps},
+                   name=f"{base}_layernorm")
+    graph.insert_before(ln.tail[-1] if ln.tail else div, node)
+    bypass(ln.out, node.outputs[0])
+    remove_nodes(list(reversed(ln.tail)) + [div] + ([ln.recip] if ln.recip else []) +
+                 [ln.sqrt, ln.add_eps, ln.var_node, ln.sq, ln.sub, ln.mean_node])
+    return True
+
+
+@dataclass
+class _LayerNorm:
+    """A matched primitive LayerNorm: x -> mean_node, sub (d), sq, var_node, add_eps, sqrt
+    (s), div (or Mul by recip), then the optional tail Mul(gamma) -> Add(beta) -> out."""
+
+    x: ir.Value
+    mean_node: ir.Node
+    sub: ir.Node
+    sq: ir.Node
+    var_node: ir.Node
+    add_eps: ir.Node
+    sqrt: ir.Node
+    div: ir.Node
+    recip: ir.Node | None
+    eps: float
+    tail: list[ir.Node] = field(default_factory=list)
+    gamma: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    out: ir.Value | None = None
+
+    def nodes(self) -> list[ir.Node]:
+        return [self.mean_node, self.sub, self.sq, self.var_node, self.add_eps, self.sqrt,
+                self.div, *self.tail] + ([self.recip] if self.recip else [])
+
+    def private(self) -> bool:
+        """Every intermediate value is read by the pattern alone (and is not an output)."""
+        d, s = self.sub.outputs[0], self.sqrt.outputs[0]
+        checks = [(self.mean_node.outputs[0], [self.sub]), (d, [self.sq, self.div]),
+                  (self.sq.outputs[0], [self.var_node]), (self.var_node.outputs[0], [self.add_eps]),
+                  (self.add_eps.outputs[0], [self.sqrt]),
+                  (s, [self.recip] if self.recip else [self.div])]
+        if self.recip is not None:
+            checks.append((self.recip.outputs[0], [self.div]))
+        if self.tail:
+            checks.append((self.div.outputs[0], [self.tail[0]]))
+            if len(self.tail) == 2:
+                checks.append((self.tail[0].outputs[0], [self.tail[1]]))
+        return all(_uses_only(v, ns) for v, ns in checks)
+
+
+def _match_layernorm(model: ir.Model, div: ir.Node) -> _LayerNorm | None:
+    """The LayerNorm pattern ending in `div` with its affine tail, or None."""
     if is_op(div, "Div") and len(div.inputs) == 2:
         d, s = div.inputs
         recip = None
     elif is_op(div, "Mul") and len(div.inputs) == 2:
         recip = _producer(div.inputs[1], "Reciprocal") or _producer(div.inputs[0], "Reciprocal")
         if recip is None:
-            return False
+            return None
         s = recip.inputs[0]
         d = _other(div, recip.outputs[0])
     else:
-        return False
+        return None
     sub = _producer(d, "Sub")
     sqrt = _producer(s, "Sqrt")
     if sub is None or sqrt is None:
-        return False
+        return None
     x, mean = sub.inputs
     mean_node = _producer(mean, "ReduceMean")
     if mean_node is None or mean_node.inputs[0] is not x or not _last_axis_mean(model, mean_node, x):
-        return False
+        return None
     add_eps = _producer(sqrt.inputs[0], "Add")
     if add_eps is None:
-        return False
+        return None
     var = next((v for v in add_eps.inputs if _producer(v, "ReduceMean") is not None), None)
     if var is None:
-        return False
+        return None
     eps = _scalar(_other(add_eps, var))
     var_node = _producer(var, "ReduceMean")
     if eps is None or not _last_axis_mean(model, var_node, x):
-        return False
+        return None
     sq = _producer(var_node.inputs[0], "Pow", "Mul")
     if sq is None or sq.inputs[0] is not d:
-        return False
+        return None
     if sq.op_type == "Pow" and not _close(_scalar(sq.inputs[1]), 2.0, 0.0):
-        return False
+        return None
     if sq.op_type == "Mul" and sq.inputs[1] is not d:
-        return False
-    x_dtype = x.dtype
-    # the tail: optional Mul(gamma) and Add(beta)
-    out = div.outputs[0]
-    tail: list[ir.Node] = []
-    gamma = beta = None
+        return None
+    ln = _LayerNorm(x, mean_node, sub, sq, var_node, add_eps, sqrt, div, recip, eps)
+    _match_affine_tail(ln)
+    return ln
+
+
+def _match_affine_tail(ln: _LayerNorm) -> None:
+    """The optional Mul(gamma) and Add(beta) after the normalization, and the output."""
+    out = ln.div.outputs[0]
     nxt = sole_consumer(out)
     if is_op(nxt, "Mul") and float_const(_other(nxt, out)) is not None:
-        gamma = float_const(_other(nxt, out))
-        tail.append(nxt)
+        ln.gamma = float_const(_other(nxt, out))
+        ln.tail.append(nxt)
         out = nxt.outputs[0]
         nxt = sole_consumer(out)
     if is_op(nxt, "Add") and float_const(_other(nxt, out)) is not None:
-        beta = float_const(_other(nxt, out))
-        tail.append(nxt)
+        ln.beta = float_const(_other(nxt, out))
+        ln.tail.append(nxt)
         out = nxt.outputs[0]
-    # every intermediate must be private to the pattern
-    checks = [(mean, [sub]), (d, [sq, div]), (sq.outputs[0], [var_node]),
-              (var, [add_eps]), (add_eps.outputs[0], [sqrt]),
-              (s, [recip] if recip else [div])]
-    if recip is not None:
-        checks.append((recip.outputs[0], [div]))
-    if tail:
-        checks.append((div.outputs[0], [tail[0]]))
-        if len(tail) == 2:
-            checks.append((tail[0].outputs[0], [tail[1]]))
-    if not all(_uses_only(v, ns) for v, ns in checks):
-        return False
-    xs = static_shape(x)
+    ln.out = out
+
+
+def _layernorm_vectors(ln: _LayerNorm) -> tuple[np.ndarray, np.ndarray] | None:
+    """gamma and beta as [D] vectors of x's dtype (ones / zeros when absent), or None
+    when D is unknown, a dtype differs, or they do not vary along the last axis only."""
+    gamma, beta = ln.gamma, ln.beta
+    xs = static_shape(ln.x)
     dim = xs[-1] if xs else None
     for arr in (gamma, beta):
         if arr is not None and arr.size > 1:
             dim = dim or int(arr.shape[-1])
     if gamma is None and beta is None and dim is None:
-        return False
-    dtype = (gamma if gamma is not None else beta if beta is not None else np.zeros(0, np.float32)).dtype
-    if x_dtype is not None and x_dtype.numpy() != dtype:
-        return False
+        return None
+    dtype = (gamma if gamma is not None else beta if beta is not None
+             else np.zeros(0, np.float32)).dtype
+    if ln.x.dtype is not None and ln.x.dtype.numpy() != dtype:
+        return None
     g = _as_vector(gamma, dim) if gamma is not None else np.ones(dim, dtype)
     b = _as_vector(beta, dim) if beta is not None else np.zeros(dim, dtype)
     if g is None or b is None or g.shape != b.shape:
-        return False
-    pattern = [mean_node, sub, sq, var_node, add_eps, sqrt, div, *tail] + ([recip] if recip else [])
-    if not _shape_preserved(x, out, pattern):
-        return False
-    graph = div.graph
-    assert graph is not None
-    base = div.name or "layernorm"
-    g_val = add_initializer(graph, f"{base}_ln_scale", g.astype(dtype))
-    b_val = add_initializer(graph, f"{base}_ln_bias", b.astype(dtype))
-    ln = ir.node("LayerNormalization", [x, g_val, b_val], {"axis": -1, "epsilon": eps},
-                 name=f"{base}_layernorm")
-    graph.insert_before(tail[-1] if tail else div, ln)
-    bypass(out, ln.outputs[0])
-    remove_nodes(list(reversed(tail)) + [div] + ([recip] if recip else []) +
-                 [sqrt, add_eps, var_node, sq, sub, mean_node])
-    return True
+        return None
+    return g.astype(dtype), b.astype(dtype)
 
 
 # ------------------------------------------------------------------ GELU
