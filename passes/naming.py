@@ -51,6 +51,17 @@ def collect_names(graph: ir.Graph) -> tuple[set[str], set[str]]:
     return values, nodes
 
 
+def take_free_name(base: str, taken: set[str], sep: str = "_") -> str:
+    """`base`, or the first of `base_1`, `base_2`, ... (with `sep`) not in `taken`; it is
+    added to `taken`."""
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}{sep}{i}"
+    taken.add(name)
+    return name
+
+
 class NameAllocator:
     """Hands out value and node names unused in a graph (and by earlier allocations).
 
@@ -63,22 +74,13 @@ class NameAllocator:
         self.graph = graph
         self.values, self.nodes = collect_names(graph)
 
-    @staticmethod
-    def _fresh(base: str, taken: set[str]) -> str:
-        name, i = base, 0
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
-
     def value(self, base: str) -> str:
         """A free value name: `base` itself when free, else `base_1`, `base_2`, ..."""
-        return self._fresh(base or "value", self.values)
+        return take_free_name(base or "value", self.values)
 
     def node(self, base: str) -> str:
         """A free node name: `base` itself when free, else `base_1`, `base_2`, ..."""
-        return self._fresh(base or "node", self.nodes)
+        return take_free_name(base or "node", self.nodes)
 
     def name_value(self, value: ir.Value, base: str) -> ir.Value:
         value.name = self.value(base)

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from ...ir import add_initializer, constant_array
 from ..graph import attr, is_op, sole_consumer
+from ..naming import take_free_name
 
 LINEAR_OPS = ("Gemm", "MatMul")
 
@@ -63,13 +64,10 @@ class Stage:
 
 
 def layer_key(node: ir.Node, taken: set[str]) -> str:
+    """A key naming the layer in stats and rank overrides: its node name (else its output's
+    name, else its op type), made unique among `taken` with `#1`, `#2`, ..."""
     base = node.name or (node.outputs[0].name if node.outputs else node.op_type) or node.op_type
-    key, i = base, 0
-    while key in taken:
-        i += 1
-        key = f"{base}#{i}"
-    taken.add(key)
-    return key
+    return take_free_name(base, taken, "#")
 
 
 def _shared(value: ir.Value) -> int:
@@ -109,61 +107,74 @@ def following_bn_scale(node: ir.Node, n_out: int) -> np.ndarray | None:
 
 def inspect_node(node: ir.Node, conv_method: str) -> Layer | str | None:
     """A Layer for a decomposable node, a reason string when refused, None if not a candidate."""
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx") or op not in ("Gemm", "MatMul", "Conv"):
+    if not is_op(node, "Gemm", "MatMul", "Conv"):
         return None
-    if op == "MatMul":
-        a, b = node.inputs[0], node.inputs[1]
-        wa, wb = constant_array(a), constant_array(b)
-        if wb is None:
-            return "weight on the left operand" if wa is not None else "no constant weight"
-        if wa is not None:
-            return "both operands constant (fold constants first)"
-        if wb.ndim != 2:
-            return f"weight has rank {wb.ndim}, not 2"
-        if wb.dtype != np.float32:
-            return f"weight dtype {wb.dtype} (float32 only)"
-        if _shared(b) > 1:
-            return f"weight shared by {_shared(b)} nodes"
-        weight = wb.astype(np.float64).T  # (N, K)
-        layer = Layer("", node, op, "svd", weight, b, a)
-        found = _matmul_bias(node, weight.shape[0])
-        if found is not None:
-            layer.add_node, layer.add_index, layer.bias = found
-            layer.bias_kind = "add"
-        return layer
-    if op == "Gemm":
-        a, b = node.inputs[0], node.inputs[1]
-        c = node.inputs[2] if len(node.inputs) > 2 else None
-        wb = constant_array(b)
-        if wb is None:
-            return "no constant weight"
-        if constant_array(a) is not None:
-            return "both operands constant (fold constants first)"
-        if wb.dtype != np.float32 or wb.ndim != 2:
-            return f"weight dtype {wb.dtype} / rank {wb.ndim} (float32 2-D only)"
-        if _shared(b) > 1:
-            return f"weight shared by {_shared(b)} nodes"
-        alpha = float(attr(node, "alpha", 1.0))
-        beta = float(attr(node, "beta", 1.0))
-        trans_a = int(attr(node, "transA", 0))
-        trans_b = int(attr(node, "transB", 0))
-        weight = alpha * (wb if trans_b else wb.T).astype(np.float64)  # (N, K)
-        layer = Layer("", node, op, "svd", weight, b, a, bias_value=c,
-                      attrs={"transA": trans_a, "beta": beta})
-        n_out = weight.shape[0]
-        carr = constant_array(c)
-        if c is None:
-            layer.bias_kind = "gemm"
-        elif (carr is not None and beta != 0.0 and carr.size in (1, n_out)
-              and (carr.ndim == 0 or carr.shape[-1] == carr.size)):
-            # A constant vector C (or scalar): fold beta·C into one bias vector.
-            layer.bias_kind = "gemm"
-            layer.bias = np.broadcast_to(beta * carr.astype(np.float64).reshape(-1),
-                                         (n_out,)).copy()
-        layer.out_scale = following_bn_scale(node, n_out)
-        return layer
-    # Conv
+    if node.op_type == "MatMul":
+        return _inspect_matmul(node)
+    if node.op_type == "Gemm":
+        return _inspect_gemm(node)
+    return _inspect_conv(node, conv_method)
+
+
+def _inspect_matmul(node: ir.Node) -> Layer | str:
+    """X @ W with a constant 2-D W, and the constant-bias Add after it if there is one."""
+    a, b = node.inputs[0], node.inputs[1]
+    wa, wb = constant_array(a), constant_array(b)
+    if wb is None:
+        return "weight on the left operand" if wa is not None else "no constant weight"
+    if wa is not None:
+        return "both operands constant (fold constants first)"
+    if wb.ndim != 2:
+        return f"weight has rank {wb.ndim}, not 2"
+    if wb.dtype != np.float32:
+        return f"weight dtype {wb.dtype} (float32 only)"
+    if _shared(b) > 1:
+        return f"weight shared by {_shared(b)} nodes"
+    weight = wb.astype(np.float64).T  # (N, K)
+    layer = Layer("", node, "MatMul", "svd", weight, b, a)
+    found = _matmul_bias(node, weight.shape[0])
+    if found is not None:
+        layer.add_node, layer.add_index, layer.bias = found
+        layer.bias_kind = "add"
+    return layer
+
+
+def _inspect_gemm(node: ir.Node) -> Layer | str:
+    """Gemm with a constant B: alpha and transB folded into the weight, beta·C a bias."""
+    a, b = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    wb = constant_array(b)
+    if wb is None:
+        return "no constant weight"
+    if constant_array(a) is not None:
+        return "both operands constant (fold constants first)"
+    if wb.dtype != np.float32 or wb.ndim != 2:
+        return f"weight dtype {wb.dtype} / rank {wb.ndim} (float32 2-D only)"
+    if _shared(b) > 1:
+        return f"weight shared by {_shared(b)} nodes"
+    alpha = float(attr(node, "alpha", 1.0))
+    beta = float(attr(node, "beta", 1.0))
+    trans_a = int(attr(node, "transA", 0))
+    trans_b = int(attr(node, "transB", 0))
+    weight = alpha * (wb if trans_b else wb.T).astype(np.float64)  # (N, K)
+    layer = Layer("", node, "Gemm", "svd", weight, b, a, bias_value=c,
+                  attrs={"transA": trans_a, "beta": beta})
+    n_out = weight.shape[0]
+    carr = constant_array(c)
+    if c is None:
+        layer.bias_kind = "gemm"
+    elif (carr is not None and beta != 0.0 and carr.size in (1, n_out)
+          and (carr.ndim == 0 or carr.shape[-1] == carr.size)):
+        # A constant vector C (or scalar): fold beta·C into one bias vector.
+        layer.bias_kind = "gemm"
+        layer.bias = np.broadcast_to(beta * carr.astype(np.float64).reshape(-1),
+                                     (n_out,)).copy()
+    layer.out_scale = following_bn_scale(node, n_out)
+    return layer
+
+
+def _inspect_conv(node: ir.Node, conv_method: str) -> Layer | str:
+    """A 2-D group-1 Conv: SVD for 1×1, else `conv_method` (tucker2 | spatial)."""
     x, w = node.inputs[0], node.inputs[1]
     bias_value = node.inputs[2] if len(node.inputs) > 2 else None
     wc = constant_array(w)
