@@ -173,10 +173,19 @@ def _solve(target: RefitTarget, folds: list[tuple[np.ndarray, np.ndarray]], ridg
         folds = [(g[:-1, :-1], r[:-1]) for g, r in folds]
     g = sum(f[0] for f in folds)
     r = sum(f[1] for f in folds)
-    m = len(g) - (1 if use_bias else 0)
-    node = target.node
-    w_value = node.inputs[1]
-    w = constant_array(w_value)
+    w = constant_array(target.node.inputs[1])
+    refit = _Refit(_prior(target, w, use_bias), use_bias, g)
+    rows = float(g[-1, -1]) if use_bias else float(_rows_seen(target))
+    sol = _choose_solution(refit, folds, g, r, ridge, rows)
+    if sol is None:
+        return False
+    _write_solution(target, sol[:refit.m].T, sol[refit.m] if use_bias else None, kind,
+                    bias_value, graph)
+    return True
+
+
+def _prior(target: RefitTarget, w: np.ndarray, use_bias: bool) -> np.ndarray:
+    """The pruned layer's weights as [input columns (+ the bias row), outputs], float64."""
     if target.op == "Conv":
         prior = w.reshape(w.shape[0], -1).T
     elif target.op == "Gemm" and target.attrs.get("transB"):
@@ -186,50 +195,72 @@ def _solve(target: RefitTarget, folds: list[tuple[np.ndarray, np.ndarray]], ridg
     prior = prior.astype(np.float64)
     if use_bias:  # the bias row is not regularized; its prior value does not matter
         prior = np.vstack([prior, np.zeros((1, prior.shape[1]))])
-    scale = float(np.mean(np.diag(g)[:m])) + 1e-12
+    return prior
 
-    def fit(gram: np.ndarray, cross: np.ndarray, rel: float) -> np.ndarray:
-        reg = np.full(len(gram), rel * scale)
-        if use_bias:
+
+class _Refit:
+    """Ridge fits toward the `prior` weights, from a Gram matrix and cross products."""
+
+    def __init__(self, prior: np.ndarray, use_bias: bool, g: np.ndarray):
+        self.prior, self.use_bias = prior, use_bias
+        self.m = len(g) - (1 if use_bias else 0)  # input columns, without the bias row
+        self.scale = float(np.mean(np.diag(g)[:self.m])) + 1e-12
+
+    def fit(self, gram: np.ndarray, cross: np.ndarray, rel: float) -> np.ndarray:
+        reg = np.full(len(gram), rel * self.scale)
+        if self.use_bias:
             reg[-1] = 0.0
-        lhs, rhs = gram + np.diag(reg), cross + reg[:, None] * prior
+        lhs, rhs = gram + np.diag(reg), cross + reg[:, None] * self.prior
         try:
             return np.linalg.solve(lhs, rhs)
         except np.linalg.LinAlgError:
             return np.linalg.lstsq(lhs, rhs, rcond=None)[0]
 
-    def error(sol: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
-        # ||Y - A W||^2 up to the constant ||Y||^2
-        return float(np.sum(sol * (gram @ sol)) - 2 * np.sum(sol * cross))
-
-    def bias_only(gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    def bias_only(self, gram: np.ndarray, cross: np.ndarray) -> np.ndarray:
         # pruned weights, bias refit: absorbs the mean output of the removed inputs
+        prior = self.prior
         bias = (cross[-1] - gram[-1, :-1] @ prior[:-1]) / max(float(gram[-1, -1]), 1.0)
         return np.vstack([prior[:-1], bias[None, :]])
 
-    rows = float(g[-1, -1]) if use_bias else float(_rows_seen(target))
+
+def _fit_error(sol: np.ndarray, gram: np.ndarray, cross: np.ndarray) -> float:
+    # ||Y - A W||^2 up to the constant ||Y||^2
+    return float(np.sum(sol * (gram @ sol)) - 2 * np.sum(sol * cross))
+
+
+def _choose_solution(refit: _Refit, folds: list[tuple[np.ndarray, np.ndarray]],
+                     g: np.ndarray, r: np.ndarray, ridge: float | None,
+                     rows: float) -> np.ndarray | None:
+    """The refit weights (bias row last), or None when the pruned layer is best kept."""
+    m = refit.m
     if ridge is not None:
-        sol = fit(g, r, ridge)
-    elif len(folds) == 2:
+        return refit.fit(g, r, ridge)
+    if len(folds) == 2:
         (g_fit, r_fit), (g_val, r_val) = folds
         candidates = {}
         if rows >= MIN_ROWS_PER_INPUT * m:  # else a full refit only memorizes the data
-            candidates = {("ridge", rel): fit(g_fit, r_fit, rel) for rel in RIDGE_GRID}
-        candidates[("keep", 0.0)] = prior
-        if use_bias:
-            candidates[("bias", 0.0)] = bias_only(g_fit, r_fit)
-        scores = {key: error(sol, g_val, r_val) for key, sol in candidates.items()}
+            candidates = {("ridge", rel): refit.fit(g_fit, r_fit, rel) for rel in RIDGE_GRID}
+        candidates[("keep", 0.0)] = refit.prior
+        if refit.use_bias:
+            candidates[("bias", 0.0)] = refit.bias_only(g_fit, r_fit)
+        scores = {key: _fit_error(sol, g_val, r_val) for key, sol in candidates.items()}
         kind_best, rel_best = min(scores, key=scores.get)
         if kind_best == "keep":
-            return False  # the plain pruned layer predicts held-out data best
-        sol = bias_only(g, r) if kind_best == "bias" else fit(g, r, rel_best)
-    elif rows >= MIN_ROWS_PER_INPUT * m:
-        sol = fit(g, r, 1e-2)
-    elif use_bias:
-        sol = bias_only(g, r)
-    else:
-        return False
-    weights = sol[:m].T  # [out, in_cols]
+            return None  # the plain pruned layer predicts held-out data best
+        return refit.bias_only(g, r) if kind_best == "bias" else refit.fit(g, r, rel_best)
+    if rows >= MIN_ROWS_PER_INPUT * m:
+        return refit.fit(g, r, 1e-2)
+    if refit.use_bias:
+        return refit.bias_only(g, r)
+    return None
+
+
+def _write_solution(target: RefitTarget, weights: np.ndarray, bias: np.ndarray | None,
+                    kind: str, bias_value: ir.Value | None, graph: ir.Graph) -> None:
+    """Store the refit `weights` ([out, in_cols]) and `bias` in the layer's slots."""
+    node = target.node
+    w_value = node.inputs[1]
+    w = constant_array(w_value)
     if target.op == "Conv":
         new_w = weights.reshape(w.shape)
     elif target.op == "Gemm":
@@ -237,22 +268,20 @@ def _solve(target: RefitTarget, folds: list[tuple[np.ndarray, np.ndarray]], ridg
     else:
         new_w = weights.T
     set_constant(w_value, new_w.astype(w.dtype))
-    if not use_bias:
-        return True
-    bias = sol[m]
+    if bias is None:
+        return
     if kind == "add":
         # the fit targets the MatMul output; the Add still adds the layer's own bias
         set_constant(bias_value, (constant_array(bias_value) + bias).astype(w.dtype))
-        return True
+        return
     bias = bias.astype(w.dtype)
     if bias_value is not None and len(bias_value.uses()) == 1:
         set_constant(bias_value, bias)
-        return True
+        return
     new = add_initializer(graph, f"{node.name or w_value.name}_bias", bias)
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     node.replace_input_with(2, new)
-    return True
 
 
 def _bn_update(bn: ir.Node, graph: ir.Graph, orig: tuple, pruned: tuple,
