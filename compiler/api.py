@@ -4,6 +4,7 @@
     result = onnxforge.optimize("model.onnx", "cleanup,fuse", output="out.onnx")
     print(result.report["steps"])
     built = onnxforge.api.compile("model.onnx", "host", "model.so")  # verified, then written
+    tuned = onnxforge.api.tune("model.onnx", "host", "tuning_db/")  # then compile(tuning_db=)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from rich.console import Console
 
 from .backends.ort import OrtArtifact
 from .calibration import CalibrationSource, open_calibration
-from .errors import BudgetExceededError, InputSpecError, VerificationError
+from .errors import (
+    BackendError,
+    BudgetExceededError,
+    InputSpecError,
+    OptionText,
+    VerificationError,
+)
 from .ir import ModelSource, files_read, load_model, save_model
 from .metrics import compute_metrics
 from .pass_manager import PassManager, StepReport
@@ -103,22 +110,9 @@ def optimize(
              + data_files_read(verify_data, "verification data"))
     check_writes([("output", output), ("report", report_path)], reads)
     working = load_model(original, check=False)
-    shapes, shape_problem = _try_shapes(original, input_shapes)
-    context = PassContext(input_shapes=shapes, threads=threads)
-    if calibration is not None:
-        if shape_problem:
-            raise InputSpecError(shape_problem)
-        context.calibration = open_calibration(calibration, original, shapes)
-    verify_source = None
-    if verify:
-        if shape_problem:
-            raise InputSpecError(f"{shape_problem} (or pass --no-verify to skip verification)")
-        if verify_data is not None:
-            verify_source = open_calibration(verify_data, original, shapes)
-        elif context.calibration is not None:
-            verify_source = context.calibration
-        else:
-            verify_source = open_calibration("random:4", original, shapes)
+    context, shapes, shape_problem = _pass_context(original, input_shapes, calibration, threads)
+    verify_source = _verify_source(original, shapes, shape_problem, verify_data,
+                                   context.calibration) if verify else None
 
     manager = PassManager(pipeline, context, verify_source=verify_source, rtol=rtol,
                           dump_dir=dump_dir, print_after=set(print_after), console=console,
@@ -130,22 +124,15 @@ def optimize(
 
     before = compute_metrics(original, shapes if not shape_problem else None)
     after = compute_metrics(working, shapes if not shape_problem else None)
-    error = None
-    if verify_source is not None:
-        # A labelled set is measured whole: an accuracy on a slice would mislead.
-        limit = None if verify_source.labels() is not None else verify_batches
-        error = compare_models(original, working, verify_source, limit=limit, threads=threads)
-    report: dict[str, Any] = {
+    error = None if verify_source is None else \
+        _measure_error(original, working, verify_source, verify_batches, threads)
+    report = {
         "input": str(model) if isinstance(model, (str, os.PathLike)) else "<in-memory>",
         "output": str(output) if output else None,
         "pipeline": manager.pipeline.text,
         "seconds": round(seconds, 3),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
-        "before": before.to_dict(),
-        "after": after.to_dict(),
-        "steps": [s.to_dict() for s in steps],
-        "error": error.to_dict() if error else None,
-        "verification": None if verify_source is not None else "skipped (--no-verify)",
+        **_change_report(before, after, steps, error, verified=verify_source is not None),
         "budget": {"max_error": max_error, "max_accuracy_drop": max_accuracy_drop,
                    "forced": force},
     }
@@ -156,12 +143,63 @@ def optimize(
     result = OptimizeResult(working, steps, report, error=error)
     _enforce_budget(result, max_error, max_accuracy_drop, force)
     with reading(reads):
-        if output is not None:
-            result.output = save_model(working, output)
-            report["output_bytes"] = result.output.stat().st_size
-        if report_path is not None:
-            write_json(report_path, report)
+        _write_result(result, output, report_path)
     return result
+
+
+def _change_report(before: Any, after: Any, steps: list[StepReport], error: Comparison | None,
+                   verified: bool) -> dict[str, Any]:
+    """The report's entries on what the pipeline changed: metrics, steps, error."""
+    return {
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "steps": [s.to_dict() for s in steps],
+        "error": error.to_dict() if error else None,
+        "verification": None if verified else "skipped (--no-verify)",
+    }
+
+
+def _write_result(result: OptimizeResult, output: str | os.PathLike | None,
+                  report_path: str | os.PathLike | None) -> None:
+    if output is not None:
+        result.output = save_model(result.model, output)
+        result.report["output_bytes"] = result.output.stat().st_size
+    if report_path is not None:
+        write_json(report_path, result.report)
+
+
+def _pass_context(original: ir.Model, input_shapes: dict | None, calibration: Any,
+                  threads: int) -> tuple[PassContext, dict, str | None]:
+    """(the passes' context, the input shapes, why they are not all fixed (None: they
+    are)); the calibration data is opened, which needs fixed shapes."""
+    shapes, shape_problem = _try_shapes(original, input_shapes)
+    context = PassContext(input_shapes=shapes, threads=threads)
+    if calibration is not None:
+        if shape_problem:
+            raise InputSpecError(shape_problem)
+        context.calibration = open_calibration(calibration, original, shapes)
+    return context, shapes, shape_problem
+
+
+def _measure_error(original: ir.Model, working: ir.Model, source: CalibrationSource,
+                   batches: int, threads: int) -> Comparison:
+    # A labelled set is measured whole: an accuracy on a slice would mislead.
+    limit = None if source.labels() is not None else batches
+    return compare_models(original, working, source, limit=limit, threads=threads)
+
+
+def _verify_source(original: ir.Model, shapes: dict, shape_problem: str | None,
+                   verify_data: Any, calibration: CalibrationSource | None) -> CalibrationSource:
+    """What `optimize` verifies on: `verify_data`, else the calibration data, else random
+    inputs."""
+    if shape_problem:
+        raise InputSpecError(OptionText.of(shape_problem, " (or pass ", ("verify", False),
+                                           " to skip verification)"))
+    if verify_data is not None:
+        return open_calibration(verify_data, original, shapes)
+    if calibration is not None:
+        return calibration
+    return open_calibration("random:4", original, shapes)
 
 
 def data_files_read(source: Any, label: str = "data") -> list[tuple[str, Path]]:
@@ -182,24 +220,29 @@ def _enforce_budget(result: OptimizeResult, max_error: float | None,
     if (max_error is not None or max_accuracy_drop is not None) and error is None:
         problems.append("the error budget cannot be checked without verification")
     if error is not None and max_error is not None and not (error.max_rel_l2 <= max_error):
-        problems.append(f"relative L2 error {error.max_rel_l2:.4g} exceeds --max-error {max_error:g}")
+        problems.append(OptionText.of(f"relative L2 error {error.max_rel_l2:.4g} exceeds ",
+                                      ("max_error", None), f" {max_error:g}"))
     if error is not None and max_accuracy_drop is not None:
         drop = error.accuracy_drop
         if drop is None:
-            problems.append("--max-accuracy-drop needs labels in the verification data")
+            problems.append(OptionText.of(("max_accuracy_drop", None),
+                                          " needs labels in the verification data"))
         elif not (drop <= max_accuracy_drop):  # NaN counts as over budget
-            problems.append(f"accuracy drop {drop * 100:.2f} pt exceeds --max-accuracy-drop "
-                            f"{max_accuracy_drop * 100:.2f} pt")
+            problems.append(OptionText.of(
+                f"accuracy drop {drop * 100:.2f} pt exceeds ", ("max_accuracy_drop", None),
+                f" {max_accuracy_drop * 100:.2f} pt"))
     if not problems:
         return
     if force:
         result.warnings.extend(problems)
         result.report["budget"]["violations"] = problems
         return
-    raise BudgetExceededError(
-        "; ".join(problems) + ". Nothing was written; loosen the budget, change the pipeline, "
-        "or pass --force to write anyway."
-    )
+    parts = [problems[0]]
+    for problem in problems[1:]:
+        parts += ["; ", problem]
+    raise BudgetExceededError(OptionText.of(
+        *parts, ". Nothing was written; loosen the budget, change the pipeline, or pass ",
+        ("force", True), " to write anyway."))
 
 
 def compare_latency(a: ir.Model, b: ir.Model, source: CalibrationSource, *, threads: int = 1,
@@ -417,9 +460,6 @@ def compile(
     None: nothing written), following the module's recipe. `verify=None` verifies when
     the code can run here, True demands it, False skips it. Raises VerificationError (with
     `.verification` and `.report` attached) and writes nothing when the check fails."""
-    from .backends.tvm import compile_model, verify_artifact
-    from .backends.tvm.tuning import tune
-
     reads = files_read(model)  # nothing written may be one of these (checked again later)
     check_writes([("output", output), ("report", report_path)], reads)
     if (tune_seconds or rpc_tracker) and not tune_trials:
@@ -427,6 +467,10 @@ def compile(
     if tune_trials and tuning_db is None:
         raise InputSpecError("tune_trials needs a tuning_db folder to tune into")
     source, ran = prepare_for_compile(model, pipeline, input_shapes, target, console)
+    # imported once the model is known valid: an invalid model is refused without TVM
+    from .backends.tvm import compile_model, verify_artifact
+    from .backends.tvm.tuning import tune
+
     shapes = dict(input_shapes) if input_shapes else None
     tuning = None
     if tune_trials:
@@ -460,3 +504,133 @@ def compile(
         if report_path is not None:
             write_json(report_path, artifact.report)
     return result
+
+
+# ---------------------------------------------------------------------------------------
+# Tune for a target: measured schedules into a database that compile applies
+# ---------------------------------------------------------------------------------------
+# The recipe `onnxforge tune` runs: the model validated and cleaned up as for compile,
+# then by `method` the schedule-config search (the default rules' knob settings, timed
+# per kernel on this machine's CPU: minutes) and/or MetaSchedule's search (on a device
+# elsewhere over RPC too: hours for a real model), both into `tuning_db/<target key>/`;
+# `seconds` bounds the whole call.
+
+TUNE_METHODS = ("configs", "metaschedule", "both")
+
+
+@dataclass
+class TuneResult:
+    configs: Any | None = None  # backends.tvm.config_tuning.ConfigSearchReport, if it ran
+    metaschedule: Any | None = None  # backends.tvm.tuning.TuningReport, if it ran
+    pipeline: str = ""  # the pass pipeline that ran first ("" none)
+    notes: list[str] = field(default_factory=list)  # steps skipped, and why
+
+
+def tune(
+    model: ModelSource,
+    target: Any = "host",
+    tuning_db: str | os.PathLike = "tuning_db",
+    *,
+    method: str = "both",
+    trials: int = 64,
+    seconds: float | None = None,
+    pipeline: str | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
+    retune: bool = False,
+    console: Console | None = None,
+    on_step: Callable[[str, Any], None] | None = None,
+) -> TuneResult:
+    """Tune `model` for `target` into the folder `tuning_db` (one subfolder per target),
+    following the recipe above; `compile(..., tuning_db=...)` applies what was measured.
+
+    `method`: "configs", "metaschedule", or "both": the configs first, then MetaSchedule
+    has to beat them (where the configs cannot be measured here the step is skipped with
+    a note). `trials`: MetaSchedule's measured candidates; `seconds`: the wall-clock
+    budget of the whole call; `retune`: measure what the database already covers too.
+    `console`: where progress is shown (None: nowhere). `on_step(step, value)` is called
+    as each step ends: ("pipeline", the pipeline that ran), ("configs", the config
+    search's report), ("metaschedule", MetaSchedule's report), ("note", a skipped step).
+    """
+    if method not in TUNE_METHODS:
+        raise InputSpecError(f"unknown tuning method {method!r}: use one of "
+                             f"{', '.join(TUNE_METHODS)}")
+    started = time.monotonic()
+    result = TuneResult()
+
+    def step(name: str, value: Any) -> None:
+        if name == "note":
+            result.notes.append(value)
+        if on_step is not None:
+            on_step(name, value)
+
+    why_not = None if method == "metaschedule" else \
+        _config_search_unavailable(target, rpc_tracker)
+    if why_not and method == "configs":
+        error = InputSpecError if rpc_tracker else BackendError
+        raise error(OptionText.of(("method", "configs"), ": ", why_not))
+    shapes = {k: tuple(v) for k, v in (input_shapes or {}).items()} or None
+    source, result.pipeline = prepare_for_compile(model, pipeline, shapes, target, console)
+    step("pipeline", result.pipeline)
+    if why_not:
+        step("note", OptionText.of("schedule-config step skipped: ", why_not))
+    elif method != "metaschedule":
+        result.configs = _search_configs(source, target, tuning_db, shapes, retune,
+                                         _seconds_left(seconds, started), console)
+        step("configs", result.configs)
+    if method == "configs":
+        return result
+    left = _seconds_left(seconds, started)
+    if left is not None and left <= 0:
+        step("note", OptionText.of("MetaSchedule skipped: the ", ("seconds", None),
+                                   " budget went on the schedule-config search"))
+        return result
+    from .backends.tvm.tuning import tune as tune_metaschedule
+
+    result.metaschedule = tune_metaschedule(
+        source, target, tuning_db, max_trials=trials, max_seconds=left, input_shapes=shapes,
+        rpc_tracker=rpc_tracker, rpc_key=rpc_key, retune=retune,
+        progress=console is not None, console=console)
+    step("metaschedule", result.metaschedule)
+    return result
+
+
+def _config_search_unavailable(target: Any, rpc_tracker: str | None) -> OptionText | None:
+    """Why the schedule-config search cannot run for this target (None: it can)."""
+    from .backends.targets import resolve_target, runs_on_this_machine, target_key
+
+    if rpc_tracker:
+        return OptionText.of(
+            "the schedule-config search measures on this machine's CPU, not on an ",
+            ("rpc_tracker", None), " device (tune that device with ",
+            ("method", "metaschedule"), ")")
+    tvm_target = resolve_target(target)
+    if tvm_target.kind.name != "llvm" or not runs_on_this_machine(tvm_target):
+        return OptionText.of(
+            f"the schedule-config search measures on this machine's CPU; "
+            f"{target_key(tvm_target)} code does not run here (tune it on the device over "
+            "RPC: ", ("method", "metaschedule"), " ", ("rpc_tracker", "HOST:PORT"), " ",
+            ("rpc_key", "KEY"), ")")
+    return None
+
+
+def _search_configs(source: Any, target: Any, tuning_db: str | os.PathLike,
+                    shapes: Mapping[str, Sequence[int]] | None, retune: bool,
+                    left: float | None, console: Console | None) -> Any:
+    """The schedule-config search within the time left, its progress on `console`."""
+    from .backends.tvm.config_tuning import search_configs
+
+    options = {"input_shapes": shapes, "retune": retune,
+               "max_seconds": None if left is None else max(left, 1e-3)}
+    if console is None:
+        return search_configs(source, target, tuning_db, **options)
+    with console.status("schedule configs: preparing the model") as status:
+        def on_kernel(done: int, total: int, name: str) -> None:
+            status.update(f"schedule configs: {done}/{total} kernel(s), last {name}")
+
+        return search_configs(source, target, tuning_db, progress=on_kernel, **options)
+
+
+def _seconds_left(budget: float | None, started: float) -> float | None:
+    return None if budget is None else budget - (time.monotonic() - started)

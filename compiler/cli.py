@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .cli_flags import cli_text
 from .errors import BackendError, InputSpecError, OnnxforgeError, PipelineError
 
 app = typer.Typer(
@@ -148,7 +149,7 @@ def optimize(
     )
     render_steps(result.report, console)
     for warning in result.warnings:
-        err_console.print(f"[yellow]warning (forced):[/] {warning}")
+        err_console.print(f"[yellow]warning (forced):[/] {cli_text(warning)}")
     console.print(f"wrote {result.output} ({result.report['output_bytes'] / 1024:.1f} KiB)"
                   + (f", report {report}" if report else ""))
 
@@ -240,7 +241,7 @@ def main() -> None:
     except OnnxforgeError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {cli_text(exc)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

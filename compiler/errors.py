@@ -2,9 +2,16 @@
 
 Messages name the file, node and op type involved and say what to do. The CLI
 prints the message on one line and exits non-zero (traceback only with --debug).
+
+A message that tells the caller which option to change is an `OptionText`: it reads in
+Python terms (`force=True`), and the CLI writes the same options as its flags (`--force`,
+`cli_flags`), so library code never names a command-line flag.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Self
 
 
 class OnnxforgeError(Exception):
@@ -69,6 +76,72 @@ class BackendError(OnnxforgeError):
 
 class UnsafeWriteError(InputSpecError):
     """An output path is a file the run reads, or not a regular file; nothing is written."""
+
+
+class OptionText(str):
+    """Text naming options of the call, e.g. ``OptionText.of("pass ", ("force", True),
+    " to write anyway")``: as a str it reads in Python terms ("pass force=True to write
+    anyway"); `render` writes the options another way (the CLI: "pass --force ...").
+
+    `template` is a str.format template (literal braces doubled) with one `{}` per option,
+    in order; an option is (parameter name, value): None names the parameter alone
+    ("exceeds max_error 0.05"), any other value is the one to pass ("verify=False",
+    "rpc_tracker='HOST:PORT'"; `input_shapes` a {name: dims} dict).
+    """
+
+    template: str
+    options: tuple[tuple[str, Any], ...]
+
+    def __new__(cls, template: str, *options: tuple[str, Any]) -> Self:
+        text = super().__new__(cls, template.format(*(python_option(*o) for o in options)))
+        text.template = template
+        text.options = options
+        return text
+
+    def __reduce__(self):  # pickled as template and options (exceptions cross processes)
+        return (type(self), (self.template, *self.options))
+
+    def render(self, option: Callable[[str, Any], str]) -> str:
+        """The text with each option written by `option(name, value)`."""
+        return self.template.format(*(option(*o) for o in self.options))
+
+    @classmethod
+    def of(cls, *parts: str | tuple[str, Any]) -> Self:
+        """Text from pieces: plain text (taken literally), OptionTexts (options kept) and
+        options ((name, value) tuples), in order."""
+        templates, options = [], []
+        for part in parts:
+            if isinstance(part, OptionText):
+                templates.append(part.template)
+                options.extend(part.options)
+            elif isinstance(part, str):
+                templates.append(_escape(part))
+            else:
+                templates.append("{}")
+                options.append(part)
+        return cls("".join(templates), *options)
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def python_option(name: str, value: Any) -> str:
+    """An option as a Python caller writes it: `max_error`, `force=True`,
+    `input_shapes={'x': (1, 3, 8, 8)}`."""
+    if value is None:
+        return name
+    if name == "input_shapes" and isinstance(value, dict):
+        shapes = ", ".join(f"{k!r}: ({_dims(v)})" for k, v in value.items())
+        return f"{name}={{{shapes}}}"
+    return f"{name}={value!r}"
+
+
+def _dims(dims: Any) -> str:
+    """A Python tuple's inside: (1, 3, 8, 8), or a placeholder such as "D1,D2,..."."""
+    if isinstance(dims, str):
+        return ", ".join(dims.split(","))
+    return ", ".join(map(str, dims)) + ("," if len(dims) == 1 else "")
 
 
 def one_line(text: object, limit: int = 200) -> str:

@@ -246,6 +246,41 @@ def test_cannot_tune_foreign_targets_without_rpc(model_path, tmp_path):
              progress=False)
 
 
+def test_api_tune_runs_the_tune_recipe(model_path, tmp_path):
+    """api.tune, the `tune` command's recipe for Python callers: the default cleanup, the
+    schedule configs, then MetaSchedule (2 trials), each step reported as it ends; compile
+    applies what was measured."""
+    from onnxforge import api
+
+    steps = []
+    result = api.tune(model_path, "host", tmp_path / "db", trials=2,
+                      on_step=lambda step, value: steps.append(step))
+    assert steps == ["pipeline", "configs", "metaschedule"] and not result.notes
+    assert result.pipeline == "cleanup"
+    db_dir = Path(result.metaschedule.db_dir)
+    assert Path(result.configs.db_dir) == db_dir == resolve_tuning_db(
+        (tmp_path / "db").resolve(), resolve_target("host"))
+    assert result.metaschedule.trials >= 2, result.metaschedule.errors
+    assert result.metaschedule.records_after == count_records(db_dir) >= 1
+    built = api.compile(model_path, "host", tuning_db=tmp_path / "db")
+    assert built.verification.ok and _from_db(built.report) >= 1
+
+
+def test_api_tune_errors_name_options_the_cli_its_flags(model_path, tmp_path):
+    from onnxforge import api
+    from onnxforge.cli_flags import cli_text
+
+    with pytest.raises(InputSpecError) as info:
+        api.tune(model_path, "host", tmp_path, method="configs", rpc_tracker="127.0.0.1:9",
+                 rpc_key="board")
+    assert str(info.value).startswith("method='configs': ") and "method='metaschedule'" in str(
+        info.value)
+    assert cli_text(info.value).startswith("--method configs: ")
+    assert "not on an --rpc-tracker device" in cli_text(info.value)
+    with pytest.raises(InputSpecError, match="unknown tuning method"):
+        api.tune(model_path, "host", tmp_path, method="autotvm")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

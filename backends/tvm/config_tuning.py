@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import BackendError
+from ...errors import BackendError, OptionText
 from ..targets import canonical_json, resolve_target, runs_on_this_machine, target_key
 
 
@@ -82,9 +82,10 @@ def search_configs(
     started = time.monotonic()
     tvm_target = resolve_target(target)
     if tvm_target.kind.name != "llvm" or not runs_on_this_machine(tvm_target):
-        raise BackendError(
+        raise BackendError(OptionText.of(
             f"schedule configs are measured on this machine's CPU; {target_key(tvm_target)} "
-            "code does not run here (tune it with MetaSchedule over RPC: --method metaschedule)")
+            "code does not run here (tune it with MetaSchedule over RPC: ",
+            ("method", "metaschedule"), ")"))
     db_dir = resolve_tuning_db(Path(work_dir).resolve(), tvm_target)
     report = ConfigSearchReport(
         target=target if isinstance(target, str) else canonical_json(tvm_target),

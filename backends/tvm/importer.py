@@ -16,6 +16,7 @@ import onnx
 from ...errors import (
     InputSpecError,
     ModelLoadError,
+    OptionText,
     UnsupportedOpError,
 )
 
@@ -109,20 +110,17 @@ def input_specs(proto: onnx.ModelProto,
                     f"input {value.name!r} has rank {len(declared)}, input_shapes gave {shape}"
                 )
         elif declared is None:
-            raise InputSpecError(
-                f"input {value.name!r} has no declared shape; give it with "
-                f"--input-shape {value.name}:D1,D2,..."
-            )
+            raise InputSpecError(OptionText.of(
+                f"input {value.name!r} has no declared shape; give it with ",
+                ("input_shapes", {value.name: "D1,D2,..."})))
         else:
             dynamic = [i for i, d in enumerate(declared) if not isinstance(d, int) or d <= 0]
             if dynamic:
-                example = ",".join(str(d) if isinstance(d, int) and d > 0 else "1"
-                                   for d in declared)
-                raise InputSpecError(
+                example = tuple(d if isinstance(d, int) and d > 0 else 1 for d in declared)
+                raise InputSpecError(OptionText.of(
                     f"input {value.name!r} has dynamic dimension(s) {dynamic} "
-                    f"(shape {declared}); TVM compiles fixed shapes: give one with "
-                    f"--input-shape {value.name}:{example} (input_shapes= in Python)"
-                )
+                    f"(shape {declared}); TVM compiles fixed shapes: give one with ",
+                    ("input_shapes", {value.name: example})))
             shape = tuple(int(d) for d in declared)
         specs.append(InputSpec(value.name, shape, dtype))
     return specs

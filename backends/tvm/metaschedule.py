@@ -19,7 +19,7 @@ import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ...errors import BackendError, InputSpecError
+from ...errors import BackendError, InputSpecError, OptionText
 
 logger = logging.getLogger(__name__)
 
@@ -273,5 +273,6 @@ def check_rpc_device(rpc_tracker: str, rpc_key: str, *, wait: float = 60.0) -> d
 def parse_tracker(rpc_tracker: str) -> tuple[str, int]:
     host, sep, port = rpc_tracker.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise InputSpecError(f"--rpc-tracker {rpc_tracker!r}: expected HOST:PORT, e.g. 127.0.0.1:9190")
+        raise InputSpecError(OptionText.of(("rpc_tracker", rpc_tracker),
+                                           ": expected HOST:PORT, e.g. 127.0.0.1:9190"))
     return host, int(port)

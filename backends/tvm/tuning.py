@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...errors import BackendError, InputSpecError
+from ...errors import BackendError, InputSpecError, OptionText
 from ..targets import (
     canonical_json,
     is_gpu_target,
@@ -188,14 +188,15 @@ def _check_request(target: Any, max_trials: int, rpc_tracker: str | None,
     if max_trials < 1:
         raise InputSpecError("max_trials must be at least 1")
     if (rpc_tracker is None) != (rpc_key is None):
-        raise InputSpecError("--rpc-tracker and --rpc-key go together")
+        raise InputSpecError(OptionText.of(("rpc_tracker", None), " and ", ("rpc_key", None),
+                                           " go together"))
     tvm_target = resolve_target(target)
     if rpc_tracker is None and (not runs_on_this_machine(tvm_target) or is_gpu_target(tvm_target)):
-        raise BackendError(
+        raise BackendError(OptionText.of(
             f"cannot measure {target_key(tvm_target)} code on this machine: tune it on the "
-            "device over RPC (--rpc-tracker HOST:PORT --rpc-key KEY), or tune for 'host' and "
-            "apply that database on purpose (--tuning-db DIR/<host-key>)"
-        )
+            "device over RPC (", ("rpc_tracker", "HOST:PORT"), " ", ("rpc_key", "KEY"),
+            "), or tune for 'host' and apply that database on purpose (",
+            ("tuning_db", "DIR/<host-key>"), ")"))
     if rpc_tracker is not None:
         check_rpc_device(rpc_tracker, rpc_key)
     return tvm_target
