@@ -35,13 +35,33 @@ FP32_OPERANDS = {"Resize": {1, 2}, "Upsample": {1}}
 
 
 def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
+    """Rewrite `model` in place to float16 (module docstring); returns stats."""
     graph = model.graph
     ensure_node_names(graph)
     names = NameAllocator(graph)
     keep = {t.strip() for t in getattr(opts, "fp16_keep_fp32", "").split(",") if t.strip()}
     fp32_nodes = {n for n in graph if n.op_type in keep or n.name in keep}
+    converted = _halve_constants(graph, fp32_nodes, names)
+    casts = _retarget_casts(graph, fp32_nodes)
+    # Intermediate values: float -> float16 outside the fp32 islands.
+    for n in graph:
+        if n in fp32_nodes:
+            continue
+        for o in n.outputs:
+            if o.dtype == FLOAT:
+                # A new type object: onnx_ir may share one TensorType between values
+                # (and between copies of a model), so never mutate it in place.
+                o.type = ir.TensorType(FLOAT16)
+    _cast_islands(graph, fp32_nodes, names)
+    _keep_io_float(graph, names)
+    remove_unused(model)
+    return {"fp16_constants": converted, "casts_retargeted": casts, "fp32_nodes": len(fp32_nodes)}
+
+
+def _halve_constants(graph: ir.Graph, fp32_nodes: set[ir.Node], names: NameAllocator) -> int:
+    """Constants (initializers and Constant nodes) read in fp16 positions become float16
+    initializers (one per constant, clipped to the float16 range); returns how many."""
     converted = 0
-    # Constants (initializers and Constant nodes) consumed in fp16 positions.
     cache: dict[int, ir.Value] = {}
     for n in list(graph):
         if n in fp32_nodes or n.op_type == "Constant":
@@ -57,26 +77,27 @@ def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
                 cache[id(v)] = add_const(graph, f"{v.name}_fp16", half, names)
                 converted += 1
             n.replace_input_with(i, cache[id(v)])
-    # Casts to float inside the graph now cast to half.
+    return converted
+
+
+def _retarget_casts(graph: ir.Graph, fp32_nodes: set[ir.Node]) -> int:
+    """Casts to float inside the graph now cast to half (and float ConstantOfShape values
+    become half); returns the number of Casts changed."""
     casts = 0
     for n in graph:
-        if n.op_type == "Cast" and n not in fp32_nodes and int(n.attributes["to"].value) == int(FLOAT):
+        if n.op_type == "Cast" and n not in fp32_nodes \
+                and int(n.attributes["to"].value) == int(FLOAT):
             n.attributes["to"] = ir.AttrInt64("to", int(FLOAT16))
             casts += 1
         if n.op_type == "ConstantOfShape" and "value" in n.attributes:
             t = n.attributes["value"].value.numpy()
             if t.dtype == np.float32:
                 n.attributes["value"] = ir.AttrTensor("value", ir.tensor(t.astype(np.float16)))
-    # Intermediate values: float -> float16 outside the fp32 islands.
-    for n in graph:
-        if n in fp32_nodes:
-            continue
-        for o in n.outputs:
-            if o.dtype == FLOAT:
-                # A new type object: onnx_ir may share one TensorType between values
-                # (and between copies of a model), so never mutate it in place.
-                o.type = ir.TensorType(FLOAT16)
-    # fp32 islands: cast their float16 inputs up and their outputs down.
+    return casts
+
+
+def _cast_islands(graph: ir.Graph, fp32_nodes: set[ir.Node], names: NameAllocator) -> None:
+    """fp32 islands: their float16 inputs are cast up and their outputs down."""
     for n in fp32_nodes:
         for i, v in enumerate(n.inputs):
             if v is not None and v.dtype == FLOAT16 and constant_array(v) is None:
@@ -94,7 +115,11 @@ def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
                 for use in o.uses():
                     if use.node is not down:
                         use.node.replace_input_with(use.idx, down.outputs[0])
-    # Graph inputs and outputs stay float32.
+
+
+def _keep_io_float(graph: ir.Graph, names: NameAllocator) -> None:
+    """Graph inputs and outputs stay float32: a Cast after each float input, before each
+    output now float16 (which keeps its name)."""
     first = next(iter(graph), None)
     for v in graph.inputs:
         if v.dtype != FLOAT or not v.uses():
@@ -119,5 +144,3 @@ def convert_fp16(model: ir.Model, opts: Any) -> dict[str, Any]:
         out.type, out.shape, out.name = ir.TensorType(FLOAT), v.shape, name
         graph.append(cast)
         graph.outputs[idx] = out
-    remove_unused(model)
-    return {"fp16_constants": converted, "casts_retargeted": casts, "fp32_nodes": len(fp32_nodes)}
