@@ -251,75 +251,90 @@ def fuse_hardswish(model: ir.Model) -> int:
     for add in list(graph):
         if add.op_type != "Add" or add.graph is None:
             continue
-        consts = [_scalar(v) for v in add.inputs]
-        if consts[0] is not None and consts[1] is None:
-            x, three = add.inputs[1], consts[0]
-        elif consts[1] is not None and consts[0] is None:
-            x, three = add.inputs[0], consts[1]
-        else:
+        chain = _clip_chain(add)
+        if chain is None:
             continue
-        clip = sole_consumer(add.outputs[0])
-        if three != 3.0 or clip is None or clip.op_type != "Clip":
-            continue
-        lo = _scalar(clip.inputs[1]) if len(clip.inputs) > 1 else attr(clip, "min")
-        hi = _scalar(clip.inputs[2]) if len(clip.inputs) > 2 else attr(clip, "max")
-        if lo != 0.0 or hi != 6.0:
-            continue
-        nxt = sole_consumer(clip.outputs[0])
-        if nxt is None:
-            continue
-        # Either Div(clip, 6) -> Mul(x, .) or Mul(x, clip) -> Div(., 6)
-        if nxt.op_type == "Div" and nxt.inputs[0] is clip.outputs[0] and _scalar(nxt.inputs[1]) == 6.0:
-            mul = sole_consumer(nxt.outputs[0])
-            last = mul
-            ok = mul is not None and mul.op_type == "Mul" and set(mul.inputs) == {x, nxt.outputs[0]}
-            chain = [add, clip, nxt, mul]
-        elif nxt.op_type == "Mul" and set(nxt.inputs) == {x, clip.outputs[0]}:
-            div = sole_consumer(nxt.outputs[0])
-            last = div
-            ok = div is not None and div.op_type == "Div" and div.inputs[0] is nxt.outputs[0] \
-                and _scalar(div.inputs[1]) == 6.0
-            chain = [add, clip, nxt, div]
-        elif nxt.op_type == "Div" and nxt.inputs[0] is clip.outputs[0] and _scalar(nxt.inputs[1]) == 6.0:
-            pass  # handled below as HardSigmoid
-        else:
-            continue
-        if nxt.op_type == "Div" and not ok:
+        x, clip, nxt = chain
+        last = _hardswish_last(x, clip, nxt)
+        if last is None and nxt.op_type == "Div":
             # clip(x + 3, 0, 6) / 6 alone is HardSigmoid(alpha=1/6, beta=0.5)
-            y = nxt.outputs[0]
             sig = names.make_node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5},
                                   name=f"{add.name}_hsig")
-            out = sig.outputs[0]
-            out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
-            graph.insert_before(add, sig)
-            bypass(y, out)
-            for node in (nxt, clip, add):
-                graph.remove(node, safe=True)
-            count += 1
-            continue
-        if not ok or last is None:
-            continue
-        y = last.outputs[0]
-        if opset >= 14:
-            hs = names.make_node("HardSwish", [x], name=f"{add.name}_hardswish")
-            new_nodes = [hs]
-            out = hs.outputs[0]
+            _replace_chain(graph, [sig], nxt.outputs[0], [nxt, clip, add])
+        elif last is not None:
+            _replace_chain(graph, _hardswish_nodes(names, x, add.name, opset),
+                           last.outputs[0], [last, nxt, clip, add])
         else:
-            sig = names.make_node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5},
-                                  name=f"{add.name}_hsig", output_names=[f"{add.name}_hsig_out"])
-            sig.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-            mul = names.make_node("Mul", [x, sig.outputs[0]], name=f"{add.name}_hswish")
-            new_nodes = [sig, mul]
-            out = mul.outputs[0]
-        out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
-        graph.insert_before(add, new_nodes)
-        bypass(y, out)
-        for node in reversed(chain):
-            graph.remove(node, safe=True)
+            continue
         count += 1
     if count:
         remove_unused(model)
     return count
+
+
+def _clip_chain(add: ir.Node) -> tuple[ir.Value, ir.Node, ir.Node] | None:
+    """(x, clip, next) for Add(x, 3) -> Clip(0, 6) -> next, each intermediate read once,
+    where next is Div(clip, 6) or Mul(x, clip)."""
+    consts = [_scalar(v) for v in add.inputs]
+    if consts[0] is not None and consts[1] is None:
+        x, three = add.inputs[1], consts[0]
+    elif consts[1] is not None and consts[0] is None:
+        x, three = add.inputs[0], consts[1]
+    else:
+        return None
+    clip = sole_consumer(add.outputs[0])
+    if three != 3.0 or clip is None or clip.op_type != "Clip":
+        return None
+    lo = _scalar(clip.inputs[1]) if len(clip.inputs) > 1 else attr(clip, "min")
+    hi = _scalar(clip.inputs[2]) if len(clip.inputs) > 2 else attr(clip, "max")
+    if lo != 0.0 or hi != 6.0:
+        return None
+    nxt = sole_consumer(clip.outputs[0])
+    if nxt is None:
+        return None
+    if _divides_by_6(nxt, clip.outputs[0]) or (
+            nxt.op_type == "Mul" and set(nxt.inputs) == {x, clip.outputs[0]}):
+        return x, clip, nxt
+    return None
+
+
+def _divides_by_6(node: ir.Node, value: ir.Value) -> bool:
+    """`node` is Div(value, 6)."""
+    return node.op_type == "Div" and node.inputs[0] is value and _scalar(node.inputs[1]) == 6.0
+
+
+def _hardswish_last(x: ir.Value, clip: ir.Node, nxt: ir.Node) -> ir.Node | None:
+    """The node completing x * clip / 6 after `nxt`: Div(clip, 6) -> Mul(x, .) or
+    Mul(x, clip) -> Div(., 6); None when it is not there."""
+    after = sole_consumer(nxt.outputs[0])
+    if after is None:
+        return None
+    if _divides_by_6(nxt, clip.outputs[0]):
+        ok = after.op_type == "Mul" and set(after.inputs) == {x, nxt.outputs[0]}
+    else:
+        ok = _divides_by_6(after, nxt.outputs[0])
+    return after if ok else None
+
+
+def _hardswish_nodes(names: NameAllocator, x: ir.Value, base: str, opset: int) -> list[ir.Node]:
+    """HardSwish(x) (opset >= 14), else x * HardSigmoid(x, alpha=1/6, beta=0.5)."""
+    if opset >= 14:
+        return [names.make_node("HardSwish", [x], name=f"{base}_hardswish")]
+    sig = names.make_node("HardSigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5},
+                          name=f"{base}_hsig", output_names=[f"{base}_hsig_out"])
+    sig.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    return [sig, names.make_node("Mul", [x, sig.outputs[0]], name=f"{base}_hswish")]
+
+
+def _replace_chain(graph: ir.Graph, new_nodes: list[ir.Node], y: ir.Value,
+                   old_nodes: list[ir.Node]) -> None:
+    """The last of `new_nodes` computes `y` instead of `old_nodes` (removed, in order)."""
+    out = new_nodes[-1].outputs[0]
+    out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), y.shape
+    graph.insert_before(old_nodes[-1], new_nodes)
+    bypass(y, out)
+    for node in old_nodes:
+        graph.remove(node, safe=True)
 
 
 def _folded_constant(value: ir.Value | None) -> np.ndarray | None:
