@@ -10,7 +10,7 @@ from typing import Any
 from .errors import OptionText
 
 # parameters whose flag is not `--` + the name with dashes
-FLAGS = {"input_shapes": "--input-shape"}
+FLAGS = {"input_shapes": "--input-shape", "calibration": "--calib"}
 
 
 def flag(name: str, value: Any) -> str:

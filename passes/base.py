@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import InputSpecError, PipelineError
+from ..errors import InputSpecError, OptionText, PipelineError
 
 
 @dataclass
@@ -42,10 +42,9 @@ class PassContext:
     def calibration_batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Stream calibration batches (name -> array); error if none were given."""
         if self.calibration is None:
-            raise InputSpecError(
-                "this pass needs calibration data: pass --calib data.npz (or a folder of "
-                ".npy files / images, or 'random')"
-            )
+            raise InputSpecError(OptionText.of(
+                "this pass needs calibration data: pass ", ("calibration", "data.npz"),
+                " (or a folder of .npy files / images, or 'random')"))
         yield from self.calibration.batches(limit or self.max_calibration_batches)
 
     @property

@@ -32,8 +32,8 @@ Steps, in order (each one can be turned off by an option):
    removal and a topological sort.
 
 Every step keeps the graph inputs and outputs (names and order). With
-`static_shapes=true` (default) and input shapes given for the run
-(`--input-shape`), onnxsim writes those shapes into the model's inputs, so the
+`static_shapes=true` (default) and input shapes given for the run (the context's
+`input_shapes`), onnxsim writes those shapes into the model's inputs, so the
 result only accepts them; `static_shapes=false` keeps dynamic dimensions.
 """
 

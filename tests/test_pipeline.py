@@ -148,3 +148,22 @@ def test_parsing_a_pipeline_imports_only_its_passes():
                          check=True).stdout
     assert "cleanup" in out and "fuse" in out
     assert "quant" not in out and "prun" not in out and "lowrank" not in out
+
+
+@pytest.mark.parametrize("pipeline, batch, python, flags", [
+    ("quantize(int8)", 1, "pass calibration='data.npz'", "pass --calib data.npz"),
+    ("lowrank(data_aware=true,guard=false)", 1, "calibration data (calibration)",
+     "calibration data (--calib)"),
+    ("lowrank(macs=0.3,guard=false)", "N", "give input_shapes, or use params=",
+     "give --input-shape, or use params="),
+])
+def test_pass_errors_name_options_and_the_cli_writes_its_flags(pipeline, batch, python, flags):
+    """A pass's error names what is missing as the Python API's option; the CLI writes
+    the flag that sets it."""
+    from onnxforge.cli_flags import cli_text
+    from onnxforge.errors import InputSpecError
+
+    with pytest.raises(InputSpecError) as info:
+        PassManager(pipeline, PassContext()).run(load_model(conv_relu_gemm(batch=batch)))
+    assert python in str(info.value) and "--" not in str(info.value)
+    assert flags in cli_text(info.value)

@@ -60,7 +60,7 @@ import onnx_ir as ir
 
 from ...activations import iter_activations, probe_shapes
 from ...calibration import open_calibration
-from ...errors import InputSpecError, PipelineError
+from ...errors import InputSpecError, OptionText, PipelineError
 from ...ir import add_initializer, constant_array, infer_shapes, load_model
 from ...shapes import model_inputs
 from ..base import ForgePass, option, register
@@ -289,7 +289,7 @@ class LowRankPass(ForgePass):
             batch = next(iter(batches), None)
             if batch is not None:
                 return probe_shapes(model, names, batch, threads=self.context.threads)
-        except InputSpecError as exc:  # dynamic input dims and no --input-shape
+        except InputSpecError as exc:  # dynamic input dims and no input shapes given
             logger.info("lowrank: shapes unknown for %d values: %s", len(names), exc)
         return {}
 
@@ -314,8 +314,9 @@ class LowRankPass(ForgePass):
     def _collect_moments(self, model: ir.Model, layers: list[Layer]) -> dict[tuple, MomentStats]:
         """One pass over the calibration data accumulating every statistic the layers need."""
         if not self.context.has_calibration:
-            raise InputSpecError("lowrank(data_aware=true) needs calibration data (--calib); "
-                                 "or set data_aware=false")
+            raise InputSpecError(OptionText.of(
+                "lowrank(data_aware=true) needs calibration data (", ("calibration", None),
+                "); or set data_aware=false"))
         keys = {key for layer in layers for key in self._moment_keys(layer).values()}
         names = sorted({key[1] for key in keys})
         rng = np.random.default_rng(self.context.seed)
@@ -427,9 +428,9 @@ class LowRankPass(ForgePass):
             if use_macs:
                 unknown = [lay.key for lay in layers if self._costs(lay, None)[1] is None]
                 if unknown:
-                    raise InputSpecError(
-                        f"lowrank(macs=...) needs static shapes, unknown for {unknown[:3]}: give "
-                        "--input-shape, or use params= instead")
+                    raise InputSpecError(OptionText.of(
+                        f"lowrank(macs=...) needs static shapes, unknown for {unknown[:3]}: "
+                        "give ", ("input_shapes", None), ", or use params= instead"))
             all_choices = []
             for layer in layers:
                 spectra, fulls, _ = self._spectra(layer, plans[layer.key])
@@ -551,7 +552,7 @@ class LowRankPass(ForgePass):
             if layer.x_shape is None:
                 record["kept"] = False
                 self.stats["skipped"][layer.key] = (
-                    "guard: input shape unknown, cannot time it (give --input-shape or "
+                    "guard: input shape unknown, cannot time it (give the input shapes or "
                     "guard=false)")
                 return False
             guard_bias = new_bias if isinstance(new_bias, np.ndarray) else None
