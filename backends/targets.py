@@ -47,7 +47,7 @@ class TargetPreset:
         name: preset name used on the command line (`--target cortex-a72`).
         description: one line for `onnxforge targets`.
         kind: TVM target kind: "llvm", "cuda", "opencl" or "vulkan".
-        family: "x86", "aarch64", "cuda", "opencl" or "vulkan".
+        family: "x86", "aarch64", "hexagon", "cuda", "opencl" or "vulkan".
         config: the JSON target dict, or a function building it (host detection).
         aliases: other names accepted for this preset.
         unavailable: why this wheel cannot build for it (None when it can).
@@ -211,6 +211,11 @@ def _cuda(arch: str, host: dict[str, Any] | None = None) -> Callable[[], dict[st
                     "host": host or _host_llvm()}
 
 
+def _hexagon(version: str) -> dict[str, Any]:
+    return {"kind": "llvm", "mtriple": "hexagon", "mcpu": f"hexagon{version}",
+            "mattr": [f"+hvx{version}", "+hvx-length128b"], "num-cores": 4}
+
+
 def _presets() -> list[TargetPreset]:
     presets = [
         TargetPreset("host", "this machine: LLVM-detected CPU and features, physical cores",
@@ -237,6 +242,12 @@ def _presets() -> list[TargetPreset]:
                      "llvm", "aarch64",
                      {**_AARCH64, "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"],
                       "num-cores": 4}),
+        # Hexagon DSP through TVM's LLVM backend (kind llvm: the wheel's `hexagon` kind fails
+        # in its TIR lowering); builds and assembly here, no simulator or device to run on
+        TargetPreset("hexagon-v68", "Qualcomm Hexagon v68 DSP, HVX 128-byte (compile only)",
+                     "llvm", "hexagon", _hexagon("v68")),
+        TargetPreset("hexagon-v73", "Qualcomm Hexagon v73 DSP, HVX 128-byte (compile only)",
+                     "llvm", "hexagon", _hexagon("v73")),
         TargetPreset("cuda", "NVIDIA GPU: the local GPU's arch, else sm_75", "cuda", "cuda",
                      _cuda_default),
         TargetPreset("cuda-sm75", "NVIDIA Turing (T4, RTX 20xx)", "cuda", "cuda", _cuda("sm_75")),

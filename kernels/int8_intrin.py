@@ -13,6 +13,8 @@ weights are packed to ``[.., lanes, 4]`` ahead of time.
   ``sdot`` (4 lanes, s8 x s8), TVM's own description and implementation. Its
   activations are signed, so ``backends.tvm.qdq`` shifts u8 activations to s8 (-128,
   zero point -128) for these targets (``DotIntrinsic.data_dtype``).
+- Hexagon HVX (128-byte vectors, an ``llvm`` target with a ``hexagon`` triple):
+  ``vrmpy`` (32 lanes, u8 x s8), TVM's own description and implementation.
 
 ``intrinsic_for(target)`` names the one the target can run, or None (no dot-product
 instruction: the rule declines and the plain widening-multiply schedule runs instead).
@@ -73,6 +75,7 @@ def _dot_16x4_vnni(
 
 VNNI_16X4 = DotIntrinsic("onnxforge_vnni_u8s8_16x4", 16, 4, "vpdpbusd", "uint8")
 SDOT_4X4 = DotIntrinsic("onnxforge_sdot_s8s8_4x4", 4, 4, "sdot", "int8")
+VRMPY_32X4 = DotIntrinsic("onnxforge_vrmpy_u8s8_32x4", 32, 4, "vrmpy", "uint8")
 
 _REGISTERED: set[str] = set()
 
@@ -104,4 +107,9 @@ def intrinsic_for(target: tvm.target.Target) -> DotIntrinsic | None:
         from tvm.s_tir.tensor_intrin.arm_cpu import get_dotprod_intrin
 
         return _register(SDOT_4X4, *get_dotprod_intrin("int8", "int32"))
+    if str(target.attrs.get("mtriple", "")).startswith("hexagon") and _has(
+            "hvx-length128b", target):
+        from tvm.s_tir.tensor_intrin.hexagon import generate_dot_product_32x4_u8i8i32
+
+        return _register(VRMPY_32X4, *generate_dot_product_32x4_u8i8i32())
     return None

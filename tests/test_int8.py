@@ -282,3 +282,17 @@ def test_int8_on_aarch64_under_qemu_within_one_step(target, instruction):
         if instruction and art.report["schedule_rules"].get("int8-dot"):
             assert f"\t{instruction}\t" in art.host_assembly()
     assert (dot_kernels > 0) == (instruction is not None)
+
+
+def test_hexagon_builds_int8_kernels_with_vrmpy(tmp_path):
+    """Hexagon v68 (HVX 128-byte): no simulator or device here, so the check is the
+    assembly (vrmpy) and the exported objects; verification is skipped with a note."""
+    model, _ = qdq_matmul(n=64, shape=(4, 64))
+    art = compile_model(model, "hexagon-v68")
+    assert art.report["integer"]["integer_ops"] == {"matmul": 1}
+    assert art.report["schedule_rules"].get("int8-dot") == 1
+    assert "vrmpy" in art.host_assembly()
+    assert not art.can_run()
+    written = art.export(tmp_path / "m.so")
+    assert written.suffix == ".tar" and written.stat().st_size > 0
+    assert any("Hexagon SDK" in note for note in art.report["notes"])

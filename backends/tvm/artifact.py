@@ -204,9 +204,12 @@ class TVMArtifact:
             if compiler is None:
                 logger.warning("no cross compiler for %s: writing a .tar instead of %s",
                                arch, path.name)
+                how = ("apt-get install g++-aarch64-linux-gnu" if arch == "aarch64"
+                       else "not installed here" if arch != "hexagon"
+                       else "the Hexagon SDK's hexagon-clang; not installable here")
                 self.report["notes"].append(
-                    f"no {arch} cross compiler (apt-get install g++-aarch64-linux-gnu): "
-                    "exported a .tar of objects; link it on the board"
+                    f"no {arch} cross compiler ({how}): exported a .tar of objects; link it "
+                    "on the board"
                 )
                 path = path.with_suffix(".tar")
             else:
