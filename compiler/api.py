@@ -491,6 +491,7 @@ def compile(
         result.verification = checked
         artifact.report["verification"] = {
             **checked.comparison.to_dict(), "rtol": checked.rtol,
+            "ort_qdq_spread": checked.ort_spread,
             "same_output_twice": not checked.nondeterministic}
         if not checked.ok:
             error = VerificationError(f"{artifact.report.get('model', '<model>')}: "

@@ -142,9 +142,13 @@ def render_verification(result: Any) -> Table:
     """The table of `backends.tvm.verify_artifact`'s result."""
     from .backends.tvm import VERIFY_SAMPLES
 
+    title = (f"verify vs onnxruntime on {VERIFY_SAMPLES} random inputs: rel L2 or max abs "
+             f"<= {result.rtol:.3g} x max |ORT| (+{VERIFY_ATOL:g} float floor)")
+    if result.ort_spread is not None:
+        title += (f"; quantized model: onnxruntime's integer and float QDQ runs differ by "
+                  f"rel L2 {result.ort_spread:.2e} (the tolerance rule is in the README)")
     table = Table("output", "shape", "max abs", "relative", "rel L2", "same twice", "ok",
-                  title=f"verify vs onnxruntime on {VERIFY_SAMPLES} random inputs: rel L2 or "
-                        f"max abs <= {result.rtol:g} x max |ORT| (+{VERIFY_ATOL:g} float floor)")
+                  title=title)
     for err in result.comparison.outputs:
         same = err.name not in result.nondeterministic
         table.add_row(err.name, str(err.shape), f"{err.max_abs:.3e}", f"{err.rel:.3e}",
@@ -154,8 +158,21 @@ def render_verification(result: Any) -> Table:
     return table
 
 
+def integer_summary(info: dict) -> str | None:
+    """How many quantized conv/matmul run as integer kernels, which stayed float and why."""
+    integer = info.get("integer") or {}
+    if not integer.get("integer_total") and not integer.get("float_total"):
+        return None
+    ops = ", ".join(f"{n} {op}" for op, n in sorted(integer["integer_ops"].items())) or "none"
+    line = f"int8: {integer['integer_total']} quantized ops run as integer kernels ({ops})"
+    for entry in integer["float_ops"]:
+        line += f"; {entry['count']} {entry['op']} stayed float: {entry['reason']}"
+    return line
+
+
 def compile_summary(info: dict) -> str:
-    """compile's one-line summary: time, functions and who scheduled them."""
+    """compile's summary: time, functions and who scheduled them (+ the int8 line)."""
+    integer = integer_summary(info)
     return (
         f"compiled for {info.get('target') or info['target_key']} in "
         f"{info['compile_seconds']:.1f} s: {info['num_primfuncs']} functions, "
@@ -164,7 +181,8 @@ def compile_summary(info: dict) -> str:
         f"{info['unscheduled']} unscheduled" + schedule_configs_note(info)
         + (f"; default schedule kept over a slower tuning record for "
            f"{len(info['default_kept_over_database'])}"
-           if info.get("default_kept_over_database") else ""))
+           if info.get("default_kept_over_database") else "")
+        + (f"\n{integer}" if integer else ""))
 
 
 def register(app: typer.Typer) -> None:

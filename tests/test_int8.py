@@ -296,3 +296,18 @@ def test_hexagon_builds_int8_kernels_with_vrmpy(tmp_path):
     written = art.export(tmp_path / "m.so")
     assert written.suffix == ".tar" and written.stat().st_size > 0
     assert any("Hexagon SDK" in note for note in art.report["notes"])
+
+
+def test_compile_command_says_what_runs_as_integer_kernels(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "q.onnx"
+    onnx.save(qdq_conv(weight="uint8")[0], path)
+    done = subprocess.run([sys.executable, "-m", "onnxforge.cli", "compile", str(path), "-t",
+                           "host", "-o", str(tmp_path / "q.so")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())
+    assert ("int8: 0 quantized ops run as integer kernels (none); 1 conv2d stayed float: "
+            "the weight is uint8, not int8") in out
+    assert "quantized model: onnxruntime's integer and float QDQ runs differ" in out
