@@ -560,15 +560,9 @@ def _rule_unsqueeze(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> lis
     kind, i = port
     if i != 0:
         raise Blocked(f"Unsqueeze {node.name}: axes input")
-    y = node.outputs[0]
-    ry = s.rank(y)
+    ry = s.rank(node.outputs[0])
     axes = sorted(_norm_axis(ax, ry) for ax in (s.axes_of(node) or []))
-    rest = [k for k in range(ry) if k not in axes]
-    if kind == "in":
-        return [Link(y, rest[a])]
-    if a in axes:
-        raise Blocked(f"Unsqueeze {node.name}: inserted axis")
-    return [Link(node.inputs[0], rest.index(a))]
+    return _kept_axes_link(node, kind, a, axes, ry, "inserted")
 
 
 def _rule_squeeze(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[Link]:
@@ -581,12 +575,20 @@ def _rule_squeeze(s: _Shapes, node: ir.Node, v: ir.Value, a: int, port) -> list[
     if axes is None:
         axes = [k for k, d in enumerate(shape) if d == 1]
     axes = sorted(_norm_axis(ax, len(shape)) for ax in axes)
-    rest = [k for k in range(len(shape)) if k not in axes]
-    if kind == "in":
+    return _kept_axes_link(node, kind, a, axes, len(shape), "squeezed")
+
+
+def _kept_axes_link(node: ir.Node, kind: str, a: int, axes: list[int], rank: int,
+                    what: str) -> list[Link]:
+    """Squeeze / Unsqueeze: the axes of the rank-`rank` side (Squeeze's input, Unsqueeze's
+    output) that are not in `axes` map in order to the axes of the other side."""
+    rest = [k for k in range(rank) if k not in axes]
+    other = node.outputs[0] if kind == "in" else node.inputs[0]
+    if (kind == "in") == (what == "squeezed"):  # `a` is on the full-rank side
         if a in axes:
-            raise Blocked(f"Squeeze {node.name}: squeezed axis")
-        return [Link(node.outputs[0], rest.index(a))]
-    return [Link(x, rest[a])]
+            raise Blocked(f"{node.op_type} {node.name}: {what} axis")
+        return [Link(other, rest.index(a))]
+    return [Link(other, rest[a])]
 
 
 def _block_of(shape_in: tuple[int, ...], shape_out: tuple[int, ...], axis: int, from_input: bool):
