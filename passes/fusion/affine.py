@@ -36,17 +36,23 @@ import onnx_ir as ir
 
 from ..base import register
 from ..graph import (
-    attr,
     bypass,
     float_const,
     is_op,
-    output_channels,
     remove_nodes,
     scale_output_channels,
     set_attr,
     sole_consumer,
 )
-from .common import RewritePass, exclusive_const, rank, set_weight, static_shape
+from .common import (
+    RewritePass,
+    conv_parts,
+    exclusive_const,
+    gemm_parts,
+    rank,
+    set_weight,
+    static_shape,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,46 +127,31 @@ def fold_affine(model: ir.Model, op: ir.Node) -> bool:
 
 
 def _into_conv(conv: ir.Node, kind: str, c: np.ndarray) -> bool:
-    w = exclusive_const(conv.inputs[1] if len(conv.inputs) > 1 else None, conv)
-    if w is None or w.ndim < 3 or c.dtype != w.dtype:
+    parts = conv_parts(conv)
+    if parts is None or c.dtype != parts.w.dtype:
         return False
-    m = output_channels(conv, w)
-    if m is None:
-        return False
+    w, b, m = parts
     vec = _per_channel(c, w.ndim, 1, m)
     if vec is None:
         return False
-    has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
-    b = exclusive_const(conv.inputs[2], conv) if has_bias else None
-    if has_bias and (b is None or b.size != m):
-        return False
-    b64 = b.astype(np.float64).reshape(-1) if b is not None else np.zeros(m)
     if kind == "mul":
         set_weight(conv, 1, scale_output_channels(conv, w, vec).astype(w.dtype), "scaled")
         if b is not None:
-            set_weight(conv, 2, (b64 * vec).astype(w.dtype), "scaled")
+            set_weight(conv, 2, (b * vec).astype(w.dtype), "scaled")
     else:
-        set_weight(conv, 2, (b64 + vec).astype(w.dtype), "shifted")
+        b_new = (b if b is not None else np.zeros(m)) + vec
+        set_weight(conv, 2, b_new.astype(w.dtype), "shifted")
     return True
 
 
 def _into_gemm(gemm: ir.Node, kind: str, c: np.ndarray) -> bool:
-    if rank(gemm.outputs[0]) not in (None, 2):
+    parts = gemm_parts(gemm)
+    if parts is None or c.dtype != parts.w.dtype:
         return False
-    w = exclusive_const(gemm.inputs[1], gemm)
-    if w is None or w.ndim != 2 or c.dtype != w.dtype:
-        return False
-    trans_b = int(attr(gemm, "transB", 0))
-    m = w.shape[0] if trans_b else w.shape[1]
+    w, trans_b, m, c_old = parts
     vec = _per_channel(c, 2, 1, m)
     if vec is None:
         return False
-    has_c = len(gemm.inputs) > 2 and gemm.inputs[2] is not None
-    bias = exclusive_const(gemm.inputs[2], gemm) if has_c else None
-    if has_c and (bias is None or bias.ndim > 2):
-        return False
-    beta = float(attr(gemm, "beta", 1.0))
-    c_old = beta * bias.astype(np.float64) if bias is not None else None
     if kind == "mul":
         set_weight(gemm, 1, (w * (vec[:, None] if trans_b else vec[None, :])).astype(w.dtype),
                    "scaled")

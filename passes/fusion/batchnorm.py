@@ -31,17 +31,15 @@ import onnx_ir as ir
 
 from ..base import register
 from ..graph import (
-    attr,
     batchnorm_affine,
     bypass,
     is_op,
-    output_channels,
     remove_nodes,
     scale_output_channels,
     set_attr,
     sole_consumer,
 )
-from .common import RewritePass, exclusive_const, rank, set_weight
+from .common import RewritePass, conv_parts, exclusive_const, gemm_parts, rank, set_weight
 
 logger = logging.getLogger(__name__)
 
@@ -78,45 +76,26 @@ def fold_batchnorm(model: ir.Model, bn: ir.Node) -> bool:
 
 
 def _fold_conv(conv: ir.Node, s: np.ndarray, t: np.ndarray) -> bool:
-    w = exclusive_const(conv.inputs[1] if len(conv.inputs) > 1 else None, conv)
-    if w is None or w.ndim < 3:
+    parts = conv_parts(conv)
+    if parts is None or parts.m != s.size:
         return False
-    has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
-    b = exclusive_const(conv.inputs[2], conv) if has_bias else None
-    if has_bias and b is None:
-        return False
-    m = output_channels(conv, w)
-    if m is None or m != s.size:
-        return False
-    w_new = scale_output_channels(conv, w, s)
-    b_old = b.astype(np.float64).reshape(-1) if b is not None else np.zeros(m)
-    if b_old.size != m:
-        return False
-    b_new = b_old * s + t
-    set_weight(conv, 1, w_new.astype(w.dtype), "bnfold")
+    w, b, m = parts
+    b_new = (b if b is not None else np.zeros(m)) * s + t
+    set_weight(conv, 1, scale_output_channels(conv, w, s).astype(w.dtype), "bnfold")
     set_weight(conv, 2, b_new.astype(w.dtype), "bnfold")
     return True
 
 
 def _fold_gemm(gemm: ir.Node, s: np.ndarray, t: np.ndarray) -> bool:
-    if rank(gemm.outputs[0]) not in (None, 2):
+    parts = gemm_parts(gemm)
+    if parts is None or parts.m != s.size:
         return False
-    w = exclusive_const(gemm.inputs[1], gemm)
-    if w is None or w.ndim != 2:
-        return False
-    trans_b = int(attr(gemm, "transB", 0))
-    m = w.shape[0] if trans_b else w.shape[1]
-    if m != s.size:
-        return False
-    w_new = w * (s[:, None] if trans_b else s[None, :])
-    has_c = len(gemm.inputs) > 2 and gemm.inputs[2] is not None
-    c = exclusive_const(gemm.inputs[2], gemm) if has_c else None
-    if has_c and (c is None or c.ndim > 2):
-        return False
-    beta = float(attr(gemm, "beta", 1.0))
-    c_old = beta * c.astype(np.float64) if c is not None else np.zeros(m)
+    w, trans_b, m, c_old = parts
+    if c_old is None:
+        c_old = np.zeros(m)
     if c_old.ndim >= 1 and c_old.shape[-1] not in (1, m):
         return False
+    w_new = w * (s[:, None] if trans_b else s[None, :])
     c_new = c_old * s + t  # broadcasts over the column axis; keeps rows of a [N, M] C
     set_weight(gemm, 1, w_new.astype(w.dtype), "bnfold")
     set_weight(gemm, 2, c_new.astype(w.dtype), "bnfold")

@@ -13,7 +13,7 @@ point, then drops dead nodes/initializers and sorts the graph topologically.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -21,7 +21,7 @@ from onnx_ir.passes import common as ir_common
 
 from ...ir import add_initializer, infer_shapes
 from ..base import ForgePass
-from ..graph import float_const
+from ..graph import attr, float_const, output_channels
 
 
 def exclusive(value: ir.Value | None, node: ir.Node) -> bool:
@@ -37,6 +37,61 @@ def exclusive_const(value: ir.Value | None, node: ir.Node) -> np.ndarray | None:
     if arr is None or not exclusive(value, node):
         return None
     return arr
+
+
+class ConvParts(NamedTuple):
+    w: np.ndarray
+    b: np.ndarray | None  # float64 [M], None when the conv has no bias
+    m: int  # output channels
+
+
+def conv_parts(conv: ir.Node) -> ConvParts | None:
+    """Weight, bias and output channels of a Conv / ConvTranspose whose weight (rank >= 3)
+    and bias (M values) are float constants it alone reads; None otherwise."""
+    w = exclusive_const(conv.inputs[1] if len(conv.inputs) > 1 else None, conv)
+    if w is None or w.ndim < 3:
+        return None
+    m = output_channels(conv, w)
+    if m is None:
+        return None
+    has_bias = len(conv.inputs) > 2 and conv.inputs[2] is not None
+    b = exclusive_const(conv.inputs[2], conv) if has_bias else None
+    if has_bias and (b is None or b.size != m):
+        return None
+    return ConvParts(w, b.astype(np.float64).reshape(-1) if b is not None else None, m)
+
+
+def gemm_weight(gemm: ir.Node) -> tuple[np.ndarray, int, int] | None:
+    """(B, transB, output columns M) of a Gemm whose B is a 2-D float constant it alone
+    reads; None otherwise."""
+    w = exclusive_const(gemm.inputs[1], gemm)
+    if w is None or w.ndim != 2:
+        return None
+    trans_b = int(attr(gemm, "transB", 0))
+    return w, trans_b, int(w.shape[0] if trans_b else w.shape[1])
+
+
+class GemmParts(NamedTuple):
+    w: np.ndarray
+    trans_b: int
+    m: int  # output columns
+    c: np.ndarray | None  # beta * C in float64, None when the Gemm has no C
+
+
+def gemm_parts(gemm: ir.Node) -> GemmParts | None:
+    """`gemm_weight` and beta * C of a Gemm with a 2-D output (or one of unknown rank)
+    whose C, if any, is a float constant of rank <= 2 it alone reads; None otherwise."""
+    if rank(gemm.outputs[0]) not in (None, 2):
+        return None
+    weight = gemm_weight(gemm)
+    if weight is None:
+        return None
+    has_c = len(gemm.inputs) > 2 and gemm.inputs[2] is not None
+    c = exclusive_const(gemm.inputs[2], gemm) if has_c else None
+    if has_c and (c is None or c.ndim > 2):
+        return None
+    beta = float(attr(gemm, "beta", 1.0))
+    return GemmParts(*weight, beta * c.astype(np.float64) if c is not None else None)
 
 
 def set_weight(node: ir.Node, index: int, array: np.ndarray, name: str) -> ir.Value:

@@ -33,7 +33,7 @@ import onnx_ir as ir
 from ...ir import add_initializer
 from ..base import register
 from ..graph import attr, bypass, is_op, opset, remove_nodes, sole_consumer
-from .common import RewritePass, exclusive_const
+from .common import RewritePass, exclusive_const, gemm_weight
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,10 @@ def _matmul_key(mm: ir.Node) -> tuple | None:
 
 
 def _gemm_key(gemm: ir.Node) -> tuple | None:
-    if int(attr(gemm, "transA", 0)):
+    weight = gemm_weight(gemm) if not int(attr(gemm, "transA", 0)) else None
+    if weight is None:
         return None
-    w = exclusive_const(gemm.inputs[1], gemm)
-    if w is None or w.ndim != 2:
-        return None
-    trans_b = int(attr(gemm, "transB", 0))
-    m = w.shape[0] if trans_b else w.shape[1]
+    w, trans_b, m = weight
     if len(gemm.inputs) > 2 and gemm.inputs[2] is not None:
         c = exclusive_const(gemm.inputs[2], gemm)
         if c is None or c.dtype != w.dtype or c.size not in (1, m) or c.ndim > 2:
