@@ -101,6 +101,11 @@ def _epilogue_at(sch: s_tir.Schedule, block, loop) -> None:
             sch.reverse_compute_at(consumer, loop)
         except Exception:  # noqa: BLE001 - stays a loop nest after the contraction
             logger.debug("int8 epilogue %s left outside the tile", sch.get(consumer).name_hint)
+            continue
+        try:  # the output row of the tile (NCHW) or its columns (matmul)
+            sch.vectorize(sch.get_loops(consumer)[-1])
+        except Exception:  # noqa: BLE001 - a loop that cannot be vectorized stays scalar
+            pass
 
 
 class Int8DotRule(CpuRule):
