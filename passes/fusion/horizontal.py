@@ -135,8 +135,6 @@ def _first_in_graph(graph: ir.Graph, members: list[ir.Node]) -> ir.Node:
 
 
 def _merge_convs(model: ir.Model, x: ir.Value, convs: list[ir.Node]) -> None:
-    graph = convs[0].graph
-    assert graph is not None
     weights = [exclusive_const(c.inputs[1], c) for c in convs]
     sizes = [int(w.shape[0]) for w in weights]
     biases = []
@@ -145,18 +143,7 @@ def _merge_convs(model: ir.Model, x: ir.Value, convs: list[ir.Node]) -> None:
             biases.append(exclusive_const(c.inputs[2], c).reshape(-1))
         else:
             biases.append(np.zeros(w.shape[0], w.dtype))
-    name = "_".join(c.name or "conv" for c in convs[:3]) + "_hfused"
-    w_all = add_initializer(graph, f"{name}_W", np.concatenate(weights, axis=0))
-    b_all = add_initializer(graph, f"{name}_B", np.concatenate(biases).astype(weights[0].dtype))
-    attrs = [ir.Attr(a.name, a.type, a.value) for a in convs[0].attributes.values()]
-    merged = ir.Node("", "Conv", [x, w_all, b_all], attributes=attrs, name=name)
-    split = _split_node(model, graph, merged.outputs[0], sizes, 1, f"{name}_split")
-    anchor = _first_in_graph(graph, convs)
-    graph.insert_before(anchor, [merged, split])
-    for conv, out in zip(convs, split.outputs):
-        bypass(conv.outputs[0], out)
-    remove_nodes(convs)
-    logger.debug("fuse-horizontal: merged %d Conv nodes reading %s", len(convs), x.name)
+    _merge_with_bias(model, x, convs, np.concatenate(weights, axis=0), biases, sizes, "B")
 
 
 def _merge_matmuls(model: ir.Model, x: ir.Value, mms: list[ir.Node]) -> None:
@@ -192,8 +179,6 @@ def _merge_matmuls(model: ir.Model, x: ir.Value, mms: list[ir.Node]) -> None:
 
 
 def _merge_gemms(model: ir.Model, x: ir.Value, gemms: list[ir.Node]) -> None:
-    graph = gemms[0].graph
-    assert graph is not None
     trans_b = int(attr(gemms[0], "transB", 0))
     weights = [exclusive_const(g.inputs[1], g) for g in gemms]
     sizes = [int(w.shape[0] if trans_b else w.shape[1]) for w in weights]
@@ -204,17 +189,29 @@ def _merge_gemms(model: ir.Model, x: ir.Value, gemms: list[ir.Node]) -> None:
             biases.append(np.broadcast_to(c, (m,)))  # a single value applies to every column
         else:
             biases.append(np.zeros(m, w.dtype))
-    name = "_".join(g.name or "gemm" for g in gemms[:3]) + "_hfused"
-    w_all = add_initializer(graph, f"{name}_W", np.concatenate(weights, axis=0 if trans_b else 1))
-    c_all = add_initializer(graph, f"{name}_C", np.concatenate(biases).astype(weights[0].dtype))
-    attrs = [ir.Attr(a.name, a.type, a.value) for a in gemms[0].attributes.values()]
-    merged = ir.Node("", "Gemm", [x, w_all, c_all], attributes=attrs, name=name)
+    _merge_with_bias(model, x, gemms, np.concatenate(weights, axis=0 if trans_b else 1), biases,
+                     sizes, "C")
+
+
+def _merge_with_bias(model: ir.Model, x: ir.Value, members: list[ir.Node], weight: np.ndarray,
+                     biases: list[np.ndarray], sizes: list[int], bias_name: str) -> None:
+    """One node like `members[0]` (Conv or Gemm: same attributes) with the concatenated
+    `weight` and `biases`, then a Split along axis 1 whose outputs replace the members'."""
+    graph = members[0].graph
+    assert graph is not None
+    op = members[0].op_type
+    name = "_".join(n.name or op.lower() for n in members[:3]) + "_hfused"
+    w_all = add_initializer(graph, f"{name}_W", weight)
+    b_all = add_initializer(graph, f"{name}_{bias_name}",
+                            np.concatenate(biases).astype(weight.dtype))
+    attrs = [ir.Attr(a.name, a.type, a.value) for a in members[0].attributes.values()]
+    merged = ir.Node("", op, [x, w_all, b_all], attributes=attrs, name=name)
     split = _split_node(model, graph, merged.outputs[0], sizes, 1, f"{name}_split")
-    graph.insert_before(_first_in_graph(graph, gemms), [merged, split])
-    for gemm, out in zip(gemms, split.outputs):
-        bypass(gemm.outputs[0], out)
-    remove_nodes(gemms)
-    logger.debug("fuse-horizontal: merged %d Gemm nodes reading %s", len(gemms), x.name)
+    graph.insert_before(_first_in_graph(graph, members), [merged, split])
+    for node, out in zip(members, split.outputs):
+        bypass(node.outputs[0], out)
+    remove_nodes(members)
+    logger.debug("fuse-horizontal: merged %d %s nodes reading %s", len(members), op, x.name)
 
 
 @register
