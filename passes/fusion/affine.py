@@ -217,11 +217,8 @@ class FoldAffinePass(RewritePass):
 
     name = "fold-affine"
     summary = "fold Mul/Add/Sub/Div by per-channel constants into the preceding Conv/Gemm/MatMul"
-    exact = True
     stat = "affine_folded"
-
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
-        return fold_affine(model, node)
+    rule = staticmethod(fold_affine)
 
 
 @register
@@ -230,8 +227,5 @@ class FuseMatMulAddPass(RewritePass):
 
     name = "fuse-matmul-add"
     summary = "MatMul + Add(constant) -> Gemm when the input is 2-D (3-D MatMul kept)"
-    exact = True
     stat = "matmul_add_to_gemm"
-
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
-        return fuse_matmul_add(model, node)
+    rule = staticmethod(fuse_matmul_add)

@@ -154,8 +154,5 @@ class FoldBatchNormPass(RewritePass):
 
     name = "fold-bn"
     summary = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul(+Add)"
-    exact = True
     stat = "bn_folded"
-
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
-        return fold_batchnorm(model, node)
+    rule = staticmethod(fold_batchnorm)

@@ -13,6 +13,7 @@ point, then drops dead nodes/initializers and sorts the graph topologically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -132,10 +133,12 @@ def all_nodes(model: ir.Model) -> list[ir.Node]:
 class RewritePass(ForgePass):
     """A pass made of one local rewrite applied to every matching node until none is left.
 
-    Subclasses implement `rewrite(model, node) -> bool` (True when the graph changed);
-    `stat` names the counter the number of rewrites goes to.
+    Subclasses set `rule`, the rewrite of one node (`rule(model, node) -> bool`, True when
+    the graph changed), or override `rewrite`; `stat` names the counter the number of
+    rewrites goes to. Every rewrite is exact (`ForgePass.exact`).
     """
 
+    rule: ClassVar[Callable[[ir.Model, ir.Node], bool]]
     stat: ClassVar[str] = "rewrites"
     max_rounds: ClassVar[int] = 8
     # The `fuse` driver infers shapes once and turns this off for its sub-passes.
@@ -162,5 +165,5 @@ class RewritePass(ForgePass):
             ir_common.TopologicalSortPass()(model)
         return ir.passes.PassResult(model, modified=bool(total))
 
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
+        return self.rule(model, node)

@@ -220,7 +220,6 @@ class FuseHorizontalPass(RewritePass):
 
     name = "fuse-horizontal"
     summary = "merge sibling Conv/MatMul/Gemm (e.g. Q/K/V projections) into one wider op + Split"
-    exact = True
     stat = "sibling_groups_fused"
 
     def rewrite(self, model: ir.Model, node: ir.Node) -> bool:

@@ -107,11 +107,8 @@ class FuseTransposePass(RewritePass):
 
     name = "fuse-transpose"
     summary = "merge Transpose pairs into one (or none) and drop identity Transposes"
-    exact = True
     stat = "transposes_fused"
-
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
-        return fuse_transpose(model, node)
+    rule = staticmethod(fuse_transpose)
 
 
 @register
@@ -120,8 +117,5 @@ class FuseReshapePass(RewritePass):
 
     name = "fuse-reshape"
     summary = "Reshape(Reshape(x)) / Reshape(Flatten(x)) -> Reshape(x)"
-    exact = True
     stat = "reshapes_fused"
-
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
-        return fuse_reshape(model, node)
+    rule = staticmethod(fuse_reshape)

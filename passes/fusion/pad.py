@@ -105,8 +105,5 @@ class FusePadPass(RewritePass):
 
     name = "fuse-pad"
     summary = "fold a zero, spatial-only constant Pad into the following Conv's pads"
-    exact = True
     stat = "pads_fused"
-
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
-        return fuse_pad(model, node)
+    rule = staticmethod(fuse_pad)

@@ -405,11 +405,8 @@ class FuseLayerNormPass(RewritePass):
 
     name = "fuse-layernorm"
     summary = "ReduceMean-Sub-Pow-ReduceMean-Add-Sqrt-Div(-Mul-Add) -> LayerNormalization"
-    exact = True
     stat = "layernorm_fused"
-
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
-        return fuse_layernorm(model, node)
+    rule = staticmethod(fuse_layernorm)
 
 
 @register
@@ -418,8 +415,5 @@ class FuseGeluPass(RewritePass):
 
     name = "fuse-gelu"
     summary = "GELU written with Erf or Tanh primitives -> Gelu (opset >= 20 only)"
-    exact = True
     stat = "gelu_fused"
-
-    def rewrite(self, model: ir.Model, node: ir.Node) -> bool:
-        return fuse_gelu(model, node)
+    rule = staticmethod(fuse_gelu)
