@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 tvm = pytest.importorskip("tvm")
 pytest.importorskip("xgboost")
 
+from builders import make_model
 from onnxforge.backends.targets import resolve_target, target_key
 from onnxforge.backends.tvm import (
     compare_to_ort,
@@ -47,12 +48,8 @@ def dense_model(n: int = 64, seed: int = 0) -> onnx.ModelProto:
     nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
              helper.make_node("Add", ["m", "b"], ["a"], name="add"),
              helper.make_node("Relu", ["a"], ["y"], name="relu")]
-    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info(
-        "x", TensorProto.FLOAT, [8, n])], [helper.make_tensor_value_info(
-            "y", TensorProto.FLOAT, [8, n])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, n])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, n])], inits)
 
 
 @pytest.fixture(scope="module")
