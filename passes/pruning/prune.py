@@ -40,7 +40,6 @@ bit-identical.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 from collections import defaultdict
@@ -57,6 +56,7 @@ from ...errors import OnnxforgeError, PipelineError
 from ...ir import constant_array, infer_shapes, load_model
 from ...metrics import MAC_OPS, compute_metrics, node_macs
 from ...shapes import model_inputs
+from .. import overrides
 from ..base import ForgePass, option, register
 from ..graph import attr, weight_out_axis
 from .apply import PruneApplyError, apply_plan, group_removed, kept_indices
@@ -88,30 +88,7 @@ class PruneOptions:
 
 def parse_overrides(text: str) -> list[tuple[str, float]]:
     """`"conv1=0.2;layer4.*=0.5"` -> [("conv1", 0.2), ("layer4.*", 0.5)]."""
-    out = []
-    for part in (text or "").replace(",", ";").split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        pattern, sep, value = part.rpartition("=")
-        try:
-            ratio = float(value)
-        except ValueError:
-            ratio = -1.0
-        if not sep or not pattern or not 0.0 <= ratio < 1.0:
-            raise PipelineError(
-                f"prune: override {part!r} must be PATTERN=RATIO with 0 <= RATIO < 1, "
-                "e.g. overrides=\"conv1=0.2;layer4.*=0.5\"")
-        out.append((pattern.strip(), ratio))
-    return out
-
-
-def _names_match(names: list[str], pattern: str) -> bool:
-    for name in names:
-        candidates = {name, name.removesuffix(".weight"), name.strip("/")}
-        if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
-            return True
-    return False
+    return overrides.parse_overrides(text, "prune")
 
 
 class CostModel:
@@ -364,16 +341,11 @@ class PrunePass(ForgePass):
     def _select(self, analysis: Analysis, groups: list[Group], scores: dict[int, float],
                 cost: CostModel) -> list[int]:
         opts: PruneOptions = self.options
-        overrides = parse_overrides(opts.overrides)
+        fixed_ratios = parse_overrides(opts.overrides)
         plans = []
         for g in groups:
             order = sorted(g.units, key=lambda u: (scores[u.id], u.id))
-            fixed = None
-            for pattern, ratio in overrides:
-                if _names_match(g.names, pattern):
-                    fixed = ratio
-                    break
-            plans.append((g, order, fixed))
+            plans.append((g, order, overrides.override_for(g.names, fixed_ratios)))
         global_target = opts.macs if opts.macs is not None else opts.params
         if global_target is None:
             chosen = []
