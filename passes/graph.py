@@ -1,8 +1,8 @@
 """Graph helpers shared by the pass families (fusion, pruning, low rank, quantization).
 
-Reading a node (`is_op`, `attr`), a constant (`const`, `float_const`) and who reads a
-value (`sole_consumer`); replacing a value by another (`bypass`) and removing what
-is left (`remove_nodes`, `remove_unused`); the channel axes of a layer's weight
+Reading a node (`is_op`, `attr`), a constant (`const`, `float_const`, `scalar`) and who
+reads a value (`sole_consumer`); replacing a value by another (`bypass`) and removing
+what is left (`remove_nodes`, `remove_unused`); the channel axes of a layer's weight
 (`weight_out_axis`, `weight_axis`, `output_channels`, `scale_output_channels`); the
 per-channel affine of an inference BatchNormalization (`batchnorm_affine`).
 
@@ -22,6 +22,8 @@ from ..ir import constant_array
 
 FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 STANDARD_DOMAINS = ("", "ai.onnx")
+# How a helper reads a constant: `const`, `float_const` or `onnxforge.ir.constant_array`.
+Reader = Callable[[ir.Value | None], np.ndarray | None]
 
 
 # ---------------------------------------------------------------- reading nodes and values
@@ -66,6 +68,15 @@ def float_const(value: ir.Value | None) -> np.ndarray | None:
     if arr is None or arr.dtype.type not in FLOAT_DTYPES:
         return None
     return arr
+
+
+def scalar(value: ir.Value | None, read: Reader = float_const) -> float | None:
+    """The value of a one-element constant as a float, else None; `read` reads the
+    constant (`float_const` by default, `constant_array` for any dtype, graph inputs too)."""
+    arr = read(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(-1)[0])
 
 
 def sole_consumer(value: ir.Value | None) -> ir.Node | None:
@@ -170,8 +181,7 @@ def scale_output_channels(node: ir.Node, w: np.ndarray, s: np.ndarray) -> np.nda
     return (shaped * s.reshape((group, 1, mg) + (1,) * (w.ndim - 2))).reshape(w.shape)
 
 
-def batchnorm_affine(bn: ir.Node, read: Callable[[ir.Value | None], np.ndarray | None] = const
-                     ) -> tuple[np.ndarray, np.ndarray] | None:
+def batchnorm_affine(bn: ir.Node, read: Reader = const) -> tuple[np.ndarray, np.ndarray] | None:
     """(s, t), float64 per channel, with BN(x) = s * x + t for an inference
     BatchNormalization: s = scale / sqrt(var + epsilon), t = B - mean * s.
 

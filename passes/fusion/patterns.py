@@ -38,7 +38,17 @@ import onnx_ir as ir
 
 from ...ir import add_initializer
 from ..base import register
-from ..graph import attr, bypass, const, float_const, is_op, opset, remove_nodes, sole_consumer
+from ..graph import (
+    attr,
+    bypass,
+    const,
+    float_const,
+    is_op,
+    opset,
+    remove_nodes,
+    scalar,
+    sole_consumer,
+)
 from .common import RewritePass, rank, static_shape
 
 logger = logging.getLogger(__name__)
@@ -47,13 +57,6 @@ logger = logging.getLogger(__name__)
 def _producer(value: ir.Value | None, *ops: str) -> ir.Node | None:
     node = value.producer() if value is not None else None
     return node if is_op(node, *ops) else None
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    arr = float_const(value)
-    if arr is None or arr.size != 1:
-        return None
-    return float(arr.reshape(-1)[0])
 
 
 def _close(a: float | None, b: float, rtol: float = 1e-4) -> bool:
@@ -208,7 +211,8 @@ def _match_layernorm(model: ir.Model, div: ir.Node) -> _LayerNorm | None:
         return None
     x, mean = sub.inputs
     mean_node = _producer(mean, "ReduceMean")
-    if mean_node is None or mean_node.inputs[0] is not x or not _last_axis_mean(model, mean_node, x):
+    if mean_node is None or mean_node.inputs[0] is not x \
+            or not _last_axis_mean(model, mean_node, x):
         return None
     add_eps = _producer(sqrt.inputs[0], "Add")
     if add_eps is None:
@@ -216,14 +220,14 @@ def _match_layernorm(model: ir.Model, div: ir.Node) -> _LayerNorm | None:
     var = next((v for v in add_eps.inputs if _producer(v, "ReduceMean") is not None), None)
     if var is None:
         return None
-    eps = _scalar(_other(add_eps, var))
+    eps = scalar(_other(add_eps, var))
     var_node = _producer(var, "ReduceMean")
     if eps is None or not _last_axis_mean(model, var_node, x):
         return None
     sq = _producer(var_node.inputs[0], "Pow", "Mul")
     if sq is None or sq.inputs[0] is not d:
         return None
-    if sq.op_type == "Pow" and not _close(_scalar(sq.inputs[1]), 2.0, 0.0):
+    if sq.op_type == "Pow" and not _close(scalar(sq.inputs[1]), 2.0, 0.0):
         return None
     if sq.op_type == "Mul" and sq.inputs[1] is not d:
         return None
@@ -291,14 +295,14 @@ def _half_times_x_chain(start: ir.Value, x: ir.Value) -> tuple[list[ir.Node], ir
             return None
         if other is x and need_x:
             need_x = False
-        elif need_half and _close(_scalar(other), 0.5):
+        elif need_half and _close(scalar(other), 0.5):
             need_half = False
         else:
             helper = _producer(other, "Mul")
             if helper is None or not (need_x and need_half) or sole_consumer(other) is not mul:
                 return None
             h_other = _other(helper, x)
-            if h_other is None or not _close(_scalar(h_other), 0.5):
+            if h_other is None or not _close(scalar(h_other), 0.5):
                 return None
             nodes.append(helper)
             need_x = need_half = False
@@ -313,9 +317,9 @@ def _match_erf(erf: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Node] | None:
     if scale is None or sole_consumer(h) is not erf:
         return None
     x, c_value = scale.inputs
-    if scale.op_type == "Mul" and _scalar(x) is not None:
+    if scale.op_type == "Mul" and scalar(x) is not None:
         x, c_value = c_value, x
-    c = _scalar(c_value)
+    c = scalar(c_value)
     if x is None or not (_close(c, np.sqrt(2.0)) if scale.op_type == "Div" else _close(c, 1 / np.sqrt(2.0))):
         return None
     return x, [scale, erf], erf
@@ -332,7 +336,7 @@ def _cube_of(value: ir.Value, x: ir.Value) -> list[ir.Node] | None:
     if node is None:
         return None
     if node.op_type == "Pow":
-        return [node] if node.inputs[0] is x and _close(_scalar(node.inputs[1]), 3.0) else None
+        return [node] if node.inputs[0] is x and _close(scalar(node.inputs[1]), 3.0) else None
     a, b = node.inputs
     square, other = (a, b) if b is x else (b, a) if a is x else (None, None)
     if square is None:
@@ -349,7 +353,7 @@ def _match_tanh(tanh: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Node] | None
     if m2 is None or sole_consumer(tanh.inputs[0]) is not tanh:
         return None
     inner = next((v for v in m2.inputs if _binary_add(_producer(v, "Add", "Sum"))), None)
-    if inner is None or not _close(_scalar(_other(m2, inner)), float(np.sqrt(2.0 / np.pi))):
+    if inner is None or not _close(scalar(_other(m2, inner)), float(np.sqrt(2.0 / np.pi))):
         return None
     add = _producer(inner, "Add", "Sum")
     if sole_consumer(inner) is not m2:
@@ -359,7 +363,7 @@ def _match_tanh(tanh: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Node] | None
         if m1 is None or sole_consumer(cubic) is not add:
             continue
         for cube in m1.inputs:
-            if not _close(_scalar(_other(m1, cube)), 0.044715):
+            if not _close(scalar(_other(m1, cube)), 0.044715):
                 continue
             cube_nodes = _cube_of(cube, x)
             if cube_nodes is None or sole_consumer(cube) is not m1:
@@ -381,7 +385,7 @@ def fuse_gelu(model: ir.Model, node: ir.Node) -> bool:
     x, nodes, last = match
     e = last.outputs[0]
     one = sole_consumer(e)
-    if not _binary_add(one) or not _close(_scalar(_other(one, e)), 1.0):
+    if not _binary_add(one) or not _close(scalar(_other(one, e)), 1.0):
         return False
     chain = _half_times_x_chain(one.outputs[0], x)
     if chain is None:

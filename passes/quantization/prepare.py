@@ -27,6 +27,7 @@ from ..graph import (
     bypass,
     output_channels,
     remove_unused,
+    scalar,
     scale_output_channels,
     sole_consumer,
 )
@@ -230,10 +231,8 @@ def upgrade_opset(model: ir.Model, target: int = 13) -> bool:
 
 
 def _scalar(value: ir.Value | None) -> float | None:
-    arr = constant_array(value)
-    if arr is None or arr.size != 1:
-        return None
-    return float(arr.reshape(()))
+    """`scalar` of any dtype (the Clip bounds may be integers), graph inputs included."""
+    return scalar(value, constant_array)
 
 
 def fuse_hardswish(model: ir.Model) -> int:
