@@ -114,12 +114,3 @@ class NameAllocator:
             value.shape = tensor.shape
         return value
 
-
-def fresh_value_name(graph: ir.Graph, base: str) -> str:
-    """One free value name (scans the graph; use a `NameAllocator` for many)."""
-    return NameAllocator(graph).value(base)
-
-
-def fresh_node_name(graph: ir.Graph, base: str) -> str:
-    """One free node name (scans the graph; use a `NameAllocator` for many)."""
-    return NameAllocator(graph).node(base)
