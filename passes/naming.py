@@ -113,4 +113,3 @@ class NameAllocator:
             value.const_value = tensor
             value.shape = tensor.shape
         return value
-
