@@ -31,6 +31,7 @@ from tvm import s_tir, tirx
 from .cpu_target import CpuInfo
 from .int8_intrin import DotIntrinsic, intrinsic_for
 from .rule_base import LAYOUT_REWRITE_ANN, CpuRule, layout_free_params
+from .sched_common import inline_epilogue_chain, reads_pointwise
 
 logger = logging.getLogger(__name__)
 
@@ -85,23 +86,27 @@ def _pack_weight(sch, block, index: int, index_map) -> None:
 
 
 def _epilogue_at(sch: s_tir.Schedule, block, loop) -> None:
-    """Inline the elementwise epilogue and compute what is left per tile at ``loop``."""
+    """Inline the elementwise epilogue and compute what is left per tile at ``loop``.
+
+    Only a block that reads the accumulator element for element (``reads_pointwise``)
+    goes into the tile, in program order; the first that cannot (a Pad, a reshape) and
+    everything after it stay loop nests of their own after the contraction, as in the
+    float rules (a tile never leaves an element of such a consumer unwritten).
+    """
     root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
     children = sch.get_child_blocks(root)
-    after = children[[sch.get(b).name_hint for b in children].index(sch.get(block).name_hint)
-                     + 1:]
-    for consumer in after:
-        if _is_intermediate(sch, sch.get(consumer).writes[0].source):
-            try:
-                sch.compute_inline(consumer)
-            except Exception:  # noqa: BLE001 - not inlinable: stays its own loop nest
-                pass
-    for consumer in sch.get_consumers(block):
+    names = [sch.get(b).name_hint for b in children]
+    rest = inline_epilogue_chain(sch, children[names.index(sch.get(block).name_hint) + 1:])
+    for consumer in rest:
+        reads_acc = any(r.source.same_as(sch.get(block).writes[0].source)
+                        for r in sch.get(consumer).reads)
+        if reads_acc and not reads_pointwise(sch, block, consumer):
+            break
         try:
             sch.reverse_compute_at(consumer, loop)
         except Exception:  # noqa: BLE001 - stays a loop nest after the contraction
             logger.debug("int8 epilogue %s left outside the tile", sch.get(consumer).name_hint)
-            continue
+            break
         try:  # the output row of the tile (NCHW) or its columns (matmul)
             sch.vectorize(sch.get_loops(consumer)[-1])
         except Exception:  # noqa: BLE001 - a loop that cannot be vectorized stays scalar
