@@ -94,14 +94,9 @@ def legalize_passes(target) -> list:
     """Relax ops -> TIR PrimFuncs, fused; these PrimFuncs are the tuning tasks."""
     from tvm import relax
 
-    return [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
+    from ...kernels import legalize_and_fuse_passes
+
+    return [*legalize_and_fuse_passes(), relax.transform.DeadCodeElimination()]
 
 
 def gpu_schedule_passes(target) -> list:
