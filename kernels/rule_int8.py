@@ -35,7 +35,7 @@ from .sched_common import inline_epilogue_chain, reads_pointwise
 
 logger = logging.getLogger(__name__)
 
-ROW_TILES = (8, 7, 6, 5, 4, 3, 2, 1)  # independent accumulators along the output row
+ROW_TILES = (16, 8, 7, 6, 5, 4, 3, 2, 1)  # independent accumulators along the output row
 
 
 def _int8_contraction(sch: s_tir.Schedule, data_dtype: str):

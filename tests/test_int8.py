@@ -127,6 +127,7 @@ def assert_within_one_step(model, step, target="host", seeds=(0, 1)):
     dict(stride=2, size=10),                  # stride 2, even input
     dict(ic=3, oc=5, k=3),                    # channels not a multiple of 4 / 16
     dict(ic=20, oc=48, k=1, pad=0),           # 1x1, no padding copy
+    dict(ic=16, oc=32, k=3, size=32, zx=9),   # rows of 16 outputs per tile
     dict(groups=8, ic=8, oc=8),               # depthwise
     dict(groups=2, ic=8, oc=32),              # grouped
     dict(act="int8", zx=-5),                  # s8 activations
