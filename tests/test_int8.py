@@ -312,3 +312,22 @@ def test_compile_command_says_what_runs_as_integer_kernels(tmp_path):
     assert ("int8: 0 quantized ops run as integer kernels (none); 1 conv2d stayed float: "
             "the weight is uint8, not int8") in out
     assert "quantized model: onnxruntime's integer and float QDQ runs differ" in out
+
+
+def test_quantize_rounds_half_to_even_like_onnx():
+    """QuantizeLinear rounds half to even (ONNX): the rewritten quantize (multiply by
+    1/scale, nearbyint) matches ORT on the ties exactly."""
+    ties = np.array([[-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 126.5]], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [_init("s", np.float32(1.0)), _init("z", np.int8(0))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    art = compile_model(model, "host")
+    got = list(art.run({"x": ties}).values())[0]
+    expected = _ort(model, {"x": ties})
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(expected, [[-2, -2, 0, 0, 2, 2, 4, 126]])

@@ -26,6 +26,10 @@ one kernel that reads int8 and writes int8 ("requantize with a float scale"), an
 next layer reads that int8 tensor directly. Chains stay int8 between layers; only the
 model's float inputs/outputs and float islands convert.
 
+``quantize`` with one constant scale is rewritten too: multiply by ``1/scale`` instead
+of a divide (round half to even, clip, cast), the cheapest form of the requantize that
+ends every quantized layer.
+
 Results agree with onnxruntime on the same QDQ file to within one quantization step
 per element: the integer sum is exact; float rounding of the scale and bias can move a
 value that lies on a rounding boundary by one step.
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
-from tvm import ir, relax
+from tvm import ir, relax, te
 
 _CONTRACTIONS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 DOT_REDUCE = 4  # int8 products one dot-product instruction sums (VNNI, ARM sdot/udot)
@@ -108,6 +112,8 @@ class _IntegerContractions(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
+        if getattr(call.op, "name", "") == "relax.quantize":
+            return self._quantize(call)
         op = _CONTRACTIONS.get(getattr(call.op, "name", ""))
         if op is None or len(call.args) < 2:
             return call
@@ -123,6 +129,31 @@ class _IntegerContractions(relax.PyExprMutator):
             return call
         self.report.integer[op] += 1
         return new
+
+    def _quantize(self, call):
+        """quantize with one constant scale: multiply by 1/scale instead of dividing (the
+        divide is the slowest instruction of every requantizing epilogue; efficientnet_b0's
+        depthwise+SiLU kernels ~25 % faster), rounding half to even as ONNX does."""
+        scale, zero = _constant(call.args[1]), _constant(call.args[2])
+        dtype = str(call.attrs.out_dtype)
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1 \
+                or dtype not in ("uint8", "int8") or str(call.args[0].ty.dtype) != "float32":
+            return call
+        inverse = float(np.float32(1) / np.float32(scale.reshape(())))
+        info = np.iinfo(dtype)
+        zero_point = float(zero.reshape(()))
+
+        def compute(x):
+            def element(*index):
+                value = tvm.tirx.nearbyint(x(*index) * tvm.tirx.const(inverse, "float32"))
+                value = value + tvm.tirx.const(zero_point, "float32")
+                low = tvm.tirx.const(float(info.min), "float32")
+                high = tvm.tirx.const(float(info.max), "float32")
+                return tvm.tirx.max(tvm.tirx.min(value, high), low).astype(dtype)
+
+            return te.compute(x.shape, element, name="quantize")
+
+        return self.builder_.call_te(compute, call.args[0], primfunc_name_hint="quantize")
 
     def _weight_dequantize(self, expr):
         """dequantize(W) or permute_dims(dequantize(W)) -> (dequantize call, axes or None)."""
