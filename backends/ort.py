@@ -52,7 +52,8 @@ class OrtArtifact:
                 # Too big for one protobuf: go through a file with external data.
                 self._tmpdir = tempfile.TemporaryDirectory(prefix="onnxforge-ort-")
                 path = save_model(model, Path(self._tmpdir.name) / "model.onnx")
-                self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                self.session = ort.InferenceSession(
+                    str(path), opts, providers=["CPUExecutionProvider"])
             else:
                 self.session = ort.InferenceSession(
                     model_bytes(model), opts, providers=["CPUExecutionProvider"]

@@ -248,8 +248,9 @@ def _enforce_budget(result: OptimizeResult, max_error: float | None,
 def compare_latency(a: ir.Model, b: ir.Model, source: CalibrationSource, *, threads: int = 1,
                     warmup: int = 5, repeat: int = 30) -> dict[str, Any]:
     """Median ORT latency of two models on the same input, interleaved in one process."""
-    timings = benchmark_artifacts([OrtArtifact(a, threads=threads), OrtArtifact(b, threads=threads)],
-                                  source.first(), warmup=warmup, repeat=repeat)
+    timings = benchmark_artifacts(
+        [OrtArtifact(a, threads=threads), OrtArtifact(b, threads=threads)],
+        source.first(), warmup=warmup, repeat=repeat)
     before, after = (t["median_ms"] for t in timings)
     return {"threads": threads, "before_ms": before, "after_ms": after,
             "speedup": before / after if after else float("nan")}

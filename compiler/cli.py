@@ -100,28 +100,53 @@ def inspect(
 @app.command()
 def optimize(
     model: Annotated[Path | None, typer.Argument(help="ONNX model (omit with --example).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the optimized model.")] = Path("optimized.onnx"),
-    pipeline: Annotated[str | None, typer.Option("--pipeline", "-p", help="Pass pipeline, e.g. \"cleanup,fuse,prune(macs=0.3)\". Default: cleanup,fuse.")] = None,
-    calib: Annotated[str | None, typer.Option("--calib", help="Calibration data: data.npz, a folder of .npy or images, or random:N.")] = None,
-    verify_data: Annotated[str | None, typer.Option("--verify-data", help="Data to measure the final error on (default: --calib, else random). Labels in the .npz add accuracy.")] = None,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Where to write the optimized model.")] = Path("optimized.onnx"),
+    pipeline: Annotated[str | None, typer.Option(
+        "--pipeline", "-p",
+        help="Pass pipeline, e.g. \"cleanup,fuse,prune(macs=0.3)\". "
+             "Default: cleanup,fuse.")] = None,
+    calib: Annotated[str | None, typer.Option(
+        "--calib",
+        help="Calibration data: data.npz, a folder of .npy or images, or random:N.")] = None,
+    verify_data: Annotated[str | None, typer.Option(
+        "--verify-data",
+        help="Data to measure the final error on (default: --calib, else random). "
+             "Labels in the .npz add accuracy.")] = None,
     input_shape: InputShapeOpt = None,
-    max_error: Annotated[float | None, typer.Option("--max-error", callback=_budget, help="Refuse to write if the output's relative L2 error exceeds this.")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option("--max-accuracy-drop", callback=_budget, help="Refuse to write if top-1 accuracy drops more than this (fraction, e.g. 0.003).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Write even past the error budget.")] = False,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip running the models to check outputs.")] = False,
-    report: Annotated[Path | None, typer.Option("--report", "-r", help="Write a JSON report here.")] = None,
-    dump_dir: Annotated[Path | None, typer.Option("--dump-dir", help="Save the model after each pass here.")] = None,
-    print_after: Annotated[list[str] | None, typer.Option("--print-after", help="Print the graph's op summary after this pass (repeatable).")] = None,
-    latency: Annotated[bool, typer.Option("--latency/--no-latency", help="Measure ORT latency before/after side by side.")] = True,
+    max_error: Annotated[float | None, typer.Option(
+        "--max-error", callback=_budget,
+        help="Refuse to write if the output's relative L2 error exceeds this.")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(
+        "--max-accuracy-drop", callback=_budget,
+        help="Refuse to write if top-1 accuracy drops more than this (fraction, e.g. 0.003).",
+    )] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Write even past the error budget.")] = False,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip running the models to check outputs.")] = False,
+    report: Annotated[Path | None, typer.Option(
+        "--report", "-r", help="Write a JSON report here.")] = None,
+    dump_dir: Annotated[Path | None, typer.Option(
+        "--dump-dir", help="Save the model after each pass here.")] = None,
+    print_after: Annotated[list[str] | None, typer.Option(
+        "--print-after",
+        help="Print the graph's op summary after this pass (repeatable).")] = None,
+    latency: Annotated[bool, typer.Option(
+        "--latency/--no-latency",
+        help="Measure ORT latency before/after side by side.")] = True,
     threads: ThreadsOpt = 1,
-    example: Annotated[bool, typer.Option("--example", help="Use the shipped digits CNN, its calibration and labelled test data.")] = False,
+    example: Annotated[bool, typer.Option(
+        "--example",
+        help="Use the shipped digits CNN, its calibration and labelled test data.")] = False,
 ) -> None:
     """Run a pass pipeline on a model, verify it, and write the result atomically.
 
     Examples:
       [bold]onnxforge optimize --example -o digits_opt.onnx[/]
       [bold]onnxforge optimize model.onnx -o out.onnx -p "cleanup,fuse" --report r.json[/]
-      [bold]onnxforge optimize model.onnx -o q.onnx -p "quantize(int8)" --calib data.npz --max-error 0.02[/]
+      [bold]onnxforge optimize model.onnx -o q.onnx -p "quantize(int8)" --calib data.npz \
+--max-error 0.02[/]
     """
     from . import api
     from .report import render_steps
@@ -156,14 +181,19 @@ def optimize(
 
 @app.command()
 def bench(
-    models: Annotated[list[Path], typer.Argument(help="One or more ONNX models with the same inputs.")],
-    backend: Annotated[str, typer.Option("--backend", "-b", help="ort, or tvm (ORT vs TVM side by side).")] = "ort",
-    target: Annotated[str, typer.Option("--target", help="TVM target preset (with --backend tvm).")] = "host",
+    models: Annotated[list[Path], typer.Argument(
+        help="One or more ONNX models with the same inputs.")],
+    backend: Annotated[str, typer.Option(
+        "--backend", "-b", help="ort, or tvm (ORT vs TVM side by side).")] = "ort",
+    target: Annotated[str, typer.Option(
+        "--target", help="TVM target preset (with --backend tvm).")] = "host",
     threads: ThreadsOpt = 1,
     input_shape: InputShapeOpt = None,
     repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per model.")] = 50,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs per model first.")] = 5,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the table as JSON.")] = None,
+    warmup: Annotated[int, typer.Option(
+        "--warmup", min=0, help="Untimed runs per model first.")] = 5,
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the table as JSON.")] = None,
 ) -> None:
     """Measure latencies side by side in one process (interleaved rounds, median).
 
@@ -183,10 +213,13 @@ def bench(
 def verify(
     reference: Annotated[Path, typer.Argument(help="Reference model.")],
     candidate: Annotated[Path, typer.Argument(help="Model to compare against it.")],
-    data: Annotated[str | None, typer.Option("--data", help="Inputs: .npz, folder, images or random:N.")] = None,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Inputs: .npz, folder, images or random:N.")] = None,
     input_shape: InputShapeOpt = None,
     batches: Annotated[int, typer.Option("--batches", min=1, help="Batches to compare.")] = 16,
-    rtol: Annotated[float | None, typer.Option("--rtol", callback=_budget, help="Exit non-zero if relative L2 error exceeds this.")] = None,
+    rtol: Annotated[float | None, typer.Option(
+        "--rtol", callback=_budget,
+        help="Exit non-zero if relative L2 error exceeds this.")] = None,
     threads: ThreadsOpt = 1,
 ) -> None:
     """Compare two models' outputs on the same inputs (max abs, rel L2, cosine, top-1)."""

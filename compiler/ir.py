@@ -268,7 +268,8 @@ def validate_model(model: ir.Model, label: str = "<model>") -> None:
         for inp in node.inputs:
             if inp is None or not inp.name:
                 continue
-            if inp.name not in produced and inp.name not in producer_of and not inp.is_initializer():
+            if (inp.name not in produced and inp.name not in producer_of
+                    and not inp.is_initializer()):
                 raise InvalidModelError(
                     f"{label}: node {node.name!r} ({node.op_type}) reads {inp.name!r}, which is "
                     "not a graph input, an initializer or the output of any node "
@@ -362,7 +363,8 @@ def files_read(source: ModelSource, model: ir.Model | None = None,
     return [(label, path)] + [(f"external data of {label} {path.name}", f) for f in files]
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+def save_model(model: ir.Model, path: str | os.PathLike, *,
+               external_data: bool | None = None) -> Path:
     """Write the model atomically: a temp file in the same folder, then a rename.
 
     Models whose weights exceed the 2 GiB protobuf limit are written with external

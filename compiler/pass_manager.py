@@ -116,7 +116,8 @@ class PassManager:
         except OnnxforgeError:
             raise
         except Exception as exc:
-            raise PassFailedError(f"pass {p.describe()} failed: {type(exc).__name__}: {exc}") from exc
+            raise PassFailedError(
+                f"pass {p.describe()} failed: {type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
         model = result.model
         try:

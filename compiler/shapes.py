@@ -14,7 +14,8 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
     for spec in specs or []:
         name, sep, dims = spec.rpartition(":")
         if not sep or not name:
-            raise InputSpecError(f"--input-shape {spec!r}: expected NAME:D1,D2,... e.g. input:1,3,224,224")
+            raise InputSpecError(f"--input-shape {spec!r}: expected NAME:D1,D2,... "
+                                 "e.g. input:1,3,224,224")
         try:
             shapes[name] = tuple(int(d) for d in dims.split(",") if d.strip())
         except ValueError:

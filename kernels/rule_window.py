@@ -123,7 +123,8 @@ class WindowRule(CpuRule):
         if x_ext is None or x_ext < 2:
             return []
         cpu = cpu_info(target)
-        configs = [{"width": w} for w in _width_options(x_ext, cpu.lanes(write_dtype_bits(sch, main)))]
+        lanes = cpu.lanes(write_dtype_bits(sch, main))
+        configs = [{"width": w} for w in _width_options(x_ext, lanes)]
         work = 1
         for lp in sch.get_loops(main):
             work *= loop_extent(sch, lp) or 1

@@ -22,7 +22,8 @@ def zoo_path(name: str) -> Path:
     """Path of a zoo model; skips the test with a reason when the zoo was not built."""
     path = ZOO / f"{name}.onnx"
     if not path.exists():
-        pytest.skip(f"zoo model {name} absent: run `python tools/build_zoo.py` (see tools/README.md)")
+        pytest.skip(f"zoo model {name} absent: run `python tools/build_zoo.py` "
+                    "(see tools/README.md)")
     return path
 
 

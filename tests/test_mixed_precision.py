@@ -23,7 +23,8 @@ def _run(digits_model, pipeline: str, source=None):
     model = load_model(digits_model)
     reference = load_model(model)
     source = source or open_calibration(DATA / "digits_calib.npz", model, SHAPES)
-    ctx = PassContext(calibration=source, input_shapes=SHAPES, threads=1, max_calibration_batches=25)
+    ctx = PassContext(calibration=source, input_shapes=SHAPES, threads=1,
+                      max_calibration_batches=25)
     quantized, steps = PassManager(pipeline, ctx).run(model)
     return reference, quantized, steps[-1].stats, source
 
@@ -62,7 +63,8 @@ def test_mixed_loose_budget_is_all_int8_and_tight_budget_refuses_or_stays_float(
     with pytest.raises(BudgetExceededError, match="no configuration meets the budget"):
         _run(digits_model, "quantize(mixed,max_error=1e-7)")
     # ... but all-fp32 does when fp16 fallback is off
-    _ref, _q, stats, _calib = _run(digits_model, "quantize(mixed,max_error=1e-7,fp16_fallback=false)")
+    _ref, _q, stats, _calib = _run(digits_model,
+                                   "quantize(mixed,max_error=1e-7,fp16_fallback=false)")
     assert stats["layers_fp32"] == 5 and stats["final_error"]["rel_l2"] <= 1e-7
 
 
@@ -119,4 +121,5 @@ def test_mixed_size_target(digits_model):
     chosen = next(p for p in stats["budget_curve"] if p["int8_layers"] == stats["layers_int8"])
     assert chosen["size_ratio"] <= 0.45
     # the smallest number of int8 layers that reaches the target
-    assert all(p["size_ratio"] > 0.45 for p in stats["budget_curve"] if p["int8_layers"] < stats["layers_int8"])
+    assert all(p["size_ratio"] > 0.45 for p in stats["budget_curve"]
+               if p["int8_layers"] < stats["layers_int8"])

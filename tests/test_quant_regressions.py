@@ -117,8 +117,9 @@ def neutral_names(proto: onnx.ModelProto) -> onnx.ModelProto:
 def test_name_allocator_avoids_every_kind_of_existing_name():
     proto = colliding_model()
     # a subgraph value: names are unique across scopes too
-    then = helper.make_graph([helper.make_node("Identity", ["x"], ["inner_value"])], "then", [],
-                             [helper.make_tensor_value_info("inner_value", TensorProto.FLOAT, None)])
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["inner_value"])], "then", [],
+        [helper.make_tensor_value_info("inner_value", TensorProto.FLOAT, None)])
     proto.graph.node.append(helper.make_node("If", ["cond"], ["if_out"], name="if_node",
                                              then_branch=then, else_branch=then))
     graph = ir.from_proto(proto).graph
@@ -194,7 +195,8 @@ def test_dynamic_and_fp16_modes_with_taken_names(pipeline):
         helper.make_node("Relu", ["mm_W_quantized"], ["W_fp16"], name="mm_rescale"),
         helper.make_node("MatMul", ["W_fp16", "W2"], ["y"], name="mm2"),
     ]
-    inits = [_f32("W", rng.standard_normal((16, 16)) * 0.2), _f32("W2", rng.standard_normal((16, 4)))]
+    inits = [_f32("W", rng.standard_normal((16, 16)) * 0.2),
+             _f32("W2", rng.standard_normal((16, 4)))]
     proto = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], inits)
     model, _ = _run(proto, pipeline)
@@ -279,8 +281,10 @@ def qdq_conv_model(opset: int = 21) -> onnx.ModelProto:
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="qx"),
         helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="dqx"),
-        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wd"], name="dqw", axis=0),
-        helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["bd"], name="dqb", axis=0),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wd"], name="dqw",
+                         axis=0),
+        helper.make_node("DequantizeLinear", ["b_q", "b_scale", "b_zp"], ["bd"], name="dqb",
+                         axis=0),
         helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], name="conv", pads=[1] * 4),
         helper.make_node("QuantizeLinear", ["c", "y_scale", "y_zp"], ["cq"], name="qc"),
         helper.make_node("DequantizeLinear", ["cq", "y_scale", "y_zp"], ["y"], name="dqc"),

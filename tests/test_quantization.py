@@ -87,7 +87,8 @@ def conv_chain(n_convs: int = 3, channels: int = 8, seed: int = 0) -> onnx.Model
 def quantize(proto, pipeline: str, *, calib=None, shapes=None, batches: int = 16):
     model = load_model(proto)
     reference = load_model(model)
-    source = calib or RandomSource(shapes or _shapes(model), input_dtypes(model), count=batches, seed=1)
+    source = calib or RandomSource(shapes or _shapes(model), input_dtypes(model), count=batches,
+                                   seed=1)
     ctx = PassContext(calibration=source, input_shapes=shapes or {}, threads=1,
                       max_calibration_batches=batches)
     quantized, steps = PassManager(pipeline, ctx).run(model)
@@ -114,12 +115,14 @@ def ort_optimized_ops(model, tmp_path: Path) -> Counter:
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
     opts.log_severity_level = 3
-    ort.InferenceSession(to_proto(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(to_proto(model).SerializeToString(), opts,
+                         providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
 
 
 def q_nodes_reading(model, value_name: str) -> list:
-    return [n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == value_name]
+    return [n for n in model.graph
+            if n.op_type == "QuantizeLinear" and n.inputs[0].name == value_name]
 
 
 # ---------------------------------------------------------------- observers
@@ -229,8 +232,8 @@ def test_concat_and_maxpool_share_scales_no_requantization(tmp_path):
     n2, i2 = _conv("c2", "x", "b", 3, 4)
     n3, i3 = _conv("c3", "p", "y", 8, 4, relu=False)
     nodes = n1 + n2 + [helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="cat"),
-                       helper.make_node("MaxPool", ["cat"], ["p"], kernel_shape=[2, 2], strides=[2, 2],
-                                        name="pool")] + n3
+                       helper.make_node("MaxPool", ["cat"], ["p"], kernel_shape=[2, 2],
+                                        strides=[2, 2], name="pool")] + n3
     proto = _model(nodes, [_vi("x", [1, 3, 16, 16])], [_vi("y", [1, 4, 8, 8])], i1 + i2 + i3)
     ref, q, stats = quantize(proto, "quantize(int8)")
     assert stats["shared_scale_ops"] == 2
@@ -261,7 +264,8 @@ def _mlp(trans_b: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_transb_quantizes_per_output_channel(trans_b, tmp_path):
     ref, q, stats = quantize(_mlp(trans_b), "quantize(int8)")
-    fc1_w_dq = next(n for n in q.graph if n.op_type == "Gemm" and n.name == "fc1").inputs[1].producer()
+    fc1_w_dq = next(n for n in q.graph
+                    if n.op_type == "Gemm" and n.name == "fc1").inputs[1].producer()
     assert int(fc1_w_dq.attributes["axis"].value) == (0 if trans_b else 1)
     assert constant_array(fc1_w_dq.inputs[1]).shape == (32,)
     assert stats["bias_int32"] == 2
@@ -338,8 +342,9 @@ def test_bias_correction_removes_mean_shift():
     src = ArraySource({"x": x}, {"x": (1, cin, 8, 8)}, input_dtypes(model))
     errs = {}
     for bc in (False, True):
-        ref, q, _ = quantize(proto, f"quantize(int8,per_channel=false,bias_correction={str(bc).lower()})",
-                             calib=src, batches=32)
+        ref, q, _ = quantize(
+            proto, f"quantize(int8,per_channel=false,bias_correction={str(bc).lower()})",
+            calib=src, batches=32)
         out_r = OrtArtifact(ref).run({"x": x[0]})["y"]
         out_q = OrtArtifact(q).run({"x": x[0]})["y"]
         errs[bc] = float(np.abs((out_q - out_r)[0, 1:].mean(axis=(1, 2))).mean())  # mean shift
@@ -416,7 +421,8 @@ def test_dynamic_mode_emits_integer_matmuls_onnxruntime_fuses(tmp_path):
     ref, q, stats = quantize(_mlp(1), "quantize(dynamic)")
     assert stats["dynamic_matmuls"] == 2
     counts = op_counts(q)
-    assert counts["DynamicQuantizeLinear"] == 2 and counts["MatMulInteger"] == 2 and counts["Gemm"] == 0
+    assert (counts["DynamicQuantizeLinear"] == 2 and counts["MatMulInteger"] == 2
+            and counts["Gemm"] == 0)
     assert held_out_error(ref, q) < 0.03
     fused = ort_optimized_ops(q, tmp_path)
     assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 2
@@ -449,8 +455,9 @@ def _ort_quantize_static(path: Path, batches, out: Path, *, per_channel: bool) -
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(path), str(pre))
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
     return onnx.load(str(out))
 
 
@@ -465,10 +472,12 @@ def test_digits_accuracy_vs_float_and_onnxruntime_quantizer(digits_model, tmp_pa
     assert ours.accuracy_drop <= 0.003, ours.to_dict()
     batches = list(calib.batches(25))
     for per_channel in (False, True):
-        ort_q = load_model(_ort_quantize_static(digits_model, batches, tmp_path / f"ort{per_channel}.onnx",
+        ort_q = load_model(_ort_quantize_static(digits_model, batches,
+                                                tmp_path / f"ort{per_channel}.onnx",
                                                 per_channel=per_channel))
         theirs = compare_models(ref, ort_q, test, limit=None)
-        assert ours.candidate_accuracy >= theirs.candidate_accuracy, (ours.to_dict(), theirs.to_dict())
+        assert ours.candidate_accuracy >= theirs.candidate_accuracy, (ours.to_dict(),
+                                                                      theirs.to_dict())
     fused = ort_optimized_ops(q, tmp_path)
     assert fused["Conv"] == 0 and fused["Gemm"] == 0 and fused["QLinearConv"] == 3
 
@@ -481,7 +490,8 @@ def test_resnet_style_zoo_model_quantizes_fully(tmp_path):
     ref, q, stats = quantize(path, "quantize(int8)", calib=src, shapes=shapes, batches=4)
     assert stats["compute_by_op"] == {"Conv": 20, "Gemm": 1}
     assert stats["size_ratio"] > 3.9
-    cmp = compare_models(ref, q, RandomSource(shapes, input_dtypes(model), count=2, seed=7), limit=2)
+    cmp = compare_models(ref, q, RandomSource(shapes, input_dtypes(model), count=2, seed=7),
+                         limit=2)
     assert cmp.min_cosine > 0.99, cmp.to_dict()
     fused = ort_optimized_ops(q, tmp_path)
     assert fused["Conv"] == 0 and fused["QLinearConv"] == 20 and fused["QLinearAdd"] == 8
@@ -522,7 +532,8 @@ def test_cli_optimize_quantizes_digits(tmp_path, digits_model):
     assert Counter(n.op_type for n in q.graph.node)["QuantizeLinear"] >= 5
     x = np.load(DATA / "digits_test.npz")
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    pred = np.array([sess.run(None, {"input": x["input"][i:i + 1]})[0].argmax() for i in range(100)])
+    pred = np.array([sess.run(None, {"input": x["input"][i:i + 1]})[0].argmax()
+                     for i in range(100)])
     assert np.mean(pred == x["labels"][:100]) >= 0.95
 
 
@@ -595,7 +606,8 @@ def test_ppocr_rec_on_rendered_text_lines(tmp_path):
     shape = task.calib[0][name].shape
     calib = ArraySource({name: np.concatenate([b[name] for b in task.calib])}, {name: shape},
                         input_dtypes(model))
-    ref, q, stats = quantize(path, "quantize(int8)", calib=calib, shapes={name: shape}, batches=len(task.calib))
+    ref, q, stats = quantize(path, "quantize(int8)", calib=calib, shapes={name: shape},
+                             batches=len(task.calib))
     assert stats["opset_upgraded"] and stats["compute_by_op"]["Conv"] >= 30
     ref_art, q_art = OrtArtifact(ref), OrtArtifact(q)
     r = [ref_art.run(b) for b in task.evaluate]

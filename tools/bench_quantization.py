@@ -101,7 +101,8 @@ def ours_quantize(model_path: Path, calib, pipeline: str):
     return model, time.perf_counter() - start, steps[-1].stats
 
 
-def bench_task(task: Task, threads: int, repeat: int, tmp: Path, pipeline: str | None) -> list[dict]:
+def bench_task(task: Task, threads: int, repeat: int, tmp: Path,
+               pipeline: str | None) -> list[dict]:
     rows = []
     fp32 = load_model(task.model_path)
     variants: dict[str, tuple[object, float]] = {"fp32": (fp32, 0.0)}
@@ -126,7 +127,8 @@ def bench_task(task: Task, threads: int, repeat: int, tmp: Path, pipeline: str |
             start = time.perf_counter()
             out = tmp / "ort_dynamic.onnx"
             quantize_dynamic(str(task.model_path), str(out), per_channel=True)
-            variants["ORT quantize_dynamic (per-channel)"] = (load_model(out), time.perf_counter() - start)
+            variants["ORT quantize_dynamic (per-channel)"] = (load_model(out),
+                                                              time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the rest
             logger.warning("%s: ORT quantize_dynamic failed: %s", task.name, exc)
     arts = {}
@@ -149,7 +151,8 @@ def bench_task(task: Task, threads: int, repeat: int, tmp: Path, pipeline: str |
         rows.append({"model": task.name, "variant": k, **metrics,
                      "size_kb": len(model_bytes(m)) / 1024, "latency_ms": ms,
                      "vs_fp32": ms / base_ms, "quantize_s": secs})
-    rows[1]["stats"] = {k: v for k, v in stats.items() if k in ("compute_quantized", "qdq_pairs", "relu_folded")}
+    rows[1]["stats"] = {k: v for k, v in stats.items()
+                        if k in ("compute_quantized", "qdq_pairs", "relu_folded")}
     return rows
 
 
@@ -157,8 +160,8 @@ def print_table(rows: list[dict]) -> None:
     metric_keys = []
     for r in rows:
         for k in r:
-            if k not in ("model", "variant", "size_kb", "latency_ms", "vs_fp32", "quantize_s", "stats") \
-                    and k not in metric_keys:
+            if k not in ("model", "variant", "size_kb", "latency_ms", "vs_fp32", "quantize_s",
+                         "stats") and k not in metric_keys:
                 metric_keys.append(k)
     columns = ["model", "variant", *metric_keys, "size KB", "ms", "x fp32", "quant s"]
     cells = [(r["model"], r["variant"], *[f"{r[k]:.4f}" if k in r else "" for k in metric_keys],
@@ -181,11 +184,13 @@ TASKS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(TASKS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--pipeline", default=None, help="override onnxforge's pipeline for every model")
+    ap.add_argument("--pipeline", default=None,
+                    help="override onnxforge's pipeline for every model")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

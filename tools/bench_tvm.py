@@ -2,7 +2,8 @@
 
     python tools/bench_tvm.py                               # digits + every zoo model present
     python tools/bench_tvm.py --models resnet18 mobilenet_v2 --threads 2
-    python tools/bench_tvm.py --models digits --tuning-db tuning/ --tune-trials 64 --tune-seconds 600
+    python tools/bench_tvm.py --models digits --tuning-db tuning/ \\
+        --tune-trials 64 --tune-seconds 600
     python tools/bench_tvm.py --json bench_tvm.json
     python tools/bench_tvm.py --check-targets cortex-a72 cuda-sm80 opencl-mali   # + ARM/GPU
 

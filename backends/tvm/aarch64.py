@@ -150,7 +150,8 @@ def run_under_qemu(artifact: Any, inputs: Mapping[str, np.ndarray], *,
     module) for AArch64, run it with the C++ runner under qemu-aarch64."""
     if not qemu_available():
         raise BackendError("qemu-aarch64 and gcc-aarch64-linux-gnu are needed "
-                           "(apt-get install qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
+                           "(apt-get install qemu-user gcc-aarch64-linux-gnu "
+                           "g++-aarch64-linux-gnu)")
     runner = build_aarch64_runner()
     with tempfile.TemporaryDirectory(prefix="onnxforge-qemu-") as work:
         work_path = Path(work)

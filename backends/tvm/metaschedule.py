@@ -214,7 +214,8 @@ def load_cpu_tensor_intrinsics(arch: str) -> None:
     package.__path__ = list(spec.submodule_search_locations)
     package.__package__ = name
     sys.modules[name] = package
-    modules = ["x86"] if arch == "x86_64" else ["arm_cpu"] if arch == "aarch64" else ["x86", "arm_cpu"]
+    modules = (["x86"] if arch == "x86_64" else ["arm_cpu"] if arch == "aarch64"
+               else ["x86", "arm_cpu"])
     for module in modules:
         try:
             setattr(package, module, importlib.import_module(f"{name}.{module}"))

@@ -15,10 +15,10 @@ How a run goes:
   1. The parent process prepares the module exactly as `compile_model` does (import,
      legalize, fuse), extracts the tasks and asks the database which are already tuned.
      When every task that matters is covered it returns at once: nothing is tuned again.
-  2. Otherwise a worker subprocess (`tuning_worker`) tunes the remaining tasks into a staging copy of the
-     database. Tasks are ordered by their share of the model's FLOPs (tasks under
-     `min_flop_share` are left to the default schedules); the scheduler gives each task
-     one search round in that order, then more rounds to the task that costs most in the
+  2. Otherwise a worker subprocess (`tuning_worker`) tunes the remaining tasks into a
+     staging copy of the database. Tasks are ordered by their share of the model's FLOPs
+     (tasks under `min_flop_share` are left to the default schedules); the scheduler gives
+     each task one search round in that order, then more rounds to the task that costs most in the
      model. Budget: `max_trials` and `max_seconds`, whichever ends first; the worker stops
      between rounds when the next round would not fit, and the parent kills it (the
      whole process group) shortly after the deadline.
