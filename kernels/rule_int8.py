@@ -175,13 +175,7 @@ def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) 
     co, ci = sch.split(lc, [None, red])
     xo, xi = sch.split(lx, [None, _row_tile(out_w)])
     sch.reorder(ln, fo, ly, xo, lky, lkx, co, xi, fi, ci)
-    outer = sch.fuse(ln, fo, ly)
-    sch.parallel(outer)
-    _epilogue_at(sch, block, xo)
-    sch.unroll(xi)
-    init = sch.decompose_reduction(block, lky)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(fi, intrinsic.name)
+    _tile(sch, block, sch.fuse(ln, fo, ly), xo, xi, lky, fi, intrinsic)
     # the input copy: one parallel pass writing NHWC
     copy_loops = sch.get_loops(copy)
     sch.parallel(sch.fuse(*copy_loops[:2]))
@@ -211,10 +205,17 @@ def _schedule_matmul(sch, block, data: int, weight: int, intrinsic: DotIntrinsic
     io, ii = sch.split(li, [None, _row_tile(rows)])
     sch.reorder(*lb, io, jo, ko, ii, ji, ki)
     outer = sch.fuse(*lb, io, jo)
-    sch.parallel(outer)
-    _epilogue_at(sch, block, outer)
-    sch.unroll(ii)
-    init = sch.decompose_reduction(block, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(ji, intrinsic.name)
+    _tile(sch, block, outer, outer, ii, ko, ji, intrinsic)
     return True
+
+
+def _tile(sch, block, outer, tile, rows, reduction, lanes, intrinsic: DotIntrinsic) -> None:
+    """The common end of both schedules: parallel ``outer``, the epilogue per ``tile``,
+    the row of accumulators unrolled, their initialisation split off before
+    ``reduction`` and vectorized, the dot product tensorized at ``lanes``."""
+    sch.parallel(outer)
+    _epilogue_at(sch, block, tile)
+    sch.unroll(rows)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(lanes, intrinsic.name)
