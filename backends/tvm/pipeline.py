@@ -222,16 +222,7 @@ def compile_model(
     target = resolve_target(target)
     prepared = prepare_module(model, target, input_shapes=input_shapes)
     mod = prepared.mod
-    report: dict[str, Any] = {
-        "target": preset_name(requested) or target_key(target),
-        "target_json": plain_target_dict(target),
-        "target_key": target_key(target),
-        "model": prepared.label,
-        "inputs": {s.name: {"shape": list(s.shape), "dtype": s.dtype} for s in prepared.inputs},
-        "notes": [],
-        "num_primfuncs": len(prim_funcs(mod)),
-        "integer": prepared.integer,
-    }
+    report = _base_report(requested, target, prepared)
     pipeline = dict(prepared.pipeline)
     seconds = dict(prepared.seconds)
 
@@ -272,6 +263,20 @@ def compile_model(
     report["pipeline_text"] = " | ".join(f"{k}: {','.join(v)}" for k, v in pipeline.items())
     return TVMArtifact(executable, target, prepared.inputs, prepared.output_names, report,
                        threads=threads)
+
+
+def _base_report(requested, target, prepared: PreparedModule) -> dict[str, Any]:
+    """What the compile report says before scheduling: target, model, inputs, integer ops."""
+    return {
+        "target": preset_name(requested) or target_key(target),
+        "target_json": plain_target_dict(target),
+        "target_key": target_key(target),
+        "model": prepared.label,
+        "inputs": {s.name: {"shape": list(s.shape), "dtype": s.dtype} for s in prepared.inputs},
+        "notes": [],
+        "num_primfuncs": len(prim_funcs(prepared.mod)),
+        "integer": prepared.integer,
+    }
 
 
 def _apply_tuning_db(mod, target, db_dir: Path | None, tuning_db, default_schedules: bool,
