@@ -49,7 +49,6 @@ selection spectrum and of the weights, the guard's timings; skipped layers and w
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -141,7 +140,7 @@ class LowRankPass(ForgePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # BLAS threads follow the run's thread count: on a busy machine OpenBLAS with
         # more threads than free cores makes a 512×512 SVD 20× slower.
-        with _blas_threads(self.context.threads):
+        with self.context.blas_threads():
             return self._call(model)
 
     def _call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -592,14 +591,6 @@ class LowRankPass(ForgePass):
             self.stats["macs_before"] += m0
             self.stats["macs_after"] += m1
         return True
-
-
-def _blas_threads(threads: int) -> contextlib.AbstractContextManager:
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it BLAS keeps its own default
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=max(1, int(threads or 1)), user_api="blas")
 
 
 def _rows(key: tuple, arr: np.ndarray) -> np.ndarray:
