@@ -132,6 +132,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-gelu": "onnxforge.passes.fusion.patterns",
     "prune": "onnxforge.passes.pruning.prune",
     "lowrank": "onnxforge.passes.lowrank.lowrank",
+    "sparsify": "onnxforge.passes.sparsity.sparsify",
     "quantize": "onnxforge.passes.quantization.quantize",
 }
 
