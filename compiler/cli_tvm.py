@@ -170,9 +170,21 @@ def integer_summary(info: dict) -> str | None:
     return line
 
 
+def sparse_summary(info: dict) -> str | None:
+    """How many block-sparse matmuls use the BSR kernel, and why the others stayed dense."""
+    sparse = info.get("sparse") or {}
+    if not sparse.get("sparse_ops") and not sparse.get("dense_ops"):
+        return None
+    line = f"sparse: {sparse['sparse_ops']} matmuls use the BSR kernel"
+    for entry in sparse["dense_ops"]:
+        line += f"; {entry['count']} stayed dense: {entry['reason']}"
+    return line
+
+
 def compile_summary(info: dict) -> str:
-    """compile's summary: time, functions and who scheduled them (+ the int8 line)."""
-    integer = integer_summary(info)
+    """compile's summary: time, functions and who scheduled them (+ int8 and sparse lines)."""
+    extra = "".join(f"\n{line}" for line in (integer_summary(info), sparse_summary(info))
+                    if line)
     return (
         f"compiled for {info.get('target') or info['target_key']} in "
         f"{info['compile_seconds']:.1f} s: {info['num_primfuncs']} functions, "
@@ -182,7 +194,7 @@ def compile_summary(info: dict) -> str:
         + (f"; default schedule kept over a slower tuning record for "
            f"{len(info['default_kept_over_database'])}"
            if info.get("default_kept_over_database") else "")
-        + (f"\n{integer}" if integer else ""))
+        + extra)
 
 
 def register(app: typer.Typer) -> None:

@@ -60,6 +60,8 @@ class CpuRule(ScheduleRule):
 
 def packs_weights(func: tirx.PrimFunc) -> bool:
     """True when a root-level block of ``func`` is a weight-packing (layout rewrite) block."""
+    if not hasattr(func.body, "block"):  # hand-written TIR without blocks (a sparse kernel)
+        return False
     sch = s_tir.Schedule(func)
     root = sch.get_sblock(func.body.block.name_hint)
     return any(

@@ -5,7 +5,8 @@ The compile pipeline is a few short, named lists of passes, in the spirit of TVM
 `relax/backend/cpu_generic/pipeline.py`:
 
   import     `importer.import_onnx`: `tvm.relax.frontend.onnx.from_onnx` with fixed shapes;
-             CPU: `qdq.integer_contractions` makes quantized conv/matmul integer
+             CPU: `qdq.integer_contractions` makes quantized conv/matmul integer,
+             `sparse.sparse_contractions` block-sparse matmuls BSR (below break-even)
   prepare    DispatchSampling, DispatchSortScan, (CPU: `onnxforge.kernels.
              relax_prepasses`, which fold BatchNorm into convs), DecomposeOpsForInference
   legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
@@ -37,6 +38,8 @@ from ...errors import (
     BackendError,
 )
 from ...kernels.int8_intrin import intrinsic_for
+from ...kernels.schedule_configs import target_class
+from ...kernels.sparse_matmul import break_even
 from ..targets import (
     plain_target_dict,
     preset_name,
@@ -53,6 +56,7 @@ from .database import (
 )
 from .importer import InputSpec, import_onnx, input_specs, load_onnx
 from .qdq import integer_contractions
+from .sparse import sparse_contractions
 from .schedules import (
     count_configured,
     default_cpu_schedule_pass,
@@ -157,6 +161,7 @@ class PreparedModule:
     seconds: dict[str, float] = field(default_factory=dict)
     pipeline: dict[str, list[str]] = field(default_factory=dict)
     integer: dict[str, Any] = field(default_factory=dict)  # qdq.IntegerReport.as_dict()
+    sparse: dict[str, Any] = field(default_factory=dict)  # sparse.SparseReport.as_dict()
 
 
 def prepare_module(model: Any, target: Any = "host", *,
@@ -174,6 +179,11 @@ def prepare_module(model: Any, target: Any = "host", *,
         mod, found = integer_contractions(
             mod, signed_activations=dot is not None and dot.data_dtype == "int8")
         integer = found.as_dict()
+    sparse: dict[str, Any] = {}
+    if target.kind.name == "llvm":
+        metadata = {p.key: p.value for p in proto.metadata_props}
+        mod, found_sparse = sparse_contractions(mod, metadata, break_even(target_class(target)))
+        sparse = found_sparse.as_dict()
     seconds["import"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -188,7 +198,7 @@ def prepare_module(model: Any, target: Any = "host", *,
     outputs = [o.name for o in proto.graph.output]
     return PreparedModule(mod, target, specs, outputs, label, seconds,
                           {"prepare": pass_names(prepare), "legalize": pass_names(legalize)},
-                          integer)
+                          integer, sparse)
 
 
 def compile_model(
@@ -276,6 +286,7 @@ def _base_report(requested, target, prepared: PreparedModule) -> dict[str, Any]:
         "notes": [],
         "num_primfuncs": len(prim_funcs(prepared.mod)),
         "integer": prepared.integer,
+        "sparse": prepared.sparse,
     }
 
 
