@@ -119,9 +119,9 @@ class SparsifyPass(ForgePass):
         pattern = parse_pattern(opts.pattern)
         layers, skipped = find_layers(model.graph)
         plan, kept = self._plan(model.graph, layers, pattern, skipped)
-        self.stats = {"pattern": pattern.text, "criterion": opts.criterion, "scope": opts.scope,
-                      "sparsified": 0, "kept_dense": len(kept), "sparsity": 0.0,
-                      "refit": 0, "layers": {}, "kept": kept, "skipped": skipped}
+        self.stats = {"sparsity": 0.0, "sparsified": 0, "kept_dense": len(kept), "refit": 0,
+                      "pattern": pattern.text, "criterion": opts.criterion, "scope": opts.scope,
+                      "layers": {}, "kept": kept, "skipped": skipped}
         masks = self._masks(model, plan, pattern)
         masks = {k: v for k, v in masks.items() if not v[1].all()}
         if not masks:
