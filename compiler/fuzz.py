@@ -45,7 +45,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -504,24 +504,18 @@ def _rebuild(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[
     return new
 
 
-def shrink_candidates(model: onnx.ModelProto) -> list[onnx.ModelProto]:
-    """Smaller variants of `model`, fewest nodes first: an earlier value as the only
-    output; a node bypassed (its consumers read its same-shaped input instead); a node
-    reading the same-shaped graph input instead of an intermediate value."""
-    shapes = _shapes(model)
-    nodes = list(model.graph.node)
-    outputs = [o.name for o in model.graph.output]
-    found: dict[bytes, onnx.ModelProto] = {}
-
-    def keep(candidate: onnx.ModelProto | None) -> None:
-        if candidate is not None and len(candidate.graph.node) < len(nodes) or (
-                candidate is not None and len(candidate.graph.output) < len(outputs)):
-            found.setdefault(candidate.SerializeToString(), candidate)
-
+def _output_candidates(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str],
+                       shapes: dict[str, tuple[int, ...]]) -> Iterator[onnx.ModelProto | None]:
+    """An earlier value as the only output."""
     for node in nodes:
         for value in node.output:
             if [value] != outputs:
-                keep(_rebuild(model, nodes, [value], shapes))
+                yield _rebuild(model, nodes, [value], shapes)
+
+
+def _bypass_candidates(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str],
+                       shapes: dict[str, tuple[int, ...]]) -> Iterator[onnx.ModelProto | None]:
+    """A node bypassed: its consumers (and the outputs) read its same-shaped input instead."""
     for i, node in enumerate(nodes):
         if len(node.output) != 1 or node.output[0] not in shapes:
             continue
@@ -538,9 +532,13 @@ def shrink_candidates(model: onnx.ModelProto) -> list[onnx.ModelProto]:
                     if name == out:
                         copy.input[k] = source
                 rewired.append(copy)
-            keep(_rebuild(model, rewired, [source if o == out else o for o in outputs],
-                          shapes))
-    # a node reads the graph input instead of a same-shaped intermediate (drops a prefix)
+            yield _rebuild(model, rewired, [source if o == out else o for o in outputs], shapes)
+
+
+def _graph_input_candidates(
+        model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str],
+        shapes: dict[str, tuple[int, ...]]) -> Iterator[onnx.ModelProto | None]:
+    """A node reads the graph input instead of a same-shaped intermediate (drops a prefix)."""
     graph_inputs = [i.name for i in model.graph.input]
     for i, node in enumerate(nodes):
         for k, name in enumerate(node.input):
@@ -551,7 +549,22 @@ def shrink_candidates(model: onnx.ModelProto) -> list[onnx.ModelProto]:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.input[k] = source
-            keep(_rebuild(model, nodes[:i] + [copy] + nodes[i + 1:], outputs, shapes))
+            yield _rebuild(model, nodes[:i] + [copy] + nodes[i + 1:], outputs, shapes)
+
+
+def shrink_candidates(model: onnx.ModelProto) -> list[onnx.ModelProto]:
+    """Smaller variants of `model`, fewest nodes first: an earlier value as the only
+    output; a node bypassed (its consumers read its same-shaped input instead); a node
+    reading the same-shaped graph input instead of an intermediate value."""
+    shapes = _shapes(model)
+    nodes = list(model.graph.node)
+    outputs = [o.name for o in model.graph.output]
+    found: dict[bytes, onnx.ModelProto] = {}
+    for make in (_output_candidates, _bypass_candidates, _graph_input_candidates):
+        for candidate in make(model, nodes, outputs, shapes):
+            if candidate is not None and len(candidate.graph.node) < len(nodes) or (
+                    candidate is not None and len(candidate.graph.output) < len(outputs)):
+                found.setdefault(candidate.SerializeToString(), candidate)
     return sorted(found.values(), key=lambda m: (len(m.graph.node), len(m.graph.output)))
 
 
