@@ -83,6 +83,14 @@ def _row_width(x_ext: int, lanes: int) -> int:
     return fits[-1] if fits else lanes
 
 
+def _extent_product(sch: s_tir.Schedule, loops, unknown: int) -> int:
+    """Product of the loops' extents, `unknown` standing for one that is not constant."""
+    product = 1
+    for lp in loops:
+        product *= loop_extent(sch, lp) or unknown
+    return product
+
+
 def _width_options(x_ext: int, lanes: int) -> list[int]:
     """Row widths worth timing: the heuristic one first, then the other divisors of x
     between 4 and two registers, and the whole row when it fits in four registers."""
@@ -125,9 +133,7 @@ class WindowRule(CpuRule):
         cpu = cpu_info(target)
         lanes = cpu.lanes(write_dtype_bits(sch, main))
         configs = [{"width": w} for w in _width_options(x_ext, lanes)]
-        work = 1
-        for lp in sch.get_loops(main):
-            work *= loop_extent(sch, lp) or 1
+        work = _extent_product(sch, sch.get_loops(main), 1)
         if cpu.num_cores > 1 and work >= MIN_PARALLEL_MACS:  # as schedule_config forks
             configs.insert(1, {**configs[0], "serial": True})
         return configs
@@ -163,28 +169,21 @@ class WindowRule(CpuRule):
         reds = [loops[i] for i in reduction]
         sch.reorder(*outer, xo, *reds, xi)
         # parallel over planes (n, c); add rows when there are too few planes
-        n_planes = 1
         plane_loops = outer[:-1]
-        for lp in plane_loops:
-            n_planes *= loop_extent(sch, lp) or 1
+        n_planes = _extent_product(sch, plane_loops, 1)
         if n_planes >= 2 * cpu.num_cores or len(outer) < 2:
             par = sch.fuse(*plane_loops) if len(plane_loops) > 1 else plane_loops[0]
             per_plane = True
         else:
             par = sch.fuse(*outer)
             per_plane = False
-        work = 1
-        for lp in sch.get_loops(main):
-            work *= loop_extent(sch, lp) or 1
+        work = _extent_product(sch, sch.get_loops(main), 1)
         if cpu.num_cores > 1 and work >= MIN_PARALLEL_MACS and not (config or {}).get("serial"):
             sch.parallel(par)
 
         sch.reverse_compute_at(epi, xo)
         sch.vectorize(xi)
-        taps = 1
-        for lp in reds:
-            taps *= loop_extent(sch, lp) or MAX_UNROLLED_TAPS
-        if taps <= MAX_UNROLLED_TAPS:
+        if _extent_product(sch, reds, MAX_UNROLLED_TAPS) <= MAX_UNROLLED_TAPS:
             for lp in reds:
                 sch.unroll(lp)
         sch.decompose_reduction(main, reds[0])
