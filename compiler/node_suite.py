@@ -702,8 +702,8 @@ def format_summary(summary: SuiteSummary, pipeline: str, show_failures: bool = T
     lines = [
         f"ONNX node test suite through `{pipeline}` ({summary.seconds:.0f} s)",
         "",
-        "| total | ORT passes original | excluded | still passing after pipeline | failing "
-        "| rate |",
+        ("| total | ORT passes original | excluded | still passing after pipeline | failing "
+         "| rate |"),
         "|---:|---:|---:|---:|---:|---:|",
         f"| {total} | {ort_ok} | {c['excluded']} | {still} | {c['fail']} | {rate:.1f} % |",
         "",

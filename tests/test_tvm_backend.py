@@ -21,7 +21,6 @@ from onnxforge.backends.tvm import (
     TVMArtifact,
     compare_to_ort,
     compile_model,
-    qemu_available,
     random_inputs,
 )
 from onnxforge.errors import BackendError, InputSpecError, UnsupportedOpError
