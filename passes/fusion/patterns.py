@@ -320,7 +320,8 @@ def _match_erf(erf: ir.Node) -> tuple[ir.Value, list[ir.Node], ir.Node] | None:
     if scale.op_type == "Mul" and scalar(x) is not None:
         x, c_value = c_value, x
     c = scalar(c_value)
-    if x is None or not (_close(c, np.sqrt(2.0)) if scale.op_type == "Div" else _close(c, 1 / np.sqrt(2.0))):
+    if x is None or not (_close(c, np.sqrt(2.0)) if scale.op_type == "Div"
+                         else _close(c, 1 / np.sqrt(2.0))):
         return None
     return x, [scale, erf], erf
 
