@@ -102,9 +102,12 @@ MAX_ROWS_PER_BATCH = 32768
 
 @dataclass
 class LowRankOptions:
-    energy: float | None = option(None, gt=0.0, le=1.0)  # keep >= this share of Σs² per layer (default 0.95)
-    macs: float | None = option(None, ge=0.0, lt=1.0)  # remove this share of the decomposable layers' MACs
-    params: float | None = option(None, ge=0.0, lt=1.0)  # remove this share of the decomposable layers' params
+    # keep >= this share of Σs² per layer (default 0.95)
+    energy: float | None = option(None, gt=0.0, le=1.0)
+    # remove this share of the decomposable layers' MACs
+    macs: float | None = option(None, ge=0.0, lt=1.0)
+    # remove this share of the decomposable layers' params
+    params: float | None = option(None, ge=0.0, lt=1.0)
     rank: str | None = None  # vbmf | full | an integer rank | a fraction (0, 1) of full rank
     method: Literal["tucker2", "spatial"] = "tucker2"  # k×k conv decomposition
     ops: str = "all"  # all | linear | gemm | matmul | conv, combined with '+'
