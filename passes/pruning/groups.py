@@ -602,13 +602,15 @@ def _block_of(shape_in: tuple[int, ...], shape_out: tuple[int, ...], axis: int, 
     start, end = int(c[axis]), int(c[axis + 1])
     lo = max(x for x in common if x <= start)
     hi = min(x for x in common if x >= end)
-    in_axes = [k for k in range(len(shape_in)) if ci[k] >= lo and ci[k + 1] <= hi and shape_in[k] > 1]
+    in_axes = [k for k in range(len(shape_in))
+               if ci[k] >= lo and ci[k + 1] <= hi and shape_in[k] > 1]
     out_axes = [k for k in range(len(shape_out))
                 if co[k] >= lo and co[k + 1] <= hi and shape_out[k] > 1]
     return in_axes, out_axes, ci, co, lo, hi
 
 
-def _digits(f: np.ndarray, cum: np.ndarray, shape: tuple[int, ...], axis: int, hi: int) -> np.ndarray:
+def _digits(f: np.ndarray, cum: np.ndarray, shape: tuple[int, ...], axis: int,
+            hi: int) -> np.ndarray:
     stride = hi // int(cum[axis + 1])
     return (f // stride) % shape[axis]
 
@@ -1015,7 +1017,8 @@ def _visit(s: _Shapes, graph: ir.Graph, v: ir.Value, a: int) -> tuple[list[Link]
     return links, reasons
 
 
-def _classify(s: _Shapes, group_nodes: list[AxisNode], kernels_by_weight) -> tuple[str, str, list[str]]:
+def _classify(s: _Shapes, group_nodes: list[AxisNode],
+              kernels_by_weight) -> tuple[str, str, list[str]]:
     kind, name, names = "linear", "", []
     has_conv = has_heads = False
     for an in group_nodes:
