@@ -83,7 +83,8 @@ class PruneOptions:
     bn_recalib: bool = True
     calib_batches: int | None = option(None, ge=1)  # None: the run's calibration batch limit (64)
     max_rows: int = option(2048, ge=1)
-    ridge: float | None = option(None, ge=0.0)  # None: chosen per layer by two-fold cross-validation
+    # None: chosen per layer by two-fold cross-validation
+    ridge: float | None = option(None, ge=0.0)
 
 
 def parse_overrides(text: str) -> list[tuple[str, float]]:
