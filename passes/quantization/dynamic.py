@@ -58,7 +58,8 @@ def quantize_dynamic(model: ir.Model, opts: Any) -> dict[str, Any]:
                 or constant_array(n.inputs[0]) is not None:
             skipped[n.name] = "needs an activation input and a constant 2-D float32 weight"
             continue
-        if n.op_type == "Gemm" and (int(attr(n, "transA", 0)) or float(attr(n, "alpha", 1.0)) != 1.0):
+        if n.op_type == "Gemm" and (int(attr(n, "transA", 0))
+                                    or float(attr(n, "alpha", 1.0)) != 1.0):
             skipped[n.name] = "Gemm with transA or alpha != 1"
             continue
         eligible.append(n)
