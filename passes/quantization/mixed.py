@@ -91,8 +91,8 @@ def store_fp16_weights(model: ir.Model, names: set[str]) -> int:
 class _Evaluator:
     """Error of candidate models against the float model on fixed batches."""
 
-    def __init__(self, reference: ir.Model, batches: list[dict[str, np.ndarray]], opts: QuantizeOptions,
-                 labels: np.ndarray | None, threads: int):
+    def __init__(self, reference: ir.Model, batches: list[dict[str, np.ndarray]],
+                 opts: QuantizeOptions, labels: np.ndarray | None, threads: int):
         self.batches = batches
         self.opts = opts
         self.threads = threads
@@ -112,7 +112,8 @@ class _Evaluator:
             out["metric"] = float(self.opts.metric(self.ref, cand))
         worst = 0.0
         for name in self.ref[0]:
-            num = sum(float(np.sum((r[name].astype(np.float64) - c[name]) ** 2)) for r, c in zip(self.ref, cand))
+            num = sum(float(np.sum((r[name].astype(np.float64) - c[name]) ** 2))
+                      for r, c in zip(self.ref, cand))
             den = sum(float(np.sum(r[name].astype(np.float64) ** 2)) for r in self.ref)
             worst = max(worst, float(np.sqrt(num / den)) if den else float(np.sqrt(num)))
         out["rel_l2"] = worst
@@ -121,7 +122,8 @@ class _Evaluator:
             pr = np.concatenate([r[first].reshape(len(r[first]), -1).argmax(-1) for r in self.ref])
             pc = np.concatenate([c[first].reshape(len(c[first]), -1).argmax(-1) for c in cand])
             n = min(len(pr), len(self.labels))
-            out["accuracy_drop"] = float(np.mean(pr[:n] == self.labels[:n]) - np.mean(pc[:n] == self.labels[:n]))
+            out["accuracy_drop"] = float(np.mean(pr[:n] == self.labels[:n])
+                                         - np.mean(pc[:n] == self.labels[:n]))
         return out
 
     def within(self, err: dict[str, float]) -> bool:
