@@ -83,7 +83,8 @@ class Histogram:
         new_kmin, new_kmax = self._span(kl, kh)
         while new_kmax - new_kmin + 1 > self.max_bins:
             self._merge_pairs()
-            new_kmin, new_kmax = self._span(math.floor(lo / self.width), math.floor(hi / self.width))
+            new_kmin, new_kmax = self._span(math.floor(lo / self.width),
+                                            math.floor(hi / self.width))
         self._extend(new_kmin, new_kmax)
         idx = np.floor(x / self.width).astype(np.int64) - self.kmin
         np.clip(idx, 0, self.counts.size - 1, out=idx)
