@@ -121,7 +121,8 @@ def normalize_gemm(model: ir.Model) -> int:
         if alpha == 1.0 and beta == 1.0:
             continue
         b = constant_array(node.inputs[1])
-        c = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        c = (constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None
+             else None)
         if b is None or (len(node.inputs) > 2 and node.inputs[2] is not None and c is None):
             continue
         node.replace_input_with(1, names.initializer(f"{node.name}_B", (b * alpha).astype(b.dtype)))
@@ -184,7 +185,8 @@ def matmul_add_to_gemm(model: ir.Model) -> int:
                                     output_names=[f"{mm.name}_lead_out"])
             n_val = names.initializer(f"{mm.name}_n", np.array([n], dtype=np.int64))
             cat = names.make_node("Concat", [shape.outputs[0], n_val], {"axis": 0},
-                                  name=f"{mm.name}_out_shape", output_names=[f"{mm.name}_shape_out"])
+                                  name=f"{mm.name}_out_shape",
+                                  output_names=[f"{mm.name}_shape_out"])
             back = names.make_node("Reshape", [gemm.outputs[0], cat.outputs[0]],
                                    name=f"{mm.name}_unflatten")
             nodes += [flat, gemm, shape, cat, back]
@@ -223,8 +225,8 @@ def upgrade_opset(model: ir.Model, target: int = 13) -> bool:
         converted = onnx.version_converter.convert_version(to_proto(model), target)
         new = ir.from_proto(converted)
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
-        logger.warning("opset %d -> %d conversion failed (%s); keeping opset %d", current, target, exc,
-                       current)
+        logger.warning("opset %d -> %d conversion failed (%s); keeping opset %d", current, target,
+                       exc, current)
         return False
     model.graph = new.graph
     return True
