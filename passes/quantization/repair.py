@@ -63,7 +63,8 @@ def expected_output_shift(node: ir.Node, w: np.ndarray, w_deq: np.ndarray,
 
 
 def analytic_bias_shifts(nodes: list[ir.Node], channel_stats: dict[str, ChannelMeanObserver],
-                         *, per_channel: bool = True, method: str = "minmax") -> dict[str, np.ndarray]:
+                         *, per_channel: bool = True,
+                         method: str = "minmax") -> dict[str, np.ndarray]:
     """Per compute node (Conv/Gemm with room for a bias), the expected output shift."""
     shifts = {}
     for n in nodes:
@@ -188,7 +189,8 @@ def _layernorm_affine(x: ir.Value) -> tuple[ir.Node, int, int] | None:
             return None
         if int(attr(p, "axis", -1)) != -1:
             return None
-        beta = 2 if len(p.inputs) > 2 and p.inputs[2] is not None and constant_array(p.inputs[2]) is not None else -1
+        beta = (2 if len(p.inputs) > 2 and p.inputs[2] is not None
+                and constant_array(p.inputs[2]) is not None else -1)
         return p, 1, beta
     return None
 
@@ -203,7 +205,8 @@ def _smooth_consumer(c: ir.Node, x: ir.Value) -> bool:
     return not (c.op_type == "Gemm" and int(attr(c, "transA", 0)))
 
 
-def smoothable_groups(model: ir.Model, *, insert: bool = True) -> list[tuple[ir.Value, list[ir.Node], bool]]:
+def smoothable_groups(model: ir.Model, *,
+                      insert: bool = True) -> list[tuple[ir.Value, list[ir.Node], bool]]:
     """(activation, layers reading it, folds-into-LayerNorm) for every smoothable activation.
 
     A LayerNormalization output is smoothed through its gamma/beta; its other
@@ -221,7 +224,8 @@ def smoothable_groups(model: ir.Model, *, insert: bool = True) -> list[tuple[ir.
             layers = [c for c in consumers if _smooth_consumer(c, x)]
             if not layers:
                 continue
-            if n.op_type == "LayerNormalization" and x is n.outputs[0] and _layernorm_affine(x) is not None:
+            if (n.op_type == "LayerNormalization" and x is n.outputs[0]
+                    and _layernorm_affine(x) is not None):
                 groups.append((x, layers, True))
             elif insert and len(layers) == len(consumers):
                 groups.append((x, layers, False))
@@ -254,11 +258,14 @@ def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | No
     for x, layers, via_ln in groups:
         act_max = stats[x.name].absmax
         k = constant_array(layers[0].inputs[1])
-        k = k.shape[1] if layers[0].op_type == "Gemm" and int(attr(layers[0], "transB", 0)) else k.shape[0]
+        k = (k.shape[1] if layers[0].op_type == "Gemm" and int(attr(layers[0], "transB", 0))
+             else k.shape[0])
         if act_max is None or act_max.size != k:
             continue
-        w_max = np.max([_weight_rows_absmax(c, constant_array(c.inputs[1])) for c in layers], axis=0)
-        s = np.power(np.maximum(act_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
+        w_max = np.max([_weight_rows_absmax(c, constant_array(c.inputs[1])) for c in layers],
+                       axis=0)
+        s = (np.power(np.maximum(act_max, 1e-5), alpha)
+             / np.power(np.maximum(w_max, 1e-5), 1 - alpha))
         s = np.clip(s, 1e-5, 1e5).astype(np.float32)
         others = [c for c in x.consumers() if c not in layers]
         if via_ln:
@@ -274,7 +281,8 @@ def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | No
                 sv = names.initializer(f"{x.name}_unsmooth", s)
                 mul = names.make_node("Mul", [x, sv], name=f"{x.name}_unsmooth_mul",
                                       output_names=[f"{x.name}_unsmoothed"])
-                mul.outputs[0].type, mul.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), x.shape
+                mul.outputs[0].type, mul.outputs[0].shape = (ir.TensorType(ir.DataType.FLOAT),
+                                                             x.shape)
                 graph.insert_after(ln, mul)
                 for c in others:
                     for i, v in enumerate(c.inputs):
