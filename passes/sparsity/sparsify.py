@@ -71,9 +71,11 @@ class SparsifyOptions:
     ratio: float | None = option(None, ge=0.0, lt=1.0)  # share zeroed (default 0.5; N:M fixes it)
     pattern: str = "unstructured"  # unstructured | block(RxC) | N:M, on the [out, in] view
     criterion: Literal["magnitude", "wanda"] = "magnitude"
-    scope: Literal["layer", "global"] = "layer"  # ratio per layer, or over all layers ranked together
+    # ratio per layer, or over all layers ranked together
+    scope: Literal["layer", "global"] = "layer"
     overrides: str = ""  # "PATTERN=RATIO;..." per layer name (0 = dense); wins over keep
-    keep: str = "first,last,depthwise"  # kept dense: first conv, last Gemm/MatMul, depthwise, name patterns, none
+    # kept dense: first conv, last Gemm/MatMul, depthwise, name patterns, none
+    keep: str = "first,last,depthwise"
     recover: bool | None = None  # refit the kept weights; None: on with calibration data
     calib_batches: int | None = option(None, ge=1)  # None: the run's calibration batch limit (64)
     max_rows: int = option(2048, ge=1)  # refit rows sampled per batch and layer
