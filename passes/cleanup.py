@@ -23,9 +23,10 @@ Steps, in order (each one can be turned off by an option):
    all constants (initializers that are not graph inputs, or `Constant` outputs),
    evaluated with `onnx.reference`; `CastLike(constant, y)` also folds when `y`'s
    element type is declared (CastLike reads only that type). Refused for
-   non-deterministic ops (Random*, Bernoulli, Multinomial), control flow / ops with subgraphs, non-standard domains,
-   outputs above `fold_size_limit` elements, and QuantizeLinear / DequantizeLinear:
-   a QDQ model keeps its int8 weights and the DQ -> op -> Q units runtimes fuse.
+   non-deterministic ops (Random*, Bernoulli, Multinomial), control flow / ops with
+   subgraphs, non-standard domains, outputs above `fold_size_limit` elements, and
+   QuantizeLinear / DequantizeLinear: a QDQ model keeps its int8 weights and the
+   DQ -> op -> Q units runtimes fuse.
 5. **Common subexpression elimination** (`cse=true`, `onnx_ir` CSE pass).
 6. **Dead node / initializer removal** (`RemoveUnusedNodesPass`), **identical
    initializer deduplication** (`DeduplicateHashedInitializersPass`), unused opset
