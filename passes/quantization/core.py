@@ -398,6 +398,12 @@ def _const_fits_u8(arr: np.ndarray, tol: float = 0.01) -> bool:
     return norm == 0.0 or float(np.linalg.norm(r.fake_quant(arr) - arr)) <= tol * norm
 
 
+def _clip_bound(n: ir.Node, index: int, attribute: str):
+    """A Clip's bound: its input `index` when present, else the attribute (opset < 11)."""
+    return (constant_array(n.inputs[index]) if len(n.inputs) > index and n.inputs[index] is not None
+            else attr(n, attribute))
+
+
 def _foldable_relu(n: ir.Node, avail: set[str], in_n: set[ir.Node]) -> bool:
     x, y = n.inputs[0], n.outputs[0]
     if x is None or x.name not in avail or y.is_graph_output() or x.is_graph_output():
@@ -408,7 +414,7 @@ def _foldable_relu(n: ir.Node, avail: set[str], in_n: set[ir.Node]) -> bool:
     if producer.op_type not in COMPUTE_OPS and producer.op_type not in INT8_OPS:
         return False
     if n.op_type == "Clip":
-        lo = constant_array(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] is not None else attr(n, "min")
+        lo = _clip_bound(n, 1, "min")
         if lo is None or float(np.asarray(lo)) != 0.0:
             return False
         # Clip(0, c) folds only if the calibrated max stays <= c (checked after calibration).
@@ -450,13 +456,15 @@ def _progress_batches(batches: Iterable[dict[str, np.ndarray]], total: int, labe
 
 
 def calibrate(model: ir.Model, context: Any, names: Iterable[str], *, method: str,
-              channel_inputs: dict[str, int] | None = None, limit: int | None = None) -> Calibration:
+              channel_inputs: dict[str, int] | None = None,
+              limit: int | None = None) -> Calibration:
     """One streaming pass over the calibration data, filling observers."""
     names = sorted(set(names))
     channel_inputs = channel_inputs or {}
     all_names = sorted(set(names) | set(channel_inputs))
     observers = {n: TensorObserver(method) for n in names}
-    channel: dict[str, ChannelMeanObserver] = {n: ChannelMeanObserver(a) for n, a in channel_inputs.items()}
+    channel: dict[str, ChannelMeanObserver] = {n: ChannelMeanObserver(a)
+                                               for n, a in channel_inputs.items()}
     start = time.perf_counter()
     count = 0
     limit = limit or context.max_calibration_batches
@@ -493,7 +501,8 @@ def bias_correction_inputs(plan: QuantPlan, opts: QuantizeOptions) -> dict[str, 
     return inputs
 
 
-def resolve_ranges(plan: QuantPlan, calib: Calibration, opts: QuantizeOptions) -> dict[str, QuantRange]:
+def resolve_ranges(plan: QuantPlan, calib: Calibration,
+                   opts: QuantizeOptions) -> dict[str, QuantRange]:
     """Ranges per scale group (union of members' observed ranges), keyed by tensor name."""
     symmetric = opts.activations == "s8"
     out: dict[str, QuantRange] = {}
@@ -602,7 +611,8 @@ class _Builder:
         self.dq_of[value.name] = out
         return out
 
-    def weight_dq(self, node: ir.Node, index: int, w: np.ndarray, axis: int | None) -> tuple[ir.Value, np.ndarray]:
+    def weight_dq(self, node: ir.Node, index: int, w: np.ndarray,
+                  axis: int | None) -> tuple[ir.Value, np.ndarray]:
         """int8 symmetric weight + DQ before `node`; returns (DQ output, scales)."""
         if not self.opts.per_channel or self.opset < 13:
             axis = None
@@ -643,7 +653,8 @@ class _Builder:
         bias_scale = bias_scale.astype(np.float32)
         if bias_scale.size == 1 and b.size > 1:
             bias_scale = np.full(b.size, bias_scale.item(), dtype=np.float32)
-        q = np.clip(np.round(b.astype(np.float64) / bias_scale.astype(np.float64)), -(2**31 - 1), 2**31 - 1)
+        q = np.clip(np.round(b.astype(np.float64) / bias_scale.astype(np.float64)),
+                    -(2**31 - 1), 2**31 - 1)
         src = node.inputs[index] if len(node.inputs) > index else None
         base = (src.name if src is not None else "") or f"{node.name}_bias"
         bq = self.const(f"{base}_quantized", q.astype(np.int32))
@@ -683,27 +694,37 @@ def apply_calibrated(model: ir.Model, plan: QuantPlan, calib: Calibration,
     return apply_plan(model, plan, ranges, opts, bias_shift=shifts), shifts
 
 
-def apply_plan(model: ir.Model, plan: QuantPlan, ranges: dict[str, QuantRange],
-               opts: QuantizeOptions, *, bias_shift: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Rewrite the graph per `plan` with calibrated `ranges`; returns counters."""
-    graph = model.graph
-    if model.opset_imports.get("", 13) < 10:
-        raise InputSpecError("quantize: the model's opset is < 10 (no QuantizeLinear); convert it first")
-    builder = _Builder(model, opts)
-    bias_shift = bias_shift or {}
-    stats: dict[str, Any] = {"weights_quantized": 0, "bias_int32": 0}
-    # Folded Clip(0, c): refuse when the calibrated max exceeds c.
+def _clamp_folded_clips(plan: QuantPlan, ranges: dict[str, QuantRange],
+                        opts: QuantizeOptions) -> None:
+    """Folded Clip(0, c) whose calibrated max exceeds c: its scale group's range (in
+    `ranges`, for every member) becomes [0, c]."""
     for n in list(plan.folded):
         if n.op_type == "Clip":
-            hi = constant_array(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] is not None else attr(n, "max")
+            hi = _clip_bound(n, 2, "max")
             r = ranges.get(n.inputs[0].name)
-            if r is not None and hi is not None and r.scale * (r.qmax - r.zero_point) > float(np.asarray(hi)) + 1e-6:
+            if (r is not None and hi is not None
+                    and r.scale * (r.qmax - r.zero_point) > float(np.asarray(hi)) + 1e-6):
                 # Quantize on [0, c] exactly: the Q clamp at the grid top is then the clip.
                 c = float(np.asarray(hi))
-                new = make_range(0.0, c, opts.activations, symmetric=opts.activations == "s8", one_sided=True)
+                new = make_range(0.0, c, opts.activations, symmetric=opts.activations == "s8",
+                                 one_sided=True)
                 for name, rr in list(ranges.items()):
                     if rr is r:
                         ranges[name] = new
+
+
+def apply_plan(model: ir.Model, plan: QuantPlan, ranges: dict[str, QuantRange],
+               opts: QuantizeOptions, *,
+               bias_shift: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Rewrite the graph per `plan` with calibrated `ranges`; returns counters."""
+    graph = model.graph
+    if model.opset_imports.get("", 13) < 10:
+        raise InputSpecError("quantize: the model's opset is < 10 (no QuantizeLinear); "
+                             "convert it first")
+    builder = _Builder(model, opts)
+    bias_shift = bias_shift or {}
+    stats: dict[str, Any] = {"weights_quantized": 0, "bias_int32": 0}
+    _clamp_folded_clips(plan, ranges, opts)
     # Remove folded relus: their outputs become aliases of the pre-relu value.
     relu_alias: dict[str, list[ir.Value]] = {}
     for n in plan.folded:
@@ -772,7 +793,8 @@ def _quantize_compute(builder: _Builder, n: ir.Node, r_in: QuantRange | None,
 # ---------------------------------------------------------------- shared by the modes
 
 
-def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *, min_size: int = 4096) -> int:
+def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *,
+                        min_size: int = 4096) -> int:
     """Gather(table, ids) with a constant float32 2-D table (axis 0) ==>
     Cast<float>(Gather(table_int8, ids)) * Unsqueeze(Gather(row_scales, ids), -1).
 
