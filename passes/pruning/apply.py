@@ -96,6 +96,17 @@ def apply_plan(model: ir.Model, analysis: Analysis, removed: dict[int, np.ndarra
         return len(entry[1][axis])
 
     # 1. node attributes / shape parameters (read the old constants before slicing)
+    edits = _edit_op_parameters(s, graph, new_dim, by_value)
+    # 2. slice constants, update shapes of activations
+    sliced = _slice_values(s, by_value)
+    logger.info("pruning applied: %d constants sliced, %d op parameters edited", sliced, edits)
+    return {"constants_sliced": sliced, "op_parameters_edited": edits}
+
+
+def _edit_op_parameters(s: _Shapes, graph: ir.Graph, new_dim,
+                        by_value: dict[int, tuple[ir.Value, dict[int, np.ndarray]]]) -> int:
+    """Group counts and shape parameters (Reshape targets, Split sizes, Slice bounds,
+    Resize sizes) made to match the kept channels; the number of nodes edited."""
     edits = 0
     for node in list(graph):
         op = node.op_type
@@ -114,8 +125,13 @@ def apply_plan(model: ir.Model, analysis: Analysis, removed: dict[int, np.ndarra
                 edits += _fix_resize_sizes(s, graph, node, new_dim)
         except Blocked as exc:
             raise PruneApplyError(f"{op} {node.name}: {exc}") from exc
+    return edits
 
-    # 2. slice constants, update shapes of activations
+
+def _slice_values(s: _Shapes,
+                  by_value: dict[int, tuple[ir.Value, dict[int, np.ndarray]]]) -> int:
+    """Constants sliced to the kept indices, activation shapes updated; the number of
+    constants sliced."""
     sliced = 0
     for value, axes in by_value.values():
         arr = s.const(value)
@@ -130,8 +146,7 @@ def apply_plan(model: ir.Model, analysis: Analysis, removed: dict[int, np.ndarra
                 if axis < len(dims) and isinstance(dims[axis], int):
                     dims[axis] = len(keep)
             value.shape = ir.Shape(dims)
-    logger.info("pruning applied: %d constants sliced, %d op parameters edited", sliced, edits)
-    return {"constants_sliced": sliced, "op_parameters_edited": edits}
+    return sliced
 
 
 def _fix_group(s: _Shapes, node: ir.Node, new_dim) -> int:
