@@ -240,17 +240,7 @@ def coerce_option(pass_name: str, option: str, text: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if text.lower() in ("none", "null"):
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce_option(pass_name, option, text, arg)
-            except PipelineError as exc:
-                errors.append(str(exc))
-        raise PipelineError(errors[-1] if errors else f"{pass_name}: bad value for {option}")
+        return _coerce_union(pass_name, option, text, args)
     if origin is typing.Literal:
         for choice in args:
             if str(choice) == text:
@@ -258,6 +248,26 @@ def coerce_option(pass_name: str, option: str, text: Any, tp: Any) -> Any:
         raise PipelineError(
             f"{pass_name}: option {option}={text!r} is not one of {', '.join(map(str, args))}"
         )
+    return _coerce_scalar(pass_name, option, text, tp)
+
+
+def _coerce_union(pass_name: str, option: str, text: str, args: tuple[Any, ...]) -> Any:
+    """None for "none" / "null", else the first member type that takes the text."""
+    if text.lower() in ("none", "null"):
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return coerce_option(pass_name, option, text, arg)
+        except PipelineError as exc:
+            errors.append(str(exc))
+    raise PipelineError(errors[-1] if errors else f"{pass_name}: bad value for {option}")
+
+
+def _coerce_scalar(pass_name: str, option: str, text: str, tp: Any) -> Any:
+    """The text as a bool, int, float or str option."""
     try:
         if tp is bool:
             if text.lower() in _TRUE:
