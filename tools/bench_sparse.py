@@ -1,7 +1,7 @@
 """Measure where the BSR sparse kernel beats the dense matmul, and write the break-even.
 
-    python tools/bench_sparse.py                 # this machine's CPU class, 1 thread
-    python tools/bench_sparse.py --write         # + kernels/tuning_db/<class>/sparse_break_even.json
+    python tools/bench_sparse.py           # this machine's CPU class, 1 thread
+    python tools/bench_sparse.py --write   # + kernels/tuning_db/<class>/sparse_break_even.json
 
 For each layer shape (M activation rows, K inputs, N outputs) the dense matmul is
 compiled once as `onnxforge compile` builds it (default schedule) and the sparse
@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,6 @@ DENSITIES = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]
 def dense_matmul(m: int, k: int, n: int, weight_nk: np.ndarray):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
     from onnxforge.backends.tvm import compile_model
 
     graph = helper.make_graph(
@@ -46,7 +46,6 @@ def dense_matmul(m: int, k: int, n: int, weight_nk: np.ndarray):
 
 def sparse_kernel(m, k, n, rows, cols, weight_nk):
     import tvm
-
     from onnxforge.backends.targets import resolve_target
     from onnxforge.kernels.sparse_matmul import bsr_matmul, to_bsr
 
@@ -86,8 +85,8 @@ def measure(args) -> list[dict]:
                 run = sparse_kernel(m, k, n, rows, cols, weight)
                 got = run(x_tvm).numpy()
                 error = float(np.abs(got - x @ weight.T).max())
-                dense_ms = median_ms(lambda: dense_main(x_tvm))
-                sparse_ms = median_ms(lambda: run(x_tvm))
+                dense_ms = median_ms(partial(dense_main, x_tvm))
+                sparse_ms = median_ms(partial(run, x_tvm))
                 row = {"shape": [m, k, n], "pattern": f"block({rows}x{cols})",
                        "density": density, "dense_ms": round(dense_ms, 4),
                        "sparse_ms": round(sparse_ms, 4),
