@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from onnxforge.backends.tvm import compare_to_ort, compile_model, random_inputs  # noqa: E402
-from onnxforge.kernels.sparse_matmul import bsr_matmul, to_bsr  # noqa: E402
+from onnxforge.backends.tvm import compare_to_ort, compile_model, random_inputs
+from onnxforge.kernels.sparse_matmul import bsr_matmul, to_bsr
 
 pytestmark = pytest.mark.tvm
 
@@ -99,6 +99,7 @@ def test_compile_command_says_which_matmuls_are_sparse(tmp_path):
     path = tmp_path / "s.onnx"
     onnx.save(sparse_model(block_sparse(48, 64, 1, 8, 0.1), [16, 64], "block(1x8)"), path)
     done = subprocess.run([sys.executable, "-m", "onnxforge.cli", "compile", str(path), "-t",
-                           "host", "-o", str(tmp_path / "s.so")], capture_output=True, text=True)
+                           "host", "-o", str(tmp_path / "s.so")], capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 0, done.stderr
     assert "sparse: 1 matmuls use the BSR kernel" in " ".join(done.stdout.split())
