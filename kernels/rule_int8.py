@@ -16,7 +16,8 @@ residual add) writing the kernel's outputs.
 
 Both are tiled with a row of output pixels (or matrix rows) as independent
 accumulators, the 16x4 dot product tensorized (``int8_intrin``: ``vpdpbusd`` on
-AVX-512 VNNI; ``sdot`` 4x4 on AArch64 with dotprod), and the epilogue computed per tile while the accumulators are in cache.
+AVX-512 VNNI; ``sdot`` 4x4 on AArch64 with dotprod), and the epilogue computed per
+tile while the accumulators are in cache.
 A function that does not fit (odd channel counts, groups, int8 activations, a target
 without the instruction) is declined and the plain schedules handle it as widening
 multiplies.
@@ -110,7 +111,7 @@ def _epilogue_at(sch: s_tir.Schedule, block, loop) -> None:
         try:  # the output row of the tile (NCHW) or its columns (matmul)
             sch.vectorize(sch.get_loops(consumer)[-1])
         except Exception:  # noqa: BLE001 - a loop that cannot be vectorized stays scalar
-            pass
+            logger.debug("int8 epilogue %s not vectorized", sch.get(consumer).name_hint)
 
 
 class Int8DotRule(CpuRule):
@@ -150,7 +151,7 @@ def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) 
     iters = [iv.var for iv in stmt.iter_vars]
     if len(iters) != 7:
         return False
-    n, f, y, x, c, ky, kx = iters
+    f, c, ky, kx = iters[1], iters[4], iters[5], iters[6]  # (n, f, y, x, c, ky, kx)
     w_vars = _var_indices(stmt.reads[weight].region)
     if w_vars is None or [v.same_as(u) for v, u in zip(w_vars, (f, c, ky, kx))] != [True] * 4:
         return False  # groups > 1 index the weight differently
@@ -189,7 +190,7 @@ def _schedule_matmul(sch, block, data: int, weight: int, intrinsic: DotIntrinsic
     a_vars = _var_indices(stmt.reads[data].region)
     if w_vars is None or a_vars is None or len(iters) < 3:
         return False
-    *batch, i, j, k = iters
+    j, k = iters[-2], iters[-1]  # (*batch, i, j, k)
     if not (w_vars[0].same_as(k) and w_vars[1].same_as(j) and a_vars[-1].same_as(k)):
         return False
     depth, columns = (int(d) for d in stmt.reads[weight].source.shape)

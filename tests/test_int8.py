@@ -12,10 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from conftest import need_qemu  # noqa: E402
-from onnxforge.backends.tvm import compile_model, random_inputs  # noqa: E402
-from onnxforge.backends.tvm.pipeline import prepare_module  # noqa: E402
-from onnxforge.kernels.int8_intrin import intrinsic_for  # noqa: E402
+from conftest import need_qemu
+from onnxforge.backends.tvm import compile_model, random_inputs
+from onnxforge.backends.tvm.pipeline import prepare_module
+from onnxforge.kernels.int8_intrin import intrinsic_for
 
 pytestmark = pytest.mark.tvm
 HOST_HAS_VNNI = intrinsic_for(tvm.target.Target({
@@ -63,7 +63,8 @@ def qdq_conv(ic=16, oc=32, k=3, stride=1, pad=1, groups=1, act="uint8", zx=0, si
     nodes += [helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["yq"]),
               helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"])]
     graph = helper.make_graph(
-        nodes, "qconv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ic, size, size])],
+        nodes, "qconv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, ic, size, size])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, oc, out, out])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -111,7 +112,7 @@ def assert_within_one_step(model, step, target="host", seeds=(0, 1)):
     art = compile_model(model, target)
     for seed in seeds:
         feed = random_inputs(art.inputs, seed=seed)
-        got = list(art.run(feed).values())[0]
+        got = next(iter(art.run(feed).values()))
         expected = _ort(model, feed)
         assert got.shape == expected.shape
         diff = np.abs(got - expected)
@@ -122,16 +123,16 @@ def assert_within_one_step(model, step, target="host", seeds=(0, 1)):
 
 
 @pytest.mark.parametrize("case", [
-    dict(),                                   # VNNI shape: 16 -> 32 channels
-    dict(zx=128, relu=False),                 # zero point with padding: padded with z_x
-    dict(stride=2, size=10),                  # stride 2, even input
-    dict(ic=3, oc=5, k=3),                    # channels not a multiple of 4 / 16
-    dict(ic=20, oc=48, k=1, pad=0),           # 1x1, no padding copy
-    dict(ic=16, oc=32, k=3, size=32, zx=9),   # rows of 16 outputs per tile
-    dict(groups=8, ic=8, oc=8),               # depthwise
-    dict(groups=2, ic=8, oc=32),              # grouped
-    dict(act="int8", zx=-5),                  # s8 activations
-    dict(per_channel=False),                  # one weight scale
+    {},                                       # VNNI shape: 16 -> 32 channels
+    {"zx": 128, "relu": False},               # zero point with padding: padded with z_x
+    {"stride": 2, "size": 10},                # stride 2, even input
+    {"ic": 3, "oc": 5, "k": 3},               # channels not a multiple of 4 / 16
+    {"ic": 20, "oc": 48, "k": 1, "pad": 0},   # 1x1, no padding copy
+    {"ic": 16, "oc": 32, "k": 3, "size": 32, "zx": 9},# rows of 16 outputs per tile
+    {"groups": 8, "ic": 8, "oc": 8},          # depthwise
+    {"groups": 2, "ic": 8, "oc": 32},         # grouped
+    {"act": "int8", "zx": -5},                # s8 activations
+    {"per_channel": False},                   # one weight scale
 ])
 def test_quantized_conv_is_integer_and_within_one_step_of_ort(case):
     model, step = qdq_conv(**case)
@@ -142,7 +143,7 @@ def test_quantized_conv_is_integer_and_within_one_step_of_ort(case):
 
 
 @pytest.mark.parametrize("case", [
-    dict(), dict(transposed=True, shape=(1, 64)), dict(zx=100), dict(n=10, shape=(3, 7)),
+    {}, {"transposed": True, "shape": (1, 64)}, {"zx": 100}, {"n": 10, "shape": (3, 7)},
 ])
 def test_quantized_matmul_is_integer_and_within_one_step_of_ort(case):
     model, step = qdq_matmul(**case)
@@ -306,7 +307,8 @@ def test_compile_command_says_what_runs_as_integer_kernels(tmp_path):
     path = tmp_path / "q.onnx"
     onnx.save(qdq_conv(weight="uint8")[0], path)
     done = subprocess.run([sys.executable, "-m", "onnxforge.cli", "compile", str(path), "-t",
-                           "host", "-o", str(tmp_path / "q.so")], capture_output=True, text=True)
+                           "host", "-o", str(tmp_path / "q.so")], capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 0, done.stderr
     out = " ".join(done.stdout.split())
     assert ("int8: 0 quantized ops run as integer kernels (none); 1 conv2d stayed float: "
@@ -327,7 +329,7 @@ def test_quantize_rounds_half_to_even_like_onnx():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     art = compile_model(model, "host")
-    got = list(art.run({"x": ties}).values())[0]
+    got = next(iter(art.run({"x": ties}).values()))
     expected = _ort(model, {"x": ties})
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(expected, [[-2, -2, 0, 0, 2, 2, 4, 126]])

@@ -56,7 +56,6 @@ from .database import (
 )
 from .importer import InputSpec, import_onnx, input_specs, load_onnx
 from .qdq import integer_contractions
-from .sparse import sparse_contractions
 from .schedules import (
     count_configured,
     default_cpu_schedule_pass,
@@ -64,6 +63,7 @@ from .schedules import (
     schedule_configs_for,
     scheduled_names,
 )
+from .sparse import sparse_contractions
 
 logger = logging.getLogger(__name__)
 
