@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -54,6 +53,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
+from . import safe_write
 from .errors import one_line
 from .random_graphs import RandomGraph, describe_model, generate_graph, random_inputs
 from .worker import SpawnedWorker, WorkerGone, serve
@@ -624,18 +624,6 @@ def _error_kind(detail: str) -> str:
 # ---------------------------------------------------------------------- running
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None = None,
              compile: bool = True, pipeline: str = DEFAULT_PIPELINE, timeout: float = 60.0,
              out_dir: str | os.PathLike | None = None, shrink: bool = False,
@@ -670,14 +658,14 @@ def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None 
                                  stage_results)
             if result.status in ("wrong", "crash") and out is not None:
                 path = out / f"{graph.name}.onnx"
-                _write_atomic(path, graph.model.SerializeToString())
+                safe_write.write_bytes(path, graph.model.SerializeToString())
                 result.path = str(path)
                 if shrink and not result.stages[failure_key(stage_results)[0]].detail \
                         .startswith("timeout"):
                     small = shrink_failure(result, case, worker, rtol, shrink_checks)
                     if len(small.graph.node) < len(graph.model.graph.node):
                         small_path = out / f"{graph.name}.min.onnx"
-                        _write_atomic(small_path, small.SerializeToString())
+                        safe_write.write_bytes(small_path, small.SerializeToString())
                         result.shrunk_path = str(small_path)
                         result.shrunk_description = describe_model(small)
             result.seconds = time.perf_counter() - t0
@@ -697,7 +685,7 @@ def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None 
 def write_failure_list(summary: FuzzSummary, path: Path) -> None:
     """One line per failing graph (file, status, stage, numbers, ops)."""
     lines = [r.line() for r in summary.failures]
-    _write_atomic(path, ("\n".join(lines) + "\n").encode())
+    safe_write.write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 # ---------------------------------------------------------------------- reporting
