@@ -8,12 +8,13 @@ weights are packed to ``[.., lanes, 4]`` ahead of time.
 - x86 AVX-512 VNNI: ``vpdpbusd`` (16 lanes, u8 activations). TVM ships this intrinsic
   in ``tvm.s_tir.tensor_intrin.x86``, but with the signature of older LLVMs
   (``<16 x i32>`` operands); the LLVM bundled with TVM 0.27 declares
-  ``llvm.x86.avx512.vpdpbusd.512`` on ``<64 x i8>``, so its implementation is
-  written here again (with TVM's description).
+  ``llvm.x86.avx512.vpdpbusd.512`` on ``<64 x i8>``, so it is written here again.
 - AArch64 with the dot-product extension (ARMv8.2+dotprod: Cortex-A55/A76 and later):
   ``sdot`` (4 lanes, s8 x s8), TVM's own description and implementation. Its
   activations are signed, so ``backends.tvm.qdq`` shifts u8 activations to s8 (-128,
-  zero point -128) for these targets (``DotIntrinsic.data_dtype``).
+  zero point -128) for these targets (``DotIntrinsic.data_dtype``). Importing TVM's
+  ``arm_cpu`` / ``hexagon`` intrinsics loads its whole ``tensor_intrin`` package (~36 s,
+  once per process): only compiles for those targets pay it.
 - Hexagon HVX (128-byte vectors, an ``llvm`` target with a ``hexagon`` triple):
   ``vrmpy`` (32 lanes, u8 x s8), TVM's own description and implementation.
 
@@ -37,6 +38,24 @@ class DotIntrinsic:
     reduce: int  # int8 products summed per lane (the packed weight's inner K)
     instruction: str  # what the assembly shows
     data_dtype: str  # the activations' type the instruction multiplies
+
+
+# The description is TVM's (tensor_intrin.x86); importing that module would load the whole
+# tensor_intrin package, CUDA included: ~36 s per process, so it is written here.
+@T.prim_func(s_tir=True)
+def _dot_16x4_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
 
 @T.prim_func(s_tir=True)
@@ -87,9 +106,7 @@ def intrinsic_for(target: tvm.target.Target) -> DotIntrinsic | None:
     if target.kind.name != "llvm":
         return None
     if _has("avx512vnni", target) and _has("avx512bw", target):
-        from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
-
-        return _register(VNNI_16X4, dot_product_16x4_u8i8i32_desc, _dot_16x4_vnni)
+        return _register(VNNI_16X4, _dot_16x4_desc, _dot_16x4_vnni)
     if _has("dotprod", target) and "aarch64" in str(target.attrs.get("mtriple", "")):
         from tvm.s_tir.tensor_intrin.arm_cpu import get_dotprod_intrin
 
