@@ -25,8 +25,8 @@ import tvm
 from tvm import ir, relax
 
 from ...kernels.sparse_matmul import VECTOR_ROWS, block_density, bsr_matmul, to_bsr
+from ...passes.sparsity.metadata import SPARSITY_KEY
 
-SPARSITY_KEY = "onnxforge.sparsity"  # passes/sparsity/metadata.py writes it
 _BLOCK = re.compile(r"block\((\d+)x(\d+)\)")
 
 
