@@ -311,21 +311,34 @@ def _check_versions_and_names(model: ir.Model, label: str) -> None:
 
 
 def _check_acyclic(graph: ir.Graph, producer_of: dict[str, ir.Node], label: str) -> None:
-    import networkx as nx
-
-    dag = nx.DiGraph()
+    # Iterative three-colour DFS over node ids: linear in nodes + edges. (networkx's
+    # find_cycle took ~1 s per call on an 860-node model, and this runs after every pass.)
+    preds: dict[int, list[ir.Node]] = {}
     for node in graph:
-        dag.add_node(id(node))
-        for inp in node.inputs:
-            if inp is not None and inp.name in producer_of:
-                dag.add_edge(id(producer_of[inp.name]), id(node))
-    try:
-        cycle = nx.find_cycle(dag)
-    except nx.NetworkXNoCycle:
-        return
-    by_id = {id(n): n for n in graph}
-    names = " -> ".join(f"{by_id[a].name} ({by_id[a].op_type})" for a, _ in cycle)
-    raise InvalidModelError(f"{label}: the graph has a cycle: {names}")
+        preds[id(node)] = [producer_of[inp.name] for inp in node.inputs
+                           if inp is not None and inp.name in producer_of]
+    state: dict[int, int] = {}  # 1: on the DFS stack, 2: done
+    for root in graph:
+        if id(root) in state:
+            continue
+        stack = [(root, iter(preds[id(root)]))]
+        path = [root]
+        state[id(root)] = 1
+        while stack:
+            node, it = stack[-1]
+            pred = next(it, None)
+            if pred is None:
+                state[id(node)] = 2
+                stack.pop()
+                path.pop()
+            elif state.get(id(pred)) == 1:
+                cycle = path[path.index(pred):][::-1]
+                names = " -> ".join(f"{n.name} ({n.op_type})" for n in cycle)
+                raise InvalidModelError(f"{label}: the graph has a cycle: {names}")
+            elif id(pred) not in state:
+                state[id(pred)] = 1
+                stack.append((pred, iter(preds[id(pred)])))
+                path.append(pred)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

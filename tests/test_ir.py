@@ -78,6 +78,43 @@ def test_cycle_is_reported():
         load_model(model)
 
 
+def test_cycle_behind_a_diamond_names_its_nodes_in_order():
+    # x -> a -> {b, c} -> d (diamond, no cycle), then e -> f -> g -> e (a cycle fed by d).
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="a"),
+        helper.make_node("Relu", ["a"], ["b"], name="b"),
+        helper.make_node("Neg", ["a"], ["c"], name="c"),
+        helper.make_node("Add", ["b", "c"], ["d"], name="d"),
+        helper.make_node("Add", ["d", "g"], ["e"], name="e"),
+        helper.make_node("Relu", ["e"], ["f"], name="f"),
+        helper.make_node("Neg", ["f"], ["g"], name="g"),
+    ]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                       [helper.make_tensor_value_info("g", TensorProto.FLOAT, [2])])
+    with pytest.raises(InvalidModelError, match="cycle") as err:
+        load_model(model)
+    message = str(err.value)
+    cycle = message.split("cycle: ")[1].split(" -> ")
+    assert sorted(c.split(" ")[0] for c in cycle) == ["e", "f", "g"]
+    # Listed in data-flow order: each node feeds the next, the last feeds the first.
+    order = [c.split(" ")[0] for c in cycle]
+    start = order.index("e")
+    assert order[start:] + order[:start] == ["e", "f", "g"]
+
+
+def test_deep_chain_of_diamonds_is_acyclic():
+    # 2000 diamonds: deep enough that a recursive DFS would hit Python's recursion limit.
+    nodes, prev = [], "x"
+    for i in range(2000):
+        nodes += [helper.make_node("Relu", [prev], [f"l{i}"], name=f"l{i}"),
+                  helper.make_node("Neg", [prev], [f"r{i}"], name=f"r{i}"),
+                  helper.make_node("Add", [f"l{i}", f"r{i}"], [f"j{i}"], name=f"j{i}")]
+        prev = f"j{i}"
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                       [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [2])])
+    assert sum(1 for _ in load_model(model).graph) == 6000
+
+
 def test_unsupported_opset():
     model = conv_relu_gemm()
     model.opset_import[0].version = 5
