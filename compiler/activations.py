@@ -16,22 +16,21 @@ import onnx_ir as ir
 from .backends.ort import OrtArtifact
 from .errors import BackendError
 from .ir import load_model
+from .subgraphs import expose_values
 
 
 def with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
-    """A copy of `model` whose graph also outputs the named values."""
+    """A copy of `model` whose graph also outputs the named values (values inside
+    If/Loop/Scan bodies are lifted out under new names: see `exposed_outputs`)."""
+    return exposed_outputs(model, names)[0]
+
+
+def exposed_outputs(model: ir.Model, names: Iterable[str]) -> tuple[ir.Model, dict[str, str]]:
+    """(copy of `model` outputting the named values, name -> graph output carrying it).
+    A value inside an If branch reads as an empty array when its branch was not taken;
+    one inside a Loop/Scan body reads stacked over the iterations."""
     copy = load_model(model, check=False)
-    values = {v.name: v for node in copy.graph for v in node.outputs}
-    values.update({v.name: v for v in copy.graph.inputs})
-    existing = {v.name for v in copy.graph.outputs}
-    for name in names:
-        if name in existing:
-            continue
-        if name not in values:
-            raise KeyError(f"no value named {name!r} in the model")
-        copy.graph.outputs.append(values[name])
-        existing.add(name)
-    return copy
+    return copy, expose_values(copy, names)
 
 
 class ActivationReader:
@@ -43,14 +42,16 @@ class ActivationReader:
     """
 
     def __init__(self, model: ir.Model, names: Iterable[str], *, threads: int | None = None):
-        self.artifact = OrtArtifact(with_outputs(model, names), threads=threads, optimize=False)
+        exposed, self.carried = exposed_outputs(model, names)
+        self.artifact = OrtArtifact(exposed, threads=threads, optimize=False)
 
     def read(self, batch: dict[str, np.ndarray], names: Iterable[str]) -> dict[str, np.ndarray]:
         names = list(names)
         computed = [name for name in names if name not in batch]
         feed = {name: batch[name] for name in self.artifact.input_names}
         try:
-            values = self.artifact.session.run(computed, feed) if computed else []
+            outputs = [self.carried.get(name, name) for name in computed]
+            values = self.artifact.session.run(outputs, feed) if computed else []
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"onnxruntime failed to run the model: {exc}") from exc
         result = dict(zip(computed, values))

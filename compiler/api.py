@@ -122,8 +122,10 @@ def optimize(
         working, steps = manager.run(working)
     seconds = time.perf_counter() - started
 
-    before = compute_metrics(original, shapes if not shape_problem else None)
-    after = compute_metrics(working, shapes if not shape_problem else None)
+    # one batch sizes values inside If/Loop/Scan bodies (used only when a model has them)
+    probe = verify_source.first() if verify_source is not None else None
+    before = compute_metrics(original, shapes if not shape_problem else None, probe=probe)
+    after = compute_metrics(working, shapes if not shape_problem else None, probe=probe)
     error = None if verify_source is None else \
         _measure_error(original, working, verify_source, verify_batches, threads)
     report = {

@@ -5,6 +5,13 @@ before/after, the pass's own stats) and its numeric effect on calibration
 inputs. Exact passes (fusion, folding, cleanup) must keep outputs equal within
 `rtol` (relative L2) of the model before the pass, else the run stops with a
 VerificationError naming the pass; lossy passes get their error recorded.
+
+Subgraphs: before each pass the manager counts the compute nodes (Conv, MatMul, Gemm,
+LSTM, ...) inside If/Loop/Scan bodies. A pass that does not declare
+`descends_into_subgraphs` leaves them as they are: the step's stats get a
+`skipped_subgraphs` entry (count, node names, where, why) and a warning line is printed.
+A pass that descends but skips some bodies itself fills `skipped_subgraphs` the same
+way; it is printed too.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from .ir import load_model, save_model, validate_model
 from .metrics import compute_metrics
 from .passes.base import ForgePass, PassContext
 from .pipeline import Pipeline
+from .subgraphs import subgraph_compute, summarize_compute
 from .verify import Comparison, compare_models
 
 logger = logging.getLogger(__name__)
@@ -56,9 +64,19 @@ class StepReport:
         }
 
 
-def _summary(model: ir.Model, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    metrics = compute_metrics(model, input_shapes)
-    return {"nodes": metrics.nodes, "params": metrics.params, "macs": metrics.macs}
+def _summary(model: ir.Model, input_shapes: dict[str, tuple[int, ...]],
+             probe: dict | None = None) -> dict[str, int]:
+    metrics = compute_metrics(model, input_shapes, probe=probe)
+    summary = {"nodes": metrics.nodes, "params": metrics.params, "macs": metrics.macs}
+    inside = len(subgraph_compute(model))
+    if inside:
+        summary["subgraph_compute_nodes"] = inside
+    return summary
+
+
+def _skip_record(p: ForgePass, found: list[dict[str, str]], limit: int = 20) -> dict:
+    return {"count": len(found), "nodes": [f["node"] for f in found[:limit]],
+            "where": sorted({f["in"] for f in found})[:limit], "reason": p.subgraph_note}
 
 
 class PassManager:
@@ -105,9 +123,22 @@ class PassManager:
                 bar.advance(task)
         return model, steps
 
+    def _probe_batch(self, model: ir.Model) -> dict | None:
+        """One input batch to size values inside subgraphs for MAC counts (None when the
+        model has no subgraph or no data was given)."""
+        source = self.verify_source or self.context.calibration
+        if source is None or not subgraph_compute(model):
+            return None
+        try:
+            return source.first()
+        except OnnxforgeError:
+            return None
+
     def _run_one(self, index: int, p: ForgePass, model: ir.Model,
                  shapes: dict[str, tuple[int, ...]]) -> StepReport:
-        before = _summary(model, shapes)
+        probe = self._probe_batch(model)
+        before = _summary(model, shapes, probe)
+        inside = subgraph_compute(model)
         reference = load_model(model, check=False) if self.verify_source is not None else None
         p.stats = {}
         start = time.perf_counter()
@@ -125,7 +156,10 @@ class PassManager:
         except OnnxforgeError as exc:
             raise PassFailedError(f"pass {p.describe()} left an invalid graph: {exc}") from exc
         step = StepReport(p.describe(), p.exact, seconds, bool(result.modified), before,
-                          _summary(model, shapes), dict(p.stats))
+                          _summary(model, shapes, probe), dict(p.stats))
+        if inside and not p.descends_into_subgraphs:
+            step.stats["skipped_subgraphs"] = _skip_record(p, inside)
+        self._warn_skipped(p, step, inside)
         if reference is not None and result.modified:
             step.error = compare_models(reference, model, self.verify_source,
                                         limit=self.verify_batches, threads=self.context.threads)
@@ -143,6 +177,20 @@ class PassManager:
         if p.name in self.print_after:
             self._print_model(p, model)
         return step
+
+    def _warn_skipped(self, p: ForgePass, step: StepReport, inside: list[dict]) -> None:
+        """A warning line (terminal, log, step note) for subgraph compute left untouched."""
+        skipped = step.stats.get("skipped_subgraphs")
+        if not skipped:
+            return
+        names = set(skipped.get("nodes", []))
+        found = [f for f in inside if f["node"] in names] or inside
+        what = summarize_compute(found) if found else f"{skipped.get('count')} node(s)"
+        line = (f"{p.name} left compute inside If/Loop/Scan bodies untouched: {what}: "
+                f"{skipped.get('reason', '')}")
+        step.note = (step.note + "; " if step.note else "") + line
+        logger.warning(line)
+        self.console.print(f"[yellow]warning[/]: {line}", highlight=False)
 
     def _print_model(self, p: ForgePass, model: ir.Model) -> None:
         counts = compute_metrics(model, with_macs=False).op_counts

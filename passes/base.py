@@ -76,6 +76,11 @@ class ForgePass(ir.passes.InPlacePass):
     # Option names that may be given without `key=` in pipeline text, in order
     # (e.g. `quantize(int8)` sets `mode`).
     positional: ClassVar[tuple[str, ...]] = ()
+    # Whether the pass rewrites nodes inside If/Loop/Scan bodies. When False and bodies
+    # hold compute, the pass manager records and prints what was skipped, with
+    # `subgraph_note` (why) in the report.
+    descends_into_subgraphs: ClassVar[bool] = False
+    subgraph_note: ClassVar[str] = "this pass only rewrites the main graph"
 
     def __init__(self, options: Any = None, context: PassContext | None = None, **kwargs: Any):
         super().__init__()

@@ -83,7 +83,7 @@ INT8_OPS = {"Add", "Mul", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyR
 
 @dataclass
 class QuantizeOptions:
-    mode: Literal["int8", "dynamic", "fp16", "mixed"] = "int8"
+    mode: Literal["int8", "int4", "dynamic", "fp16", "mixed"] = "int8"
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
     percentile: float = option(99.99, gt=0.0, le=100.0)
     activations: Literal["u8", "s8"] = "u8"
@@ -107,6 +107,18 @@ class QuantizeOptions:
     smooth_insert: bool = False
     calib_batches: int = option(0, ge=0)  # 0: the context's default
     weight_calibration: Literal["minmax", "mse"] = "minmax"
+    # LSTM -> DynamicQuantizeLSTM ("lstm"); also weight-only int8 GRU ("all"); "none".
+    recurrent: Literal["lstm", "all", "none"] = "lstm"
+    # Weight rounding (mode=int8/int4): nearest, or GPTQ error compensation (gptq.py).
+    rounding: Literal["nearest", "gptq"] = "nearest"
+    gptq_damp: float = option(0.01, gt=0.0)
+    act_order: bool = False
+    # mode=int4 (int4.py): MatMulNBits block size, symmetric blocks (no zero points),
+    # onnxruntime accuracy_level (4: int8 compute), the other ops int8 QDQ or float.
+    block: int = option(32, ge=16)
+    int4_symmetric: bool = False
+    accuracy_level: int = option(4, ge=0, le=4)
+    rest: Literal["int8", "float"] = "int8"
     # mode=mixed
     max_error: float = option(0.01, ge=0.0)
     max_accuracy_drop: float = -1.0
@@ -199,7 +211,7 @@ def compute_eligibility(node: ir.Node, opts: QuantizeOptions, allowed: set[str])
 
 def _keep_float_set(graph: ir.Graph, spec: str, eligible: list[ir.Node]) -> set[str]:
     names: set[str] = set()
-    known = {n.name for n in graph}
+    known = {n.name for n in ir.traversal.RecursiveGraphIterator(graph)}  # bodies too
     for token in (t.strip() for t in spec.split(",")):
         if not token:
             continue
@@ -551,7 +563,10 @@ class _Builder:
         self.scale_cache: dict[tuple[float, int, str], tuple[ir.Value, ir.Value]] = {}
         self.qdq_pairs = 0
         self.dq_of: dict[str, ir.Value] = {}
-        self.names = NameAllocator(self.graph)
+        # names and new weights from the main graph (a BodyModel's graph is an If/Loop body)
+        self.names = NameAllocator(getattr(model, "root_graph", self.graph))
+        # node name -> (int8 codes, scales, dequantized) chosen by rounding=gptq
+        self.rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def const(self, base: str, array: np.ndarray) -> ir.Value:
         return self.names.initializer(base, array)
@@ -618,9 +633,13 @@ class _Builder:
             axis = None
         src = node.inputs[index]
         key = (id(src), axis)
-        if key in self.weight_cache:
+        if key in self.weight_cache and node.name not in self.rounded:
             return self.weight_cache[key]
-        q, scales, _ = quantize_weight(w, axis, method=self.opts.weight_calibration)
+        if node.name in self.rounded:
+            q, scales, _ = self.rounded[node.name]
+            src = None  # rounded for this node's inputs: not shared through the cache
+        else:
+            q, scales, _ = quantize_weight(w, axis, method=self.opts.weight_calibration)
         base = (src.name if src is not None else node.name) or node.name
         wq = self.const(f"{base}_quantized", q)
         if axis is None:
@@ -683,15 +702,20 @@ class WeightRecord:
 
 
 def apply_calibrated(model: ir.Model, plan: QuantPlan, calib: Calibration,
-                     opts: QuantizeOptions) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                     opts: QuantizeOptions, *,
+                     rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The calibrated ranges of `plan`, bias correction (when on) and the QDQ rewrite:
-    (`apply_plan`'s counters, the bias shift per corrected node)."""
+    (`apply_plan`'s counters, the bias shift per corrected node). `rounded` holds the
+    weights rounding=gptq chose (node name -> int8 codes, scales, dequantized)."""
     ranges = resolve_ranges(plan, calib, opts)
     shifts: dict[str, np.ndarray] = {}
+    rounded = rounded or {}
     if opts.bias_correction:
         shifts = analytic_bias_shifts(plan.compute, calib.channel, per_channel=opts.per_channel,
-                                      method=opts.weight_calibration)
-    return apply_plan(model, plan, ranges, opts, bias_shift=shifts), shifts
+                                      method=opts.weight_calibration,
+                                      dequantized={k: v[2] for k, v in rounded.items()})
+    return apply_plan(model, plan, ranges, opts, bias_shift=shifts, rounded=rounded), shifts
 
 
 def _clamp_folded_clips(plan: QuantPlan, ranges: dict[str, QuantRange],
@@ -715,13 +739,16 @@ def _clamp_folded_clips(plan: QuantPlan, ranges: dict[str, QuantRange],
 
 def apply_plan(model: ir.Model, plan: QuantPlan, ranges: dict[str, QuantRange],
                opts: QuantizeOptions, *,
-               bias_shift: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+               bias_shift: dict[str, np.ndarray] | None = None,
+               rounded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+               ) -> dict[str, Any]:
     """Rewrite the graph per `plan` with calibrated `ranges`; returns counters."""
     graph = model.graph
     if model.opset_imports.get("", 13) < 10:
         raise InputSpecError("quantize: the model's opset is < 10 (no QuantizeLinear); "
                              "convert it first")
     builder = _Builder(model, opts)
+    builder.rounded = rounded or {}
     bias_shift = bias_shift or {}
     stats: dict[str, Any] = {"weights_quantized": 0, "bias_int32": 0}
     _clamp_folded_clips(plan, ranges, opts)
@@ -768,7 +795,10 @@ def _quantize_compute(builder: _Builder, n: ir.Node, r_in: QuantRange | None,
     n.replace_input_with(1, dq)
     stats["weights_quantized"] += 1
     eff_axis = axis if builder.opts.per_channel and builder.opset >= 13 else None
-    _, _, w_deq = quantize_weight(w, eff_axis, method=builder.opts.weight_calibration)
+    if n.name in builder.rounded:
+        w_deq = builder.rounded[n.name][2]
+    else:
+        _, _, w_deq = quantize_weight(w, eff_axis, method=builder.opts.weight_calibration)
     if n.op_type in ("Conv", "ConvTranspose", "Gemm"):
         cout = output_channels(n, w)
         has_bias = len(n.inputs) > 2 and n.inputs[2] is not None
@@ -843,12 +873,16 @@ def quantize_embeddings(model: ir.Model, keep: set[str] | None = None, *,
 
 
 def weight_bytes(model: ir.Model) -> int:
-    """Bytes of the initializers and Constant-node values of the main graph."""
+    """Bytes of the initializers and Constant-node values, subgraphs included."""
     total = 0
-    for v in model.graph.initializers.values():
+    graphs = [model.graph, *(g for n in ir.traversal.RecursiveGraphIterator(model.graph)
+                             for a in n.attributes.values() if isinstance(a, ir.Attr)
+                             for g in ([a.value] if a.type == ir.AttributeType.GRAPH else
+                                       a.value if a.type == ir.AttributeType.GRAPHS else []))]
+    for v in (v for g in graphs for v in g.initializers.values()):
         if v.const_value is not None:
             total += int(v.const_value.nbytes)
-    for n in model.graph:
+    for n in ir.traversal.RecursiveGraphIterator(model.graph):
         if n.op_type == "Constant":
             arr = constant_array(n.outputs[0])
             if arr is not None:

@@ -2,21 +2,26 @@
 
   mode=int8     static INT8 QDQ from calibration data (static.py; the rewrite rules
                 are in core.py)
+  mode=int4     4-bit MatMul/Gemm weights as MatMulNBits (int4.py), the rest int8
+                QDQ (rest=int8) or float (rest=float)
   mode=dynamic  int8 weights, activations quantized at run time (dynamic.py)
   mode=fp16     weights and compute in float16 (fp16.py)
   mode=mixed    per-layer int8 / fp16 / fp32 under an error budget (mixed.py)
 
-Every mode adds the weight bytes before and after, and their ratio, to the stats.
+`rounding=gptq` (int8, int4) rounds weights with GPTQ (rounding.py, gptq.py) instead of
+to nearest. Every mode adds the weight bytes before and after, and their ratio, to the stats.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from ...errors import InputSpecError
 from ..base import ForgePass, register
-from .core import QuantizeOptions, weight_bytes
+from .core import QuantizeOptions, quantize_embeddings, weight_bytes
 from .dynamic import quantize_dynamic
 from .fp16 import convert_fp16
+from .int4 import quantize_int4
 from .mixed import quantize_mixed
 from .static import quantize_int8
 
@@ -31,11 +36,27 @@ class QuantizePass(ForgePass):
     Options = QuantizeOptions
     positional = ("mode",)
 
+    @property
+    def descends_into_subgraphs(self) -> bool:  # type: ignore[override]
+        """int8 quantizes If/Loop/Scan bodies too (bodies.py); the other modes do not."""
+        return self.options.mode == "int8"
+
+    subgraph_note = "only mode=int8 quantizes inside If/Loop/Scan bodies"
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts: QuantizeOptions = self.options
+        if opts.rounding != "nearest" and opts.mode not in ("int8", "int4"):
+            raise InputSpecError(f"quantize: rounding={opts.rounding} applies to mode=int8 and "
+                                 f"mode=int4, not mode={opts.mode}")
         before = weight_bytes(model)
         if opts.mode == "int8":
             quantize_int8(model, opts, self.context, self.stats)
+        elif opts.mode == "int4":
+            quantize_int4(model, opts, self.context, self.stats)
+            if opts.rest == "int8":
+                quantize_int8(model, opts, self.context, self.stats)
+            elif opts.embeddings:
+                self.stats["embeddings_quantized"] = quantize_embeddings(model)
         elif opts.mode == "dynamic":
             self.stats.update(quantize_dynamic(model, opts))
         elif opts.mode == "fp16":

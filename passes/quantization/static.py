@@ -9,8 +9,11 @@
   3. MatMul + bias Add -> Gemm (the bias stays int32), decomposed HardSwish/HardSigmoid
      fused (prepare.py);
   4. plan, calibrate, ranges and the QDQ rewrite (core.py), with bias correction
-     (repair.py, on by default);
-  5. embedding tables as int8 rows (`embeddings=true`, core.py).
+     (repair.py, on by default) and, with `rounding=gptq`, GPTQ-rounded weights
+     (rounding.py);
+  5. embedding tables as int8 rows (`embeddings=true`, core.py);
+  6. the same QDQ rules inside every If / Loop / Scan body (bodies.py), then LSTM
+     layers as DynamicQuantizeLSTM (GRU weight-only with `recurrent=all`, recurrent.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import onnx_ir as ir
 
 from ...ir import infer_shapes
 from . import repair
+from .bodies import quantize_bodies
 from .core import (
     Calibration,
     QuantizeOptions,
@@ -31,6 +35,8 @@ from .core import (
     quantize_embeddings,
 )
 from .prepare import fold_into_weights, merge_for_int8, upgrade_opset
+from .recurrent import quantize_recurrent
+from .rounding import gptq_int8
 
 
 def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
@@ -59,10 +65,16 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
                                 method=opts.calibration,
                                 channel_inputs=bias_correction_inputs(plan, opts),
                                 limit=opts.calib_batches or None)
-    applied, shifts = apply_calibrated(model, plan, calibration, opts)
+    rounded = {}
+    if opts.rounding == "gptq":
+        rounded, report = gptq_int8(model, plan.compute, opts, context)
+        stats.update(report)
+    applied, shifts = apply_calibrated(model, plan, calibration, opts, rounded=rounded)
     if opts.embeddings:
         stats["embeddings_quantized"] = quantize_embeddings(
             model, set(plan.skipped) & _keep_names(opts))
+    stats["subgraphs"] = quantize_bodies(model, opts, context)
+    stats["recurrent"] = quantize_recurrent(model, opts.recurrent)
     stats.update({
         "compute_quantized": len(plan.compute),
         "compute_by_op": _count_ops(plan.compute),
