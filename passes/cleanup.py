@@ -49,6 +49,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
 from ..ir import PROTOBUF_LIMIT, constant_array, nbytes
+from ..ort_fusions import lost_fusions, ort_optimized_ops
 from .base import ForgePass, option, register
 from .graph import bypass, can_take_output_name, const
 from .naming import NameAllocator
@@ -158,6 +159,8 @@ class CleanupPass(ForgePass):
             shapes = self._onnxsim_shapes(model)
             kwargs = {"overwrite_input_shapes": shapes} if shapes else {}
             simplified, ok = onnxsim.simplify(proto, **kwargs)
+            if ok:
+                simplified, applied = self._keep_ort_fusions(onnxsim, proto, simplified, kwargs)
         except Exception as exc:  # noqa: BLE001 - onnxsim raises errors of many kinds
             reason = f"failed ({type(exc).__name__}: {_first_line(exc)}); fallback steps only"
             logger.warning("cleanup: onnxsim %s", reason)
@@ -179,8 +182,33 @@ class CleanupPass(ForgePass):
             logger.warning("cleanup: onnxsim changed the model signature, keeping the model")
             return False
         replace_model_contents(model, new)
-        self.stats["onnxsim"] = "applied"
+        self.stats["onnxsim"] = applied
         return True
+
+    def _keep_ort_fusions(self, onnxsim, proto: onnx.ModelProto, simplified: onnx.ModelProto,
+                          kwargs: dict) -> tuple[onnx.ModelProto, str]:
+        """onnxsim's result, or when its graph optimizations cost onnxruntime a fusion it
+        did on the input, onnxsim's result without them (constant folding and shape
+        inference only; the `fuse` pass does the useful rewrites in ORT-friendly form).
+
+        Found on PP-OCR rec (issue 15): onnxsim 0.8.1 turns a 3-D MatMul + Add into
+        Reshape -> Gemm -> Reshape (with Shape/Gather/Concat when shapes are dynamic), and
+        onnxruntime can then no longer fold the Transpose feeding it into the MatMul
+        (FusedMatMul); skipping its `fuse_matmul_add_bias_into_gemm` does not stop it. ORT's
+        optimized graphs are compared only when onnxsim added a Gemm (two sessions: too slow
+        to pay on every model for nothing)."""
+        if _count_op(simplified, "Gemm") <= _count_op(proto, "Gemm"):
+            return simplified, "applied"
+        lost = lost_fusions(ort_optimized_ops(proto), ort_optimized_ops(simplified))
+        if not lost:
+            return simplified, "applied"
+        what = ", ".join(f"{k} x{v}" for k, v in sorted(lost.items()))
+        logger.warning("cleanup: onnxsim's graph optimizations cost onnxruntime fusions (%s); "
+                       "using onnxsim without them", what)
+        plain, ok = onnxsim.simplify(proto, perform_optimization=False, **kwargs)
+        if not ok:
+            return simplified, f"applied (costs ORT {what}; the plain run failed its check)"
+        return plain, f"applied without graph optimizations (they cost ORT {what})"
 
     def _onnxsim_shapes(self, model: ir.Model) -> dict[str, list[int]]:
         """Run input shapes to pin, skipping any that contradict a static model dim
@@ -248,6 +276,10 @@ def _estimated_proto_bytes(model: ir.Model) -> int:
         if graph is not model.graph:
             total += sum(nbytes(v) for v in graph.initializers.values())
     return total
+
+
+def _count_op(proto: onnx.ModelProto, op_type: str) -> int:
+    return sum(1 for n in proto.graph.node if n.op_type == op_type)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -305,3 +305,66 @@ def test_castlike_of_constant_is_folded_and_sequences_are_not() -> None:
     folded = next(n for n in model.graph if n.op_type == "Constant")
     assert folded.attributes["value"].value.numpy().dtype == np.float32
     _assert_same(load_model(proto), model, FEEDS)
+
+
+# ------------------------------------------------------------- onnxruntime's own fusions
+
+
+def _transpose_matmul_add(dims) -> onnx.ModelProto:
+    """x[n,16,t] -> Transpose(0,2,1) -> MatMul(w[16,8]) -> Add(b) -> Softmax: onnxruntime
+    folds the Transpose into the MatMul (com.microsoft FusedMatMul, transA)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["t", "w"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Softmax", ["a"], ["y"], axis=-1)]
+    n, t = dims
+    return _make(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, 16, t])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, t, 8])], [w, b],
+                 opset=12)
+
+
+@pytest.mark.parametrize("dims", [("n", "t"), (2, 5)])
+def test_onnxsim_rewrite_that_costs_ort_a_fusion_is_not_kept(dims) -> None:
+    # onnxsim makes Reshape -> Gemm -> Reshape of the 3-D MatMul + Add; ORT then runs the
+    # Transpose and the reshapes instead of one FusedMatMul. The graph ORT builds from the
+    # cleaned model must keep every fusion it built from the original.
+    from onnxforge.ort_fusions import lost_fusions, ort_optimized_ops
+
+    proto = _transpose_matmul_add(dims)
+    model, step = _cleanup(proto, "cleanup(static_shapes=false)")
+    before, after = ort_optimized_ops(proto), ort_optimized_ops(model)
+    # Dynamic shapes: ORT folds the Transpose (FusedMatMul); static: ORT builds its own
+    # Gemm with the Transpose folded (transA). Either way the cleaned model keeps it.
+    assert before["com.microsoft:FusedMatMul"] + before["Gemm"] == 1
+    assert lost_fusions(before, after) == {}
+    assert step.stats["onnxsim"].startswith("applied")
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 16, 5)).astype(np.float32)}
+    _assert_same(load_model(proto), model, feeds)
+
+
+def test_lost_fusions_counts_what_a_rewrite_breaks() -> None:
+    from onnxforge.ort_fusions import lost_fusions, ort_optimized_ops
+
+    proto = _transpose_matmul_add(("n", "t"))
+    broken = onnx.ModelProto()
+    broken.CopyFrom(proto)
+    # An Identity between Transpose and MatMul hides the pattern only until ORT removes it;
+    # a Relu does not: FusedMatMul is lost.
+    broken.graph.node[1].input[0] = "tr"
+    broken.graph.node.insert(1, helper.make_node("Relu", ["t"], ["tr"]))
+    lost = lost_fusions(ort_optimized_ops(proto), ort_optimized_ops(broken))
+    assert lost == {"com.microsoft:FusedMatMul": 1}
+
+
+def test_ppocr_rec_dynamic_cleanup_keeps_ort_fusions() -> None:
+    from conftest import zoo_path
+    from onnxforge.ort_fusions import lost_fusions, ort_optimized_ops
+
+    path = zoo_path("ppocr_rec")
+    model, step = _cleanup(path, "cleanup")  # no input shapes: dynamic dims stay
+    lost = lost_fusions(ort_optimized_ops(path), ort_optimized_ops(model))
+    assert lost == {}, (lost, step.stats)
+    assert step.after["nodes"] < step.before["nodes"]
