@@ -91,6 +91,8 @@ class CleanupPass(ForgePass):
                "identity/dropout removal, constant folding, CSE, dead code, dedup")
     exact = True
     Options = CleanupOptions
+    subgraph_note = ("onnxsim, constant folding and CSE work on the main graph only (identity "
+                     "elimination and dead-node removal run in every body)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts: CleanupOptions = self.options

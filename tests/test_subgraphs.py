@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto
@@ -186,3 +187,64 @@ def test_silero_vad_lstm_int8_keeps_decisions():
     assert agree["agreement"] >= 0.98 and agree["max_prob_diff"] < 0.1, agree
     manifest = json.loads((ZOO / "manifest.json").read_text())
     assert len(model_bytes(result.model)) < manifest["models"]["silero_vad"]["bytes"]
+
+
+def if_bn_model() -> onnx.ModelProto:
+    """If(flag) then BatchNorm(Conv(x)) else Identity(x)-like Conv: for fold-bn in a body."""
+    w = RNG.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    scale, bias = RNG.uniform(0.5, 1.5, 4).astype(np.float32), RNG.normal(0, .1, 4).astype(
+        np.float32)
+    mean, var = RNG.normal(0, .1, 4).astype(np.float32), RNG.uniform(.5, 1.5, 4).astype(
+        np.float32)
+    then = h.make_graph(
+        [_const("Wb", w), _const("s", scale), _const("b", bias), _const("m", mean),
+         _const("v", var), h.make_node("Conv", ["x", "Wb"], ["cb"], pads=[1, 1, 1, 1]),
+         h.make_node("BatchNormalization", ["cb", "s", "b", "m", "v"], ["t_out"])],
+        "then", [], [h.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    other = h.make_graph(
+        [_const("We", w), h.make_node("Conv", ["x", "We"], ["e_out"], pads=[1, 1, 1, 1])],
+        "else", [], [h.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    graph = h.make_graph(
+        [h.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)], "g",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+         h.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_fold_bn_rewrites_inside_an_if_branch_exactly():
+    source = _if_source()
+    ctx = PassContext(calibration=source, input_shapes={"x": (1, 3, 8, 8)})
+    model, steps = PassManager("fold-bn", ctx, verify_source=source).run(
+        load_model(if_bn_model()))
+    assert steps[0].modified and "skipped_subgraphs" not in steps[0].stats
+    ops = {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    assert "BatchNormalization" not in ops
+    assert steps[0].error.max_rel_l2 < 1e-5  # exact (the manager also checks it)
+
+
+@pytest.mark.parametrize("pipeline", ["prune(ratio=0.5)", "lowrank(energy=0.5)",
+                                      "sparsify(ratio=0.5)", "cleanup(onnxsim=false)"])
+def test_passes_that_stay_in_the_main_graph_report_the_bodies(pipeline, capsys):
+    ctx = PassContext(calibration=_if_source(), input_shapes={"x": (1, 3, 8, 8)})
+    for proto in (if_model(), loop_model()):
+        shapes = {"x": (1, 3, 8, 8)} if proto.graph.input[0].name == "x" else {"h0": (1, 16)}
+        ctx.input_shapes = shapes
+        _, steps = PassManager(pipeline, ctx).run(load_model(proto))
+        skipped = steps[0].stats["skipped_subgraphs"]
+        assert skipped["count"] >= 1 and skipped["reason"]
+        assert len(skipped["nodes"]) == skipped["count"]
+    assert "left compute inside If/Loop/Scan bodies untouched" in capsys.readouterr().err
+
+
+def test_budget_refuses_a_vad_quantization_past_max_error():
+    from onnxforge.api import optimize
+    from onnxforge.errors import BudgetExceededError
+
+    if not (ZOO / "silero_vad.onnx").exists():
+        pytest.skip("zoo not built")
+    shapes = {"input": (1, 576), "state": (2, 1, 128), "sr": ()}
+    with pytest.raises(BudgetExceededError):
+        optimize(ZOO / "silero_vad.onnx", "quantize(int8)", max_error=0.01,
+                 calibration=str(ZOO / "silero_vad.inputs.npz"), input_shapes=shapes,
+                 verify_batches=8)

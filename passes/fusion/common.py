@@ -143,6 +143,9 @@ class RewritePass(ForgePass):
     max_rounds: ClassVar[int] = 8
     # The `fuse` driver infers shapes once and turns this off for its sub-passes.
     infer: bool = True
+    # every node is visited, bodies included (shapes are inferred in the main graph only,
+    # so rules that need a shape do not fire inside bodies)
+    descends_into_subgraphs = True
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.infer:

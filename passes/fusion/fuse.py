@@ -53,6 +53,7 @@ class FusePass(ForgePass):
                "folding, horizontal merge, MatMul+Add->Gemm, Transpose/Reshape pairs")
     exact = True
     Options = FuseOptions
+    descends_into_subgraphs = True  # its sub-passes are RewritePasses (every body visited)
 
     def rewrites(self) -> list[type[RewritePass]]:
         opts: FuseOptions = self.options

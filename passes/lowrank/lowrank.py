@@ -131,6 +131,7 @@ class LowRankPass(ForgePass):
     summary = "low-rank decomposition: SVD for Gemm/MatMul, Tucker-2 or spatial SVD for Conv"
     exact = False
     Options = LowRankOptions
+    subgraph_note = "layers inside If/Loop/Scan bodies are not decomposed (main graph only)"
     positional = ("energy",)
 
     def __init__(self, options: Any = None, context: Any = None, **kwargs: Any):

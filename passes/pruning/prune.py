@@ -151,6 +151,8 @@ class PrunePass(ForgePass):
                "least-squares recovery and BN re-estimation")
     exact = False
     Options = PruneOptions
+    subgraph_note = ("the dependency analysis stops at If/Loop/Scan boundaries: layers inside "
+                     "bodies are not pruned, and channels read inside a body are blocked")
     positional = ("ratio",)
 
     # ------------------------------------------------------------ entry point

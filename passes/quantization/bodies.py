@@ -42,7 +42,9 @@ from .core import (
     bias_correction_inputs,
     make_plan,
 )
+from .layer_error import output_errors
 from .observers import ChannelMeanObserver, TensorObserver
+from .recurrent import RECURRENT_OPS, quantize_recurrent
 
 
 class BodyModel(ir.Model):
@@ -131,12 +133,15 @@ class _Unobserved(Exception):
         self.names = names
 
 
-def quantize_bodies(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict[str, Any]:
-    """Static int8 QDQ in every If / Loop / Scan body of `model` (in place)."""
+def quantize_bodies(model: ir.Model, opts: QuantizeOptions, context: Any, *,
+                    with_nodes: bool = False):
+    """Static int8 QDQ in every If / Loop / Scan body of `model` (in place): the report
+    (and, `with_nodes`, the compute nodes quantized)."""
     by_graph = owners(model.graph)
     scopes = list(iter_scopes(model.graph))
+    quantized: list[ir.Node] = []
     if not scopes:
-        return {}
+        return ({}, quantized) if with_nodes else {}
     names = NameAllocator(model.graph)
     jobs = []
     for scope in scopes:
@@ -154,7 +159,7 @@ def quantize_bodies(model: ir.Model, opts: QuantizeOptions, context: Any) -> dic
     report: dict[str, Any] = {"bodies": len(scopes), "bodies_quantized": 0,
                               "compute_quantized": 0, "qdq_pairs": 0, "kept_float": {}}
     if not jobs:
-        return report
+        return (report, quantized) if with_nodes else report
     tensors = {tq.data_name for _, _, plan, _ in jobs for tq in plan.tensors.values()}
     channel = {k: v for _, _, plan, o in jobs for k, v in bias_correction_inputs(plan, o).items()}
     calibration = _calibrate(model, context, tensors, channel, opts)
@@ -173,5 +178,32 @@ def quantize_bodies(model: ir.Model, opts: QuantizeOptions, context: Any) -> dic
             report["bodies_quantized"] += 1
             report["compute_quantized"] += len(plan.compute)
             report["qdq_pairs"] += applied["qdq_pairs"]
+            quantized.extend(plan.compute)
         report["kept_float"].update({k: v for k, v in plan.skipped.items()})
-    return report
+    return (report, quantized) if with_nodes else report
+
+
+def has_bodies_or_recurrent(model: ir.Model) -> bool:
+    """Whether `model` has an If/Loop/Scan body or an LSTM/GRU anywhere."""
+    return any(n.op_type in RECURRENT_OPS or n.op_type in ("If", "Loop", "Scan")
+               for n in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def quantize_bodies_and_recurrent(model: ir.Model, opts: QuantizeOptions, context: Any,
+                                  reference: ir.Model | None) -> dict[str, Any]:
+    """QDQ in every body, then LSTM/GRU weights (`opts.recurrent`); with the float
+    `reference`, each rewritten layer's output error (layer_error.py) is reported:
+    `subgraphs.layer_rel_l2` and `recurrent.layers.<name>.output_rel_l2`."""
+    if reference is None:
+        return {}
+    bodies, quantized = quantize_bodies(model, opts, context, with_nodes=True)
+    recurrent = quantize_recurrent(model, opts.recurrent)
+    outputs = {n.name: n.outputs[0].name for n in quantized if n.outputs}
+    for name, layer in recurrent.get("layers", {}).items():
+        outputs[name] = layer.pop("output")
+    errors = output_errors(reference, model, sorted(set(outputs.values())), context)
+    if quantized:
+        bodies["layer_rel_l2"] = {n.name: errors.get(outputs[n.name]) for n in quantized}
+    for name, layer in recurrent.get("layers", {}).items():
+        layer["output_rel_l2"] = errors.get(outputs[name])
+    return {"subgraphs": bodies, "recurrent": recurrent}

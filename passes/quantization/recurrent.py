@@ -85,6 +85,11 @@ def _lstm_refusal(node: ir.Node, w: np.ndarray | None, r: np.ndarray | None) -> 
     return None
 
 
+def _first_output(node: ir.Node) -> str:
+    """The name of the layer's first produced output (Y, else Y_h): what error is read on."""
+    return next((o.name for o in node.outputs if o.name), "")
+
+
 def _rel_err(w: np.ndarray, w_deq: np.ndarray) -> float:
     return float(np.linalg.norm(w_deq - w) / max(np.linalg.norm(w), 1e-12))
 
@@ -163,7 +168,8 @@ class RecurrentQuantizer:
         graph.remove(node, safe=True)
         self.report["lstm_int8"] += 1
         self.report["layers"][node.name] = {"op": "LSTM", "as": "DynamicQuantizeLSTM",
-                                            "weight_rel_err": errors}
+                                            "weight_rel_err": errors,
+                                            "output": _first_output(new)}
 
     def _weight_only(self, node: ir.Node, w: np.ndarray, r: np.ndarray) -> None:
         graph = node.graph
@@ -183,7 +189,8 @@ class RecurrentQuantizer:
             node.replace_input_with(index, dq.outputs[0])
         self.report["weight_only_int8"] += 1
         self.report["layers"][node.name] = {"op": node.op_type, "as": "weight-only int8 QDQ",
-                                            "weight_rel_err": errors}
+                                            "weight_rel_err": errors,
+                                            "output": _first_output(node)}
 
 
 def quantize_recurrent(model: ir.Model, policy: str = "lstm") -> dict[str, Any]:

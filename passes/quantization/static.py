@@ -22,9 +22,9 @@ from typing import Any
 
 import onnx_ir as ir
 
-from ...ir import infer_shapes
+from ...ir import infer_shapes, load_model
 from . import repair
-from .bodies import quantize_bodies
+from .bodies import has_bodies_or_recurrent, quantize_bodies_and_recurrent
 from .core import (
     Calibration,
     QuantizeOptions,
@@ -35,7 +35,6 @@ from .core import (
     quantize_embeddings,
 )
 from .prepare import fold_into_weights, merge_for_int8, upgrade_opset
-from .recurrent import quantize_recurrent
 from .rounding import gptq_int8
 
 
@@ -46,6 +45,8 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
     if opts.per_channel and model.opset_imports.get("", 13) < 13:
         # 14 rather than 13: HardSwish exists from opset 14 (see fuse_hardswish)
         stats["opset_upgraded"] = upgrade_opset(model, 14) or upgrade_opset(model, 13)
+    # the float model, for per-layer errors inside bodies and of LSTM/GRU (only then)
+    reference = load_model(model, check=False) if has_bodies_or_recurrent(model) else None
     infer_shapes(model)
     stats.update(fold_into_weights(model))
     if opts.equalize:
@@ -73,8 +74,7 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
     if opts.embeddings:
         stats["embeddings_quantized"] = quantize_embeddings(
             model, set(plan.skipped) & _keep_names(opts))
-    stats["subgraphs"] = quantize_bodies(model, opts, context)
-    stats["recurrent"] = quantize_recurrent(model, opts.recurrent)
+    stats.update(quantize_bodies_and_recurrent(model, opts, context, reference))
     stats.update({
         "compute_quantized": len(plan.compute),
         "compute_by_op": _count_ops(plan.compute),

@@ -106,6 +106,7 @@ class SparsifyPass(ForgePass):
                "least-squares refit of the kept weights; dense ONNX + metadata")
     exact = False
     Options = SparsifyOptions
+    subgraph_note = "layers inside If/Loop/Scan bodies are not sparsified (main graph only)"
     positional = ("ratio",)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
