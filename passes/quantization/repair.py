@@ -63,9 +63,12 @@ def expected_output_shift(node: ir.Node, w: np.ndarray, w_deq: np.ndarray,
 
 
 def analytic_bias_shifts(nodes: list[ir.Node], channel_stats: dict[str, ChannelMeanObserver],
-                         *, per_channel: bool = True,
-                         method: str = "minmax") -> dict[str, np.ndarray]:
-    """Per compute node (Conv/Gemm with room for a bias), the expected output shift."""
+                         *, per_channel: bool = True, method: str = "minmax",
+                         dequantized: dict[str, np.ndarray] | None = None,
+                         ) -> dict[str, np.ndarray]:
+    """Per compute node (Conv/Gemm with room for a bias), the expected output shift
+    (of the weights in `dequantized` by node name, else of round-to-nearest)."""
+    dequantized = dequantized or {}
     shifts = {}
     for n in nodes:
         if n.op_type not in ("Conv", "Gemm"):
@@ -76,7 +79,9 @@ def analytic_bias_shifts(nodes: list[ir.Node], channel_stats: dict[str, ChannelM
         if w is None or obs is None or obs.sum is None:
             continue
         axis = weight_axis(n, w) if per_channel else None
-        _, _, w_deq = quantize_weight(w, axis, method=method)
+        w_deq = dequantized.get(n.name)
+        if w_deq is None:
+            _, _, w_deq = quantize_weight(w, axis, method=method)
         shift = expected_output_shift(n, w, w_deq, obs.mean)
         if shift is not None and np.all(np.isfinite(shift)):
             shifts[n.name] = shift

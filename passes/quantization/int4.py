@@ -1,0 +1,198 @@
+"""`quantize(int4)`: weight-only 4-bit MatMul/Gemm as onnxruntime's `com.microsoft`
+`MatMulNBits`.
+
+  MatMul(A, W[K, N]) / Gemm(A, B, C) with a constant 2-D weight  ==>
+      MatMulNBits(A, B_packed, scales, zero_points?, , bias?)  K, N, bits=4, block_size
+
+Each output column's K weights are cut in blocks of `block` (32, 64, 128...; K need not
+be a multiple: the last block is padded), each block with its own float scale and, unless
+`int4_symmetric`, its own 4-bit zero point (min/max of the block; symmetric blocks use
+max|w| / 7 around the implicit zero point 8). Codes are packed two per byte, the first in
+the low nibble. Rounding: to nearest, or GPTQ (`rounding=gptq`, rounding.py) on the same
+blocks. onnxruntime's `accuracy_level=4` quantizes A to int8 on the fly (the fast CPU
+kernel); 0 computes in fp32 (exact with respect to the dequantized weight, slower).
+
+Gemm alpha is folded into the scales, beta·C (a vector of N) becomes the bias input; a
+MatMul whose only reader is an Add of a constant vector of N takes it as its bias.
+Stays float, with the reason in `int4_kept_float`: Gemm transA=1, a weight that is not a
+constant 2-D float32 matrix, a first input that is constant, Gemm C that is not a vector.
+Conv weights are not 4-bit here: onnxruntime has no 4-bit convolution kernel, so they
+are left to the int8 rest (`rest=int8`, the default) or float (`rest=float`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from ...errors import InputSpecError
+from ...ir import constant_array
+from ..graph import attr, bypass, remove_unused
+from ..naming import NameAllocator
+from .gptq import Grid, block_grid, round_nearest
+from .hessian import weight_rows
+from .prepare import ensure_node_names, is_float
+from .rounding import round_layers
+
+logger = logging.getLogger(__name__)
+MS_DOMAIN = "com.microsoft"
+
+
+def int4_ineligible(node: ir.Node) -> str | None:
+    """None if `node` can become MatMulNBits, else why not."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+        return "not MatMul/Gemm"
+    a = node.inputs[0]
+    if a is None or constant_array(a) is not None or not is_float(a):
+        return "first input is constant or not float32"
+    w = constant_array(node.inputs[1])
+    if w is None or w.dtype != np.float32 or w.ndim != 2:
+        return "weight is not a constant 2-D float32 matrix"
+    if a.shape is not None and len(a.shape) < 2:
+        return "first input is 1-D"
+    if node.op_type == "Gemm":
+        if int(attr(node, "transA", 0)):
+            return "Gemm transA=1"
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = constant_array(node.inputs[2])
+            n_out = w.shape[0] if int(attr(node, "transB", 0)) else w.shape[1]
+            if c is None or c.size != n_out or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+                return "Gemm C is not a constant vector of N"
+    return None
+
+
+def _gemm_bias(node: ir.Node) -> np.ndarray | None:
+    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return None
+    c = constant_array(node.inputs[2]).astype(np.float64).reshape(-1)
+    return c * float(attr(node, "beta", 1.0))
+
+
+def _select(model: ir.Model, opts: Any) -> tuple[list[ir.Node], dict[str, str]]:
+    allowed = {o.strip() for o in opts.ops.split(",") if o.strip()}
+    keep = {t.strip() for t in opts.keep_float.split(",") if t.strip()}
+    known = {n.name for n in model.graph}
+    unknown = keep - known - {"first", "last"}
+    if unknown:
+        raise InputSpecError(f"quantize: keep_float names {min(unknown)!r}, which is not "
+                             "a node of the model")
+    chosen, skipped = [], {}
+    for n in model.graph:
+        if n.op_type not in ("MatMul", "Gemm") or n.op_type not in allowed:
+            continue
+        reason = int4_ineligible(n)
+        if reason is None and n.name in keep:
+            reason = "kept float (keep_float)"
+        if reason is None:
+            chosen.append(n)
+        elif constant_array(n.inputs[1]) is not None:  # activation MatMuls are not weights
+            skipped[n.name] = reason
+    return chosen, skipped
+
+
+def quantize_int4(model: ir.Model, opts: Any, context: Any, stats: dict[str, Any]) -> None:
+    """MatMul/Gemm weights -> 4-bit MatMulNBits, in place; counters into `stats`."""
+    if opts.block & (opts.block - 1):
+        raise InputSpecError(f"quantize: block={opts.block} is not a power of two "
+                             "(MatMulNBits takes 16, 32, 64, 128, 256...)")
+    ensure_node_names(model.graph)
+    nodes, skipped = _select(model, opts)
+    grids: dict[str, Grid] = {}
+
+    def grid_for(node: ir.Node, rows: np.ndarray) -> list[Grid]:
+        grids[node.name] = block_grid(rows[0], opts.block, 4, symmetric=opts.int4_symmetric)
+        return [grids[node.name]]
+
+    rounded = {}
+    if opts.rounding == "gptq" and nodes:
+        rounded, report = round_layers(model, nodes, grid_for, context, damp=opts.gptq_damp,
+                                       act_order=opts.act_order,
+                                       limit=opts.calib_batches or None)
+        stats.update({f"int4_{k}": v for k, v in report.items()})
+    names = NameAllocator(model.graph)
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    for n in nodes:
+        rows = weight_rows(n, constant_array(n.inputs[1]).astype(np.float64))[0]  # [N, K]
+        grid = grids.get(n.name) or block_grid(rows, opts.block, 4, symmetric=opts.int4_symmetric)
+        codes = rounded[n.name].codes[0] if n.name in rounded else round_nearest(rows, grid)[0]
+        _replace(n, names, codes, grid, _gemm_bias(n), opts)
+    folded = _fold_bias_adds(model, nodes)
+    remove_unused(model)
+    if skipped:
+        logger.warning("quantize(int4): %d MatMul/Gemm weight(s) kept float: %s", len(skipped),
+                       "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]))
+    stats.update({"int4_matmuls": len(nodes), "int4_block": opts.block,
+                  "int4_bias_adds_folded": folded, "int4_kept_float": skipped})
+
+
+def _alpha(node: ir.Node) -> float:
+    return float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """[rows, n] codes 0..15 -> [rows, ceil(n/2)] bytes, element 2i in the low nibble."""
+    codes = codes.astype(np.uint8)
+    if codes.shape[1] % 2:
+        codes = np.concatenate([codes, np.zeros((codes.shape[0], 1), np.uint8)], axis=1)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _replace(node: ir.Node, names: NameAllocator, codes: np.ndarray, grid: Grid,
+             bias: np.ndarray | None, opts: Any) -> None:
+    """MatMulNBits in place of `node`, from codes [N, K] on `grid`."""
+    n_out, k = codes.shape
+    block = opts.block
+    blocks = -(-k // block)
+    starts = np.arange(blocks) * block
+    scales, zeros = grid.scale[:, starts], grid.zero[:, starts]  # [N, blocks]
+    scales = scales * _alpha(node)  # Gemm alpha: exact on the scales
+    padded = np.empty((n_out, blocks * block), np.float64)
+    padded[:, :k] = codes
+    padded[:, k:] = zeros[:, -1:]  # padding dequantizes to 0
+    base = node.name
+    packed = pack_int4(padded).reshape(n_out, blocks, block // 2)
+    inputs: list[ir.Value | None] = [
+        node.inputs[0], names.initializer(f"{base}_int4", packed),
+        names.initializer(f"{base}_int4_scales", scales.astype(np.float32).reshape(-1))]
+    inputs.append(None if opts.int4_symmetric else names.initializer(
+        f"{base}_int4_zero_points", pack_int4(zeros).reshape(-1)))
+    if bias is not None:
+        inputs += [None, names.initializer(f"{base}_bias", bias.astype(np.float32))]
+    while inputs[-1] is None:
+        inputs.pop()
+    new = ir.node("MatMulNBits", inputs, {"K": k, "N": n_out, "bits": 4, "block_size": block,
+                                          "accuracy_level": opts.accuracy_level},
+                  domain=MS_DOMAIN, name=names.node(f"{base}_MatMulNBits"))
+    out = new.outputs[0]
+    out.type = ir.TensorType(ir.DataType.FLOAT)
+    node.graph.insert_before(node, new)
+    bypass(node.outputs[0], out)
+    node.graph.remove(node, safe=True)
+
+
+def _fold_bias_adds(model: ir.Model, nodes: list[ir.Node]) -> int:
+    """MatMulNBits (no bias) whose only reader is Add(y, constant vector of N): the
+    constant becomes its bias input and the Add goes."""
+    count = 0
+    for n in list(model.graph):
+        if n.op_type != "MatMulNBits" or n.domain != MS_DOMAIN or len(n.inputs) > 5:
+            continue
+        y = n.outputs[0]
+        uses = list(y.uses())
+        if len(uses) != 1 or y.is_graph_output() or uses[0].node.op_type != "Add":
+            continue
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        c = constant_array(other) if other is not None else None
+        n_out = int(attr(n, "N", 0))
+        if c is None or c.dtype != np.float32 or c.shape != (n_out,):
+            continue
+        n.resize_inputs(6)
+        n.replace_input_with(5, NameAllocator(model.graph).initializer(f"{n.name}_bias", c))
+        bypass(add.outputs[0], y)
+        model.graph.remove(add, safe=True)
+        count += 1
+    return count
