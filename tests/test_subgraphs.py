@@ -248,3 +248,20 @@ def test_budget_refuses_a_vad_quantization_past_max_error():
         optimize(ZOO / "silero_vad.onnx", "quantize(int8)", max_error=0.01,
                  calibration=str(ZOO / "silero_vad.inputs.npz"), input_shapes=shapes,
                  verify_batches=8)
+
+
+def test_quantize_int8_descends_into_a_loop_body():
+    arrays = {"h0": RNG.normal(0, 1, (8, 1, 16)).astype(np.float32)}
+    source = ArraySource(arrays, {"h0": (1, 16)}, {"h0": np.dtype(np.float32)})
+    ctx = PassContext(calibration=source, input_shapes={"h0": (1, 16)})
+    proto = loop_model(3)
+    model, steps = PassManager("quantize(int8)", ctx, verify_source=source).run(
+        load_model(proto))
+    stats = steps[0].stats
+    assert stats["subgraphs"]["compute_quantized"] == 1
+    assert stats["size_ratio"] > 2  # the float W the body read is gone
+    body = next(a.g for a in onnx.load_from_string(model_bytes(model)).graph.node[-1].attribute
+                if a.name == "body")
+    assert "QuantizeLinear" in {n.op_type for n in body.node}
+    layer = next(iter(stats["subgraphs"]["layer_rel_l2"].values()))
+    assert 0 < layer < 0.05 and steps[0].error.max_rel_l2 < 0.05

@@ -32,6 +32,7 @@ import onnx_ir as ir
 from ...activations import iter_activations
 from ...errors import InputSpecError
 from ...subgraphs import Scope, describe_path, iter_scopes, owners, scope_path
+from ..graph import remove_unused
 from ..naming import NameAllocator
 from .core import (
     COMPUTE_OPS,
@@ -180,6 +181,8 @@ def quantize_bodies(model: ir.Model, opts: QuantizeOptions, context: Any, *,
             report["qdq_pairs"] += applied["qdq_pairs"]
             quantized.extend(plan.compute)
         report["kept_float"].update({k: v for k, v in plan.skipped.items()})
+    if quantized:
+        remove_unused(model)  # float weights bodies read from the main graph are now dead
     return (report, quantized) if with_nodes else report
 
 
