@@ -1,0 +1,241 @@
+"""quantize rounding=gptq (GPTQ error-compensating rounding) and mode=int4 (MatMulNBits).
+
+Hand-built hard cases: Gemm transB=1 with alpha/beta and a bias, MatMul on 3-D inputs,
+K not a multiple of the block, grouped/strided/padded Conv (the im2col behind the Conv
+Hessian is checked against onnxruntime's Conv). Properties that can fail: GPTQ's output
+error is at most round-to-nearest's on correlated held-out inputs (per layer and end to
+end); onnxruntime's MatMulNBits equals A @ (its weights decoded from the packed bytes)
+within float tolerance, and those weights are within half a step of the float weights
+(RTN). Real model: the digits CNN in int4 + int8 keeps its test accuracy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import DATA
+from onnx import TensorProto, helper, numpy_helper
+from onnxforge.backends.ort import OrtArtifact
+from onnxforge.calibration import ArraySource
+from onnxforge.errors import InputSpecError
+from onnxforge.ir import constant_array, load_model
+from onnxforge.pass_manager import PassManager
+from onnxforge.passes.base import PassContext
+from onnxforge.passes.quantization.gptq import (
+    block_grid,
+    output_error,
+    round_gptq,
+    round_nearest,
+    symmetric_grid,
+)
+from onnxforge.passes.quantization.hessian import layer_inputs, weight_rows
+from onnxforge.shapes import input_dtypes
+
+
+def _model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
+    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _mixer(k: int, seed: int = 7) -> np.ndarray:
+    """A fixed feature mixing: inputs x = z @ mix have strongly correlated features (where
+    GPTQ has something to use); calibration and held-out data share it."""
+    return np.random.default_rng(seed).standard_normal((k, k)) * 0.4 + np.eye(k)
+
+
+def _correlated(rng, rows: int, k: int) -> np.ndarray:
+    return (rng.standard_normal((rows, k)) @ _mixer(k)).astype(np.float32)
+
+
+def _dense_model(seed: int = 0, k: int = 100) -> onnx.ModelProto:
+    """x[2, 5, k] -> MatMul(W1[k, 48]) + b1 -> Relu -> Reshape[10, 48] -> Gemm(transB,
+    alpha 0.5, beta 2, C[24]) -> y[10, 24]; k is not a multiple of 32."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((k, 48)) / np.sqrt(k)).astype(np.float32)
+    b1 = rng.standard_normal(48).astype(np.float32)
+    w2 = (rng.standard_normal((24, 48)) / np.sqrt(48)).astype(np.float32)
+    c = rng.standard_normal(24).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "b1"], ["a"], name="add"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Reshape", ["r", "shape"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "w2", "c"], ["y"], name="gemm", transB=1, alpha=0.5,
+                         beta=2.0),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("w1", w1), ("b1", b1), ("w2", w2), ("c", c),
+        ("shape", np.array([10, 48], np.int64)))]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, k])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [10, 24])], inits)
+
+
+def _run(proto: onnx.ModelProto, pipeline: str, calib: dict[str, np.ndarray],
+         shapes: dict[str, tuple[int, ...]]):
+    model = load_model(proto)
+    src = ArraySource(calib, shapes, input_dtypes(model))
+    ctx = PassContext(calibration=src, input_shapes=shapes, threads=1,
+                      max_calibration_batches=64)
+    model, steps = PassManager(pipeline, ctx).run(model)
+    return model, steps[-1].stats
+
+
+def _decode_matmulnbits(model, node) -> tuple[np.ndarray, np.ndarray | None]:
+    """The float weight [K, N] a MatMulNBits node stands for, from its packed bytes, and
+    its bias."""
+    attrs = {a.name: a.value for a in node.attributes.values()}
+    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+    packed = constant_array(node.inputs[1])
+    scales = constant_array(node.inputs[2]).reshape(n, -1)
+    blocks = scales.shape[1]
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(n, blocks * block).astype(float)
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        zp = constant_array(node.inputs[3]).reshape(n, -1)
+        zeros = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :blocks].astype(float)
+    else:
+        zeros = np.full((n, blocks), 8.0)
+    deq = (codes - np.repeat(zeros, block, 1)) * np.repeat(scales, block, 1)
+    bias = constant_array(node.inputs[5]) if len(node.inputs) > 5 and node.inputs[5] else None
+    return deq[:, :k].T, bias
+
+
+# ---------------------------------------------------------------- the algorithm
+
+
+@pytest.mark.parametrize("bits,block", [(8, None), (4, 32), (4, 128)])
+def test_gptq_beats_nearest_on_held_out_correlated_inputs(bits, block):
+    rng = np.random.default_rng(bits + (block or 0))
+    k, n = 96, 40
+    x_fit, x_eval = _correlated(rng, 600, k), _correlated(rng, 300, k)
+    w = rng.standard_normal((n, k))
+    grid = (symmetric_grid(np.abs(w).max(1) / 127, k, 8) if bits == 8
+            else block_grid(w, block, bits, symmetric=False))
+    _, w_rtn = round_nearest(w, grid)
+    h_eval = x_eval.T.astype(float) @ x_eval
+    rtn = output_error(w, w_rtn, h_eval)
+    for act_order in (False, True):
+        q, w_gptq = round_gptq(w, x_fit.T.astype(float) @ x_fit, grid, act_order=act_order)
+        assert q.min() >= grid.qmin and q.max() <= grid.qmax
+        np.testing.assert_allclose(grid.dequantize(q), w_gptq)  # codes and values agree
+        assert output_error(w, w_gptq, h_eval) < rtn
+
+
+def test_conv_patches_reproduce_onnxruntime_conv():
+    """The Conv Hessian's rows (im2col, per group) times the weight rows is the Conv."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 2, 3, 2)).astype(np.float32)
+    node_proto = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", group=2,
+                                  strides=[2, 1], pads=[1, 0, 1, 1], dilations=[1, 2])
+    proto = _model([node_proto], [helper.make_tensor_value_info("x", 1, [2, 4, 7, 9])],
+                   [helper.make_tensor_value_info("y", 1, [2, 6, 5, 6])],
+                   [numpy_helper.from_array(w, "w")])
+    x = rng.standard_normal((2, 4, 7, 9)).astype(np.float32)
+    y = OrtArtifact(load_model(proto)).run({"x": x})["y"]
+    node = next(iter(load_model(proto).graph))
+    rows = layer_inputs(node, x, w)  # [N * positions, groups, d]
+    wr = weight_rows(node, w.astype(np.float64))  # [groups, cout/groups, d]
+    out = np.einsum("mgd,gcd->mgc", rows, wr).reshape(2, y.shape[2], y.shape[3], 6)
+    np.testing.assert_allclose(out.transpose(0, 3, 1, 2), y, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def test_int4_matmulnbits_matches_decoded_weights():
+    rng = np.random.default_rng(1)
+    proto = _dense_model()
+    ref_model = load_model(proto)
+    calib = {"x": _correlated(rng, 100, 100).reshape(20, 5, 100)}
+    for opts in ("block=32", "block=128,int4_symmetric=true", "block=16,rounding=gptq"):
+        model, stats = _run(proto, f"quantize(int4,rest=float,accuracy_level=0,{opts})", calib,
+                            {"x": (2, 5, 100)})
+        nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+        assert len(nbits) == 2 and stats["int4_matmuls"] == 2
+        assert stats["int4_bias_adds_folded"] == 1  # the MatMul's Add became its bias
+        assert not any(n.op_type in ("MatMul", "Gemm", "Add") for n in model.graph)
+        x = rng.standard_normal((2, 5, 100)).astype(np.float32)
+        # Reference: the float graph with the decoded 4-bit weights, in numpy.
+        w1, b1 = _decode_matmulnbits(model, nbits[0])
+        w2, c = _decode_matmulnbits(model, nbits[1])
+        h = np.maximum(x @ w1 + b1, 0).reshape(10, 48)
+        expect = h @ w2 + c
+        got = OrtArtifact(model).run({"x": x})["y"]
+        np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+        # The decoded weights are the float ones (alpha folded into the scales), each
+        # within one step of its block's grid (half a step for round-to-nearest).
+        orig = {n.name: constant_array(n.inputs[1]) for n in ref_model.graph
+                if n.op_type in ("MatMul", "Gemm")}
+        step = np.abs(orig["mm"]).max() / 7
+        assert np.abs(w1 - orig["mm"]).max() <= step
+        np.testing.assert_allclose(c, 2.0 * constant_array(ref_model.graph.initializers["c"]),
+                                   rtol=1e-6)
+        assert np.abs(w2 - 0.5 * orig["gemm"].T).max() <= 0.5 * np.abs(orig["gemm"]).max() / 7
+
+
+def test_gptq_lowers_end_to_end_error_int4_and_int8():
+    rng = np.random.default_rng(2)
+    proto = _dense_model(seed=5)
+    calib = {"x": _correlated(rng, 64 * 5, 100).reshape(64, 5, 100)}
+    held = _correlated(np.random.default_rng(9), 16 * 5, 100).reshape(16, 5, 100)
+    ref = OrtArtifact(load_model(proto))
+    errors = {}
+    for mode in ("int4,rest=float,accuracy_level=0,block=32", "int8"):
+        for rounding in ("nearest", "gptq"):
+            model, stats = _run(proto, f"quantize({mode},rounding={rounding})", calib,
+                                {"x": (2, 5, 100)})
+            art = OrtArtifact(model)
+            err = sum(float(np.sum((art.run({"x": held[i:i + 2]})["y"]
+                                    - ref.run({"x": held[i:i + 2]})["y"]) ** 2))
+                      for i in range(0, 16, 2))
+            errors[mode, rounding] = err
+            if rounding == "gptq":
+                prefix = "int4_" if mode.startswith("int4") else ""
+                assert stats[f"{prefix}gptq_layers"] == 2
+                assert stats[f"{prefix}gptq_held_out_batches"] > 0
+                for rtn, gptq in stats[f"{prefix}gptq_per_layer"].values():
+                    assert gptq <= rtn
+    for mode in ("int4,rest=float,accuracy_level=0,block=32", "int8"):
+        assert errors[mode, "gptq"] < errors[mode, "nearest"], errors
+
+
+def test_int4_and_gptq_refusals():
+    proto = _dense_model()
+    calib = {"x": np.ones((4, 5, 100), np.float32)}
+    with pytest.raises(InputSpecError, match="power of two"):
+        _run(proto, "quantize(int4,block=48)", calib, {"x": (2, 5, 100)})
+    with pytest.raises(InputSpecError, match="rounding=gptq applies to mode=int8"):
+        _run(proto, "quantize(dynamic,rounding=gptq)", calib, {"x": (2, 5, 100)})
+    with pytest.raises(InputSpecError, match="keep_float names 'nope'"):
+        _run(proto, "quantize(int4,keep_float=nope)", calib, {"x": (2, 5, 100)})
+    model, stats = _run(proto, "quantize(int4,rest=float,keep_float=gemm)", calib,
+                        {"x": (2, 5, 100)})
+    assert stats["int4_kept_float"] == {"gemm": "kept float (keep_float)"}
+    assert [n.op_type for n in model.graph].count("Gemm") == 1
+
+
+# ---------------------------------------------------------------- real model
+
+
+def test_digits_int4_weights_int8_rest_keeps_accuracy(digits_model):
+    calib = np.load(DATA / "digits_calib.npz")["input"].astype(np.float32)[:128]
+    test = np.load(DATA / "digits_test.npz")
+    x, labels = test["input"].astype(np.float32)[:400], test["labels"][:400]
+    proto = onnx.load(str(digits_model))
+    shapes = {"input": (8, *calib.shape[1:])}
+    fp32 = OrtArtifact(load_model(proto))
+    model, stats = _run(proto, "quantize(int4,rounding=gptq)", {"input": calib}, shapes)
+    assert stats["int4_matmuls"] == 2 and stats["compute_quantized"] == 3  # Gemms / Convs
+    assert stats["int4_gptq_worse_layers"] == 0 and stats["gptq_worse_layers"] == 0
+    assert stats["size_ratio"] > 3.0
+    art = OrtArtifact(model)
+
+    def accuracy(a):
+        return float(np.mean(np.concatenate(
+            [a.run({"input": x[i:i + 8]})["logits"].argmax(-1) for i in range(0, 400, 8)])
+            == labels))
+
+    assert accuracy(art) >= accuracy(fp32) - 0.01
