@@ -189,7 +189,7 @@ class PassManager:
         line = (f"{p.name} left compute inside If/Loop/Scan bodies untouched: {what}: "
                 f"{skipped.get('reason', '')}")
         step.note = (step.note + "; " if step.note else "") + line
-        logger.warning(line)
+        logger.info(line)  # printed below; a logging WARNING would print it twice in the CLI
         self.console.print(f"[yellow]warning[/]: {line}", highlight=False)
 
     def _print_model(self, p: ForgePass, model: ir.Model) -> None:
