@@ -239,3 +239,27 @@ def test_digits_int4_weights_int8_rest_keeps_accuracy(digits_model):
             == labels))
 
     assert accuracy(art) >= accuracy(fp32) - 0.01
+
+
+# ---------------------------------------------------------------- TVM
+
+
+def test_tvm_compiles_matmulnbits_as_its_dequantized_matmul():
+    pytest.importorskip("tvm")
+    from onnxforge import api
+    from onnxforge.ir import to_proto
+
+    rng = np.random.default_rng(4)
+    proto = _dense_model()
+    calib = {"x": _correlated(rng, 100, 100).reshape(20, 5, 100)}
+    model, _ = _run(proto, "quantize(int4,rest=float,accuracy_level=0,block=32)", calib,
+                    {"x": (2, 5, 100)})
+    result = api.compile(to_proto(model), "host", input_shapes={"x": (2, 5, 100)},
+                         verify=False)
+    x = {"x": rng.standard_normal((2, 5, 100)).astype(np.float32)}
+    got = result.artifact.run(x)["y"]
+    int4 = OrtArtifact(model).run(x)["y"]
+    fp32 = OrtArtifact(load_model(proto)).run(x)["y"]
+    np.testing.assert_allclose(got, int4, rtol=1e-4, atol=1e-4)
+    # it is the 4-bit weights that were compiled, not float ones
+    assert np.abs(got - fp32).max() > 100 * np.abs(got - int4).max()

@@ -242,6 +242,14 @@ def import_onnx(proto: onnx.ModelProto, specs: Sequence[InputSpec], label: str =
     get wrong (`_miscompiled_forms`), become UnsupportedOpError."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from ...passes.quantization.int4 import legalize_matmulnbits
+
+    # TVM has no com.microsoft ops: 4-bit MatMulNBits (quantize(int4)) runs as a float
+    # MatMul with the weights it stands for (no 4-bit kernel, so no size gain in TVM).
+    proto, legalized = legalize_matmulnbits(proto)
+    if legalized:
+        logger.warning("%s: %d MatMulNBits node(s) compiled as float MatMul with their "
+                       "dequantized 4-bit weights (TVM has no 4-bit kernel)", label, legalized)
     wrong = _miscompiled_forms(proto, specs)
     if wrong:
         node, why = wrong[0]

@@ -26,6 +26,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from ...errors import InputSpecError
@@ -196,3 +197,81 @@ def _fold_bias_adds(model: ir.Model, nodes: list[ir.Node]) -> int:
         model.graph.remove(add, safe=True)
         count += 1
     return count
+
+
+def matmulnbits_weight(attrs: dict[str, int], packed: np.ndarray, scales: np.ndarray,
+                       zero_points: np.ndarray | None) -> np.ndarray:
+    """The float weight [K, N] a 4-bit MatMulNBits node computes with (as onnxruntime
+    decodes it: low nibble first, zero point 8 when absent, uint8-packed zero points)."""
+    k, n, block = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
+    if int(attrs.get("bits", 4)) != 4:
+        raise InputSpecError(f"MatMulNBits with bits={attrs.get('bits')}: only 4 is decoded")
+    blocks = -(-k // block)
+    packed = np.asarray(packed, np.uint8).reshape(n, -1)
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1)[:, :blocks * block]
+    s = np.asarray(scales, np.float32).reshape(n, blocks)
+    if zero_points is None:
+        z = np.full((n, blocks), 8.0, np.float32)
+    elif zero_points.dtype == np.uint8 and zero_points.size != n * blocks:
+        zp = zero_points.reshape(n, -1)
+        z = np.stack([zp & 15, zp >> 4], -1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    else:  # zero points stored as floats, one per block
+        z = np.asarray(zero_points, np.float32).reshape(n, blocks)
+    deq = (codes.astype(np.float32) - np.repeat(z, block, 1)) * np.repeat(s, block, 1)
+    return np.ascontiguousarray(deq[:, :k].T)
+
+
+def legalize_matmulnbits(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """For backends without com.microsoft ops (TVM): every 4-bit MatMulNBits with constant
+    weights of the main graph becomes MatMul with the float weight it stands for (+ Add of
+    its bias); same outputs up to float rounding (accuracy_level is onnxruntime's own)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes = [n for n in proto.graph.node
+             if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN]
+    if not nodes:
+        return proto, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    new_nodes = []
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+            new_nodes.append(node)
+            continue
+        new_nodes.extend(_as_float_matmul(node, inits, graph))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return out, len(nodes)
+
+
+def _as_float_matmul(node, inits, graph) -> list:
+    from onnx import helper, numpy_helper
+
+    def const(i: int) -> np.ndarray | None:
+        if len(node.input) <= i or not node.input[i]:
+            return None
+        if node.input[i] not in inits:
+            raise InputSpecError(f"MatMulNBits node {node.name!r}: input {i} "
+                                 f"({node.input[i]!r}) is not an initializer")
+        return numpy_helper.to_array(inits[node.input[i]])
+
+    if len(node.input) > 4 and node.input[4]:
+        raise InputSpecError(f"MatMulNBits node {node.name!r} has g_idx (act-order "
+                             "permutation), which is not decoded")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    w = matmulnbits_weight(attrs, const(1), const(2), const(3))
+    w_name = f"{node.name}_dequantized_weight"
+    graph.initializer.append(numpy_helper.from_array(w, w_name))
+    bias = const(5)
+    if bias is None:
+        return [helper.make_node("MatMul", [node.input[0], w_name], list(node.output),
+                                 name=node.name)]
+    b_name = f"{node.name}_bias_float"
+    graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), b_name))
+    mid = f"{node.output[0]}_before_bias"
+    return [helper.make_node("MatMul", [node.input[0], w_name], [mid], name=node.name),
+            helper.make_node("Add", [mid, b_name], list(node.output), name=f"{node.name}_bias")]
