@@ -9,7 +9,10 @@ Steps, in order (each one can be turned off by an option):
    logged and written to the stats, when the serialized model would exceed the
    2 GiB protobuf limit; when onnxsim raises or reports a failed check (it fails on
    some real models with `If` subgraphs, e.g. Silero VAD), the model is left as it
-   was and the fallback steps below still run.
+   was and the fallback steps below still run. A model with If/Loop/Scan bodies whose
+   simplified form onnxruntime refuses with the input shapes pinned (a branch those
+   shapes never take becomes statically inconsistent: Silero VAD) is simplified again
+   without pinning them (stats `onnxsim_shapes`).
 2. **Dropout → Identity** for inference Dropout: opset < 12 always; opset >= 12 when
    `training_mode` is absent or a constant false. Refused when the `mask` output
    is used.
@@ -161,6 +164,15 @@ class CleanupPass(ForgePass):
             shapes = self._onnxsim_shapes(model)
             kwargs = {"overwrite_input_shapes": shapes} if shapes else {}
             simplified, ok = onnxsim.simplify(proto, **kwargs)
+            if ok and kwargs and _has_subgraphs(proto) and not _ort_loads(simplified):
+                # Pinned shapes can leave an If branch that those shapes never take
+                # statically inconsistent: onnxruntime then refuses the whole model
+                # (Silero VAD: "LSTM: First input tensor must have rank 3").
+                logger.warning("cleanup: onnxruntime cannot load onnxsim's result with pinned "
+                               "input shapes (If/Loop/Scan bodies); simplifying without them")
+                self.stats["onnxsim_shapes"] = "not pinned: onnxruntime refused the result"
+                kwargs = {}
+                simplified, ok = onnxsim.simplify(proto)
             if ok:
                 simplified, applied = self._keep_ort_fusions(onnxsim, proto, simplified, kwargs)
         except Exception as exc:  # noqa: BLE001 - onnxsim raises errors of many kinds
@@ -233,6 +245,26 @@ class CleanupPass(ForgePass):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _has_subgraphs(proto: onnx.ModelProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in proto.graph.node for a in n.attribute)
+
+
+def _ort_loads(proto: onnx.ModelProto) -> bool:
+    """Whether onnxruntime builds a session (basic optimizations: constant folding and the
+    type checks of every branch) for `proto`."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own exception types
+        return False
+    return True
 
 
 def replace_model_contents(model: ir.Model, new: ir.Model) -> None:
