@@ -38,10 +38,14 @@ class QuantizePass(ForgePass):
 
     @property
     def descends_into_subgraphs(self) -> bool:  # type: ignore[override]
-        """int8 quantizes If/Loop/Scan bodies too (bodies.py); the other modes do not."""
-        return self.options.mode == "int8"
+        """int8 (also as the rest of mode=int4) quantizes If/Loop/Scan bodies too
+        (bodies.py); the other modes do not."""
+        opts = self.options
+        return opts.mode == "int8" or (opts.mode == "int4" and opts.rest == "int8")
 
-    subgraph_note = "only mode=int8 quantizes inside If/Loop/Scan bodies"
+    subgraph_note = ("only mode=int8 (and the int8 rest of mode=int4) quantizes inside "
+                     "If/Loop/Scan bodies; int4 MatMulNBits, dynamic, fp16 and mixed work on "
+                     "the main graph only")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts: QuantizeOptions = self.options
