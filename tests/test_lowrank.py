@@ -472,3 +472,54 @@ def test_efficientnet_b0_macs_budget_refuses_depthwise():
     assert step.after["macs"] < step.before["macs"] and step.after["params"] < step.before[
         "params"]
     assert np.isfinite(step.error.max_rel_l2)
+
+
+# ---------------------------------------------------------------- sensitivity allocation
+
+
+def _loud_and_quiet_branches(dim: int = 48, seed: int = 0) -> onnx.ModelProto:
+    """out = 10 * (x @ Wa) + 0.1 * (x @ Wb): both weights have the same decaying spectrum,
+    so lost energy cannot tell them apart; the model output is 100x more sensitive to Wa."""
+    rng = np.random.default_rng(seed)
+    s = 0.9 ** np.arange(dim)
+
+    def weight():
+        u, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+        v, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+        return (u * s) @ v.T
+
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["ya"], name="loud"),
+             helper.make_node("Mul", ["ya", "ten"], ["za"]),
+             helper.make_node("MatMul", ["x", "wb"], ["yb"], name="quiet"),
+             helper.make_node("Mul", ["yb", "tenth"], ["zb"]),
+             helper.make_node("Add", ["za", "zb"], ["out"])]
+    return _model(nodes, [_io("x", [4, dim])], [_io("out", [4, dim])],
+                  {"wa": weight(), "wb": weight(), "ten": np.float32(10.0),
+                   "tenth": np.float32(0.1)})
+
+
+def test_sensitivity_allocation_spends_the_budget_on_the_insensitive_layer():
+    proto = _loud_and_quiet_branches()
+    base = load_model(proto)
+    shapes = {"x": (4, 48)}
+    calib = open_calibration("random:8", base, shapes, seed=1)
+    held_out = open_calibration("random:4", base, shapes, seed=7)
+    ranks, errors = {}, {}
+    for how in ("energy", "sensitivity"):
+        model = load_model(base)
+        p = LowRankPass(context=PassContext(calibration=calib, input_shapes=shapes),
+                        params=0.5, guard=False, round_to=1, allocate=how)
+        p(model)
+        assert p.stats["budget_removed"] >= 0.5
+        ranks[how] = {k: v["rank"] for k, v in p.stats["layers"].items()}
+        ref_art, art = OrtArtifact(base), OrtArtifact(model)
+        err = [np.linalg.norm(art.run(b)["out"] - ref_art.run(b)["out"])
+               / np.linalg.norm(ref_art.run(b)["out"]) for b in held_out.batches(4)]
+        errors[how] = float(np.mean(err))
+    loud = [k for k in ranks["sensitivity"] if "loud" in k]
+    quiet = [k for k in ranks["sensitivity"] if "quiet" in k]
+    # the quiet layer is cut deeper (or alone); the loud one keeps more rank
+    loud_rank = ranks["sensitivity"][loud[0]][0] if loud else 48
+    assert quiet and ranks["sensitivity"][quiet[0]][0] < loud_rank, ranks
+    print("lowrank loud/quiet:", ranks, errors)
+    assert errors["sensitivity"] < 0.5 * errors["energy"], (errors, ranks)

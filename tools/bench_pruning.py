@@ -48,6 +48,8 @@ ZOO = bc.ZOO
 # (--docstring-calib): out-of-domain text; the refit then hurts (see README).
 DOCSTRING_CALIBRATION = False
 VISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1"]
+METHODS = {"threshold": "allocate=threshold", "sensitivity": "allocate=sensitivity",
+           "sensitivity+energy": "allocate=sensitivity,criterion=energy"}
 MODELS = [*VISION, "ppocr_det", "ppocr_rec", "ppocr_cls", "minilm_l6", "digits"]
 logger = logging.getLogger("bench_pruning")
 
@@ -160,13 +162,40 @@ def minilm_task() -> Task | None:
                 notes="calib: 128 docstring sentences; eval: the 16 real sentences")
 
 
+def _ctc_indices(probs: np.ndarray) -> list[int]:
+    """Greedy CTC reading as class indices (blank 0 dropped, repeats merged)."""
+    seq, prev = [], -1
+    for i in probs[0].argmax(-1):
+        if i != prev and i != 0:
+            seq.append(int(i))
+        prev = i
+    return seq
+
+
+def with_cer_vs_fp32(task: Task | None) -> Task | None:
+    """Add `cer_fp32`: character error rate against the original model's own reading."""
+    if task is None:
+        return None
+    inner = task.metric
+
+    def metric(ref, cand):
+        errors = total = 0
+        for r, c in zip(ref, cand):
+            a = _ctc_indices(next(iter(r.values())))
+            errors += sample_inputs.edit_distance(_ctc_indices(next(iter(c.values()))), a)
+            total += max(len(a), 1)
+        return {**inner(ref, cand), "cer_fp32": errors / total}
+
+    return Task(task.name, task.model_path, task.calib, task.evaluate, metric, notes=task.notes)
+
+
 def make_task(name: str) -> Task | None:
     if name in VISION:
         return vision_task(name)
     if name == "ppocr_det":
         return ppocr_det_task()
     if name == "ppocr_rec":
-        return bc.ppocr_rec_task()
+        return with_cer_vs_fp32(bc.ppocr_rec_task())
     if name == "ppocr_cls":
         return bc.ppocr_cls_task()
     if name == "minilm_l6":
@@ -191,7 +220,7 @@ def prune(task: Task, base, setting: str, recover: bool, round_to: int) -> tuple
     options = dict(item.split("=") for item in setting.split(","))
     typed = {}
     for key, value in options.items():
-        typed[key] = value if key in ("kinds", "criterion") else float(value)
+        typed[key] = value if key in ("kinds", "criterion", "allocate") else float(value)
     shapes = {k: v.shape for k, v in task.calib[0].items()}
     context = PassContext(calibration=ListSource(task.calib), input_shapes=shapes)
     model = load_model(base)
@@ -214,6 +243,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the no-recovery run (faster)")
+    parser.add_argument("--methods", nargs="*", default=["threshold"],
+                        choices=["threshold", "sensitivity", "sensitivity+energy"],
+                        help="how a MACs target is allocated (threshold: global ranking of "
+                             "normalized L2 scores; sensitivity: measured output error per "
+                             "group; +energy: activation-weighted unit order)")
     parser.add_argument("--docstring-calib", action="store_true",
                         help="calibrate MiniLM on 128 stdlib docstring sentences")
     args = parser.parse_args()
@@ -230,7 +264,7 @@ def main() -> None:
         base = load_model(task.model_path)
         shapes = {k: v.shape for k, v in task.calib[0].items()}
         ref_out = bc.run_batches(base, task.evaluate, args.threads)
-        settings = [f"macs={t}" for t in args.targets]
+        settings = [f"macs={t},{METHODS[m]}" for t in args.targets for m in args.methods]
         if name == "minilm_l6":
             settings.append("ratio=0.3,kinds=linear")
         for setting in settings:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -90,7 +91,8 @@ from .linalg import (
     tucker_mode1_matrix,
     vertical_patches,
 )
-from .rank import allocate, layer_choices, rank_grid, round_rank
+from .rank import Choice, allocate, layer_choices, rank_grid, round_rank
+from .sensitivity import LayerProbe, onnx_weight, probe_ranks, sensitivity_slope, weighted
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,10 @@ class LowRankOptions:
     damp: float = option(DEFAULT_DAMP, ge=0.0)  # covariance damping (share of its mean eigenvalue)
     guard: bool = True  # keep a decomposition only if measured faster
     guard_margin: float = option(0.03, lt=1.0)  # required latency gain of the decomposed layer
+    # budget spread by lost energy, or by lost energy weighted with each layer's measured
+    # output sensitivity (needs calibration data; see `sensitivity`)
+    allocate: Literal["energy", "sensitivity"] = "energy"
+    sens_batches: int = option(4, ge=1)
 
 
 Plan = LowRankSVD | Tucker2 | SpatialSVD
@@ -162,6 +168,7 @@ class LowRankPass(ForgePass):
         if not layers:
             return ir.passes.PassResult(model, modified=False)
         self._attach_shapes(model, layers)
+        self._model = model  # the sensitivity probe copies it before any rewrite
         moments = self._collect_moments(model, layers) if data_aware else {}
         plans = {layer.key: self._plan(layer, moments) for layer in layers}
         ranks = self._select_ranks(layers, plans)
@@ -443,6 +450,8 @@ class LowRankPass(ForgePass):
                     spectra, grids, lambda r, lay=layer, i=index: self._costs(lay, r)[i],
                     self._costs(layer, None)[index],
                     lambda r, lay=layer: self._saves_enough(lay, r)))
+            if opts.allocate == "sensitivity":
+                all_choices = self._sensitivity_weighted(layers, plans, all_choices)
             picks, achieved = allocate(all_choices, budget)
             self.stats["budget_removed"] = round(achieved, 4)
             if achieved < budget:
@@ -472,6 +481,34 @@ class LowRankPass(ForgePass):
             if ranks[layer.key] is None:
                 layer.attrs["_refused_ranks"] = chosen
         return ranks
+
+    def _sensitivity_weighted(self, layers: list[Layer], plans: dict[str, Plan],
+                              all_choices: list[list[Choice]]) -> list[list[Choice]]:
+        """Each layer's candidate errors scaled by its measured output sensitivity."""
+        if not self.context.has_calibration:
+            raise PipelineError("lowrank(allocate=sensitivity) needs calibration data (--calib)")
+        start = time.perf_counter()
+        batches = list(self.context.calibration_batches(self.options.sens_batches))
+        probe = LayerProbe(self._model, layers, batches, self.context.threads)
+        alphas: dict[str, float] = {}
+        for layer in layers:
+            if layer.key not in probe.inputs:
+                continue
+            spectra, fulls, _ = self._spectra(layer, plans[layer.key])
+            grids = [rank_grid(f, self.options.round_to) for f in fulls]
+            losses, errors = [], []
+            for ranks in probe_ranks(spectra, grids):
+                approx = self._factors(layer, plans[layer.key], ranks)[1]
+                losses.append(sum(1.0 - energy_kept(s, r) for s, r in zip(spectra, ranks)))
+                errors.append(probe.error(layer.key, onnx_weight(layer, approx)))
+            alpha = sensitivity_slope(losses, errors)
+            if alpha is not None:
+                alphas[layer.key] = alpha
+        fallback = float(np.median(list(alphas.values()))) if alphas else 1.0
+        self.stats["sensitivity_s"] = round(time.perf_counter() - start, 2)
+        self.stats["sensitivity"] = {k: round(v, 5) for k, v in alphas.items()}
+        return [weighted(c, alphas.get(layer.key, fallback))
+                for layer, c in zip(layers, all_choices)]
 
     def _no_rank_reason(self, layer: Layer, plan: Plan) -> str:
         refused = layer.attrs.get("_refused_ranks")

@@ -20,7 +20,10 @@ What it does
 3. How much: `ratio` removes that fraction of the units of every group;
    `macs=F` / `params=F` remove a fraction F of the model's MACs / parameters by
    a global threshold over normalized scores (each group capped at
-   `max_ratio`); `overrides="pattern=ratio;..."` fixes the ratio of groups whose
+   `max_ratio`) with `allocate=threshold`, or with `allocate=sensitivity` (the
+   default when calibration data is given) from the model's measured output error
+   per group and candidate ratio, least error per MAC removed (`sensitivity`);
+   `overrides="pattern=ratio;..."` fixes the ratio of groups whose
    layer or weight names match the fnmatch pattern (e.g. `layer4.*`); every
    group keeps at least `min_channels` channels, and groups of single channels
    keep a multiple of `round_to`.
@@ -28,7 +31,9 @@ What it does
 5. Recovery without training (`recover`, with calibration data and
    `recover=true`): least-squares refit of every layer that lost inputs, against
    the original layer outputs; then BN running statistics re-estimated
-   (`bn_recalib`).
+   (`bn_recalib`); wave by wave in topological order, each layer fit on the
+   pruned and already corrected model's inputs (`sequential=false`: all layers
+   in one wave, for comparison), ridge chosen on a held-out fold.
 6. The pruned copy must load and run in onnxruntime with the original output
    shapes; otherwise the pass refuses and leaves the model unchanged.
 
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
@@ -62,10 +68,12 @@ from ..graph import attr, weight_out_axis
 from .apply import PruneApplyError, apply_plan, group_removed, kept_indices
 from .groups import Analysis, Group, _Shapes, analyze
 from .recover import RefitTarget, conv_geometry, node_dag, recover
+from .sensitivity import SensitivityProbe, allocate, candidate_counts, measure
 
 logger = logging.getLogger(__name__)
 
-Criterion = Literal["l1", "l2", "bn", "activation"]
+Criterion = Literal["l1", "l2", "bn", "activation", "energy"]
+Allocation = Literal["auto", "threshold", "sensitivity"]
 
 
 @dataclass
@@ -85,6 +93,10 @@ class PruneOptions:
     max_rows: int = option(2048, ge=1)
     # None: chosen per layer by two-fold cross-validation
     ridge: float | None = option(None, ge=0.0)
+    # how a macs=/params= target is spread over groups (auto: sensitivity with calibration)
+    allocate: Allocation = "auto"
+    sens_batches: int = option(4, ge=1)  # calibration batches of the sensitivity sweep
+    sequential: bool = True  # recovery wave by wave (False: every layer in one wave)
 
 
 def parse_overrides(text: str) -> list[tuple[str, float]]:
@@ -181,9 +193,15 @@ class PrunePass(ForgePass):
         )
         cost = CostModel(work, analysis)
         chosen: list[int] = []
+        self._probe = None
+        if groups and self._needs_probe():
+            start = time.perf_counter()
+            self._probe = self._make_probe(work, analysis, groups)
+            self.stats["sensitivity_setup_s"] = round(time.perf_counter() - start, 2)
         if groups:
             scores = self._unit_scores(model, work, analysis, groups)
             chosen = self._select(analysis, groups, scores, cost)
+        self._probe = None
         removed = group_removed(analysis, chosen)
         return PrunePlan(work, analysis, chosen, removed, shapes, original_shapes, cost)
 
@@ -222,7 +240,7 @@ class PrunePass(ForgePass):
                 self.stats.update(recover(
                     model, work, targets, bns, kept_by_name, self._batches,
                     threads=self.context.threads, max_rows=opts.max_rows, ridge=opts.ridge,
-                    seed=self.context.seed))
+                    seed=self.context.seed, sequential=opts.sequential))
             self._validate(model, work, plan.shapes)
         except (PruneApplyError, ValueError, np.linalg.LinAlgError) as exc:
             logger.error("prune: refused, model left unchanged: %s", exc)
@@ -247,6 +265,38 @@ class PrunePass(ForgePass):
             raise PipelineError(f"prune: kinds={opts.kinds!r}: use all or a list of "
                                 "conv,linear,heads")
         parse_overrides(opts.overrides)
+
+    def _allocation(self) -> str:
+        """threshold | sensitivity, resolving `auto` (sensitivity for a target with data)."""
+        opts: PruneOptions = self.options
+        if opts.allocate != "auto":
+            return opts.allocate
+        has_target = opts.macs is not None or opts.params is not None
+        return "sensitivity" if has_target and self.context.has_calibration else "threshold"
+
+    def _needs_probe(self) -> bool:
+        opts: PruneOptions = self.options
+        if opts.criterion == "energy" or (
+                self._allocation() == "sensitivity"
+                and (opts.macs is not None or opts.params is not None)):
+            if not self.context.has_calibration:
+                raise PipelineError(f"prune: criterion={opts.criterion} / allocate="
+                                    f"{opts.allocate} need calibration data (--calib)")
+            return True
+        return False
+
+    def _make_probe(self, work: ir.Model, analysis: Analysis, groups: list[Group]
+                    ) -> SensitivityProbe:
+        """The sensitivity probe: output errors on the first `sens_batches` calibration
+        batches, its refits fit on the others (on all of them when there are too few)."""
+        opts: PruneOptions = self.options
+        batches = list(self.context.calibration_batches(opts.calib_batches))
+        n = opts.sens_batches
+        evaluate, fit = batches[:n], batches[n:]
+        if len(fit) < n:
+            fit = batches
+        return SensitivityProbe(work, analysis, groups, evaluate, fit,
+                                threads=self.context.threads, seed=self.context.seed)
 
     def _recovering(self) -> bool:
         return bool(self.options.recover and self.context.has_calibration)
@@ -304,6 +354,12 @@ class PrunePass(ForgePass):
             elem = self._activation_element_scores(model, analysis)
         scores: dict[int, float] = {}
         for g in groups:
+            energy = self._probe.unit_energy(g) if criterion == "energy" else None
+            if energy is not None:
+                mean = float(energy.mean())
+                for u, v in zip(g.units, energy / mean if mean > 0 else np.ones_like(energy)):
+                    scores[u.id] = float(v)
+                continue
             use = elem if any(n in elem for n in g.nodes) else l2
             raw = []
             for u in g.units:
@@ -357,8 +413,53 @@ class PrunePass(ForgePass):
                                                 * len(order)))
                 chosen.extend(u.id for u in order[:k])
             return chosen
-        return self._select_global(analysis, plans, scores, cost, global_target,
-                                   "macs" if opts.macs is not None else "params")
+        which = "macs" if opts.macs is not None else "params"
+        if self._allocation() == "sensitivity":
+            return self._select_sensitivity(plans, cost, global_target, which)
+        return self._select_global(analysis, plans, scores, cost, global_target, which)
+
+    def _select_sensitivity(self, plans, cost: CostModel, target: float, which: str
+                            ) -> list[int]:
+        """Ratios from the measured output error per group and candidate (`sensitivity`)."""
+        n_nodes = len(cost.sizes)
+        base = np.zeros(n_nodes)
+        free, chosen = [], []
+        for g, order, fixed in plans:
+            if fixed is not None:
+                k = self._rounded(g, math.floor(fixed * len(order)))
+                chosen.extend(u.id for u in order[:k])
+                for u in order[:k]:
+                    for nid, idx in u.members.items():
+                        base[nid] += len(idx)
+                continue
+            cap = math.floor(self.options.max_ratio * len(order))
+            ks = candidate_counts(len(order), self.options.max_ratio,
+                                  lambda k, g=g, cap=cap: self._rounded(g, k, cap))
+            free.append((g, order, ks, _cumulative_members(g, order, n_nodes)))
+        errors, seconds = measure(self._probe, [f[0] for f in free], [f[1] for f in free],
+                                  [f[2] for f in free])
+        total = cost.total_macs if which == "macs" else cost.total_params
+
+        def removed_fraction(choice: list[int]) -> float:
+            counts = base.copy()
+            for (_g, _order, ks, cum), j in zip(free, choice):
+                counts += cum[ks[j]]
+            macs, params = cost.removed(counts)
+            return (macs if which == "macs" else params) / max(total, 1.0)
+
+        picks = allocate([f[2] for f in free], errors, removed_fraction, target)
+        reached = removed_fraction(picks)
+        if reached < target:
+            logger.warning("prune: %s target %.2f not reachable; removing %.3f", which,
+                           target, reached)
+        for (_g, order, ks, _cum), j in zip(free, picks):
+            chosen.extend(u.id for u in order[:ks[j]])
+        self.stats.update({f"{which}_target": target, "allocation": "sensitivity",
+                           "sensitivity_s": round(seconds, 2),
+                           "sensitivity_runs": sum(len(f[2]) - 1 for f in free),
+                           "predicted_output_error": round(float(sum(
+                               e[j] for e, j in zip(errors, picks))), 6)})
+        return chosen
 
     def _rounded(self, g: Group, k: int, cap: int | None = None) -> int:
         """Units to remove after min_channels / round_to; never more than asked."""
@@ -497,6 +598,17 @@ class PrunePass(ForgePass):
                 raise PruneApplyError(f"output {name}: shape {b.shape} != original {a.shape}")
             if np.issubdtype(b.dtype, np.floating) and not np.all(np.isfinite(b)):
                 raise PruneApplyError(f"output {name}: non-finite values after pruning")
+
+
+def _cumulative_members(g: Group, order: list, n_nodes: int) -> dict[int, np.ndarray]:
+    """Removed count per axis node after removing the first k units of `order`, by k."""
+    out = {0: np.zeros(n_nodes)}
+    current = np.zeros(n_nodes)
+    for k, u in enumerate(order, start=1):
+        for nid, idx in u.members.items():
+            current[nid] += len(idx)
+        out[k] = current.copy()
+    return out
 
 
 def _weight_element_scores(s: _Shapes, analysis: Analysis, squared: bool) -> dict:

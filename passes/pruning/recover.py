@@ -346,15 +346,21 @@ def _waves(graph: ir.Graph, targets: list[ir.Node]) -> list[list[ir.Node]]:
 def recover(original: ir.Model, pruned: ir.Model, refits: list[RefitTarget],
             bns: list[ir.Node], kept_channels: dict[str, np.ndarray], batches: Batches, *,
             threads: int | None = None, max_rows: int = 4096, ridge: float | None = None,
-            seed: int = 0) -> dict[str, int]:
+            seed: int = 0, sequential: bool = True) -> dict[str, int]:
     """Refit `refits` and re-estimate `bns` of `pruned` in place, wave by wave.
 
     `kept_channels` maps a BN input name to the original channels it kept.
+    `sequential=False` refits every layer in one first wave (each from the pruned
+    model's inputs before any refit: the independent, layer-local reconstruction),
+    then re-estimates the BNs wave by wave; kept to measure what ordering buys.
     Returns how many layers were refit and BNs re-estimated.
     """
     by_node = {id(t.node): t for t in refits}
     rng = np.random.default_rng(seed)
-    waves = _waves(pruned.graph, [t.node for t in refits] + list(bns))
+    if sequential:
+        waves = _waves(pruned.graph, [t.node for t in refits] + list(bns))
+    else:
+        waves = ([[t.node for t in refits]] if refits else []) + _waves(pruned.graph, list(bns))
     wanted = sorted({t.node.outputs[0].name for t in refits} | {n.inputs[0].name for n in bns})
     reference = ActivationReader(original, wanted, threads=threads)
 
