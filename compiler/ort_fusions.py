@@ -68,6 +68,12 @@ def ort_optimized_ops(model: ir.Model | onnx.ModelProto | str | Path, *, threads
     return collections.Counter(_key(n) for n in optimized.graph.node)
 
 
+def op_total(counts: collections.Counter, op_type: str) -> int:
+    """How many nodes of `op_type` in any domain (ORT's NHWC transformer moves QLinearConv
+    to com.microsoft, for example), FusedConv counted whatever its activation."""
+    return sum(v for k, v in counts.items() if k.split(":")[-1].split("[")[0] == op_type)
+
+
 def lost_fusions(before: collections.Counter, after: collections.Counter) -> dict[str, int]:
     """Fused op types (see FUSED_OP_TYPES) of which `after` has fewer than `before`:
     name -> how many fewer."""

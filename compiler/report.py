@@ -96,6 +96,12 @@ def render_steps(report: dict[str, Any], console: Console) -> None:
         console.print(f"ORT latency ({lat['threads']} thread(s), median): "
                       f"{lat['before_ms']:.3f} ms → {lat['after_ms']:.3f} ms "
                       f"(speedup ×{lat['speedup']:.2f})")
+        if lat["speedup"] < 1.0:
+            # e.g. int8 HardSwish nets: float ops between int8 convs (see README, quantize)
+            console.print("[yellow]warning: the output runs slower than the input in "
+                          "onnxruntime on this machine (one interleaved measurement; "
+                          "confirm with tools/bench_quantization.py or tools/bench_exact.py)"
+                          "[/yellow]")
 
 
 def render_bench(rows: list[dict[str, Any]], console: Console, title: str) -> None:

@@ -99,6 +99,9 @@ class QuantizeOptions:
     embeddings: bool = True
     # Quantize graph outputs produced by Conv/int8 ops too (so they fuse to QLinearConv...).
     quantize_outputs: bool = True
+    # Keep float the low-density convs (depthwise, 1x1 spatial input) whose input comes
+    # from a float op: in onnxruntime they are not faster in int8 and cost a Q/DQ pair.
+    keep_cheap_convs_float: bool = True
     bias_correction: bool = True
     equalize: bool = False
     # SmoothQuant alpha; -1 = auto (0.5 when a LayerNormalization feeds MatMul/Gemm layers).
@@ -240,10 +243,16 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
     ensure_node_names(graph)
     nodes = list(graph)
     compute_set = _select_compute(graph, nodes, opts, only, plan)
-    plan.compute = [n for n in nodes if n in compute_set]
     flow = _Int8Flow(plan, opts, in_n=set(compute_set))
     for n in nodes:
+        if n in compute_set and opts.keep_cheap_convs_float and _cheap_float_fed_conv(n, flow):
+            compute_set.discard(n)
+            flow.in_n.discard(n)
+            plan.skipped[n.name] = ("kept float: depthwise or 1x1-spatial conv fed by a float "
+                                    "op (onnxruntime runs it no faster in int8; the Q/DQ pair "
+                                    "would cost more)")
         flow.visit(n, n in compute_set)
+    plan.compute = [n for n in nodes if n in compute_set]
     needs = _needs_qdq(nodes, compute_set, opts, plan)
     _add_tensors(graph, nodes, needs, flow, plan)
     # Groups may span values without Q/DQ (pass-through outputs); keep union info only.
@@ -272,6 +281,53 @@ def _select_compute(graph: ir.Graph, nodes: list[ir.Node], opts: QuantizeOptions
         else:
             compute_set.add(n)
     return compute_set
+
+
+def _cheap_float_fed_conv(n: ir.Node, flow: _Int8Flow) -> bool:
+    """A Conv with few MACs per output element (depthwise: k*k; or a 1x1-spatial input,
+    as in squeeze-excite blocks) whose input is produced in float (e.g. by HardSwish,
+    which onnxruntime cannot run in int8). Measured on PP-OCR cls (ORT 1.31, 1 thread):
+    int8 QLinearConv depthwise runs in NHWC no faster than the fp32 NCHWc kernel, and the
+    Q before plus DQ after each such conv made the int8 model 1.15-1.35x slower than
+    fp32; keeping these float: 0.69-0.86x (runs on a shared 2-core machine). A depthwise
+    conv is kept float only between float-only ops (HardSwish in, HardSwish out): inside
+    int8 chains (MobileNetV2, Relu6 folded) int8 is faster (0.54x vs 0.60x), and PP-OCR
+    rec's, fed by an Add after HardSwish, lost accuracy when kept float (CER 0.74 % ->
+    2.5 % on 64 rendered lines) for no speed."""
+    if n.op_type != "Conv" or n.inputs[0] is None or n.inputs[0].name in flow.avail:
+        return False
+    shape = n.inputs[0].shape
+    if shape is not None and len(shape) >= 3 and all(d == 1 for d in list(shape)[2:]):
+        return True
+    group = n.attributes.get("group")
+    channels = shape[1] if shape is not None and len(shape) >= 2 else None
+    depthwise = group is not None and group.value > 1 and group.value == channels
+    producer = n.inputs[0].producer()
+    return depthwise and producer is not None and _float_only(producer) \
+        and _feeds_only_float_ops(n.outputs[0])
+
+
+def _float_only(node: ir.Node) -> bool:
+    """An op that onnxruntime has no int8 kernel or QDQ fusion for (HardSwish,
+    HardSigmoid, Div...), as opposed to one that is float here only by position."""
+    return not (node.op_type in COMPUTE_OPS or node.op_type in INT8_OPS
+                or node.op_type in PASSTHROUGH_OPS or node.op_type in ("Relu", "Clip", "Concat"))
+
+
+def _feeds_only_float_ops(value: ir.Value) -> bool:
+    """Every reader of `value` (looking through Relu/Clip, which fold into a range) is a
+    float-only op: an int8 output would only be dequantized again."""
+    readers = list(value.uses())
+    if not readers:
+        return False
+    for use in readers:
+        node = use.node
+        if node.op_type in ("Relu", "Clip"):
+            if not _feeds_only_float_ops(node.outputs[0]):
+                return False
+        elif not _float_only(node):
+            return False
+    return True
 
 
 @dataclass
