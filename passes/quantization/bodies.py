@@ -61,13 +61,14 @@ class BodyModel(ir.Model):
         return self.root.opset_imports
 
 
-def _localize_outer_inputs(body: ir.Graph, names: NameAllocator) -> int:
-    """Identity copies, inside `body`, of outer-scope activations read by compute ops."""
+def _localize_outer_inputs(body: ir.Graph, names: NameAllocator, ops: set[str]) -> int:
+    """Identity copies, inside `body`, of outer-scope activations read by compute ops of
+    the types `ops` (the ones the run quantizes)."""
     local = {id(v) for v in body.inputs} | {id(o) for n in body for o in n.outputs}
     copies: dict[int, ir.Value] = {}
     first = next(iter(body), None)
     for node in list(body):
-        if node.op_type not in COMPUTE_OPS:
+        if node.op_type not in COMPUTE_OPS or node.op_type not in ops:
             continue
         for i, v in enumerate(node.inputs):
             if v is None or id(v) in local or v.const_value is not None:
@@ -146,7 +147,7 @@ def quantize_bodies(model: ir.Model, opts: QuantizeOptions, context: Any, *,
     names = NameAllocator(model.graph)
     jobs = []
     for scope in scopes:
-        _localize_outer_inputs(scope.graph, names)
+        _localize_outer_inputs(scope.graph, names, {o.strip() for o in opts.ops.split(",")})
         view = BodyModel(model, scope.graph)
         # keep_float: the names that are nodes of this body ("first"/"last": main graph)
         here = {n.name for n in scope.graph}
