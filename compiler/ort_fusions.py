@@ -16,8 +16,15 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from .ir import model_bytes
+
+# What creating a session raises for a model onnxruntime refuses (none of them derives
+# from a common onnxruntime base class other than Exception).
+ORT_LOAD_ERRORS = (_ort_state.Fail, _ort_state.InvalidGraph, _ort_state.InvalidArgument,
+                   _ort_state.InvalidProtobuf, _ort_state.NotImplemented,
+                   _ort_state.RuntimeException)
 
 # Op types that only exist because ORT fused something (its contrib kernels, plus the
 # standard ops it builds from primitive patterns). A drop in any of them between a model

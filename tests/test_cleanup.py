@@ -368,3 +368,20 @@ def test_ppocr_rec_dynamic_cleanup_keeps_ort_fusions() -> None:
     lost = lost_fusions(ort_optimized_ops(path), ort_optimized_ops(model))
     assert lost == {}, (lost, step.stats)
     assert step.after["nodes"] < step.before["nodes"]
+
+
+def test_onnxsim_import_skips_torch_and_leaves_it_importable() -> None:
+    # onnxsim's package import probes PPQ by importing torch first (seconds); cleanup
+    # hides torch during that import only. In a fresh process: onnxsim works, torch was
+    # not loaded, and no sentinel is left that would break a later `import torch`.
+    code = (
+        "import sys\n"
+        "from onnxforge.passes.cleanup import _import_onnxsim\n"
+        "sim = _import_onnxsim()\n"
+        "assert callable(sim.simplify)\n"
+        "assert 'torch' not in sys.modules, 'torch loaded or sentinel left'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
