@@ -16,6 +16,11 @@ Models and metrics:
   ppocr_rec    PP-OCRv4 rec; character error rate on text lines rendered with DejaVu fonts,
                decoded with the charset stored in the model's metadata
   ppocr_cls    direction classifier; accuracy on rendered lines, half rotated 180 degrees
+  ppocr_det    PP-OCR detector; pages of rendered text lines (calibration and evaluation
+               pages use different lines): cosine and IoU (> 0.3) of the text probability map
+
+`--ours-only` skips onnxruntime's quantizers (faster). The last lines list every model
+whose int8 output runs slower than fp32 in onnxruntime (same process, interleaved).
 
 ORT baseline: `quant_pre_process` then `quantize_static` (QDQ), once with ORT's defaults
 (per-tensor, s8 activations) and once per-channel with u8 activations; the table shows both.
@@ -48,6 +53,7 @@ from onnxforge.calibration import ArraySource
 from onnxforge.ir import load_model, model_bytes
 from onnxforge.pass_manager import PassManager
 from onnxforge.passes.base import PassContext
+from onnxforge.sample_inputs import IMAGENET_MEAN, IMAGENET_STD, OCR_LINES, fonts, render_line
 from onnxforge.shapes import input_dtypes
 
 logger = logging.getLogger("bench_quantization")
@@ -101,22 +107,58 @@ def ours_quantize(model_path: Path, calib, pipeline: str):
     return model, time.perf_counter() - start, steps[-1].stats
 
 
+def ppocr_det_task() -> Task | None:
+    """PP-OCR detector on 640x640 pages of rendered text lines, 12 lines a page."""
+    from bench_common import ZOO
+
+    path = ZOO / "ppocr_det.onnx"
+    if not path.exists():
+        return None
+    font_paths = fonts()
+    pages = []
+    for p in range(8):
+        page = np.ones((640, 640, 3), np.float32)
+        rng = np.random.default_rng(p)
+        for row in range(12):
+            i = p * 12 + row
+            line = render_line(OCR_LINES[i % len(OCR_LINES)], font_paths[i % len(font_paths)],
+                               40, 560)[0].transpose(1, 2, 0) * 0.5 + 0.5
+            x = int(rng.integers(0, 60))
+            page[20 + row * 50:60 + row * 50, x:x + 560] = line
+        pages.append({"x": ((page - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)[None]
+                      .astype(np.float32)})
+
+    def metric(ref, cand):
+        cos, iou = [], []
+        for r, c in zip(ref, cand):
+            a, b = next(iter(r.values())).ravel(), next(iter(c.values())).ravel()
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
+            ma, mb = a > 0.3, b > 0.3
+            iou.append(float((ma & mb).sum() / max(1, (ma | mb).sum())))
+        return {"cosine": float(np.mean(cos)), "iou": float(np.mean(iou))}
+
+    return Task("ppocr_det", path, pages[:4], pages[4:], metric,
+                notes="4 calib / 4 eval pages of rendered text lines")
+
+
 def bench_task(task: Task, threads: int, repeat: int, tmp: Path,
-               pipeline: str | None) -> list[dict]:
+               pipeline: str | None, ours_only: bool = False) -> list[dict]:
     rows = []
     fp32 = load_model(task.model_path)
     variants: dict[str, tuple[object, float]] = {"fp32": (fp32, 0.0)}
     ours, secs, stats = ours_quantize(task.model_path, task.calib, pipeline or task.pipeline)
     variants["onnxforge int8"] = (ours, secs)
-    for pc, u8, label in ((False, False, "ORT quantize_static (defaults)"),
-                          (True, True, "ORT quantize_static (per-channel, u8)")):
+    baselines = () if ours_only else (
+        (False, False, "ORT quantize_static (defaults)"),
+        (True, True, "ORT quantize_static (per-channel, u8)"))
+    for pc, u8, label in baselines:
         try:
             start = time.perf_counter()
             path = ort_quantize(task.model_path, task.calib, tmp, per_channel=pc, u8=u8)
             variants[label] = (load_model(path), time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - report, keep benchmarking the rest
             logger.warning("%s: ORT quantizer failed: %s", task.name, exc)
-    if task.dynamic:
+    if task.dynamic and not ours_only:
         # MatMul-heavy models: dynamic quantization, ours vs onnxruntime's quantize_dynamic
         start = time.perf_counter()
         dyn, dsecs, _ = ours_quantize(task.model_path, task.calib, "quantize(dynamic)")
@@ -153,6 +195,8 @@ def bench_task(task: Task, threads: int, repeat: int, tmp: Path,
                      "vs_fp32": ms / base_ms, "quantize_s": secs})
     rows[1]["stats"] = {k: v for k, v in stats.items()
                         if k in ("compute_quantized", "qdq_pairs", "relu_folded")}
+    rows[1]["stats"]["kept_float_for_ort"] = sum(
+        1 for why in stats.get("kept_float", {}).values() if "depthwise or 1x1" in why)
     return rows
 
 
@@ -180,6 +224,7 @@ TASKS = {
     "squeezenet1_1": lambda: vision_task("squeezenet1_1"),
     "ppocr_rec": ppocr_rec_task,
     "ppocr_cls": ppocr_cls_task,
+    "ppocr_det": ppocr_det_task,
 }
 
 
@@ -191,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--pipeline", default=None,
                     help="override onnxforge's pipeline for every model")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="skip onnxruntime's quantizers (fp32 vs onnxforge int8 only)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -202,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: model absent (run tools/build_zoo.py)", file=sys.stderr)
                 continue
             print(f"{name}: {task.notes}", file=sys.stderr)
-            rows.extend(bench_task(task, args.threads, args.repeat, Path(tmp), args.pipeline))
+            rows.extend(bench_task(task, args.threads, args.repeat, Path(tmp), args.pipeline,
+                                   args.ours_only))
     print_table(rows)
+    slower = [f"{r['model']} ({r['vs_fp32']:.2f}x)" for r in rows
+              if r["variant"] == "onnxforge int8" and r["vs_fp32"] > 1.0]
+    print("onnxforge int8 slower than fp32 in onnxruntime: " + (", ".join(slower) or "none"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     return 0
