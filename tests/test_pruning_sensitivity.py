@@ -14,6 +14,7 @@ import pytest
 from conftest import DATA
 from onnxforge.backends.ort import OrtArtifact
 from onnxforge.calibration import open_calibration
+from onnxforge.errors import PipelineError
 from onnxforge.ir import load_model
 from onnxforge.passes.base import PassContext
 from onnxforge.passes.pruning.apply import group_removed, masked_reference
@@ -195,3 +196,14 @@ def test_digits_sensitivity_allocation(digits_model, digits_test_data):
         accuracy[how] = compare_models(base, model, test, limit=100).candidate_accuracy
     print("digits accuracy at 50 % MACs:", accuracy)
     assert accuracy["sensitivity"] > 0.9, accuracy
+
+
+def test_sensitivity_needs_calibration_and_auto_falls_back():
+    base, shapes, _, _ = _setup(CASES["resnet_blocks"](), count=2)
+    with pytest.raises(PipelineError, match="calibration"):
+        PrunePass(context=PassContext(input_shapes=shapes), macs=0.3,
+                  allocate="sensitivity").plan(base)
+    model = load_model(base)
+    p = PrunePass(context=PassContext(input_shapes=shapes), macs=0.3)
+    p(model)  # auto without data: the global threshold, as before
+    assert "allocation" not in p.stats and p.stats["macs_removed_fraction"] >= 0.3

@@ -48,6 +48,7 @@ DATA = bc.DATA
 MODELS = ["resnet18", "efficientnet_b0", "minilm_l6", "ppocr_rec"]
 SETTINGS = ["energy=0.99", "energy=0.95", "energy=0.9", "macs=0.5"]
 PRIMARY_OUTPUT = "sentence_embedding"
+TEXT_LINES = True  # ppocr_rec on rendered text lines (--random-ocr: uniform images)
 
 
 DOC_MODULES = ["json", "os", "collections", "functools", "itertools", "argparse", "logging",
@@ -95,6 +96,12 @@ def make_data(name: str, model, shapes, n_calib: int, n_eval: int, seed: int = 0
         if extra is not None:
             calib = {k: np.concatenate([calib[k], extra[k]]) for k in calib}
         return open_calibration(calib, model, shapes), evals[half:]
+    if name == "ppocr_rec" and TEXT_LINES:
+        task = bc.ppocr_rec_task()  # rendered text lines: 32 calibrate, 64 held out
+        batches = task.calib[:n_calib]
+        calib = {k: np.concatenate([b[k] for b in batches]) for k in shapes}
+        return (ArraySource(calib, shapes, input_dtypes(model), description="text lines"),
+                task.evaluate)
     rng = np.random.default_rng(seed)
     dtypes = input_dtypes(model)
     batches = []
@@ -130,6 +137,19 @@ def output_error(before, after, batches, threads: int) -> tuple[float, float]:
     return rel, cos
 
 
+def task_metric(name: str, before, after, evals, threads: int) -> str:
+    """PP-OCR rec on text lines: CER vs the true text (and vs the original's reading)."""
+    if name != "ppocr_rec" or not TEXT_LINES:
+        return "-"
+    import bench_pruning
+
+    task = bench_pruning.with_cer_vs_fp32(bc.ppocr_rec_task())
+    ref = bc.run_batches(before, evals, threads)
+    m = task.metric(ref, bc.run_batches(after, evals, threads))
+    return (f"CER {100 * m['cer']:.2f}% (fp32 {100 * m['cer_ref']:.2f}%), "
+            f"vs fp32 {100 * m['cer_fp32']:.2f}%")
+
+
 def run_pass(model, pipeline: str, ctx: PassContext, overrides=None):
     """Apply one lowrank pass (optionally at fixed ranks); returns (model, stats, seconds)."""
     work = load_model(model, check=False)
@@ -162,12 +182,15 @@ def bench_model(name: str, settings: list[str], args, console: Console,
         t0, t1 = latency_ratio(model, out, feed, args.threads)
         rel, cos = output_error(model, out, evals, args.threads)
         rows.append([name, setting, f"{stats['decomposed']}/{stats['candidates']}",
+                     task_metric(name, model, out, evals, args.threads),
                      str(stats.get("skipped_by_guard", 0)),
                      f"{base.params / 1e6:.2f}M → {after.params / 1e6:.2f}M",
                      f"{base.macs / 1e6:.0f}M → {after.macs / 1e6:.0f}M",
                      f"{t0:.2f} → {t1:.2f} ms", f"{t1 / t0:.2f}", f"{rel:.4f}", f"{cos:.4f}",
                      f"{secs:.1f}"])
         console.print(f"  {name} {setting}: done in {secs:.1f}s")
+    if not args.equal_rank_table:
+        return
     # data-aware vs weight-only at equal ranks
     weight_only, stats_w, _ = run_pass(
         model, f"lowrank({args.equal_rank},guard=false,data_aware=false)", ctx)
@@ -269,9 +292,14 @@ def main() -> None:
                         help="weight-only setting whose ranks both modes share (table 2)")
     parser.add_argument("--no-guard", dest="guard", action="store_false")
     parser.add_argument("--no-digits", dest="digits", action="store_false")
+    parser.add_argument("--no-equal-rank", dest="equal_rank_table", action="store_false")
+    parser.add_argument("--random-ocr", action="store_true",
+                        help="ppocr_rec on uniform random images instead of text lines")
     parser.add_argument("--no-settings", dest="run_settings", action="store_false",
                         help="skip table 1 (only the equal-rank and digits tables)")
     args = parser.parse_args()
+    global TEXT_LINES
+    TEXT_LINES = not args.random_ocr
     logging.basicConfig(level=logging.WARNING)
     console = Console(width=220)
     rows: list[list[str]] = []
@@ -283,7 +311,8 @@ def main() -> None:
     guard = "on" if args.guard else "off"
     bc.print_table(f"lowrank, data-aware, guard {guard}, {args.threads} thread(s): whole "
                    "model, held-out inputs",
-                   ("model", "setting", "decomposed", "guard refused", "params", "MACs",
+                   ("model", "setting", "decomposed", "task metric", "guard refused", "params",
+                    "MACs",
                     "ORT latency", "ratio", "rel L2", "cosine", "pass s"), rows)
     bc.print_table("Data-aware vs weight-only at equal ranks (guard off); layer errors at "
                    "each decomposed layer's output (after its BN), in the full "

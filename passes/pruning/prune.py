@@ -447,6 +447,13 @@ class PrunePass(ForgePass):
             macs, params = cost.removed(counts)
             return (macs if which == "macs" else params) / max(total, 1.0)
 
+        unprobed = [f[0].name or f[0].names[0] for f, e in zip(free, errors)
+                    if len(e) > 1 and not np.isfinite(e[1])]
+        if unprobed:
+            # no layer reading them could be probed (e.g. only ConvTranspose consumers)
+            logger.warning("prune: %d groups kept whole, their sensitivity could not be "
+                           "measured: %s", len(unprobed), ", ".join(unprobed[:5]))
+            self.stats["groups_not_probed"] = unprobed
         picks = allocate([f[2] for f in free], errors, removed_fraction, target)
         reached = removed_fraction(picks)
         if reached < target:
