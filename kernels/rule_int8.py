@@ -134,7 +134,9 @@ class Int8DotRule(CpuRule):
         stmt = sch.get(block)
         if not _is_intermediate(sch, stmt.writes[0].source):
             return None  # an int32 output: its layout is the caller's
-        if len(stmt.reads[weight].region) == 4:
+        if len(stmt.reads[weight].region) == 4 and _is_depthwise_nhwc(stmt, data, weight):
+            ok = _schedule_depthwise(sch, block, weight, intrinsic)
+        elif len(stmt.reads[weight].region) == 4:
             ok = _schedule_conv(sch, block, data, weight, intrinsic)
         elif len(stmt.reads[weight].region) == 2:
             ok = _schedule_matmul(sch, block, data, weight, intrinsic)
@@ -146,40 +148,138 @@ class Int8DotRule(CpuRule):
         raise NotImplementedError
 
 
-def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
-    stmt = sch.get(block)
+def _conv_axes(stmt, weight: int):
+    """(layout, f, c, ky, kx) of a one-group conv2d block over NCHW/OIHW or NHWC/OHWI,
+    or None (groups > 1 index the weight differently)."""
     iters = [iv.var for iv in stmt.iter_vars]
     if len(iters) != 7:
-        return False
-    f, c, ky, kx = iters[1], iters[4], iters[5], iters[6]  # (n, f, y, x, c, ky, kx)
+        return None
     w_vars = _var_indices(stmt.reads[weight].region)
-    if w_vars is None or [v.same_as(u) for v, u in zip(w_vars, (f, c, ky, kx))] != [True] * 4:
-        return False  # groups > 1 index the weight differently
-    out_channels, in_channels = (int(d) for d in stmt.reads[weight].source.shape[:2])
+    if w_vars is None:
+        return None
+    for layout, (f, c, ky, kx), order in (
+            ("NCHW", (iters[1], iters[4], iters[5], iters[6]), (0, 1, 2, 3)),   # n f y x c ky kx
+            ("NHWC", (iters[3], iters[6], iters[4], iters[5]), (0, 2, 3, 1))):  # n y x f ky kx c
+        # the weight's dims in OIHW terms: OIHW reads (f, c, ky, kx), OHWI (f, ky, kx, c)
+        expect = [(f, c, ky, kx)[i] for i in order]
+        if all(v.same_as(u) for v, u in zip(w_vars, expect)):
+            return layout, f, c, ky, kx
+    return None
+
+
+def _inline_prologue(sch, block) -> None:
+    """Inline the elementwise blocks computed before the contraction that it does not
+    read (a residual input's dequantize that FuseOps put in front) into their consumers
+    in the epilogue."""
+    root = sch.get_sblock(sch.mod["main"].body.block.name_hint)
+    name = sch.get(block).name_hint
+    for child in sch.get_child_blocks(root):
+        if sch.get(child).name_hint == name:
+            return
+        written = sch.get(child).writes[0].source
+        if any(r.source.same_as(written) for r in sch.get(block).reads):
+            continue  # the input copy or a weight pack
+        try:
+            sch.compute_inline(child)
+        except Exception:  # noqa: BLE001 - not inlinable: stays a loop nest of its own
+            logger.debug("int8 prologue %s not inlined", sch.get(child).name_hint)
+
+
+def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+    stmt = sch.get(block)
+    axes = _conv_axes(stmt, weight)
+    if axes is None:
+        return False
+    layout = axes[0]
+    weight_shape = [int(d) for d in stmt.reads[weight].source.shape]
+    out_channels = weight_shape[0]
+    in_channels = weight_shape[1] if layout == "NCHW" else weight_shape[3]
     if out_channels % intrinsic.lanes or in_channels % intrinsic.reduce:
         return False
-    out_w = int(stmt.writes[0].source.shape[3])
+    out_w = int(stmt.writes[0].source.shape[3 if layout == "NCHW" else 2])
     lanes, red = intrinsic.lanes, intrinsic.reduce
 
     # layouts: input copy and accumulator NHWC, weights [OC/16, KH, KW, IC/4, 16, 4]
     producer = sch.get_producers(block)
     data_buffer = stmt.reads[data].source
     pad = [p for p in producer if sch.get(p).writes[0].source.same_as(data_buffer)]
-    copy = pad[0] if pad else sch.cache_read(block, data, "global")
-    sch.transform_layout(copy, ("write", 0), lambda a, b, h, w: (a, h, w, b))
-    sch.transform_layout(block, ("write", 0), lambda a, b, h, w: (a, h, w, b))
-    _pack_weight(sch, block, weight, lambda o, i, h, w: (
-        o // lanes, h, w, i // red, o % lanes, i % red))
+    copy = pad[0] if pad else None
+    if layout == "NCHW":
+        # NCHW data: a transposing copy into NHWC, and the accumulator NHWC
+        copy = copy or sch.cache_read(block, data, "global")
+        sch.transform_layout(copy, ("write", 0), lambda a, b, h, w: (a, h, w, b))
+        sch.transform_layout(block, ("write", 0), lambda a, b, h, w: (a, h, w, b))
+        _pack_weight(sch, block, weight, lambda o, i, h, w: (
+            o // lanes, h, w, i // red, o % lanes, i % red))
+        ln, lf, ly, lx, lc, lky, lkx = sch.get_loops(block)
+    else:
+        _pack_weight(sch, block, weight, lambda o, h, w, i: (
+            o // lanes, h, w, i // red, o % lanes, i % red))
+        ln, ly, lx, lf, lky, lkx, lc = sch.get_loops(block)
+    _inline_prologue(sch, block)
 
-    ln, lf, ly, lx, lc, lky, lkx = sch.get_loops(block)
     fo, fi = sch.split(lf, [None, lanes])
     co, ci = sch.split(lc, [None, red])
     xo, xi = sch.split(lx, [None, _row_tile(out_w)])
     sch.reorder(ln, fo, ly, xo, lky, lkx, co, xi, fi, ci)
     _tile(sch, block, sch.fuse(ln, fo, ly), xo, xi, lky, fi, intrinsic)
-    # the input copy: one parallel pass writing NHWC
-    copy_loops = sch.get_loops(copy)
-    sch.parallel(sch.fuse(*copy_loops[:2]))
+    if copy is not None:  # the input copy (padding, or NCHW -> NHWC): one parallel pass
+        copy_loops = sch.get_loops(copy)
+        sch.parallel(sch.fuse(*copy_loops[:2]))
+        if layout == "NHWC":
+            try:
+                sch.vectorize(copy_loops[-1])
+            except Exception:  # noqa: BLE001 - an odd channel count: scalar copy
+                logger.debug("int8 pad copy not vectorized")
+    return True
+
+
+def _is_depthwise_nhwc(stmt, data: int, weight: int) -> bool:
+    """A depthwise conv over NHWC data and a [C, KH, KW, 1] weight: block vars
+    (n, y, x, c, ky, kx, r) with r of extent 1, the data read at channel c + r."""
+    iters = stmt.iter_vars
+    w_vars = _var_indices(stmt.reads[weight].region)
+    if len(iters) != 7 or w_vars is None or int(iters[6].dom.extent) != 1:
+        return False
+    c, ky, kx, r = (iv.var for iv in (iters[3], iters[4], iters[5], iters[6]))
+    if not all(v.same_as(u) for v, u in zip(w_vars, (c, ky, kx, r))):
+        return False
+    channel = stmt.reads[data].region[3].min
+    return isinstance(channel, tirx.Add) and channel.a.same_as(c) and channel.b.same_as(r)
+
+
+def _schedule_depthwise(sch, block, weight: int, intrinsic: DotIntrinsic) -> bool:
+    """Depthwise int8 conv in NHWC: no dot product fits (one product per channel and
+    tap), so channels are the vector (as many int32 lanes as the dot instruction's
+    accumulator), a row of output pixels the independent accumulators, weights packed
+    to [KH, KW, 1, C] so a tap's channels are one vector load."""
+    stmt = sch.get(block)
+    channels = int(stmt.writes[0].source.shape[3])
+    lanes = intrinsic.lanes
+    if channels % lanes:
+        return False
+    out_w = int(stmt.writes[0].source.shape[2])
+    pad = [p for p in sch.get_producers(block) if not sch.get(p).annotations]
+    _pack_weight(sch, block, weight, lambda c, h, w, r: (h, w, r, c))
+    _inline_prologue(sch, block)
+    ln, ly, lx, lf, lky, lkx, lr = sch.get_loops(block)
+    fo, fi = sch.split(lf, [None, lanes])
+    xo, xi = sch.split(lx, [None, _row_tile(out_w)])
+    sch.reorder(ln, ly, fo, xo, lky, lkx, lr, xi, fi)
+    outer = sch.fuse(ln, ly, fo)
+    sch.parallel(outer)
+    _epilogue_at(sch, block, xo)
+    sch.unroll(xi)
+    sch.vectorize(fi)
+    init = sch.decompose_reduction(block, lky)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for copy in pad:  # the padded input copy: one parallel pass, channels as vectors
+        loops = sch.get_loops(copy)
+        sch.parallel(sch.fuse(*loops[:2]))
+        try:
+            sch.vectorize(loops[-1])
+        except Exception:  # noqa: BLE001 - stays scalar
+            logger.debug("int8 depthwise pad copy not vectorized")
     return True
 
 

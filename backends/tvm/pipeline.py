@@ -55,6 +55,7 @@ from .database import (
     resolve_tuning_db,
 )
 from .importer import InputSpec, import_onnx, input_specs, load_onnx
+from .layout import channels_last
 from .qdq import integer_contractions
 from .schedules import (
     count_configured,
@@ -179,6 +180,9 @@ def prepare_module(model: Any, target: Any = "host", *,
         mod, found = integer_contractions(
             mod, signed_activations=dot is not None and dot.data_dtype == "int8")
         integer = found.as_dict()
+        if dot is not None and found.integer:
+            mod, why_nchw = channels_last(mod)
+            integer["layout"] = "NHWC" if why_nchw is None else f"NCHW ({why_nchw})"
     sparse: dict[str, Any] = {}
     if target.kind.name == "llvm":
         metadata = {p.key: p.value for p in proto.metadata_props}

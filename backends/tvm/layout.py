@@ -1,0 +1,116 @@
+"""Channels-last (NHWC) for integer conv nets on CPU.
+
+The int8 dot-product kernels (``kernels/rule_int8``) want NHWC: four input channels of
+one pixel are one 32-bit broadcast, sixteen output channels one vector. With the model
+in ONNX's NCHW every integer conv has to transpose its input into NHWC and its
+accumulator back to NCHW, element by element; on layers with large feature maps and few
+channels those two transposes cost more than the dot products (mobilenet_v2's 16->96
+1x1 conv at 112x112: ~1 ms, of which the dot products are ~0.1 ms). onnxruntime makes
+the same choice for its integer convs (its NHWC transformer).
+
+``channels_last`` converts the whole Relax module with TVM's ``ConvertLayout``: conv2d
+to NHWC/OHWI; pooling, concat, mean and the elementwise ops between them follow, so
+one ``permute_dims`` is left at the model's NCHW input and one where a tensor leaves the
+4-D world (a flatten, a reshape). ``ConvertLayout`` cannot see through ``dequantize`` /
+``quantize``; those with one constant scale and zero point are first written as the
+elementwise ops they are (``(float(x) - z) * s`` and ``clip(round(x / s) + z)`` with
+round half to even, as ONNX) so the layout flows through every quantized layer.
+
+It applies only when every conv2d of the module is integer: a float conv in NHWC
+would run on schedules tuned for NCHW. The caller says so in the compile report.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from .qdq import _constant, quantize_elementwise
+
+# pooling, elementwise ops, concat and mean follow their input's layout
+CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+
+
+def _calls(mod: tvm.IRModule, op_name: str) -> list:
+    found = []
+
+    @relax.expr_functor.visitor
+    class _Find(relax.PyExprVisitor):
+        def visit_call_(self, call):
+            if getattr(call.op, "name", "") == op_name:
+                found.append(call)
+            for arg in call.args:
+                self.visit_expr(arg)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            _Find().visit_expr(func)
+    return found
+
+
+def why_not_channels_last(mod: tvm.IRModule) -> str | None:
+    """None when the module should go NHWC, else the reason it stays NCHW."""
+    convs = _calls(mod, "relax.nn.conv2d")
+    if not convs:
+        return "no conv2d"
+    floats = [c for c in convs if str(c.attrs.out_dtype) != "int32"]
+    if floats:
+        return f"{len(floats)} of {len(convs)} conv2d compute in float"
+    if any(c.attrs.data_layout != "NCHW" for c in convs):
+        return "a conv2d is not NCHW"
+    return None
+
+
+def _per_tensor(call) -> tuple[float, float] | None:
+    """(scale, zero point) of a (de)quantize with one constant scale and zero point."""
+    scale, zero = _constant(call.args[1]), _constant(call.args[2])
+    if scale is None or zero is None or scale.size != 1 or zero.size != 1:
+        return None
+    return float(scale.reshape(())), float(zero.reshape(()))
+
+
+@relax.expr_functor.mutator
+class _ElementwiseQDQ(relax.PyExprMutator):
+    """Per-tensor (de)quantize -> the elementwise ops ConvertLayout can move through."""
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        name = getattr(call.op, "name", "")
+        if name not in ("relax.dequantize", "relax.quantize"):
+            return call
+        found = _per_tensor(call)
+        if found is None:
+            return call
+        scale, zero = found
+        x = call.args[0]
+        if name == "relax.dequantize":
+            if str(call.attrs.out_dtype) != "float32":
+                return call
+            value = relax.op.astype(x, "float32")
+            if zero != 0:
+                value = relax.op.subtract(value, relax.const(zero, "float32"))
+            return relax.op.multiply(value, relax.const(scale, "float32"))
+        dtype = str(call.attrs.out_dtype)
+        if dtype not in ("uint8", "int8") or str(x.ty.dtype) != "float32":
+            return call
+        return quantize_elementwise(x, scale, zero, dtype)
+
+
+def elementwise_qdq(mod: tvm.IRModule) -> tvm.IRModule:
+    mutator = _ElementwiseQDQ(mod)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
+def channels_last(mod: tvm.IRModule) -> tuple[tvm.IRModule, str | None]:
+    """(module, None) converted to NHWC, or (module unchanged, why it stays NCHW)."""
+    why = why_not_channels_last(mod)
+    if why is not None:
+        return mod, why
+    mod = elementwise_qdq(mod)
+    mod = relax.transform.ConvertLayout(CHANNELS_LAST)(mod)
+    # the weights and per-channel constants permuted to OHWI / [1,1,1,C] are constants
+    mod = relax.transform.FoldConstant()(mod)
+    return mod, None
