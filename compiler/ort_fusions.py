@@ -89,4 +89,11 @@ def lost_fusions(before: collections.Counter, after: collections.Counter) -> dic
         op = key.split(":")[-1].split("[")[0]
         if op in FUSED_OP_TYPES and after.get(key, 0) < count:
             lost[key] = count - after.get(key, 0)
+    if "Gemm" in lost:
+        # Fewer Gemms is a lost MatMul+Add fusion only where plain MatMuls took their
+        # place; sibling Gemms merged into one (fuse-horizontal's Q/K/V) are not.
+        more_matmuls = max(0, after.get("MatMul", 0) - before.get("MatMul", 0))
+        lost["Gemm"] = min(lost["Gemm"], more_matmuls)
+        if not lost["Gemm"]:
+            del lost["Gemm"]
     return lost

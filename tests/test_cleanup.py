@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +358,9 @@ def test_lost_fusions_counts_what_a_rewrite_breaks() -> None:
     broken.graph.node.insert(1, helper.make_node("Relu", ["t"], ["tr"]))
     lost = lost_fusions(ort_optimized_ops(proto), ort_optimized_ops(broken))
     assert lost == {"com.microsoft:FusedMatMul": 1}
+    # Gemms merged into one wider Gemm are not a lost fusion; Gemms left as MatMuls are.
+    assert lost_fusions(Counter({"Gemm": 3}), Counter({"Gemm": 1, "Split": 1})) == {}
+    assert lost_fusions(Counter({"Gemm": 3}), Counter({"Gemm": 1, "MatMul": 2})) == {"Gemm": 2}
 
 
 def test_ppocr_rec_dynamic_cleanup_keeps_ort_fusions() -> None:
