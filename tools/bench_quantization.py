@@ -142,7 +142,7 @@ def ppocr_det_task() -> Task | None:
 
 
 def bench_task(task: Task, threads: int, repeat: int, tmp: Path,
-               pipeline: str | None, ours_only: bool = False) -> list[dict]:
+               pipeline: str | None, ours_only: bool = False, rounds: int = 3) -> list[dict]:
     rows = []
     fp32 = load_model(task.model_path)
     variants: dict[str, tuple[object, float]] = {"fp32": (fp32, 0.0)}
@@ -181,9 +181,9 @@ def bench_task(task: Task, threads: int, repeat: int, tmp: Path,
             logger.warning("%s: %s does not load in onnxruntime: %s", task.name, k, str(exc)[:300])
             variants.pop(k)
     ref_out = run_batches(arts["fp32"], task.evaluate)
-    # 3 interleaved rounds against machine noise
+    # interleaved rounds against machine noise
     medians = side_by_side_ms(list(arts.values()), task.evaluate[0], warmup=3, repeat=repeat,
-                              rounds=3)
+                              rounds=rounds)
     timings = dict(zip(arts, medians))
     base_ms = timings["fp32"]
     for k, (m, secs) in variants.items():
@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--pipeline", default=None,
                     help="override onnxforge's pipeline for every model")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds (each runs every variant --repeat times)")
     ap.add_argument("--ours-only", action="store_true",
                     help="skip onnxruntime's quantizers (fp32 vs onnxforge int8 only)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{name}: {task.notes}", file=sys.stderr)
             rows.extend(bench_task(task, args.threads, args.repeat, Path(tmp), args.pipeline,
-                                   args.ours_only))
+                                   args.ours_only, args.rounds))
     print_table(rows)
     slower = [f"{r['model']} ({r['vs_fp32']:.2f}x)" for r in rows
               if r["variant"] == "onnxforge int8" and r["vs_fp32"] > 1.0]
