@@ -176,6 +176,45 @@ def test_int4_matmulnbits_matches_decoded_weights():
         assert np.abs(w2 - 0.5 * orig["gemm"].T).max() <= 0.5 * np.abs(orig["gemm"]).max() / 7
 
 
+def test_int4_embedding_table_and_legalized_float_form():
+    """Gather of a [256, 64] table -> GatherBlockQuantized (4-bit blocks of 32 along the
+    rows); the decoded table reproduces it within half a step; the float form written for
+    backends without com.microsoft ops (TVM) gives the same outputs in onnxruntime."""
+    from onnxforge.ir import to_proto
+    from onnxforge.passes.quantization.int4 import legalize_matmulnbits, matmulnbits_weight
+
+    rng = np.random.default_rng(6)
+    table = rng.standard_normal((256, 64)).astype(np.float32)
+    w = (rng.standard_normal((64, 40)) / 8).astype(np.float32)
+    proto = _model(
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed", axis=0),
+         helper.make_node("MatMul", ["e", "w"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, 40])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    ids = rng.integers(0, 256, (8, 7)).astype(np.int64)
+    for sym in ("false", "true"):
+        model, stats = _run(proto, f"quantize(int4,rest=float,accuracy_level=0,"
+                            f"int4_symmetric={sym})", {"ids": ids}, {"ids": (2, 7)})
+        assert stats["int4_embeddings"] == 1 and stats["int4_matmuls"] == 1
+        gbq = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+        zp = gbq.inputs[3] if len(gbq.inputs) > 3 else None
+        decoded = matmulnbits_weight(
+            {"K": 64, "N": 256, "block_size": 32}, constant_array(gbq.inputs[0]),
+            constant_array(gbq.inputs[2]), None if zp is None else constant_array(zp)).T
+        step = np.abs(table).reshape(256, 2, 32).max(-1) / (7 if sym == "true" else 7.5)
+        assert np.all(np.abs(decoded - table).reshape(256, 2, 32).max(-1) <= step / 2 + 1e-6)
+        x = {"ids": np.array([[0, 255, 3, 3, 17, 100, 9]] * 2, np.int64)}
+        got = OrtArtifact(model).run(x)["y"]
+        w_dec, _ = _decode_matmulnbits(model, next(n for n in model.graph
+                                                   if n.op_type == "MatMulNBits"))
+        np.testing.assert_allclose(got, decoded[x["ids"]] @ w_dec, rtol=1e-4, atol=1e-4)
+        legal, count = legalize_matmulnbits(to_proto(model))
+        assert count == 2 and not any(n.domain == "com.microsoft" for n in legal.graph.node)
+        np.testing.assert_allclose(OrtArtifact(load_model(legal)).run(x)["y"], got,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_gptq_lowers_end_to_end_error_int4_and_int8():
     rng = np.random.default_rng(2)
     proto = _dense_model(seed=5)

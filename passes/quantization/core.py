@@ -122,6 +122,8 @@ class QuantizeOptions:
     int4_symmetric: bool = False
     accuracy_level: int = option(4, ge=0, le=4)
     rest: Literal["int8", "float"] = "int8"
+    # mode=int4: embedding tables in 4-bit blocks too (GatherBlockQuantized), else int8 rows.
+    int4_embeddings: bool = True
     # mode=mixed
     max_error: float = option(0.01, ge=0.0)
     max_accuracy_drop: float = -1.0

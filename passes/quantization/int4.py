@@ -16,6 +16,8 @@ Gemm alpha is folded into the scales, beta·C (a vector of N) becomes the bias i
 MatMul whose only reader is an Add of a constant vector of N takes it as its bias.
 Stays float, with the reason in `int4_kept_float`: Gemm transA=1, a weight that is not a
 constant 2-D float32 matrix, a first input that is constant, Gemm C that is not a vector.
+Embedding tables (Gather of a constant matrix whose rows are whole blocks) become
+`GatherBlockQuantized` in the same 4-bit blocks (`int4_embeddings`, on).
 Conv weights are not 4-bit here: onnxruntime has no 4-bit convolution kernel, so they
 are left to the int8 rest (`rest=int8`, the default) or float (`rest=float`).
 """
@@ -121,6 +123,8 @@ def quantize_int4(model: ir.Model, opts: Any, context: Any, stats: dict[str, Any
         codes = rounded[n.name].codes[0] if n.name in rounded else round_nearest(rows, grid)[0]
         _replace(n, names, codes, grid, _gemm_bias(n), opts)
     folded = _fold_bias_adds(model, nodes)
+    if opts.embeddings and opts.int4_embeddings:
+        stats["int4_embeddings"] = quantize_embeddings_int4(model, opts)
     remove_unused(model)
     if skipped:
         logger.warning("quantize(int4): %d MatMul/Gemm weight(s) kept float: %s", len(skipped),
@@ -199,6 +203,52 @@ def _fold_bias_adds(model: ir.Model, nodes: list[ir.Node]) -> int:
     return count
 
 
+def quantize_embeddings_int4(model: ir.Model, opts: Any, *, min_size: int = 4096) -> int:
+    """Gather(table, ids) with a constant float32 2-D table (axis 0, at least `min_size`
+    elements, rows a multiple of `block` long) ==> com.microsoft GatherBlockQuantized of
+    the table in 4-bit blocks along its rows (same blocks, zero points and packing as
+    MatMulNBits; rounded to nearest: a table has no input Hessian). Returns the count."""
+    keep = {t.strip() for t in opts.keep_float.split(",") if t.strip()}
+    names = NameAllocator(model.graph)
+    cache: dict[int, list[ir.Value | None]] = {}
+    count = 0
+    for n in list(model.graph):
+        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx") or n.name in keep \
+                or int(attr(n, "axis", 0)) != 0:
+            continue
+        table = constant_array(n.inputs[0])
+        if table is None or table.dtype != np.float32 or table.ndim != 2 \
+                or table.size < min_size or table.shape[1] % opts.block:
+            continue
+        key = id(n.inputs[0])
+        if key not in cache:
+            grid = block_grid(table.astype(np.float64), opts.block, 4,
+                              symmetric=opts.int4_symmetric)
+            codes, _ = round_nearest(table.astype(np.float64), grid)
+            starts = np.arange(table.shape[1] // opts.block) * opts.block
+            base = n.inputs[0].name or n.name
+            cache[key] = [
+                names.initializer(f"{base}_int4", pack_int4(codes)),
+                names.initializer(f"{base}_int4_scales",
+                                  grid.scale[:, starts].astype(np.float32)),
+                None if opts.int4_symmetric else names.initializer(
+                    f"{base}_int4_zero_points", pack_int4(grid.zero[:, starts]))]
+        data, scales, zeros = cache[key]
+        inputs = [data, n.inputs[1], scales] + ([zeros] if zeros is not None else [])
+        new = ir.node("GatherBlockQuantized", inputs,
+                      {"gather_axis": 0, "quantize_axis": 1, "block_size": opts.block,
+                       "bits": 4}, domain=MS_DOMAIN, name=names.node(f"{n.name}_int4"))
+        new.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        model.graph.insert_before(n, new)
+        bypass(n.outputs[0], new.outputs[0])
+        model.graph.remove(n, safe=True)
+        count += 1
+    if count:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        remove_unused(model)
+    return count
+
+
 def matmulnbits_weight(attrs: dict[str, int], packed: np.ndarray, scales: np.ndarray,
                        zero_points: np.ndarray | None) -> np.ndarray:
     """The float weight [K, N] a 4-bit MatMulNBits node computes with (as onnxruntime
@@ -224,10 +274,11 @@ def matmulnbits_weight(attrs: dict[str, int], packed: np.ndarray, scales: np.nda
 def legalize_matmulnbits(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """For backends without com.microsoft ops (TVM): every 4-bit MatMulNBits with constant
     weights of the main graph becomes MatMul with the float weight it stands for (+ Add of
-    its bias); same outputs up to float rounding (accuracy_level is onnxruntime's own)."""
+    its bias), every GatherBlockQuantized a Gather of the float table; same outputs up to
+    float rounding (accuracy_level is onnxruntime's own)."""
     inits = {t.name: t for t in proto.graph.initializer}
-    nodes = [n for n in proto.graph.node
-             if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN]
+    legal = {"MatMulNBits": _as_float_matmul, "GatherBlockQuantized": _as_float_gather}
+    nodes = [n for n in proto.graph.node if n.op_type in legal and n.domain == MS_DOMAIN]
     if not nodes:
         return proto, 0
     out = onnx.ModelProto()
@@ -235,10 +286,10 @@ def legalize_matmulnbits(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     graph = out.graph
     new_nodes = []
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+        if node.op_type not in legal or node.domain != MS_DOMAIN:
             new_nodes.append(node)
             continue
-        new_nodes.extend(_as_float_matmul(node, inits, graph))
+        new_nodes.extend(legal[node.op_type](node, inits, graph))
     del graph.node[:]
     graph.node.extend(new_nodes)
     used = {i for n in graph.node for i in n.input}
@@ -248,16 +299,40 @@ def legalize_matmulnbits(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return out, len(nodes)
 
 
+def _const_input(node, inits, i: int) -> np.ndarray | None:
+    if len(node.input) <= i or not node.input[i]:
+        return None
+    if node.input[i] not in inits:
+        raise InputSpecError(f"{node.op_type} node {node.name!r}: input {i} "
+                             f"({node.input[i]!r}) is not an initializer")
+    return onnx.numpy_helper.to_array(inits[node.input[i]])
+
+
+def _as_float_gather(node, inits, graph) -> list:
+    from onnx import helper, numpy_helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if (int(attrs.get("gather_axis", 0)), int(attrs.get("quantize_axis", 1)),
+            int(attrs.get("bits", 4))) != (0, 1, 4):
+        raise InputSpecError(f"GatherBlockQuantized node {node.name!r}: only gather_axis=0, "
+                             "quantize_axis=1, bits=4 (as quantize(int4) writes) is decoded")
+    packed = _const_input(node, inits, 0)
+    rows = packed.shape[0]
+    block = int(attrs["block_size"])
+    table = matmulnbits_weight({"K": packed.shape[1] * 2, "N": rows, "block_size": block},
+                               packed, _const_input(node, inits, 2),
+                               _const_input(node, inits, 3)).T
+    name = f"{node.name}_dequantized_table"
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table), name))
+    return [helper.make_node("Gather", [name, node.input[1]], list(node.output), axis=0,
+                             name=node.name)]
+
+
 def _as_float_matmul(node, inits, graph) -> list:
     from onnx import helper, numpy_helper
 
     def const(i: int) -> np.ndarray | None:
-        if len(node.input) <= i or not node.input[i]:
-            return None
-        if node.input[i] not in inits:
-            raise InputSpecError(f"MatMulNBits node {node.name!r}: input {i} "
-                                 f"({node.input[i]!r}) is not an initializer")
-        return numpy_helper.to_array(inits[node.input[i]])
+        return _const_input(node, inits, i)
 
     if len(node.input) > 4 and node.input[4]:
         raise InputSpecError(f"MatMulNBits node {node.name!r} has g_idx (act-order "
