@@ -1,0 +1,130 @@
+"""Benchmark weight rounding (nearest vs GPTQ) and 4-bit MatMul weights (MatMulNBits).
+
+For each model: fp32 against `quantize(int8)` and `quantize(int4)` (4-bit MatMul/Gemm
+weights as MatMulNBits, the rest int8 QDQ), each with rounding=nearest and rounding=gptq,
+int4 with blocks of 32 and 128. Size is the serialized model; latency the median of
+interleaved onnxruntime runs in this one process (threads matched, spinning off);
+quality on held-out data, never the calibration data:
+
+  digits     shipped CNN; accuracy on compiler/data/digits_test.npz (calib: digits_calib.npz)
+  minilm     .zoo/minilm_l6; cosine to fp32 on the held-out half of its real sentences
+  ppocr_rec  PP-OCRv4 rec; character error rate on held-out rendered text lines
+             (calibration=mse for every variant, as the issue's int8 baseline)
+
+`gptq/rtn` is the median over layers of GPTQ's relative output error divided by
+round-to-nearest's, both measured on held-out calibration batches (pass stats).
+
+    python tools/bench_int4.py                        # every model available
+    python tools/bench_int4.py --models minilm --variants "int8,int4 b32 gptq"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bench_common import (
+    digits_task,
+    minilm_task,
+    ppocr_rec_task,
+    print_table,
+    run_batches,
+    side_by_side_ms,
+)
+from bench_quantization import ours_quantize
+from onnxforge.backends.ort import OrtArtifact
+from onnxforge.ir import load_model, model_bytes
+
+TASKS = {"digits": digits_task, "minilm": minilm_task, "ppocr_rec": ppocr_rec_task}
+EXTRA = {"ppocr_rec": "calibration=mse"}
+VARIANTS = {
+    "int8": "int8",
+    "int8 gptq": "int8,rounding=gptq",
+    "int4 b32": "int4,block=32",
+    "int4 b32 gptq": "int4,block=32,rounding=gptq",
+    "int4 b128": "int4,block=128",
+    "int4 b128 gptq": "int4,block=128,rounding=gptq",
+    "int4 b32 gptq rest-float": "int4,block=32,rounding=gptq,rest=float",
+}
+DEFAULT = [k for k in VARIANTS if not k.endswith("rest-float")]
+
+
+def _gptq_ratio(stats: dict) -> str:
+    """Median GPTQ / RTN held-out layer error, int4 layers and int8 layers."""
+    parts = [f"{stats[k]:.2f}" for k in ("int4_gptq_over_rtn_error_median",
+                                         "gptq_over_rtn_error_median") if k in stats]
+    return " / ".join(parts)
+
+
+def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dict]:
+    fp32 = load_model(task.model_path)
+    models = {"fp32": (fp32, 0.0, {})}
+    for label in variants:
+        opts = ",".join(o for o in (VARIANTS[label], EXTRA.get(task.name, "")) if o)
+        print(f"{task.name}: quantize({opts})", file=sys.stderr)
+        models[label] = ours_quantize(task.model_path, task.calib, f"quantize({opts})")
+    arts = {k: OrtArtifact(m, threads=threads) for k, (m, _, _) in models.items()}
+    ref = run_batches(arts["fp32"], task.evaluate)
+    medians = dict(zip(arts, side_by_side_ms(list(arts.values()), task.evaluate[0], warmup=3,
+                                             repeat=repeat, rounds=3)))
+    base_bytes = len(model_bytes(fp32))
+    rows = []
+    for k, (m, secs, stats) in models.items():
+        metrics = task.metric(ref, ref if k == "fp32" else run_batches(arts[k], task.evaluate))
+        rows.append({"model": task.name, "variant": k, **metrics,
+                     "size_ratio": base_bytes / len(model_bytes(m)),
+                     "latency_ratio": medians[k] / medians["fp32"], "ms": medians[k],
+                     "quantize_s": secs, "gptq_over_rtn": _gptq_ratio(stats),
+                     "int4_matmuls": stats.get("int4_matmuls", 0)})
+    return rows
+
+
+def show(rows: list[dict]) -> None:
+    skip = {"model", "variant", "size_ratio", "latency_ratio", "ms", "quantize_s",
+            "gptq_over_rtn", "int4_matmuls"}
+    metric_keys = []
+    for r in rows:
+        metric_keys += [k for k in r if k not in skip and k not in metric_keys]
+    columns = ["model", "variant", *metric_keys, "size ÷", "ms", "x fp32", "quant s",
+               "gptq/rtn (int4 / int8)", "int4 MatMuls"]
+    cells = [(r["model"], r["variant"], *[f"{r[k]:.4f}" if k in r else "" for k in metric_keys],
+              f"{r['size_ratio']:.2f}", f"{r['ms']:.3f}", f"{r['latency_ratio']:.2f}",
+              f"{r['quantize_s']:.1f}", r["gptq_over_rtn"], str(r["int4_matmuls"]))
+             for r in rows]
+    print_table("rounding (nearest / GPTQ) and int4 MatMul weights, onnxruntime", columns, cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(TASKS))
+    ap.add_argument("--variants", default=",".join(DEFAULT),
+                    help=f"comma-separated, from: {'; '.join(VARIANTS)}")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    rows = []
+    for name in args.models.split(","):
+        task = TASKS[name]()
+        if task is None:
+            print(f"{name}: model absent (run tools/build_zoo.py)", file=sys.stderr)
+            continue
+        print(f"{name}: {task.notes}", file=sys.stderr)
+        rows.extend(bench_task(task, variants, args.threads, args.repeat))
+        show(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
