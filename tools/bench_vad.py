@@ -30,9 +30,11 @@ ZOO = ".zoo/silero_vad.onnx"
 CALIB = ".zoo/silero_vad.inputs.npz"
 SHAPES = {"input": (1, 576), "state": (2, 1, 128), "sr": ()}
 STFT = "If_0_then_branch__Inline_0__/stft/Conv"
+ENCODER0 = "If_0_then_branch__Inline_0__/encoder/0/reparam_conv/Conv"
 VARIANTS = {
     "int8 (Conv QDQ + LSTM)": "quantize(int8)",
     "int8, STFT conv float": f'quantize(int8,keep_float="{STFT}")',
+    "int8, STFT + encoder.0 float": f'quantize(int8,keep_float="{STFT},{ENCODER0}")',
     "int8 LSTM only (ops=LSTM)": "quantize(int8,ops=LSTM)",
 }
 
