@@ -37,6 +37,7 @@ from .passes.base import PassContext
 from .report import write_json
 from .safe_write import check_writes, reading
 from .shapes import check_input_shapes, model_inputs, resolve_input_shapes
+from .subgraphs import subgraph_compute
 from .verify import Comparison, check_budget, compare_models
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def optimize(
     seconds = time.perf_counter() - started
 
     # one batch sizes values inside If/Loop/Scan bodies (used only when a model has them)
-    probe = verify_source.first() if verify_source is not None else None
+    probe = verify_source.first() if verify_source is not None \
+        and subgraph_compute(original) else None
     before = compute_metrics(original, shapes if not shape_problem else None, probe=probe)
     after = compute_metrics(working, shapes if not shape_problem else None, probe=probe)
     error = None if verify_source is None else \
