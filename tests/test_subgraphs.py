@@ -279,3 +279,36 @@ def test_cleanup_on_silero_vad_is_exact_and_loadable():
     step = result.steps[0]
     assert step.error.max_rel_l2 < 1e-5 and step.after["nodes"] < step.before["nodes"]
     assert step.stats["onnxsim"].startswith("applied")
+
+
+def scan_model(steps: int = 5) -> onnx.ModelProto:
+    """Scan over `steps` rows: s += x_t @ W, y_t = Relu(x_t @ W)."""
+    w = RNG.normal(0, 0.3, (16, 16)).astype(np.float32)
+    body = h.make_graph(
+        [h.make_node("MatMul", ["x_t", "W"], ["mm"]), h.make_node("Add", ["s_in", "mm"], ["s_out"]),
+         h.make_node("Relu", ["mm"], ["y_t"])], "body",
+        [h.make_tensor_value_info("s_in", TensorProto.FLOAT, [1, 16]),
+         h.make_tensor_value_info("x_t", TensorProto.FLOAT, [1, 16])],
+        [h.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, 16]),
+         h.make_tensor_value_info("y_t", TensorProto.FLOAT, [1, 16])])
+    graph = h.make_graph(
+        [h.make_node("Scan", ["s0", "xs"], ["s_final", "ys"], body=body, num_scan_inputs=1)],
+        "g", [h.make_tensor_value_info("s0", TensorProto.FLOAT, [1, 16]),
+              h.make_tensor_value_info("xs", TensorProto.FLOAT, [steps, 1, 16])],
+        [h.make_tensor_value_info("s_final", TensorProto.FLOAT, [1, 16]),
+         h.make_tensor_value_info("ys", TensorProto.FLOAT, [steps, 1, 16])],
+        [nh.from_array(w, "W")])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_scan_body_macs_and_quantization():
+    shapes = {"s0": (1, 16), "xs": (5, 1, 16)}
+    assert compute_metrics(load_model(scan_model()), shapes).macs == 5 * 16 * 16
+    arrays = {"s0": RNG.normal(0, 1, (8, 1, 16)).astype(np.float32),
+              "xs": RNG.normal(0, 1, (8, 5, 1, 16)).astype(np.float32)}
+    source = ArraySource(arrays, shapes, {k: np.dtype(np.float32) for k in shapes})
+    ctx = PassContext(calibration=source, input_shapes=shapes)
+    _, steps = PassManager("quantize(int8)", ctx, verify_source=source).run(
+        load_model(scan_model()))
+    assert steps[0].stats["subgraphs"]["compute_quantized"] == 1
+    assert steps[0].error.max_rel_l2 < 0.05 and steps[0].stats["size_ratio"] > 2
