@@ -241,6 +241,74 @@ def test_gptq_lowers_end_to_end_error_int4_and_int8():
         assert errors[mode, "gptq"] < errors[mode, "nearest"], errors
 
 
+def _conv_chain() -> onnx.ModelProto:
+    """x[1,8,10,10] -> Conv 3x3 (16, pad 1) -> Relu -> depthwise Conv 3x3 -> Relu ->
+    Conv 1x1 (5 out: an odd weight count, 80) -> y."""
+    rng = np.random.default_rng(11)
+    w1 = (rng.standard_normal((16, 8, 3, 3)) / 8).astype(np.float32)
+    wd = (rng.standard_normal((16, 1, 3, 3)) / 3).astype(np.float32)
+    w2 = (rng.standard_normal((5, 16, 1, 1)) / 4).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "wd"], ["c2"], name="dw", pads=[1, 1, 1, 1],
+                              group=16),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("Conv", ["r2", "w2"], ["y"], name="conv2")]
+    return _model(nodes, [helper.make_tensor_value_info("x", 1, [1, 8, 10, 10])],
+                  [helper.make_tensor_value_info("y", 1, [1, 5, 10, 10])],
+                  [numpy_helper.from_array(a, n) for n, a in (("w1", w1), ("wd", wd),
+                                                               ("w2", w2))])
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_int4_conv_codes_packed_and_run_as_qlinearconv(tmp_path, rounding):
+    """convs=int4: 4-bit codes packed two per byte in the file; onnxruntime folds the
+    unpacking and still runs QLinearConv; the weights it computes with are the 4-bit grid
+    (RTN: within half a step of the float weights); depthwise convs keep 8 bits."""
+    import onnxruntime as ort
+    from onnxforge.ir import to_proto
+
+    rng = np.random.default_rng(12)
+    proto = _conv_chain()
+    calib = {"x": rng.standard_normal((16, 8, 10, 10)).astype(np.float32)}
+    model, stats = _run(proto, f"quantize(int4,convs=int4,rounding={rounding})", calib,
+                        {"x": (1, 8, 10, 10)})
+    assert stats["int4_convs"] == ["conv1", "conv2"] and stats["int4_convs_packed"] == 2
+    packed = {k: constant_array(v) for k, v in model.graph.initializers.items()
+              if k.endswith("_int4_codes")}
+    assert sorted(a.size for a in packed.values()) == [40, 576]  # 80 / 2, 1152 / 2 bytes
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(to_proto(model).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert fused.count("QLinearConv") == 3, fused
+    x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
+    y = sess.run(None, {"x": x})[0]
+    ref = OrtArtifact(load_model(proto)).run({"x": x})["y"]
+    assert np.linalg.norm(y - ref) < 0.25 * np.linalg.norm(ref)
+    # The weight DequantizeLinear of conv1 computes on the 4-bit grid.
+    legal, _ = _legal_weights(model)
+    w1 = constant_array(load_model(proto).graph.initializers["w1"])
+    w1_hat = legal["conv1"]
+    step = np.abs(w1).reshape(16, -1).max(1) / 7
+    codes = w1_hat.reshape(16, -1) / step[:, None]
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+    if rounding == "nearest":
+        assert np.all(np.abs(w1_hat - w1).reshape(16, -1).max(1) <= step / 2 + 1e-6)
+
+
+def _legal_weights(model) -> tuple[dict[str, np.ndarray], int]:
+    """The float weight each Conv reads, evaluated with onnxruntime (weight DQ outputs)."""
+    from onnxforge.activations import ActivationReader
+
+    convs = [n for n in model.graph if n.op_type == "Conv"]
+    names = [n.inputs[1].name for n in convs]
+    values = ActivationReader(model, names).read(
+        {"x": np.zeros((1, 8, 10, 10), np.float32)}, names)
+    return {n.name: values[n.inputs[1].name] for n in convs}, len(convs)
+
+
 def test_int4_and_gptq_refusals():
     proto = _dense_model()
     calib = {"x": np.ones((4, 5, 100), np.float32)}

@@ -124,6 +124,8 @@ class QuantizeOptions:
     rest: Literal["int8", "float"] = "int8"
     # mode=int4: embedding tables in 4-bit blocks too (GatherBlockQuantized), else int8 rows.
     int4_embeddings: bool = True
+    # mode=int4: Conv weights as 4-bit codes in the file, run by int8 kernels (int4.py).
+    convs: Literal["int8", "int4"] = "int8"
     # mode=mixed
     max_error: float = option(0.01, ge=0.0)
     max_accuracy_drop: float = -1.0

@@ -249,6 +249,71 @@ def quantize_embeddings_int4(model: ir.Model, opts: Any, *, min_size: int = 4096
     return count
 
 
+def pack_conv_codes(model: ir.Model, names: list[str]) -> int:
+    """The int8 weight initializers of the named Convs' DequantizeLinear, holding 4-bit
+    codes (-8..7), become packed nibbles (codes + 8, two per byte) unpacked by a constant
+    subgraph (Mod / BitShift -> Concat -> Cast -> Sub 8 -> Cast int8 -> Reshape). The file
+    holds 4 bits per weight; onnxruntime folds the subgraph at load time and still fuses
+    DQ -> Conv into QLinearConv (checked: its optimized graph has QLinearConv). Returns
+    the count packed."""
+    wanted = set(names)
+    graph = model.graph
+    alloc = NameAllocator(graph)
+    count = 0
+    for n in list(graph):
+        if n.op_type != "Conv" or n.name not in wanted or len(n.inputs) < 2:
+            continue
+        dq = n.inputs[1].producer() if n.inputs[1] is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        src = dq.inputs[0]
+        q = constant_array(src) if src is not None else None
+        if q is None or q.dtype != np.int8 or q.min() < -8 or q.max() > 7 \
+                or len(list(src.uses())) != 1:
+            continue
+        dq.replace_input_with(0, _unpack_chain(graph, alloc, q, dq, n.name))
+        count += 1
+    if count:
+        remove_unused(model)
+    return count
+
+
+def _unpack_chain(graph: ir.Graph, alloc: NameAllocator, q: np.ndarray, before: ir.Node,
+                  base: str) -> ir.Value:
+    flat = (q.reshape(-1).astype(np.int16) + 8).astype(np.uint8)
+    packed = pack_int4(flat[None])[0]
+
+    def const(name: str, arr) -> ir.Value:
+        return alloc.initializer(f"{base}_{name}", np.asarray(arr))
+
+    def node(op: str, inputs, attrs=None, suffix: str = "") -> ir.Value:
+        made = ir.node(op, inputs, attrs or {}, name=alloc.node(f"{base}_int4_unpack{suffix}"))
+        alloc.name_value(made.outputs[0], f"{base}_int4_unpack{suffix}_out")
+        graph.insert_before(before, made)
+        return made.outputs[0]
+
+    p = const("int4_codes", packed)
+    column = const("int4_column", np.array([-1, 1], np.int64))
+    lo = node("Reshape", [node("Mod", [p, const("int4_16", np.uint8(16))], {"fmod": 0}, "_lo"),
+                          column], suffix="_lo2")
+    hi = node("Reshape", [node("BitShift", [p, const("int4_4", np.uint8(4))],
+                               {"direction": "RIGHT"}, "_hi"), column], suffix="_hi2")
+    codes = node("Reshape", [node("Concat", [lo, hi], {"axis": 1}, "_pair"),
+                             const("int4_flat", np.array([-1], np.int64))], suffix="_flat")
+    if flat.size % 2:
+        codes = node("Slice", [codes, const("int4_start", np.array([0], np.int64)),
+                               const("int4_end", np.array([flat.size], np.int64))],
+                     suffix="_slice")
+    wide = node("Cast", [codes], {"to": int(ir.DataType.INT32)}, "_i32")
+    centered = node("Sub", [wide, const("int4_8", np.int32(8))], suffix="_center")
+    as_int8 = node("Cast", [centered], {"to": int(ir.DataType.INT8)}, "_i8")
+    out = node("Reshape", [as_int8, const("int4_shape", np.array(q.shape, np.int64))],
+               suffix="_shape")
+    out.type = ir.TensorType(ir.DataType.INT8)
+    out.shape = ir.Shape(list(q.shape))
+    return out
+
+
 def matmulnbits_weight(attrs: dict[str, int], packed: np.ndarray, scales: np.ndarray,
                        zero_points: np.ndarray | None) -> np.ndarray:
     """The float weight [K, N] a 4-bit MatMulNBits node computes with (as onnxruntime

@@ -21,10 +21,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir import constant_array
-from ..graph import weight_axis
+from ..graph import attr, weight_axis
 from .gptq import Grid, output_error, round_gptq, round_nearest, symmetric_grid
 from .hessian import collect_hessians, from_rows, gptq_unsupported, weight_rows
-from .observers import weight_scales
+from .observers import quantize_weight, weight_scales
 
 logger = logging.getLogger(__name__)
 
@@ -124,28 +124,73 @@ def _report(results: dict[str, RoundedWeight], skipped: dict[str, str], hessians
     return report
 
 
-def gptq_int8(model: ir.Model, nodes: list[ir.Node], opts: Any, context: Any,
+def four_bit_convs(nodes: list[ir.Node], opts: Any) -> set[str]:
+    """The Conv nodes whose weights get 4-bit codes (mode=int4, convs=int4): every Conv
+    with a constant weight but depthwise ones (k·k weights per channel: 4 bits cost
+    them the most accuracy and save the least)."""
+    if opts.mode != "int4" or opts.convs != "int4":
+        return set()
+    out = set()
+    for n in nodes:
+        w = constant_array(n.inputs[1]) if n.op_type == "Conv" else None
+        if w is not None and not (int(attr(n, "group", 1)) > 1 and w.shape[1] == 1):
+            out.add(n.name)
+    return out
+
+
+def choose_weights(model: ir.Model, nodes: list[ir.Node], opts: Any, context: Any,
+                   stats: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The weights of static quantization's compute `nodes` that are not plain int8
+    round-to-nearest: GPTQ-rounded ones (rounding=gptq) and 4-bit conv codes (stored in
+    int8 initializers, packed later by int4.pack_conv_codes); {node: (codes, scales,
+    dequantized)}. The GPTQ report goes into `stats`."""
+    four = four_bit_convs(nodes, opts)
+    if four:
+        stats["int4_convs"] = sorted(four)
+    if opts.rounding == "gptq":
+        rounded, report = gptq_int8(model, nodes, opts, context, four_bit=four)
+        stats.update(report)
+        return rounded
+    per_channel = opts.per_channel and model.opset_imports.get("", 13) >= 13
+    rounded = {}
+    for n in nodes:
+        if n.name in four:
+            w = constant_array(n.inputs[1])
+            axis = weight_axis(n, w) if per_channel else None
+            rounded[n.name] = quantize_weight(w, axis, bits=4, method=opts.weight_calibration)
+    return rounded
+
+
+def gptq_int8(model: ir.Model, nodes: list[ir.Node], opts: Any, context: Any, *,
+              four_bit: set[str] | None = None,
               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], dict[str, Any]]:
     """rounding=gptq for static int8: the int8 weights of `nodes` (symmetric, per output
-    channel, scales as round-to-nearest picks them) as {node: (codes, scales,
-    dequantized)} in the ONNX weight layout, and the report."""
+    channel, scales as round-to-nearest picks them; 4-bit codes for the nodes in
+    `four_bit`) as {node: (codes, scales, dequantized)} in the ONNX weight layout, and the
+    report."""
     per_channel = opts.per_channel and model.opset_imports.get("", 13) >= 13
     scales_of: dict[str, np.ndarray] = {}
+    four_bit = four_bit or set()
 
     def grid_for(node: ir.Node, rows: np.ndarray) -> list[Grid]:
         w = constant_array(node.inputs[1])
         axis = weight_axis(node, w) if per_channel else None
-        scales = weight_scales(w, axis, bits=8, method=opts.weight_calibration)
+        bits = 4 if node.name in four_bit else 8
+        scales = weight_scales(w, axis, bits=bits, method=opts.weight_calibration)
         scales_of[node.name] = scales
         per_row = np.broadcast_to(scales.astype(np.float64), (rows.shape[0] * rows.shape[1],))
-        return [symmetric_grid(s, rows.shape[2], 8)
+        return [symmetric_grid(s, rows.shape[2], bits)
                 for s in per_row.reshape(rows.shape[0], rows.shape[1])]
 
     candidates = [n for n in nodes if len(n.inputs) > 1 and constant_array(n.inputs[1]) is not None]
     results, report = round_layers(model, candidates, grid_for, context, damp=opts.gptq_damp,
                                    act_order=opts.act_order, limit=opts.calib_batches or None)
-    out = {}
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     by_name = {n.name: n for n in candidates}
+    for name in four_bit - set(results):  # GPTQ could not take it: 4-bit to nearest
+        w = constant_array(by_name[name].inputs[1])
+        axis = weight_axis(by_name[name], w) if per_channel else None
+        out[name] = quantize_weight(w, axis, bits=4, method=opts.weight_calibration)
     for name, r in results.items():
         node = by_name[name]
         w = constant_array(node.inputs[1])

@@ -35,7 +35,7 @@ from .core import (
     quantize_embeddings,
 )
 from .prepare import fold_into_weights, merge_for_int8, upgrade_opset
-from .rounding import gptq_int8
+from .rounding import choose_weights
 
 
 def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
@@ -66,10 +66,7 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
                                 method=opts.calibration,
                                 channel_inputs=bias_correction_inputs(plan, opts),
                                 limit=opts.calib_batches or None)
-    rounded = {}
-    if opts.rounding == "gptq":
-        rounded, report = gptq_int8(model, plan.compute, opts, context)
-        stats.update(report)
+    rounded = choose_weights(model, plan.compute, opts, context, stats)
     applied, shifts = apply_calibrated(model, plan, calibration, opts, rounded=rounded)
     if opts.embeddings:
         stats["embeddings_quantized"] = quantize_embeddings(
