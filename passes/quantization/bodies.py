@@ -112,27 +112,23 @@ def _calibrate(model: ir.Model, context: Any, names: set[str], channel_inputs: d
     return Calibration(observers, channel, count, time.perf_counter() - start)
 
 
-def _drop_unobserved(plan, calibration: Calibration, where: str) -> None:
-    """Compute ops touching a value never seen (branch not taken) stay float."""
+def _drop_unobserved(plan, calibration: Calibration, where: str) -> bool:
+    """Compute ops touching a value never seen (branch not taken) leave `plan.compute`,
+    with the reason in `plan.skipped`; True when any did (the plan must be made again:
+    its tensors include values without a range)."""
     unseen = set()
     for name, tq in plan.tensors.items():
         if not calibration.observers[tq.data_name].seen:
             unseen.update((name, tq.data_name))
     if not unseen:
-        return
+        return False
     keep = [n for n in plan.compute
             if not any(v is not None and v.name in unseen for v in [*n.inputs, *n.outputs])]
     for n in plan.compute:
         if n not in keep:
             plan.skipped[n.name] = f"{where}: branch never taken on the calibration data"
     plan.compute = keep
-    raise _Unobserved(unseen)
-
-
-class _Unobserved(Exception):
-    def __init__(self, names: set[str]):
-        super().__init__(f"{len(names)} value(s) never observed")
-        self.names = names
+    return True
 
 
 def quantize_bodies(model: ir.Model, opts: QuantizeOptions, context: Any, *,
@@ -167,14 +163,16 @@ def quantize_bodies(model: ir.Model, opts: QuantizeOptions, context: Any, *,
     calibration = _calibrate(model, context, tensors, channel, opts)
     report["calibration_batches"] = calibration.batches
     for where, view, plan, body_opts in jobs:
-        try:
-            _drop_unobserved(plan, calibration, where)
-        except _Unobserved:
+        if _drop_unobserved(plan, calibration, where):
             # re-plan without the unobserved ops (their tensors have no range)
             only = {n.name for n in plan.compute}
             skipped = dict(plan.skipped)
             plan = make_plan(view, body_opts, only or {"\0none"})
             plan.skipped.update(skipped)
+            if _drop_unobserved(plan, calibration, where):  # still a value without range
+                for n in plan.compute:
+                    plan.skipped[n.name] = f"{where}: a value it needs was never observed"
+                plan.compute = []
         if plan.compute:
             applied, _ = apply_calibrated(view, plan, calibration, body_opts)
             report["bodies_quantized"] += 1
