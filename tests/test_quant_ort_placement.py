@@ -37,9 +37,9 @@ def _conv(nodes, inits, rng, name, x, cin, cout, k=1, group=1):
     return name
 
 
-def _model(nodes, inits, out, channels, opset=14):
+def _model(nodes, inits, out, channels, opset=14, cin=8):
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, 12, 12])],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, channels, 12, 12])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -47,12 +47,12 @@ def _model(nodes, inits, out, channels, opset=14):
     return model
 
 
-def hardswish_se_block(seed: int = 0) -> onnx.ModelProto:
-    """x -> Conv 1x1 (8->32) -> HardSwish -> depthwise 3x3 -> HardSwish -> SE (GAP -> Conv
+def hardswish_se_block(seed: int = 0, cin: int = 80) -> onnx.ModelProto:
+    """x -> Conv 1x1 (cin->32) -> HardSwish -> depthwise 3x3 -> HardSwish -> SE (GAP -> Conv
     1x1 32->8 -> Relu -> Conv 8->32 -> HardSigmoid -> Mul) -> Conv 1x1 (32->16)."""
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
-    a = _conv(nodes, inits, rng, "expand", "x", 8, 32)
+    a = _conv(nodes, inits, rng, "expand", "x", cin, 32)
     nodes.append(helper.make_node("HardSwish", [a], ["hs1"], name="hs1"))
     d = _conv(nodes, inits, rng, "depthwise", "hs1", 32, 32, k=3, group=32)
     nodes.append(helper.make_node("HardSwish", [d], ["hs2"], name="hs2"))
@@ -64,7 +64,7 @@ def hardswish_se_block(seed: int = 0) -> onnx.ModelProto:
                                   alpha=1.0 / 6.0, beta=0.5))
     nodes.append(helper.make_node("Mul", ["hs2", "se_gate"], ["scaled"], name="se_mul"))
     _conv(nodes, inits, rng, "project", "scaled", 32, 16)
-    return _model(nodes, inits, "project", 16)
+    return _model(nodes, inits, "project", 16, cin=cin)
 
 
 def relu6_inverted_residual(seed: int = 0) -> onnx.ModelProto:
@@ -97,7 +97,7 @@ def _quantize(proto, pipeline):
 def test_hardswish_block_keeps_cheap_convs_float_and_pointwise_int8():
     proto = hardswish_se_block()
     q, stats, err = _quantize(proto, "quantize(int8)")
-    kept = {k for k, v in stats["kept_float"].items() if "depthwise or 1x1-spatial" in v}
+    kept = {k for k, v in stats["kept_float"].items() if "cheap conv" in v}
     assert kept == {"depthwise", "se_reduce", "se_expand"}
     assert stats["compute_quantized"] == 2  # expand and project
     assert err < 0.05, err
@@ -113,9 +113,18 @@ def test_hardswish_block_keeps_cheap_convs_float_and_pointwise_int8():
                                                              for k in boundary)
 
 
+@pytest.mark.parametrize("cin, expand_int8", [(80, True), (8, False)])
+def test_pointwise_conv_feeding_hardswish_is_float_only_when_cheap(cin, expand_int8):
+    # 1x1 conv -> HardSwish: int8 only pays with enough MACs per output element (cin here).
+    q, stats, err = _quantize(hardswish_se_block(cin=cin), "quantize(int8)")
+    assert ("expand" not in stats["kept_float"]) == expand_int8
+    assert err < 0.05, err
+    assert op_total(ort_optimized_ops(q, level="all"), "QLinearConv") == 1 + expand_int8
+
+
 def test_depthwise_inside_int8_chain_stays_int8():
     q, stats, err = _quantize(relu6_inverted_residual(), "quantize(int8)")
-    assert not any("depthwise or 1x1-spatial" in v for v in stats["kept_float"].values())
+    assert not any("cheap conv" in v for v in stats["kept_float"].values())
     assert stats["compute_quantized"] == 3
     assert err < 0.05, err
     ort = ort_optimized_ops(q, level="all")
@@ -144,7 +153,7 @@ def test_ppocr_cls_hardswish_net_keeps_depthwise_float_and_its_accuracy():
     ctx = PassContext(calibration=source, input_shapes={name: (1, 3, 48, 192)}, threads=1)
     q, steps = PassManager("quantize(int8)", ctx).run(model)
     stats = steps[-1].stats
-    kept = [k for k, v in stats["kept_float"].items() if "depthwise or 1x1" in v]
+    kept = [k for k, v in stats["kept_float"].items() if "cheap conv" in v]
     assert len(kept) >= 11  # the depthwise convs between HardSwish ops, SE convs
     ort = ort_optimized_ops(q, level="all")
     assert op_total(ort, "QLinearConv") == stats["compute_by_op"]["Conv"] > 0

@@ -196,7 +196,7 @@ def bench_task(task: Task, threads: int, repeat: int, tmp: Path,
     rows[1]["stats"] = {k: v for k, v in stats.items()
                         if k in ("compute_quantized", "qdq_pairs", "relu_folded")}
     rows[1]["stats"]["kept_float_for_ort"] = sum(
-        1 for why in stats.get("kept_float", {}).values() if "depthwise or 1x1" in why)
+        1 for why in stats.get("kept_float", {}).values() if "cheap conv" in why)
     return rows
 
 

@@ -99,8 +99,8 @@ class QuantizeOptions:
     embeddings: bool = True
     # Quantize graph outputs produced by Conv/int8 ops too (so they fuse to QLinearConv...).
     quantize_outputs: bool = True
-    # Keep float the low-density convs (depthwise, 1x1 spatial input) whose input comes
-    # from a float op: in onnxruntime they are not faster in int8 and cost a Q/DQ pair.
+    # Keep float the cheap convs (depthwise, 1x1-spatial input, few MACs per output) next
+    # to float-only ops (HardSwish...): ORT runs them no faster in int8 (core.py rules).
     keep_cheap_convs_float: bool = True
     bias_correction: bool = True
     equalize: bool = False
@@ -252,9 +252,9 @@ def make_plan(model: ir.Model, opts: QuantizeOptions,
         if n in compute_set and opts.keep_cheap_convs_float and _cheap_float_fed_conv(n, flow):
             compute_set.discard(n)
             flow.in_n.discard(n)
-            plan.skipped[n.name] = ("kept float: depthwise or 1x1-spatial conv fed by a float "
-                                    "op (onnxruntime runs it no faster in int8; the Q/DQ pair "
-                                    "would cost more)")
+            plan.skipped[n.name] = ("kept float: cheap conv (depthwise, 1x1-spatial or few MACs "
+                                    "per output) next to float-only ops: onnxruntime runs it no "
+                                    "faster in int8 and the Q/DQ pair would cost more")
         flow.visit(n, n in compute_set)
     plan.compute = [n for n in nodes if n in compute_set]
     needs = _needs_qdq(nodes, compute_set, opts, plan)
@@ -287,28 +287,44 @@ def _select_compute(graph: ir.Graph, nodes: list[ir.Node], opts: QuantizeOptions
     return compute_set
 
 
+# Below this many MACs per output element (Cin/group * kh * kw) an int8 Conv whose
+# output only feeds float-only ops gains less in onnxruntime than its Q/DQ pass, layout
+# transposes and the activation ORT no longer fuses cost (measured, ORT 1.31, 1 thread,
+# int8 vs fp32: MobileNetV3-small 0.93-1.04x -> 0.82-0.91x, PP-OCR cls 0.79x -> 0.63x
+# with such convs float; PP-OCR rec's, 64-480 MACs per element, are faster in int8).
+CHEAP_CONV_MACS_PER_OUTPUT = 64
+
+
 def _cheap_float_fed_conv(n: ir.Node, flow: _Int8Flow) -> bool:
-    """A Conv with few MACs per output element (depthwise: k*k; or a 1x1-spatial input,
-    as in squeeze-excite blocks) whose input is produced in float (e.g. by HardSwish,
-    which onnxruntime cannot run in int8). Measured on PP-OCR cls (ORT 1.31, 1 thread):
-    int8 QLinearConv depthwise runs in NHWC no faster than the fp32 NCHWc kernel, and the
-    Q before plus DQ after each such conv made the int8 model 1.15-1.35x slower than
-    fp32; keeping these float: 0.69-0.86x (runs on a shared 2-core machine). A depthwise
-    conv is kept float only between float-only ops (HardSwish in, HardSwish out): inside
-    int8 chains (MobileNetV2, Relu6 folded) int8 is faster (0.54x vs 0.60x), and PP-OCR
-    rec's, fed by an Add after HardSwish, lost accuracy when kept float (CER 0.74 % ->
-    2.5 % on 64 rendered lines) for no speed."""
-    if n.op_type != "Conv" or n.inputs[0] is None or n.inputs[0].name in flow.avail:
+    """A Conv that onnxruntime runs no faster in int8 once its float neighbours are paid:
+    (a) a 1x1-spatial input (squeeze-excite) produced in float; (b) a depthwise conv
+    between float-only ops (HardSwish in and out); (c) a conv with under
+    CHEAP_CONV_MACS_PER_OUTPUT MACs per output element whose output only feeds float-only
+    ops. Measured on PP-OCR cls (1 thread): int8 QLinearConv depthwise runs in NHWC no
+    faster than the fp32 NCHWc kernel, and the Q/DQ around such convs made the int8
+    model 1.15-1.35x slower than fp32. Depthwise convs inside int8 chains (MobileNetV2,
+    Relu6 folded) stay int8 (0.54x vs 0.60x float). Convs reading a float Add/Mul (PP-OCR
+    rec's learnable affine after HardSwish) stay int8: kept float they made rec's CER
+    worse (0.74 % -> 2.3-2.5 % on 64 rendered lines) for no speed; why is not known."""
+    x = n.inputs[0]
+    if n.op_type != "Conv" or x is None:
         return False
-    shape = n.inputs[0].shape
-    if shape is not None and len(shape) >= 3 and all(d == 1 for d in list(shape)[2:]):
+    shape = x.shape
+    if x.name not in flow.avail and shape is not None and len(shape) >= 3 \
+            and all(d == 1 for d in list(shape)[2:]):
         return True
+    if not _feeds_only_float_ops(n.outputs[0]):
+        return False
     group = n.attributes.get("group")
+    group = group.value if group is not None else 1
     channels = shape[1] if shape is not None and len(shape) >= 2 else None
-    depthwise = group is not None and group.value > 1 and group.value == channels
-    producer = n.inputs[0].producer()
-    return depthwise and producer is not None and _float_only(producer) \
-        and _feeds_only_float_ops(n.outputs[0])
+    producer = x.producer()
+    if producer is not None and producer.op_type in ("Add", "Mul") and x.name not in flow.avail:
+        return False  # PP-OCR rec: see the docstring
+    if group > 1 and group == channels:
+        return x.name not in flow.avail and producer is not None and _float_only(producer)
+    weight = constant_array(n.inputs[1]) if len(n.inputs) > 1 else None
+    return weight is not None and int(np.prod(weight.shape[1:])) < CHEAP_CONV_MACS_PER_OUTPUT
 
 
 def _float_only(node: ir.Node) -> bool:
