@@ -316,6 +316,8 @@ def test_int4_and_gptq_refusals():
         _run(proto, "quantize(int4,block=48)", calib, {"x": (2, 5, 100)})
     with pytest.raises(InputSpecError, match="rounding=gptq applies to mode=int8"):
         _run(proto, "quantize(dynamic,rounding=gptq)", calib, {"x": (2, 5, 100)})
+    with pytest.raises(InputSpecError, match="convs=int4 needs mode=int4 with rest=int8"):
+        _run(proto, "quantize(int4,rest=float,convs=int4)", calib, {"x": (2, 5, 100)})
     with pytest.raises(InputSpecError, match="keep_float names 'nope'"):
         _run(proto, "quantize(int4,keep_float=nope)", calib, {"x": (2, 5, 100)})
     model, stats = _run(proto, "quantize(int4,rest=float,keep_float=gemm)", calib,

@@ -1,8 +1,10 @@
 """Benchmark weight rounding (nearest vs GPTQ) and 4-bit MatMul weights (MatMulNBits).
 
 For each model: fp32 against `quantize(int8)` and `quantize(int4)` (4-bit MatMul/Gemm
-weights as MatMulNBits, the rest int8 QDQ), each with rounding=nearest and rounding=gptq,
-int4 with blocks of 32 and 128. Size is the serialized model; latency the median of
+weights as MatMulNBits and 4-bit embedding tables, the rest int8 QDQ), each with
+rounding=nearest and rounding=gptq, int4 with blocks of 32 and 128; `convs4` adds 4-bit
+Conv weights (`convs=int4`, run by int8 kernels), `rest-float` leaves everything but the
+4-bit weights in float (weight-only). Size is the serialized model; latency the median of
 interleaved onnxruntime runs in this one process (threads matched, spinning off);
 quality on held-out data, never the calibration data:
 
@@ -47,9 +49,11 @@ VARIANTS = {
     "int4 b32 gptq": "int4,block=32,rounding=gptq",
     "int4 b128": "int4,block=128",
     "int4 b128 gptq": "int4,block=128,rounding=gptq",
+    "int4 b32 gptq convs4": "int4,block=32,rounding=gptq,convs=int4",
+    "int4 b128 gptq convs4": "int4,block=128,rounding=gptq,convs=int4",
     "int4 b32 gptq rest-float": "int4,block=32,rounding=gptq,rest=float",
 }
-DEFAULT = [k for k in VARIANTS if not k.endswith("rest-float")]
+DEFAULT = list(VARIANTS)
 
 
 def _gptq_ratio(stats: dict) -> str:

@@ -52,6 +52,9 @@ class QuantizePass(ForgePass):
         if opts.rounding != "nearest" and opts.mode not in ("int8", "int4"):
             raise InputSpecError(f"quantize: rounding={opts.rounding} applies to mode=int8 and "
                                  f"mode=int4, not mode={opts.mode}")
+        if opts.convs == "int4" and (opts.mode != "int4" or opts.rest != "int8"):
+            raise InputSpecError("quantize: convs=int4 needs mode=int4 with rest=int8 (the 4-bit "
+                                 "conv codes run in int8 QLinearConv)")
         before = weight_bytes(model)
         if opts.mode == "int8":
             quantize_int8(model, opts, self.context, self.stats)
