@@ -28,10 +28,12 @@ from .static import quantize_int8
 
 @register
 class QuantizePass(ForgePass):
-    """Post-training quantization: int8 QDQ (static), dynamic int8, fp16, or mixed."""
+    """Post-training quantization: int8 QDQ (static), int4 weights, dynamic int8, fp16, or
+    mixed."""
 
     name = "quantize"
-    summary = "INT8 QDQ post-training quantization (static/dynamic), fp16, mixed precision"
+    summary = ("INT8 QDQ post-training quantization (static/dynamic), int4 weights "
+               "(MatMulNBits), GPTQ rounding, fp16, mixed precision")
     exact = False
     Options = QuantizeOptions
     positional = ("mode",)
