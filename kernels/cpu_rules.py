@@ -17,9 +17,9 @@ from .rule_base import CpuRule
 from .rule_conv2d import Conv2dRule
 from .rule_elementwise import ElementwiseRule
 from .rule_fallback import FallbackRule
-from .rule_int8 import Int8DotRule
+from .rule_int8 import Int8DepthwiseRule, Int8DotRule
 from .rule_matmul import MatmulRule
-from .rule_reduction import RowReductionRule
+from .rule_reduction import ChannelsLastReductionRule, RowReductionRule
 from .rule_window import WindowRule
 
 
@@ -27,9 +27,11 @@ def default_rules() -> list[CpuRule]:
     """Rules from the most specific pattern to the catch-all fallback."""
     return [
         Int8DotRule(),
+        Int8DepthwiseRule(),
         Conv2dRule(),
         MatmulRule(),
         WindowRule(),
+        ChannelsLastReductionRule(),
         RowReductionRule(),
         ElementwiseRule(),
         FallbackRule(),

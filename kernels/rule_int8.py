@@ -18,6 +18,11 @@ Both are tiled with a row of output pixels (or matrix rows) as independent
 accumulators, the 16x4 dot product tensorized (``int8_intrin``: ``vpdpbusd`` on
 AVX-512 VNNI; ``sdot`` 4x4 on AArch64 with dotprod), and the epilogue computed per
 tile while the accumulators are in cache.
+- depthwise conv2d in NHWC (``Int8DepthwiseRule``; a model is NHWC once
+  ``backends.tvm.layout`` converted it): no dot product fits one product per channel and
+  tap, so channels are int32 vectors (as many lanes as the dot instruction's
+  accumulator), a row of output pixels the accumulators, weights packed ``[KH, KW, 1, C]``.
+
 A function that does not fit (odd channel counts, groups, int8 activations, a target
 without the instruction) is declined and the plain schedules handle it as widening
 multiplies.
@@ -134,9 +139,9 @@ class Int8DotRule(CpuRule):
         stmt = sch.get(block)
         if not _is_intermediate(sch, stmt.writes[0].source):
             return None  # an int32 output: its layout is the caller's
-        if len(stmt.reads[weight].region) == 4 and _is_depthwise_nhwc(stmt, data, weight):
-            ok = _schedule_depthwise(sch, block, weight, intrinsic)
-        elif len(stmt.reads[weight].region) == 4:
+        if _is_depthwise_nhwc(stmt, data, weight):
+            return None  # Int8DepthwiseRule
+        if len(stmt.reads[weight].region) == 4:
             ok = _schedule_conv(sch, block, data, weight, intrinsic)
         elif len(stmt.reads[weight].region) == 2:
             ok = _schedule_matmul(sch, block, data, weight, intrinsic)
@@ -146,6 +151,27 @@ class Int8DotRule(CpuRule):
 
     def schedule(self, sch, func, cpu: CpuInfo) -> bool:  # pragma: no cover - apply() used
         raise NotImplementedError
+
+
+class Int8DepthwiseRule(Int8DotRule):
+    """int8 depthwise conv in NHWC -> channels as int32 vectors (no dot product fits)."""
+
+    name = "int8-depthwise"
+
+    def apply(self, func, target, tunable, config=None):
+        intrinsic = intrinsic_for(target)
+        if intrinsic is None or not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        found = _int8_contraction(sch, intrinsic.data_dtype)
+        if found is None:
+            return None
+        block, data, weight = found
+        stmt = sch.get(block)
+        if not _is_intermediate(sch, stmt.writes[0].source) or \
+                not _is_depthwise_nhwc(stmt, data, weight):
+            return None
+        return sch if _schedule_depthwise(sch, block, weight, intrinsic) else None
 
 
 def _conv_axes(stmt, weight: int):

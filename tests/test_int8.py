@@ -129,7 +129,9 @@ def assert_within_one_step(model, step, target="host", seeds=(0, 1)):
     {"ic": 3, "oc": 5, "k": 3},               # channels not a multiple of 4 / 16
     {"ic": 20, "oc": 48, "k": 1, "pad": 0},   # 1x1, no padding copy
     {"ic": 16, "oc": 32, "k": 3, "size": 32, "zx": 9},# rows of 16 outputs per tile
-    {"groups": 8, "ic": 8, "oc": 8},          # depthwise
+    {"groups": 8, "ic": 8, "oc": 8},          # depthwise, 8 channels: plain schedule
+    {"groups": 32, "ic": 32, "oc": 32, "stride": 2, "size": 12},  # depthwise NHWC kernel
+    {"groups": 48, "ic": 48, "oc": 48, "zx": 3, "relu": False, "k": 5, "pad": 2},
     {"groups": 2, "ic": 8, "oc": 32},         # grouped
     {"act": "int8", "zx": -5},                # s8 activations
     {"per_channel": False},                   # one weight scale
@@ -140,6 +142,32 @@ def test_quantized_conv_is_integer_and_within_one_step_of_ort(case):
     integer = art.report["integer"]
     assert integer["integer_ops"] == {"conv2d": 1}, integer
     assert integer["float_total"] == 0
+    if HOST_HAS_VNNI:  # every conv integer: the model runs channels-last
+        assert integer["layout"] == "NHWC"
+    if HOST_HAS_VNNI and case.get("groups", 1) > 16:
+        assert art.report["schedule_rules"].get("int8-depthwise") == 1, art.report
+
+
+def test_a_float_conv_keeps_the_model_nchw_and_says_why():
+    """One conv left float (weights with a zero point) after an integer one: the layout
+    stays NCHW (the float rules are NCHW) and the report says why."""
+    model, step = qdq_conv(ic=16, oc=16, relu=False)
+    float_w = np.random.default_rng(3).standard_normal((8, 16, 1, 1)).astype(np.float32)
+    model.graph.initializer.append(_init("wf", float_w))
+    model.graph.node.append(helper.make_node("Conv", ["y", "wf"], ["z"], kernel_shape=[1, 1]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT,
+                                                            [1, 8, 9, 9]))
+    art = compile_model(model, "host")
+    integer = art.report["integer"]
+    assert integer["integer_ops"] == {"conv2d": 1}
+    if HOST_HAS_VNNI:
+        assert integer["layout"] == "NCHW (1 of 2 conv2d compute in float)"
+    feed = random_inputs(art.inputs, seed=0)
+    got = next(iter(art.run(feed).values()))
+    # y within one step of ORT, so z within one step times the float conv's largest row sum
+    bound = step * float(np.abs(float_w).sum(axis=1).max()) * 1.001
+    np.testing.assert_allclose(got, _ort(model, feed), atol=bound)
 
 
 @pytest.mark.parametrize("case", [
@@ -196,20 +224,22 @@ def test_vnni_kernels_match_plain_loops_on_full_range_data():
     whole range: the int32 sums are exact, so only a float rounding flip of the epilogue
     (FMA or not) may move a quantized output by one."""
     from onnxforge.kernels.kernel_check import random_arrays
-    from onnxforge.kernels.rule_int8 import Int8DotRule
+    from onnxforge.kernels.rule_int8 import Int8DepthwiseRule, Int8DotRule
     from onnxforge.kernels.schedule_pass import apply_rule, attach_layout_free_buffers
 
     conv, _ = qdq_conv(ic=32, oc=48, stride=2, size=11, zx=7, relu=False)
     matmul, _ = qdq_matmul(shape=(3, 9, 64), n=80, zx=3)
+    depthwise, _ = qdq_conv(ic=32, oc=32, groups=32, stride=2, size=11, zx=7, relu=False)
     checked = 0
-    for model in (conv, matmul):
+    for model, rule in ((conv, Int8DotRule()), (matmul, Int8DotRule()),
+                        (depthwise, Int8DepthwiseRule())):
         prepared = prepare_module(model, "host")
         mod = attach_layout_free_buffers(prepared.mod)
         with prepared.target:
             for gvar, func in mod.functions_items():
                 if not isinstance(func, tvm.tirx.PrimFunc):
                     continue
-                scheduled = apply_rule(Int8DotRule(), func, prepared.target)
+                scheduled = apply_rule(rule, func, prepared.target)
                 if scheduled is None:
                     continue
                 build = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
@@ -225,7 +255,7 @@ def test_vnni_kernels_match_plain_loops_on_full_range_data():
                     assert diff.max() <= 1.0 + 1e-6, (gvar.name_hint, diff.max())
                     assert np.mean(diff > 0) < 0.01, gvar.name_hint
                 checked += 1
-    assert checked == 2
+    assert checked == 3
 
 
 def test_two_layer_residual_chain_stays_int8_and_verifies(tmp_path):
@@ -275,12 +305,14 @@ def test_int8_on_aarch64_under_qemu_within_one_step(target, instruction):
     to s8 (odd channel counts stay on the plain schedule)."""
     need_qemu()
     cases = (qdq_conv(zx=128, relu=False), qdq_conv(ic=3, oc=5), qdq_conv(act="int8", zx=-5),
+             qdq_conv(groups=16, ic=16, oc=16, stride=2, size=10, zx=5, relu=False),
              qdq_matmul(transposed=True, shape=(1, 64)), qdq_matmul(n=10, shape=(3, 7)))
     dot_kernels = 0
     for model, step in cases:
         art = assert_within_one_step(model, step, target=target, seeds=(0,))
         assert art.report["integer"]["integer_total"] == 1
         dot_kernels += art.report["schedule_rules"].get("int8-dot", 0)
+        dot_kernels += art.report["schedule_rules"].get("int8-depthwise", 0)
         if instruction and art.report["schedule_rules"].get("int8-dot"):
             assert f"\t{instruction}\t" in art.host_assembly()
     assert (dot_kernels > 0) == (instruction is not None)

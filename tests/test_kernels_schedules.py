@@ -386,6 +386,23 @@ def test_row_reduction_rule_numerics(name):
     check_numerics(ROW_CASES[name], "row-reduction", vectorized=not scalar)
 
 
+COLUMN_CASES = {
+    # a mean over H, W of an NHWC tensor (global pooling once a net is channels-last)
+    "mean_hw_nhwc": unary("ReduceMean", [1, 14, 14, 96], axes=[1, 2], keepdims=1),
+    "max_rows_keep_last": unary("ReduceMax", [2, 33, 64], axes=[1], keepdims=0),
+}
+
+
+@pytest.mark.parametrize("name", list(COLUMN_CASES))
+def test_channels_last_reduction_rule_numerics(name):
+    check_numerics(COLUMN_CASES[name], "channels-last-reduction")
+
+
+def test_reductions_over_the_last_axis_stay_row_reductions():
+    mod = lower(unary("ReduceMean", [4, 7, 64], axes=[2], keepdims=1), _host_target())
+    assert "row-reduction" in schedule_summary(mod).values()
+
+
 ELEMENTWISE_CASES = {
     "transpose_0213": unary("Transpose", [2, 33, 12, 16], perm=[0, 2, 1, 3]),
     "transpose_odd_rows": unary("Transpose", [2, 33, 12, 17], perm=[0, 2, 1, 3]),
