@@ -167,6 +167,8 @@ def integer_summary(info: dict) -> str | None:
     line = f"int8: {integer['integer_total']} quantized ops run as integer kernels ({ops})"
     for entry in integer["float_ops"]:
         line += f"; {entry['count']} {entry['op']} stayed float: {entry['reason']}"
+    if integer.get("layout"):  # NHWC, or NCHW with the reason (backends.tvm.layout)
+        line += f"; layout {integer['layout']}"
     return line
 
 

@@ -163,6 +163,9 @@ def test_a_float_conv_keeps_the_model_nchw_and_says_why():
     assert integer["integer_ops"] == {"conv2d": 1}
     if HOST_HAS_VNNI:
         assert integer["layout"] == "NCHW (1 of 2 conv2d compute in float)"
+        from onnxforge.cli_tvm import integer_summary
+        assert integer_summary(art.report).endswith(
+            "; layout NCHW (1 of 2 conv2d compute in float)")
     feed = random_inputs(art.inputs, seed=0)
     got = next(iter(art.run(feed).values()))
     # y within one step of ORT, so z within one step times the float conv's largest row sum
