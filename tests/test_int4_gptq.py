@@ -273,7 +273,7 @@ def test_int4_conv_codes_packed_and_run_as_qlinearconv(tmp_path, rounding):
     calib = {"x": rng.standard_normal((16, 8, 10, 10)).astype(np.float32)}
     model, stats = _run(proto, f"quantize(int4,convs=int4,rounding={rounding})", calib,
                         {"x": (1, 8, 10, 10)})
-    assert stats["int4_convs"] == ["conv1", "conv2"] and stats["int4_convs_packed"] == 2
+    assert stats["int4_codes"] == ["conv1", "conv2"] and stats["int4_codes_packed"] == 2
     packed = {k: constant_array(v) for k, v in model.graph.initializers.items()
               if k.endswith("_int4_codes")}
     assert sorted(a.size for a in packed.values()) == [40, 576]  # 80 / 2, 1152 / 2 bytes

@@ -249,19 +249,21 @@ def quantize_embeddings_int4(model: ir.Model, opts: Any, *, min_size: int = 4096
     return count
 
 
-def pack_conv_codes(model: ir.Model, names: list[str]) -> int:
-    """The int8 weight initializers of the named Convs' DequantizeLinear, holding 4-bit
-    codes (-8..7), become packed nibbles (codes + 8, two per byte) unpacked by a constant
-    subgraph (Mod / BitShift -> Concat -> Cast -> Sub 8 -> Cast int8 -> Reshape). The file
+def pack_int4_codes(model: ir.Model, names: list[str]) -> int:
+    """The int8 weight initializers of the named Conv/MatMul/Gemm nodes' DequantizeLinear,
+    holding 4-bit codes (-8..7), become packed nibbles (codes + 8, two per byte) unpacked
+    by a constant subgraph (Mod / BitShift -> Concat -> Cast -> Sub 8 -> Cast int8 ->
+    Reshape). The file
     holds 4 bits per weight; onnxruntime folds the subgraph at load time and still fuses
-    DQ -> Conv into QLinearConv (checked: its optimized graph has QLinearConv). Returns
-    the count packed."""
+    DQ -> Conv into QLinearConv (checked: its optimized graph has QLinearConv; MatMul and
+    Gemm likewise into their int8 kernels). Returns the count packed."""
     wanted = set(names)
     graph = model.graph
     alloc = NameAllocator(graph)
     count = 0
     for n in list(graph):
-        if n.op_type != "Conv" or n.name not in wanted or len(n.inputs) < 2:
+        if n.op_type not in ("Conv", "MatMul", "Gemm") or n.name not in wanted \
+                or len(n.inputs) < 2:
             continue
         dq = n.inputs[1].producer() if n.inputs[1] is not None else None
         if dq is None or dq.op_type != "DequantizeLinear":

@@ -21,7 +21,7 @@ from ..base import ForgePass, register
 from .core import QuantizeOptions, quantize_embeddings, weight_bytes
 from .dynamic import quantize_dynamic
 from .fp16 import convert_fp16
-from .int4 import pack_conv_codes, quantize_int4
+from .int4 import pack_int4_codes, quantize_int4
 from .mixed import quantize_mixed
 from .static import quantize_int8
 
@@ -64,8 +64,8 @@ class QuantizePass(ForgePass):
             quantize_int4(model, opts, self.context, self.stats)
             if opts.rest == "int8":
                 quantize_int8(model, opts, self.context, self.stats)
-                self.stats["int4_convs_packed"] = pack_conv_codes(
-                    model, self.stats.get("int4_convs", []))
+                self.stats["int4_codes_packed"] = pack_int4_codes(
+                    model, self.stats.get("int4_codes", []))
             elif opts.embeddings:
                 self.stats["embeddings_quantized"] = quantize_embeddings(model)
         elif opts.mode == "dynamic":
