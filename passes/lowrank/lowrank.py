@@ -92,7 +92,7 @@ from .linalg import (
     vertical_patches,
 )
 from .rank import Choice, allocate, layer_choices, rank_grid, round_rank
-from .sensitivity import LayerProbe, onnx_weight, probe_ranks, sensitivity_slope, weighted
+from .sensitivity import ErrorCurve, LayerProbe, onnx_weight, probe_ranks, weighted
 
 logger = logging.getLogger(__name__)
 
@@ -490,7 +490,7 @@ class LowRankPass(ForgePass):
         start = time.perf_counter()
         batches = list(self.context.calibration_batches(self.options.sens_batches))
         probe = LayerProbe(self._model, layers, batches, self.context.threads)
-        alphas: dict[str, float] = {}
+        curves: dict[str, ErrorCurve] = {}
         for layer in layers:
             if layer.key not in probe.inputs:
                 continue
@@ -501,13 +501,16 @@ class LowRankPass(ForgePass):
                 approx = self._factors(layer, plans[layer.key], ranks)[1]
                 losses.append(sum(1.0 - energy_kept(s, r) for s, r in zip(spectra, ranks)))
                 errors.append(probe.error(layer.key, onnx_weight(layer, approx)))
-            alpha = sensitivity_slope(losses, errors)
-            if alpha is not None:
-                alphas[layer.key] = alpha
-        fallback = float(np.median(list(alphas.values()))) if alphas else 1.0
+            curve = ErrorCurve(losses, errors)
+            if curve.usable:
+                curves[layer.key] = curve
+        # a layer without a curve: the median error per unit of lost energy of the others
+        slopes = [c.y[-1] / c.x[-1] for c in curves.values()]
+        fallback = float(np.median(slopes)) if slopes else 1.0
         self.stats["sensitivity_s"] = round(time.perf_counter() - start, 2)
-        self.stats["sensitivity"] = {k: round(v, 5) for k, v in alphas.items()}
-        return [weighted(c, alphas.get(layer.key, fallback))
+        self.stats["sensitivity"] = {k: round(float(c.y[-1] / c.x[-1]), 5)
+                                     for k, c in curves.items()}
+        return [weighted(c, curves.get(layer.key), fallback)
                 for layer, c in zip(layers, all_choices)]
 
     def _no_rank_reason(self, layer: Layer, plan: Plan) -> str:

@@ -3,15 +3,15 @@
 The global budget spreads ranks by the energy each layer loses (its own share of
 Σs², whitened in data-aware mode). Equal lost energy does not cost the model
 equally: an early conv of a recognizer or an attention projection can matter
-far more than a late FFN. Here each layer is truncated on its own at two
-probe ranks (about 2 % and 10 % of its energy lost) and the model's output error
-on a few calibration batches is measured; the slope `alpha` of output error
-against lost energy (least squares through the origin) then weights that layer's
-candidates in the allocation (`error = alpha * lost energy`).
+far more than a late FFN. Here each layer is truncated on its own at three
+probe ranks (about 2 %, 10 % and 30 % of its energy lost) and the model's output
+error on a few calibration batches is measured; each candidate's error in the
+allocation is then read off that measured curve (piecewise linear in the lost
+energy, extended beyond the deepest probe with its mean slope).
 
 Cheap by construction: one onnxruntime session on a copy whose decomposable
 weights are overridable graph inputs; a probe feeds the reconstructed weight
-(same shape as the original), so nothing is rebuilt. Cost: 2 x layers runs on
+(same shape as the original), so nothing is rebuilt. Cost: 3 x layers runs on
 `sens_batches` batches. The probe uses the plain reconstruction (no bias
 correction), so it slightly overstates data-aware errors, equally for all layers.
 """
@@ -32,7 +32,7 @@ from .rank import Choice
 
 logger = logging.getLogger(__name__)
 
-PROBE_LOSSES = (0.02, 0.10)  # energy lost at the probe ranks
+PROBE_LOSSES = (0.02, 0.10, 0.30)  # energy lost at the probe ranks
 
 
 def onnx_weight(layer: Layer, canonical: np.ndarray) -> np.ndarray:
@@ -99,13 +99,28 @@ def probe_ranks(spectra: list[np.ndarray], grids: list[list[int]]) -> list[tuple
     return out
 
 
-def sensitivity_slope(losses: list[float], errors: list[float]) -> float | None:
-    """Least-squares slope through the origin of output error vs lost energy."""
-    x, y = np.asarray(losses), np.asarray(errors)
-    if not np.any(x > 0):
-        return None
-    return float(max(x @ y, 0.0) / (x @ x))
+class ErrorCurve:
+    """Measured output error vs lost energy of one layer: piecewise linear through the
+    origin and the probe points, extended beyond the last one with its mean slope."""
+
+    def __init__(self, losses: list[float], errors: list[float]):
+        order = np.argsort(losses)
+        self.x = np.concatenate([[0.0], np.asarray(losses, float)[order]])
+        self.y = np.maximum.accumulate(np.concatenate([[0.0], np.asarray(errors,
+                                                                          float)[order]]))
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.x[-1] > 0)
+
+    def __call__(self, lost: float) -> float:
+        if lost <= self.x[-1]:
+            return float(np.interp(lost, self.x, self.y))
+        return float(self.y[-1] * lost / self.x[-1])
 
 
-def weighted(choices: list[Choice], alpha: float) -> list[Choice]:
-    return [Choice(c.ranks, c.cost, c.error * alpha) for c in choices]
+def weighted(choices: list[Choice], curve: ErrorCurve | None, fallback: float) -> list[Choice]:
+    """Candidates with the measured output error in place of the lost energy."""
+    if curve is None:
+        return [Choice(c.ranks, c.cost, c.error * fallback) for c in choices]
+    return [Choice(c.ranks, c.cost, curve(c.error)) for c in choices]
