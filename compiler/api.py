@@ -34,7 +34,7 @@ from .ir import ModelSource, files_read, load_model, save_model
 from .metrics import compute_metrics
 from .pass_manager import PassManager, StepReport
 from .passes.base import PassContext
-from .report import write_json
+from .report import write_json, write_report
 from .safe_write import check_writes, reading
 from .shapes import check_input_shapes, model_inputs, resolve_input_shapes
 from .subgraphs import subgraph_compute
@@ -169,7 +169,7 @@ def _write_result(result: OptimizeResult, output: str | os.PathLike | None,
         result.output = save_model(result.model, output)
         result.report["output_bytes"] = result.output.stat().st_size
     if report_path is not None:
-        write_json(report_path, result.report)
+        write_report(report_path, result.report)
 
 
 def _pass_context(original: ir.Model, input_shapes: dict | None, calibration: Any,
@@ -508,7 +508,7 @@ def compile(
             written = artifact.export(Path(output))
             result.written = list(artifact.report.get("exported", [str(written)]))
         if report_path is not None:
-            write_json(report_path, artifact.report)
+            write_report(report_path, artifact.report)
     return result
 
 

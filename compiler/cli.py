@@ -5,6 +5,7 @@ Examples:
   onnxforge optimize model.onnx -o out.onnx -p "cleanup,fuse" --report report.json
   onnxforge optimize --example -o digits_opt.onnx          # the shipped digits model
   onnxforge bench model.onnx out.onnx --threads 2
+  onnxforge report report.json -o report.html            # one HTML page with plots
   onnxforge passes
 """
 
@@ -126,7 +127,9 @@ def optimize(
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip running the models to check outputs.")] = False,
     report: Annotated[Path | None, typer.Option(
-        "--report", "-r", help="Write a JSON report here.")] = None,
+        "--report", "-r",
+        help="Write the report here: JSON, or an HTML page with plots for a .html path.")
+    ] = None,
     dump_dir: Annotated[Path | None, typer.Option(
         "--dump-dir", help="Save the model after each pass here.")] = None,
     print_after: Annotated[list[str] | None, typer.Option(
@@ -252,6 +255,31 @@ def passes() -> None:
         table.add_row(name, "exact" if cls.exact else "lossy", cls.summary, opts or "-")
     console.print(table)
     console.print('Pipeline syntax: [bold]cleanup,fuse,prune(macs=0.3,criterion=l2)[/]')
+
+
+@app.command("report")
+def report_page(
+    report: Annotated[Path, typer.Argument(help="JSON report of optimize or compile.")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="HTML page to write (default: the report's name, .html).")
+    ] = None,
+) -> None:
+    """Render a JSON report as one self-contained HTML page: per-pass waterfall, per-layer
+    tables and plots (plots need `pip install onnxforge\\[plot]`).
+
+    Example: [bold]onnxforge report r.json -o r.html[/]
+    """
+    from .html_report import load_report, write_html
+    from .safe_write import reading
+
+    output = output or report.with_suffix(".html")
+    data = load_report(report)
+    # never over the report itself nor a model it names
+    reads = [("the report", report)] + [(f"the {key} model", data[key]) for key in
+                                        ("input", "output") if isinstance(data.get(key), str)]
+    with reading(reads):
+        write_html(output, data)
+    console.print(f"wrote {output}")
 
 
 def _register_optional_commands() -> None:

@@ -245,7 +245,8 @@ def compile_command(
         "--no-shipped-db", help="Ignore the schedule configs shipped with onnxforge for "
         "the target's CPU class (onnxforge/kernels/tuning_db/).")] = False,
     report: Annotated[Path | None, typer.Option(
-        "--report", "-r", help="Write the compile report as JSON here.")] = None,
+        "--report", "-r", help="Write the compile report here: JSON, or an HTML page for "
+        "a .html path.")] = None,
 ) -> None:
     """Compile an ONNX model with TVM for a target and export the library.
 

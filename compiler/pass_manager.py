@@ -67,7 +67,8 @@ class StepReport:
 def _summary(model: ir.Model, input_shapes: dict[str, tuple[int, ...]],
              probe: dict | None = None) -> dict[str, int]:
     metrics = compute_metrics(model, input_shapes, probe=probe)
-    summary = {"nodes": metrics.nodes, "params": metrics.params, "macs": metrics.macs}
+    summary = {"nodes": metrics.nodes, "params": metrics.params, "macs": metrics.macs,
+               "weight_bytes": metrics.weight_bytes}  # the file-size waterfall (HTML report)
     inside = len(subgraph_compute(model))
     if inside:
         summary["subgraph_compute_nodes"] = inside

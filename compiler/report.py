@@ -17,6 +17,19 @@ def write_json(path: str | os.PathLike, data: Any, *, label: str = "report") -> 
     return safe_write.write_json(path, data, default=_json_default, label=label)
 
 
+def write_report(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """`--report`: a path ending in .html gets the HTML page (html_report.py), any other
+    the JSON; both atomic, never over a file the run reads."""
+    if Path(path).suffix.lower() in (".html", ".htm"):
+        import json
+
+        from .html_report import write_html
+
+        # the page reads what the JSON would hold (numpy scalars, paths made plain)
+        return write_html(path, json.loads(json.dumps(data, default=_json_default)))
+    return write_json(path, data)
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 

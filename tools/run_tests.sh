@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 has() {  # are these modules installed (found, not imported)?
   python -c "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))" "$@"
 }
-if ! has onnxforge tvm pytest; then
+if ! has onnxforge tvm pytest matplotlib; then
   python -m pip install -q -e ".[tvm,dev]"
 fi
 # Tools only (zoo export); the library itself never imports torch.

@@ -362,9 +362,11 @@ def _schedule_report(mod, target, by_database: set[str], by_default: set[str],
 
         if target.kind.name == "llvm" and default_rule:
             summary: dict[str, int] = {}
-            for rule in schedule_summary(mod).values():
+            per_kernel = schedule_summary(mod)
+            for rule in per_kernel.values():
                 summary[rule] = summary.get(rule, 0) + 1
             report["schedule_rules"] = summary
+            report["kernel_schedules"] = dict(sorted(per_kernel.items()))  # the HTML report
     except Exception as exc:  # noqa: BLE001 - optional detail
         logger.debug("no per-rule schedule summary: %s", exc)
     return report

@@ -193,7 +193,7 @@ class PrunePass(ForgePass):
         )
         cost = CostModel(work, analysis)
         chosen: list[int] = []
-        self._probe = None
+        self._probe, self._group_error = None, {}
         if groups and self._needs_probe():
             start = time.perf_counter()
             self._probe = self._make_probe(work, analysis, groups)
@@ -225,6 +225,7 @@ class PrunePass(ForgePass):
             params_before=int(cost.total_params),
             params_after=round(cost.total_params - params_removed),
             removed_by_kind=self._by_kind(analysis, plan.chosen),
+            per_group=self._per_group(analysis, plan.chosen),
         )
         try:
             kept = kept_indices(analysis, removed)
@@ -336,6 +337,22 @@ class PrunePass(ForgePass):
         for uid in chosen:
             out[kind_of[uid]] += 1
         return dict(out)
+
+    def _per_group(self, analysis: Analysis, chosen: list[int]) -> dict[str, dict]:
+        """Units kept/removed per group that lost any, with the sensitivity probe's
+        output error for that group's removal alone where it ran (HTML report)."""
+        picked = set(chosen)
+        errors = getattr(self, "_group_error", {})  # set by _select_sensitivity
+        out = {}
+        for g in analysis.groups:
+            removed = sum(1 for u in g.units if u.id in picked)
+            if removed:
+                label = g.name or (g.names[0] if g.names else f"group {g.id}")
+                label = f"{label} #{g.id}" if label in out else label
+                out[label] = {"kind": g.kind, "units": len(g.units), "removed": removed,
+                              "ratio": round(removed / len(g.units), 4),
+                              "sensitivity": errors.get(g.id)}
+        return out
 
     # ------------------------------------------------------------ importance
 
@@ -461,6 +478,9 @@ class PrunePass(ForgePass):
                            target, reached)
         for (_g, order, ks, _cum), j in zip(free, picks):
             chosen.extend(u.id for u in order[:ks[j]])
+        # output error measured with only this group's chosen units removed
+        self._group_error = {f[0].id: round(float(e[j]), 6) for f, e, j in zip(free, errors, picks)
+                             if j and np.isfinite(e[j])}
         self.stats.update({f"{which}_target": target, "allocation": "sensitivity",
                            "sensitivity_s": round(seconds, 2),
                            "sensitivity_runs": sum(len(f[2]) - 1 for f in free),
