@@ -195,7 +195,9 @@ def test_digits_sensitivity_allocation(digits_model, digits_test_data):
             assert p.stats["sensitivity_runs"] > 0
         accuracy[how] = compare_models(base, model, test, limit=100).candidate_accuracy
     print("digits accuracy at 50 % MACs:", accuracy)
-    assert accuracy["sensitivity"] > 0.9, accuracy
+    # measured 0.986 (sensitivity) vs 0.978 (threshold), original 0.992
+    assert accuracy["sensitivity"] > 0.95, accuracy
+    assert accuracy["sensitivity"] >= accuracy["threshold"] - 0.01, accuracy
 
 
 def test_sensitivity_needs_calibration_and_auto_falls_back():
