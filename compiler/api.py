@@ -460,11 +460,13 @@ def compile(
     verify: bool | None = None,
     report_path: str | os.PathLike | None = None,
     console: Console | None = None,
+    profile: bool = False,
 ) -> CompileResult:
     """Compile `model` for `target` and write the library to `output` (a .so or .tar;
     None: nothing written), following the module's recipe. `verify=None` verifies when
     the code can run here, True demands it, False skips it. Raises VerificationError (with
-    `.verification` and `.report` attached) and writes nothing when the check fails."""
+    `.verification` and `.report` attached) and writes nothing when the check fails.
+    `profile`: time each kernel here (report["profile"], backends/tvm/profile.py)."""
     reads = files_read(model)  # nothing written may be one of these (checked again later)
     check_writes([("output", output), ("report", report_path)], reads)
     if (tune_seconds or rpc_tracker) and not tune_trials:
@@ -503,6 +505,8 @@ def compile(
                                       f"{checked.problem()}; nothing was written")
             error.verification, error.report = checked, artifact.report
             raise error
+    if profile:
+        _profile(artifact)
     with reading(reads):
         if output is not None:
             written = artifact.export(Path(output))
@@ -510,6 +514,17 @@ def compile(
         if report_path is not None:
             write_report(report_path, artifact.report)
     return result
+
+
+def _profile(artifact: Any) -> None:
+    """report["profile"]: time per kernel (in process only: not for code run under qemu)."""
+    from .backends.tvm.profile import profile_kernels
+
+    if artifact._runtime_device() is None:  # the VM the profiler instruments is local
+        artifact.report["notes"].append("not profiled: the code cannot run in this process "
+                                        "on this machine")
+        return
+    artifact.report["profile"] = profile_kernels(artifact)
 
 
 # ---------------------------------------------------------------------------------------

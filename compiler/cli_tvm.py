@@ -247,6 +247,9 @@ def compile_command(
     report: Annotated[Path | None, typer.Option(
         "--report", "-r", help="Write the compile report here: JSON, or an HTML page for "
         "a .html path.")] = None,
+    profile: Annotated[bool, typer.Option(
+        "--profile", help="Time each kernel over 20 runs on random inputs (this machine's "
+        "CPU) and add it to the report.")] = False,
 ) -> None:
     """Compile an ONNX model with TVM for a target and export the library.
 
@@ -265,7 +268,7 @@ def compile_command(
             tuning_db=tuning_db, tune_trials=tune_trials, tune_seconds=tune_seconds,
             rpc_tracker=rpc_tracker, rpc_key=rpc_key,
             default_schedules=not no_default_schedules, shipped_db=not no_shipped_db,
-            verify=verify, report_path=report, console=err_console)
+            verify=verify, report_path=report, console=err_console, profile=profile)
     except VerificationError as exc:  # show what was measured, then the error
         if getattr(exc, "report", None) is not None:
             console.print(compile_summary(exc.report), soft_wrap=True)

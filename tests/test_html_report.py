@@ -77,19 +77,25 @@ def test_optimize_page_has_the_waterfall_and_per_layer_plots(optimized):
     assert "weight bytes after" in page
 
 
-def test_compile_page_names_the_rule_of_each_kernel(tmp_path):
+def test_compile_page_names_the_rule_and_time_of_each_kernel(tmp_path):
     pytest.importorskip("tvm")
     page = tmp_path / "c.html"
-    api.compile(api.EXAMPLE_MODEL, "host", None, pipeline="",
-                input_shapes=dict(api.EXAMPLE_INPUT_SHAPES), verify=False, report_path=page)
+    result = api.compile(api.EXAMPLE_MODEL, "host", None, pipeline="",
+                         input_shapes=dict(api.EXAMPLE_INPUT_SHAPES), verify=False,
+                         report_path=page, profile=True)
     text = page.read_text(encoding="utf-8")
+    profile, rules = result.report["profile"], result.report["kernel_schedules"]
+    assert profile["kernels"] and {k["name"] for k in profile["kernels"]} <= set(rules)
+    assert abs(sum(k["share"] for k in profile["kernels"]) - 1) < 0.01
+    assert all(k["calls"] >= 1 and k["total_ms"] > 0 for k in profile["kernels"])
+    assert "kernels timed over" in text
     assert "Who scheduled the kernels" in text and "Integer and sparse kernels" in text
     kernels = re.findall(r"<tr><td>([^<]+)</td><td>([^<]+)</td></tr>",
                          text.split("who scheduled each kernel")[1].split("</table>")[0])
     assert kernels and any("conv2d" in name for name, _ in kernels)
     assert all(rule for _, rule in kernels)
     if importlib.util.find_spec("matplotlib") is not None:
-        assert "kernels per schedule rule" in images(text)
+        assert {"kernels per schedule rule", "time per kernel"} <= set(images(text))
 
 
 def test_hostile_node_names_are_escaped(tmp_path):
