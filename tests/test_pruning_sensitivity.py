@@ -78,6 +78,22 @@ def dead_channels(seed: int = 0):
     return b.build([("input", [1, 4, 8, 8])], [out])
 
 
+def linear_combinations(seed: int = 0):
+    """conv a (12 ch, no activation) -> 1x1 conv b: filters 6..11 of a are combinations of
+    filters 0..2 with larger norms, so a refit of b restores them exactly; weight norms and
+    output energy both say to keep them and drop the small filters 0..5, of which
+    3..5 are irreplaceable."""
+    b = GraphBuilder(seed)
+    unique = b.rng.standard_normal((6, 4, 3, 3)).astype(np.float32) * 0.3
+    mix = np.zeros((6, 6), np.float32)
+    mix[:, :3] = b.rng.standard_normal((6, 3)) * 2.0
+    w = np.concatenate([unique, np.einsum("ij,jckl->ickl", mix, unique)])
+    h = b.node("Conv", ["input", b.const(w, "a.weight")], name="a", kernel_shape=[3, 3],
+               pads=[1, 1, 1, 1])
+    out = b.conv(h, 12, 4, k=1, name="b")
+    return b.build([("input", [1, 4, 8, 8])], [out])
+
+
 def _group_ratio(prune: PrunePass, layer: str) -> float:
     plan = prune.plan(prune._base)
     chosen = set(plan.chosen)
@@ -105,6 +121,17 @@ def test_energy_criterion_removes_dead_channels_first():
     l2, _ = _prune(base, shapes, calib, ratio=0.5, criterion="l2", recover=False)
     assert _error(base, energy, held_out) < 1e-5  # the dead channels never contributed
     assert _error(base, l2, held_out) > 0.1
+
+
+def test_reconstruction_criterion_finds_the_redundant_channels():
+    base, shapes, calib, held_out = _setup(linear_combinations(), count=16)
+    err = {}
+    for criterion in ("reconstruction", "l2", "energy"):
+        model, _ = _prune(base, shapes, calib, ratio=0.5, criterion=criterion)
+        err[criterion] = _error(base, model, held_out)
+    print("criteria on linear combinations:", err)
+    assert err["reconstruction"] < 1e-3, err  # only redundant filters removed, b refit
+    assert err["l2"] > 0.1 and err["energy"] > 0.1, err
 
 
 @pytest.mark.parametrize("name", ["resnet_blocks", "squeezenet_fire", "depthwise_grouped",

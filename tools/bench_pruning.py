@@ -49,7 +49,8 @@ ZOO = bc.ZOO
 DOCSTRING_CALIBRATION = False
 VISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1"]
 METHODS = {"threshold": "allocate=threshold", "sensitivity": "allocate=sensitivity",
-           "sensitivity+energy": "allocate=sensitivity,criterion=energy"}
+           "sensitivity+energy": "allocate=sensitivity,criterion=energy",
+           "sensitivity+reconstruction": "allocate=sensitivity,criterion=reconstruction"}
 MODELS = [*VISION, "ppocr_det", "ppocr_rec", "ppocr_cls", "minilm_l6", "digits"]
 logger = logging.getLogger("bench_pruning")
 
@@ -244,10 +245,11 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the no-recovery run (faster)")
     parser.add_argument("--methods", nargs="*", default=["threshold"],
-                        choices=["threshold", "sensitivity", "sensitivity+energy"],
+                        choices=list(METHODS),
                         help="how a MACs target is allocated (threshold: global ranking of "
                              "normalized L2 scores; sensitivity: measured output error per "
-                             "group; +energy: activation-weighted unit order)")
+                             "group; +energy: activation-weighted unit order; "
+                             "+reconstruction: greedy output-reconstruction unit order)")
     parser.add_argument("--docstring-calib", action="store_true",
                         help="calibrate MiniLM on 128 stdlib docstring sentences")
     args = parser.parse_args()

@@ -72,7 +72,7 @@ from .sensitivity import SensitivityProbe, allocate, candidate_counts, measure
 
 logger = logging.getLogger(__name__)
 
-Criterion = Literal["l1", "l2", "bn", "activation", "energy"]
+Criterion = Literal["l1", "l2", "bn", "activation", "energy", "reconstruction"]
 Allocation = Literal["auto", "threshold", "sensitivity"]
 
 
@@ -277,7 +277,7 @@ class PrunePass(ForgePass):
 
     def _needs_probe(self) -> bool:
         opts: PruneOptions = self.options
-        if opts.criterion == "energy" or (
+        if opts.criterion in ("energy", "reconstruction") or (
                 self._allocation() == "sensitivity"
                 and (opts.macs is not None or opts.params is not None)):
             if not self.context.has_calibration:
@@ -371,7 +371,12 @@ class PrunePass(ForgePass):
             elem = self._activation_element_scores(model, analysis)
         scores: dict[int, float] = {}
         for g in groups:
-            energy = self._probe.unit_energy(g) if criterion == "energy" else None
+            energy = None
+            if criterion == "energy":
+                energy = self._probe.unit_energy(g)
+            elif criterion == "reconstruction":
+                energy = self._probe.greedy_order(g)
+                energy = None if energy is None else energy + 1.0  # later removal: higher
             if energy is not None:
                 mean = float(energy.mean())
                 for u, v in zip(g.units, energy / mean if mean > 0 else np.ones_like(energy)):
