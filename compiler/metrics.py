@@ -35,7 +35,7 @@ from .shapes import model_inputs
 from .subgraphs import node_subgraphs
 
 MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger",
-           "QLinearConv", "QLinearMatMul"}
+           "QLinearConv", "QLinearMatMul", "MatMulNBits"}
 # Gates per recurrent op (W is [directions, gates*H, input], R [directions, gates*H, H]).
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
 
@@ -133,6 +133,12 @@ def _node_macs(node: ir.Node) -> int | None:
             return None
         k = a[-1]
         return int(prod(out)) * int(k)
+    if op == "MatMulNBits":  # com.microsoft, 4-bit weights: A[..., K] x [K, N]
+        a = _static_shape(node.inputs[0])
+        k, n = node.attributes.get("K"), node.attributes.get("N")
+        if a is None or k is None or n is None:
+            return None
+        return int(prod(a[:-1])) * int(k.value) * int(n.value)
     if op in RECURRENT_GATES and node.domain in ("", "ai.onnx", "com.microsoft"):
         return _recurrent_macs(node)
     return 0

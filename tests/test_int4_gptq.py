@@ -157,6 +157,11 @@ def test_int4_matmulnbits_matches_decoded_weights():
         assert len(nbits) == 2 and stats["int4_matmuls"] == 2
         assert stats["int4_bias_adds_folded"] == 1  # the MatMul's Add became its bias
         assert not any(n.op_type in ("MatMul", "Gemm", "Add") for n in model.graph)
+        # MatMulNBits MACs are counted (metrics): the same products as the float model.
+        from onnxforge.metrics import compute_metrics
+        counted = compute_metrics(model, {"x": (2, 5, 100)})
+        assert not counted.unknown_mac_nodes
+        assert counted.macs == compute_metrics(ref_model, {"x": (2, 5, 100)}).macs
         x = rng.standard_normal((2, 5, 100)).astype(np.float32)
         # Reference: the float graph with the decoded 4-bit weights, in numpy.
         w1, b1 = _decode_matmulnbits(model, nbits[0])
