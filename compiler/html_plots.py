@@ -70,6 +70,7 @@ class Plotter:
             right.annotate("exact" if err == 0 else "-" if err is None else f"{err:.2e}",
                            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                            ha="center", va="bottom", fontsize=8)
+        right.set_ylim(0, max(heights + [1e-9]) * 1.18)  # room for the value labels
         right.set_xticks(range(len(steps)), steps, rotation=25, ha="right", fontsize=9)
         right.set_ylabel("output rel L2 error")
         right.set_title("error each pass introduced")
@@ -112,6 +113,25 @@ class Plotter:
             ax.legend(handles=[Patch(color=c, label=label) for label, c in legend.items()],
                       fontsize=9)
         return self.img(fig, title)
+
+    def groups(self, names: Sequence[str], ratios: list[float],
+               errors: list[float | None]) -> str:
+        """Pruning: % of units removed per group, and the output error of each group's cut
+        alone (the sensitivity probe), side by side."""
+        fig, (left, right) = self.figure(max(8.0, 1.4 * len(names) + 3), 3.4, 2)
+        labels = [_short(n) for n in names]
+        left.bar(range(len(names)), ratios, color=COLORS["params"])
+        left.set_ylabel("% of units removed")
+        left.set_title("pruning ratio per group")
+        right.bar(range(len(names)), [e or 0.0 for e in errors], color=COLORS["error"])
+        right.set_ylabel("output rel L2, this cut alone")
+        right.set_title("sensitivity per group")
+        if any(e for e in errors):
+            right.set_yscale("log")
+        for ax in (left, right):
+            ax.set_xticks(range(len(names)), labels, rotation=25, ha="right", fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+        return self.img(fig, "pruning ratio per group")
 
     def curve(self, xs: Sequence[float], ys: list[float], xlabel: str, ylabel: str,
               title: str, chosen: float | None = None) -> str:

@@ -88,7 +88,7 @@ def fmt(value: Any) -> str:
     if isinstance(value, int):
         return human(value) if abs(value) >= 10_000 else str(value)
     if isinstance(value, float):
-        return f"{value:.3e}" if value and (abs(value) < 1e-2 or abs(value) >= 1e5) \
+        return f"{value:.3e}" if value and (abs(value) < 1e-3 or abs(value) >= 1e5) \
             else f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return ", ".join(fmt(v) for v in value)
@@ -260,15 +260,9 @@ def _step_plots(stats: dict[str, Any], plotter: Plotter) -> list[str]:
                                         notes))
     groups = stats.get("per_group")
     if isinstance(groups, dict) and groups:
-        out.append(plotter.per_layer(list(groups), [100 * v.get("ratio", 0) for v in
-                                                    groups.values()],
-                                     "% of units removed", "pruning ratio per group"))
-        errs = [v.get("sensitivity") for v in groups.values()]
-        if any(e is not None for e in errs):
-            out.append(plotter.per_layer(list(groups), [e or 0.0 for e in errs],
-                                         "output rel L2 alone",
-                                         "sensitivity: error of each group's cut alone",
-                                         log=True))
+        out.append(plotter.groups(list(groups), [100 * v.get("ratio", 0) for v in
+                                                 groups.values()],
+                                  [v.get("sensitivity") for v in groups.values()]))
     out.extend(_mixed_plots(stats, plotter))
     return out
 

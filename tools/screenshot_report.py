@@ -2,6 +2,7 @@
 
     python tools/screenshot_report.py report.html -o shot.png [--width 1200 --height 2400]
     python tools/screenshot_report.py report.json -o shot.png    # renders the page first
+    python tools/screenshot_report.py r.html -o docs/report.png --height 1700 --colors 64
 
 Needs Debian's `chromium` (apt-get install chromium); the page itself loads nothing from
 the network, so none is needed. Prints the PNG's size and how many plots the page has.
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     parser.add_argument("--width", type=int, default=1200)
     parser.add_argument("--height", type=int, default=2400)
+    parser.add_argument("--colors", type=int, default=0,
+                        help="reduce the PNG to this many colors (smaller file, e.g. for docs)")
     args = parser.parse_args()
     page = args.page
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,6 +57,12 @@ def main() -> None:
             page = write_html(Path(tmp) / "report.html", load_report(page))
         text = page.read_text(encoding="utf-8")
         screenshot(page, args.output, args.width, args.height)
+    if args.colors:
+        from PIL import Image
+
+        with Image.open(args.output) as image:
+            small = image.convert("RGB").quantize(colors=args.colors)
+        small.save(args.output, optimize=True)
     plots = len(re.findall(r"<img class=\"plot\"", text))
     tables = text.count("<table>")
     print(f"{args.output}: {args.output.stat().st_size / 1024:.0f} KiB, page with {plots} "
