@@ -21,6 +21,7 @@ from .errors import InputSpecError
 from .html_plots import BIT_COLORS, PLOT_HINT, Plotter
 from .report import human
 
+TOP_KERNELS = 15  # kernels drawn one by one in the time plot; the rest as one bar
 STYLE = """
 body{font-family:system-ui,-apple-system,"DejaVu Sans",sans-serif;margin:24px auto;
 max-width:1180px;color:#222;padding:0 16px}
@@ -322,8 +323,11 @@ def _scheduling(report: dict[str, Any], plotter: Plotter | None) -> str:
         parts.append(table(["rule", "kernels"], rules.items(), "kernels per schedule rule"))
     kernels = report.get("kernel_schedules") or {}
     if kernels:
-        parts.append(table(["kernel", "scheduled by"], kernels.items(),
-                           "who scheduled each kernel"))
+        listing = table(["kernel", "scheduled by"], kernels.items(), "who scheduled each kernel")
+        # long lists fold away (no script: <details>); the profile table repeats the rule
+        parts.append(listing if len(kernels) <= TOP_KERNELS else
+                     f"<details><summary>who scheduled each of the {len(kernels)} kernels"
+                     f"</summary>{listing}</details>")
     if report.get("unscheduled_funcs"):
         parts.append(table(["unscheduled kernel"], [[f] for f in report["unscheduled_funcs"]]))
     if plotter and rules:
@@ -362,9 +366,11 @@ def _profile(report: dict[str, Any], plotter: Plotter | None) -> str:
              f"{esc(prof.get('instrumented_ms'))} ms with it; VM builtins (allocation, "
              f"shape checks) {esc(prof.get('builtins_ms'))} ms.</p>")
     if plotter and kernels:
-        text = plotter.horizontal([k["name"] for k in kernels],
-                                  [1e3 * k["total_ms"] / runs for k in kernels],
-                                  "µs per run", "time per kernel") + text
+        top, rest = kernels[:TOP_KERNELS], kernels[TOP_KERNELS:]
+        names = [k["name"] for k in top] + ([f"{len(rest)} other kernels"] if rest else [])
+        values = [1e3 * k["total_ms"] / runs for k in top]
+        values += [1e3 * sum(k["total_ms"] for k in rest) / runs] if rest else []
+        text = plotter.horizontal(names, values, "µs per run", "time per kernel") + text
     return text
 
 
