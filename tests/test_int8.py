@@ -333,6 +333,13 @@ def test_hexagon_builds_int8_kernels_with_vrmpy(tmp_path):
     written = art.export(tmp_path / "m.so")
     assert written.suffix == ".tar" and written.stat().st_size > 0
     assert any("Hexagon SDK" in note for note in art.report["notes"])
+    # convs run channels-last there too: the dense one with vrmpy, the depthwise one
+    # with HVX int32 vectors
+    for case, rule in (({}, "int8-dot"), ({"groups": 64, "ic": 64, "oc": 64}, "int8-depthwise")):
+        conv = compile_model(qdq_conv(**case)[0], "hexagon-v68")
+        assert conv.report["integer"]["layout"] == "NHWC"
+        assert conv.report["schedule_rules"].get(rule) == 1
+        assert ("vrmpy" in conv.host_assembly()) == (rule == "int8-dot")
 
 
 def test_compile_command_says_what_runs_as_integer_kernels(tmp_path):
