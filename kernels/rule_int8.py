@@ -136,18 +136,19 @@ class Int8DotRule(CpuRule):
         if found is None:
             return None
         block, data, weight = found
-        stmt = sch.get(block)
-        if not _is_intermediate(sch, stmt.writes[0].source):
+        if not _is_intermediate(sch, sch.get(block).writes[0].source):
             return None  # an int32 output: its layout is the caller's
+        return sch if self._schedule(sch, block, data, weight, intrinsic) else None
+
+    def _schedule(self, sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+        stmt = sch.get(block)
         if _is_depthwise_nhwc(stmt, data, weight):
-            return None  # Int8DepthwiseRule
+            return False  # Int8DepthwiseRule
         if len(stmt.reads[weight].region) == 4:
-            ok = _schedule_conv(sch, block, data, weight, intrinsic)
-        elif len(stmt.reads[weight].region) == 2:
-            ok = _schedule_matmul(sch, block, data, weight, intrinsic)
-        else:
-            ok = False
-        return sch if ok else None
+            return _schedule_conv(sch, block, data, weight, intrinsic)
+        if len(stmt.reads[weight].region) == 2:
+            return _schedule_matmul(sch, block, data, weight, intrinsic)
+        return False
 
     def schedule(self, sch, func, cpu: CpuInfo) -> bool:  # pragma: no cover - apply() used
         raise NotImplementedError
@@ -158,20 +159,10 @@ class Int8DepthwiseRule(Int8DotRule):
 
     name = "int8-depthwise"
 
-    def apply(self, func, target, tunable, config=None):
-        intrinsic = intrinsic_for(target)
-        if intrinsic is None or not isinstance(func, tirx.PrimFunc):
-            return None
-        sch = s_tir.Schedule(func)
-        found = _int8_contraction(sch, intrinsic.data_dtype)
-        if found is None:
-            return None
-        block, data, weight = found
-        stmt = sch.get(block)
-        if not _is_intermediate(sch, stmt.writes[0].source) or \
-                not _is_depthwise_nhwc(stmt, data, weight):
-            return None
-        return sch if _schedule_depthwise(sch, block, weight, intrinsic) else None
+    def _schedule(self, sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+        if not _is_depthwise_nhwc(sch.get(block), data, weight):
+            return False
+        return _schedule_depthwise(sch, block, weight, intrinsic)
 
 
 def _conv_axes(stmt, weight: int):
