@@ -264,6 +264,12 @@ def _step_plots(stats: dict[str, Any], plotter: Plotter) -> list[str]:
         out.append(plotter.groups(list(groups), [100 * v.get("ratio", 0) for v in
                                                  groups.values()],
                                   [v.get("sensitivity") for v in groups.values()]))
+    weights = stats.get("weight_error")
+    if isinstance(weights, dict) and weights:
+        out.append(plotter.per_layer(list(weights), [v.get("rel_l2", 0.0) for v in
+                                                     weights.values()],
+                                     "rel L2, dequantized vs float weight",
+                                     "weight quantization error per tensor"))
     out.extend(_mixed_plots(stats, plotter))
     return out
 

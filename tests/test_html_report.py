@@ -114,6 +114,23 @@ def test_hostile_node_names_are_escaped(tmp_path):
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
 
 
+def test_int8_page_has_the_weight_error_per_tensor(tmp_path):
+    page = tmp_path / "q.html"
+    result = api.optimize(api.EXAMPLE_MODEL, "cleanup,quantize(int8)", output=tmp_path / "q.onnx",
+                          calibration=str(api.EXAMPLE_CALIBRATION),
+                          input_shapes=dict(api.EXAMPLE_INPUT_SHAPES), report_path=page)
+    errors = result.report["steps"][-1]["stats"]["weight_error"]
+    stats = result.report["steps"][-1]["stats"]
+    assert len(errors) == stats["weights_quantized"] > 0
+    # 8-bit per-channel rounding: nonzero and small
+    assert all(0 < e["rel_l2"] < 0.02 for e in errors.values())
+    text = page.read_text(encoding="utf-8")
+    for layer in errors:
+        assert f"<td>{layer}</td>" in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert "weight quantization error per tensor" in images(text)
+
+
 def test_without_matplotlib_the_page_keeps_tables_and_says_how(optimized, monkeypatch):
     report = json.loads(json.dumps(optimized[1], default=str))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from ...ir import infer_shapes, load_model
@@ -85,8 +86,25 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
         "calibration_batches": calibration.batches,
         "calibration_seconds": round(calibration.seconds, 3),
         "kept_float": {k: v for k, v in plan.skipped.items()},
+        "weight_error": _weight_errors(applied.get("records", [])),
     })
     return calibration
+
+
+def _weight_errors(records: list) -> dict[str, dict[str, Any]]:
+    """Per quantized layer: its weight's rounding error, rel L2 of dequantized vs float
+    (the HTML report's per-tensor table)."""
+    out = {}
+    for rec in records:
+        w = np.asarray(rec.w, dtype=np.float64)
+        norm = float(np.linalg.norm(w))
+        err = float(np.linalg.norm(w - np.asarray(rec.w_deq, dtype=np.float64)))
+        weight = rec.node.inputs[1]
+        out[rec.node.name] = {"op": rec.node.op_type, "weight": None if weight is None else
+                              weight.name.removesuffix("_dequantized"),
+                              "elements": int(w.size), "per_channel": rec.axis is not None,
+                              "rel_l2": round(err / norm, 6) if norm else 0.0}
+    return out
 
 
 def _keep_names(opts: QuantizeOptions) -> set[str]:
