@@ -57,6 +57,7 @@ class Plotter:
         xs = list(range(len(labels)))
         for name, values in series.items():
             left.plot(xs, values, marker="o", lw=2, color=COLORS[name], label=name)
+        labels = [_short(label, 40) for label in labels]
         left.set_xticks(xs, labels, rotation=25, ha="right", fontsize=9)
         left.set_ylabel("% of the input model")
         left.set_ylim(0, max(105, max(max(v) for v in series.values()) * 1.05))
@@ -163,4 +164,5 @@ class Plotter:
 def _short(name: str, limit: int = 28) -> str:
     """Long node names: keep the end, which is the part that differs."""
     name = str(name)
-    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+    name = name if len(name) <= limit else "…" + name[-(limit - 1):]
+    return name.replace("$", r"\$")  # user text: never matplotlib mathtext
