@@ -84,6 +84,7 @@ def optimize(
     rtol: float = 1e-4,
     threads: int = 1,
     measure_latency: bool = False,
+    measure_pass_latency: bool = False,
     report_path: str | os.PathLike | None = None,
     dump_dir: str | os.PathLike | None = None,
     print_after: Sequence[str] = (),
@@ -100,6 +101,9 @@ def optimize(
       input model; `max_accuracy_drop` bounds the top-1 accuracy drop (needs
       labels). Past either, BudgetExceededError is raised and nothing is written,
       unless `force`.
+    - `measure_latency`: ORT latency of the input and the result, side by side;
+      with `measure_pass_latency` also of the model after each pass (all interleaved in
+      one run: the report's `latency.per_pass_ms`).
     The input model is never modified; `output` is written atomically.
     """
     console = console or Console(stderr=True)
@@ -117,7 +121,8 @@ def optimize(
 
     manager = PassManager(pipeline, context, verify_source=verify_source, rtol=rtol,
                           dump_dir=dump_dir, print_after=set(print_after), console=console,
-                          progress=progress)
+                          progress=progress,
+                          keep_snapshots=measure_latency and measure_pass_latency)
     started = time.perf_counter()
     with reading(reads):  # --dump-dir writes inside
         working, steps = manager.run(working)
@@ -141,9 +146,10 @@ def optimize(
                    "forced": force},
     }
     if measure_latency and not shape_problem:
-        report["latency"] = compare_latency(original, working, verify_source or
-                                            open_calibration("random:1", original, shapes),
-                                            threads=threads)
+        source = verify_source or open_calibration("random:1", original, shapes)
+        report["latency"] = (pass_latency(original, manager.snapshots, source, threads=threads)
+                             if manager.snapshots else
+                             compare_latency(original, working, source, threads=threads))
     result = OptimizeResult(working, steps, report, error=error)
     _enforce_budget(result, max_error, max_accuracy_drop, force)
     with reading(reads):
@@ -258,6 +264,20 @@ def compare_latency(a: ir.Model, b: ir.Model, source: CalibrationSource, *, thre
     before, after = (t["median_ms"] for t in timings)
     return {"threads": threads, "before_ms": before, "after_ms": after,
             "speedup": before / after if after else float("nan")}
+
+
+def pass_latency(original: ir.Model, after_each: Sequence[ir.Model],
+                 source: CalibrationSource, *, threads: int = 1, warmup: int = 5,
+                 repeat: int = 30) -> dict[str, Any]:
+    """`compare_latency`'s entries for the input and the last model, plus the median ORT
+    latency after each pass (`per_pass_ms`), every model timed in the same interleaved
+    rounds."""
+    models = [original, *after_each]
+    timings = benchmark_artifacts([OrtArtifact(m, threads=threads) for m in models],
+                                  source.first(), warmup=warmup, repeat=repeat)
+    ms = [t["median_ms"] for t in timings]
+    return {"threads": threads, "before_ms": ms[0], "after_ms": ms[-1],
+            "speedup": ms[0] / ms[-1] if ms[-1] else float("nan"), "per_pass_ms": ms[1:]}
 
 
 def benchmark_artifacts(artifacts: Sequence[Any], inputs: dict, *, warmup: int = 5,

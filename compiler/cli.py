@@ -138,6 +138,10 @@ def optimize(
     latency: Annotated[bool, typer.Option(
         "--latency/--no-latency",
         help="Measure ORT latency before/after side by side.")] = True,
+    pass_latency: Annotated[bool, typer.Option(
+        "--pass-latency",
+        help="Also time the model after each pass (interleaved with the input and result; "
+             "one ORT session per pass).")] = False,
     threads: ThreadsOpt = 1,
     example: Annotated[bool, typer.Option(
         "--example",
@@ -172,7 +176,8 @@ def optimize(
         model, pipeline or api.DEFAULT_PIPELINE, output=output, calibration=calib,
         verify_data=verify_data, input_shapes=shapes, max_error=max_error,
         max_accuracy_drop=max_accuracy_drop, force=force, verify=not no_verify,
-        threads=threads, measure_latency=latency and not no_verify, report_path=report,
+        threads=threads, measure_latency=latency and not no_verify,
+        measure_pass_latency=pass_latency, report_path=report,
         dump_dir=dump_dir, print_after=print_after or (), console=err_console, progress=True,
     )
     render_steps(result.report, console)

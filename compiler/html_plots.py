@@ -17,7 +17,7 @@ PLOT_HINT = ("Plots need matplotlib, which is not installed: pip install 'onnxfo
              "(or pip install matplotlib) and render the report again.")
 # one palette for every figure: before / after / error
 COLORS = {"params": "#4C72B0", "macs": "#DD8452", "weights": "#55A868", "error": "#C44E52",
-          "before": "#B0B0B0", "after": "#4C72B0"}
+          "before": "#B0B0B0", "after": "#4C72B0", "latency": "#8172B3"}
 BIT_COLORS = {8: "#4C72B0", 16: "#DD8452", 32: "#8C8C8C"}
 
 
@@ -63,7 +63,7 @@ class Plotter:
         left.set_ylim(0, max(105, max(max(v) for v in series.values()) * 1.05))
         left.grid(alpha=0.3)
         left.legend(fontsize=9)
-        left.set_title("size and compute after each pass")
+        left.set_title("size, compute (and ORT latency) after each pass")
         steps = labels[1:]
         heights = [e or 0.0 for e in errors]
         bars = right.bar(range(len(steps)), heights, color=COLORS["error"])

@@ -183,27 +183,44 @@ def _final_error(report: dict[str, Any]) -> str:
     return text
 
 
+def _pass_latency(report: dict[str, Any]) -> list[float] | None:
+    """ORT ms after each pass, when the run measured them (`--pass-latency`)."""
+    lat = report.get("latency") or {}
+    per_pass = lat.get("per_pass_ms")
+    return per_pass if per_pass and len(per_pass) == len(report["steps"]) else None
+
+
 def _waterfall(report: dict[str, Any], plotter: Plotter | None) -> str:
     steps = report["steps"]
+    latency = _pass_latency(report)
     rows = []
     for i, s in enumerate(steps, 1):
         b, a, e = s["before"], s["after"], s.get("error") or {}
         rows.append([i, s["pass"], "exact" if s.get("exact") else "lossy", s.get("seconds"),
                      f"{b.get('nodes')}→{a.get('nodes')}", a.get("params"), a.get("macs"),
-                     a.get("weight_bytes"), e.get("max_rel_l2"), e.get("min_cosine"),
+                     a.get("weight_bytes"),
+                     round(latency[i - 1], 4) if latency else "-",
+                     e.get("max_rel_l2"), e.get("min_cosine"),
                      e.get("accuracy_drop"), s.get("note") or ""])
     text = table(["#", "pass", "kind", "seconds", "nodes", "params after", "MACs after",
-                  "weight bytes after", "rel L2 vs before the pass", "min cosine",
-                  "accuracy drop", "note"], rows)
+                  "weight bytes after", "ORT ms after", "rel L2 vs before the pass",
+                  "min cosine", "accuracy drop", "note"], rows)
     text += ("<p class=meta>Errors are measured on calibration batches against the model "
-             "before each pass; latency is measured once, input vs final model (summary "
-             "above), not after each pass.</p>")
+             "before each pass. " + (
+                 "ORT latency after each pass: every model timed in the same interleaved "
+                 "rounds (median)." if latency else
+                 "Latency is measured input vs final model (summary above); "
+                 "<code>--pass-latency</code> times the model after each pass too.")
+             + "</p>")
     if plotter and steps:
         first = steps[0]["before"]
         keys = [k for k in ("params", "macs", "weight_bytes") if first.get(k)
                 and all(s["after"].get(k) is not None for s in steps)]
         series = {("weights" if k == "weight_bytes" else k):
                   [100.0] + [100.0 * s["after"][k] / first[k] for s in steps] for k in keys}
+        lat = report.get("latency") or {}
+        if latency and lat.get("before_ms"):
+            series["latency"] = [100.0] + [100.0 * ms / lat["before_ms"] for ms in latency]
         errors = [(s.get("error") or {}).get("max_rel_l2") for s in steps]
         if series:
             text = plotter.waterfall(["input", *(s["pass"] for s in steps)], series,

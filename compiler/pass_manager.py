@@ -95,8 +95,12 @@ class PassManager:
         print_after: set[str] | None = None,
         console: Console | None = None,
         progress: bool = False,
+        keep_snapshots: bool = False,
     ):
         self.context = context or PassContext()
+        # a copy of the model after each pass, to time them side by side afterwards
+        self.keep_snapshots = keep_snapshots
+        self.snapshots: list[ir.Model] = []
         if isinstance(pipeline, str):
             pipeline = Pipeline.parse(pipeline, self.context)
         elif isinstance(pipeline, list):
@@ -156,6 +160,8 @@ class PassManager:
             validate_model(model, f"after pass {p.name}")
         except OnnxforgeError as exc:
             raise PassFailedError(f"pass {p.describe()} left an invalid graph: {exc}") from exc
+        if self.keep_snapshots:
+            self.snapshots.append(load_model(model, check=False))
         step = StepReport(p.describe(), p.exact, seconds, bool(result.modified), before,
                           _summary(model, shapes, probe), dict(p.stats))
         if inside and not p.descends_into_subgraphs:

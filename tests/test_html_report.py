@@ -46,7 +46,7 @@ def optimized(tmp_path_factory):
                           calibration=str(api.EXAMPLE_CALIBRATION),
                           verify_data=str(api.EXAMPLE_TEST_DATA),
                           input_shapes=dict(api.EXAMPLE_INPUT_SHAPES), measure_latency=True,
-                          report_path=page)
+                          measure_pass_latency=True, report_path=page)
     data.write_text(json.dumps(result.report, default=str))
     return page.read_text(encoding="utf-8"), result.report
 
@@ -75,6 +75,14 @@ def test_optimize_page_has_the_waterfall_and_per_layer_plots(optimized):
     # the size waterfall: weight bytes after each pass are recorded and shown
     assert all(s["after"]["weight_bytes"] > 0 for s in report["steps"])
     assert "weight bytes after" in page
+    # ORT latency after each pass, timed side by side, in the table
+    per_pass = report["latency"]["per_pass_ms"]
+    assert len(per_pass) == len(report["steps"]) and all(ms > 0 for ms in per_pass)
+    assert per_pass[-1] == report["latency"]["after_ms"]
+    from onnxforge.html_report import fmt
+    assert "ORT ms after" in page
+    for ms in per_pass:
+        assert f"<td class=n>{fmt(round(ms, 4))}</td>" in waterfall
 
 
 def test_compile_page_names_the_rule_and_time_of_each_kernel(tmp_path):
