@@ -19,7 +19,7 @@ from typing import Any
 from . import safe_write
 from .errors import InputSpecError
 from .html_plots import BIT_COLORS, PLOT_HINT, Plotter
-from .report import human
+from .units import human
 
 TOP_KERNELS = 15  # kernels drawn one by one in the time plot; the rest as one bar
 STYLE = """

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import safe_write
+from .units import human
 
 
 def write_json(path: str | os.PathLike, data: Any, *, label: str = "report") -> Path:
@@ -42,14 +43,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}" if isinstance(n, float) else str(n)
 
 
 def render_inspect(info: dict[str, Any], console: Console) -> None:
