@@ -566,6 +566,13 @@ class TuneResult:
     pipeline: str = ""  # the pass pipeline that ran first ("" none)
     notes: list[str] = field(default_factory=list)  # steps skipped, and why
 
+    def to_dict(self) -> dict[str, Any]:
+        """The `tune --report` content (JSON, or the HTML page's input)."""
+        return {"kind": "tune", "pipeline": self.pipeline, "notes": list(self.notes),
+                "configs": self.configs.to_dict() if self.configs is not None else None,
+                "metaschedule": (self.metaschedule.to_dict()
+                                 if self.metaschedule is not None else None)}
+
 
 def tune(
     model: ModelSource,

@@ -310,6 +310,9 @@ def tune_command(
         "--pipeline", "-p", help="Run this onnxforge pass pipeline first (as compile does: "
         "default cleanup, -p '' none)."
     )] = None,
+    report: Annotated[Path | None, typer.Option(
+        "--report", "-r", help="Write the tuning report here: JSON, or an HTML page (each "
+        "task's best-so-far over its trials) for a .html path.")] = None,
 ) -> None:
     """Tune a model into a persistent, per-target database: the default rules' knob
     settings (schedule configs) and/or MetaSchedule records.
@@ -319,11 +322,21 @@ def tune_command(
       [bold]onnxforge tune model.onnx -t host --tuning-db db/ --method configs[/]
     """
     from . import api
+    from .ir import files_read
+    from .report import write_report
+    from .safe_write import check_writes, reading
 
-    api.tune(model, target, tuning_db, method=method.value, trials=trials, seconds=seconds,
-             pipeline=pipeline, input_shapes=_shapes(input_shape) or None,
-             rpc_tracker=rpc_tracker, rpc_key=rpc_key, retune=retune, console=err_console,
-             on_step=lambda step, value: _say_tune_step(step, value, pipeline is None))
+    reads = files_read(model)
+    check_writes([("--report", report)] if report else [], reads)
+    result = api.tune(model, target, tuning_db, method=method.value, trials=trials,
+                      seconds=seconds, pipeline=pipeline,
+                      input_shapes=_shapes(input_shape) or None, rpc_tracker=rpc_tracker,
+                      rpc_key=rpc_key, retune=retune, console=err_console,
+                      on_step=lambda step, value: _say_tune_step(step, value, pipeline is None))
+    if report is not None:
+        with reading(reads):
+            written = write_report(report, result.to_dict())
+        err_console.print(f"wrote report {written}")
 
 
 def _say_tune_step(step: str, value: Any, default_pipeline: bool) -> None:

@@ -78,6 +78,26 @@ class Plotter:
         right.grid(alpha=0.3, axis="y")
         return self.img(fig, "per-pass waterfall")
 
+    def best_so_far(self, tasks: dict[str, list[list[float]]],
+                    defaults: dict[str, float | None]) -> str:
+        """Tuning: each task's best measured time after each round of trials, as a share
+        of its default schedule's time (1.0 = as fast as the default rules) when that was
+        measured, else in µs."""
+        fig, ax = self.figure(8, 3.8)
+        relative = all(defaults.get(name) for name in tasks)
+        for name, history in tasks.items():
+            xs = [h[0] for h in history]
+            ys = [h[1] / defaults[name] if relative else h[1] for h in history]
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.5, label=_short(name, 40))
+        if relative:
+            ax.axhline(1.0, color=COLORS["before"], ls="--", lw=1)
+        ax.set_xlabel("trials of the task")
+        ax.set_ylabel("best / default schedule" if relative else "best µs")
+        ax.set_title("best-so-far per task")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        return self.img(fig, "best-so-far per task")
+
     def before_after(self, names: Sequence[str], before: list[float], after: list[float],
                      ylabel: str, title: str, notes: Sequence[str] = ()) -> str:
         """Grouped bars per layer: a quantity before and after a pass."""

@@ -69,8 +69,10 @@ def render_html(report: dict[str, Any], plots: bool = True) -> str:
         title, body = "onnxforge optimize report", _optimize_body(report, plotter)
     elif "num_primfuncs" in report:
         title, body = "onnxforge compile report", _compile_body(report, plotter)
+    elif report.get("kind") == "tune":
+        title, body = "onnxforge tune report", _tune_body(report, plotter)
     else:
-        raise InputSpecError("neither an optimize nor a compile report")
+        raise InputSpecError("neither an optimize, a compile nor a tune report")
     hint = "" if plotter else f'<p class="hint">{esc(PLOT_HINT)}</p>'
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
@@ -424,3 +426,41 @@ def _compile_body(report: dict[str, Any], plotter: Plotter | None) -> str:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{esc(n)}</li>" for n in report["notes"]] \
             + ["</ul>"]
     return "".join(parts)
+
+
+def _tune_body(report: dict[str, Any], plotter: Plotter | None) -> str:
+    """`tune --report`: the schedule-config search's kernels and MetaSchedule's tasks, with
+    each task's best-so-far over its trials."""
+    parts = []
+    if report.get("pipeline"):
+        parts.append(f"<p class=meta>pass pipeline first: {esc(report['pipeline'])}</p>")
+    configs = report.get("configs")
+    if configs:
+        parts += [f"<h2>Schedule configs ({esc(configs.get('target'))})</h2>", table(
+            ["kernel", "rule", "settings timed", "default µs", "best µs", "config kept"],
+            [[k.get("kernel"), k.get("rule"), k.get("settings"), k.get("default_us"),
+              k.get("best_us"), k.get("config")] for k in configs.get("kernels") or []],
+            f"{configs.get('improved', 0)} kernels improved, {configs.get('known', 0)} "
+            f"already in the database; {configs.get('seconds', 0):.0f} s, stopped by "
+            f"{configs.get('stopped_by')}")]
+    ms = report.get("metaschedule")
+    if ms:
+        tasks = ms.get("tasks") or []
+        parts += [f"<h2>MetaSchedule ({esc(ms.get('target'))})</h2>", table(
+            ["task", "share of FLOPs", "status", "trials", "default µs", "best µs"],
+            [[t["name"], f"{100 * (t.get('share') or 0):.1f}%", t.get("status"),
+              t.get("trials"), t.get("default_us"), t.get("best_us")] for t in tasks],
+            f"{ms.get('trials')} trials of {ms.get('max_trials')} in "
+            f"{ms.get('seconds', 0):.0f} s, stopped by {ms.get('stopped_by')}; database "
+            f"{ms.get('db_dir')}")]
+        histories = {t["name"]: t["history"] for t in tasks if t.get("history")}
+        if plotter and histories:
+            parts.append(plotter.best_so_far(
+                histories, {t["name"]: t.get("default_us") for t in tasks}))
+        elif not histories:
+            parts.append("<p class=meta>no task measured in this run (all cached, or "
+                         "none tuned)</p>")
+    if report.get("notes"):
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{esc(n)}</li>" for n in report["notes"]] \
+            + ["</ul>"]
+    return "".join(parts) or "<p>nothing was tuned</p>"

@@ -6,6 +6,7 @@ Tiny one-task models and a handful of trials keep each tuning run around a minut
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -328,11 +329,15 @@ def test_rpc_tuning_through_a_loopback_tracker(model_path, tmp_path):
 
 def test_cli_tune_then_compile_reuses_the_database(tuned, model_path, tmp_path):
     work, _, _ = tuned
+    page = tmp_path / "tune.html"
     tune_cli = subprocess.run(
         [sys.executable, "-m", "onnxforge.cli", "tune", str(model_path), "--target", "host",
-         "--tuning-db", str(work), "--trials", "6"],
+         "--tuning-db", str(work), "--trials", "6", "--report", str(page)],
         check=False, capture_output=True, text=True, timeout=300)
     assert tune_cli.returncode == 0, tune_cli.stderr
+    # a reused database: the page has the task table and says nothing was measured
+    text = page.read_text(encoding="utf-8")
+    assert "onnxforge tune report" in text and "no task measured in this run" in text
     out = " ".join(tune_cli.stdout.split())
     # --method both (the default): schedule configs first (known: nothing measured), then
     # MetaSchedule (covered: nothing tuned)
@@ -351,3 +356,27 @@ def test_cli_tune_then_compile_reuses_the_database(tuned, model_path, tmp_path):
     assert note and str(work) in note[1], compiled.stdout
     assert "yes" in compiled.stdout  # --verify passed
     assert "0 trials" in compiled.stdout and "nothing to tune" in compiled.stdout
+
+
+def test_tune_report_has_each_task_best_so_far(tuned):
+    """The tuner's rounds are kept per task (trials, best µs): trials grow, the best only
+    improves and ends at the task's best; the tune page plots them."""
+    from onnxforge.api import TuneResult
+    from onnxforge.html_report import render_html
+
+    _, report, _ = tuned
+    measured = [t for t in report.tasks if t.history]
+    assert measured, [t.status for t in report.tasks]
+    for task in measured:
+        trials = [h[0] for h in task.history]
+        best = [h[1] for h in task.history]
+        assert trials == sorted(trials) and trials[-1] <= task.trials
+        assert all(b <= a for a, b in itertools.pairwise(best))
+        assert best[-1] == task.best_us
+    page = render_html(TuneResult(metaschedule=report).to_dict())
+    assert all(t.name in page for t in report.tasks)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert 'alt="best-so-far per task"' in page

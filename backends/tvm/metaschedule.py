@@ -17,7 +17,7 @@ import sys
 import time
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...errors import BackendError, InputSpecError, OptionText
 
@@ -40,6 +40,8 @@ class TaskInfo:
     trials: int = 0
     best_us: float | None = None
     default_us: float | None = None  # the default schedule, measured the same way
+    # best-so-far after each measured round: [trials of this task, best us]
+    history: list[list[float]] = field(default_factory=list)
 
 
 def extract_tasks(mod, target) -> list:

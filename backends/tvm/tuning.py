@@ -306,6 +306,7 @@ def _apply_event(event: dict, infos: dict[str, TaskInfo], report: TuningReport,
             info.trials = event["task_trials"]
             if event.get("best_us") is not None:
                 info.best_us = event["best_us"]
+                info.history.append([event["task_trials"], event["best_us"]])
         report.trials = event["total_trials"]
         if event.get("errors"):
             report.errors.extend(event["errors"][:2])
