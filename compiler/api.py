@@ -321,7 +321,8 @@ def benchmark_models(
     All models are timed in one process on the same random input (the first
     model's inputs; models must share input names and shapes), in interleaved
     rounds. Ratios are relative to the first model (ort), or to ORT on the same
-    model (tvm). `report_path`: also write the rows there as JSON (never over a model).
+    model (tvm). `report_path`: also write the rows there as JSON, or an HTML page for a
+    .html path (never over a model).
     A TVM build is checked against ORT first (`backends.tvm.verify_artifact`) and a wrong
     one raises VerificationError instead of being timed.
     """
@@ -362,7 +363,10 @@ def benchmark_models(
         row["ratio"] = row["median_ms"] / base["median_ms"] if base["median_ms"] else float("nan")
     if report_path is not None:
         with reading(reads):
-            write_json(report_path, timings)
+            if Path(report_path).suffix.lower() in (".html", ".htm"):
+                write_report(report_path, {"kind": "bench", "rows": timings})
+            else:
+                write_json(report_path, timings)
     return timings
 
 

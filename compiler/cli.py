@@ -201,7 +201,9 @@ def bench(
     warmup: Annotated[int, typer.Option(
         "--warmup", min=0, help="Untimed runs per model first.")] = 5,
     json_out: Annotated[Path | None, typer.Option(
-        "--json", help="Also write the table as JSON.")] = None,
+        "--json", "--report",
+        help="Also write the table: JSON, or an HTML page with a plot for a .html path.")
+    ] = None,
 ) -> None:
     """Measure latencies side by side in one process (interleaved rounds, median).
 

@@ -42,7 +42,8 @@ def esc(value: Any) -> str:
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an optimize or compile JSON report; a clear error for anything else."""
+    """Read an optimize, compile, tune or bench JSON report; a clear error for anything
+    else."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -51,9 +52,13 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputSpecError(f"report {path}: not JSON ({exc})") from exc
-    if not isinstance(data, dict) or not ("steps" in data or "num_primfuncs" in data):
-        raise InputSpecError(f"report {path}: neither an optimize report (no 'steps') nor a "
-                             "compile report (no 'num_primfuncs')")
+    if isinstance(data, list) and data and all(
+            isinstance(r, dict) and "median_ms" in r for r in data):
+        return {"kind": "bench", "rows": data}  # `bench --json` writes its rows
+    if not isinstance(data, dict) or not (
+            "steps" in data or "num_primfuncs" in data or data.get("kind") == "tune"):
+        raise InputSpecError(f"report {path}: not an optimize (no 'steps'), compile (no "
+                             "'num_primfuncs'), tune or bench report")
     return data
 
 
@@ -71,8 +76,10 @@ def render_html(report: dict[str, Any], plots: bool = True) -> str:
         title, body = "onnxforge compile report", _compile_body(report, plotter)
     elif report.get("kind") == "tune":
         title, body = "onnxforge tune report", _tune_body(report, plotter)
+    elif report.get("kind") == "bench":
+        title, body = "onnxforge bench report", _bench_body(report, plotter)
     else:
-        raise InputSpecError("neither an optimize, a compile nor a tune report")
+        raise InputSpecError("not an optimize, compile, tune or bench report")
     hint = "" if plotter else f'<p class="hint">{esc(PLOT_HINT)}</p>'
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
@@ -464,3 +471,22 @@ def _tune_body(report: dict[str, Any], plotter: Plotter | None) -> str:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{esc(n)}</li>" for n in report["notes"]] \
             + ["</ul>"]
     return "".join(parts) or "<p>nothing was tuned</p>"
+
+
+def _bench_body(report: dict[str, Any], plotter: Plotter | None) -> str:
+    """`bench --report x.html`: the latency table and a bar per model and backend."""
+    rows = report.get("rows") or []
+    if not rows:
+        return "<p>no measurements</p>"
+    first = rows[0]
+    caption = (f"{first.get('threads')} thread(s), median of {first.get('repeat')} runs in "
+               "interleaved rounds, one process")
+    text = table(["model", "backend", "median ms", "min ms", "stdev ms", "ratio", "vs"],
+                 [[r.get("label"), r.get("backend"), r.get("median_ms"), r.get("min_ms"),
+                   r.get("stdev_ms"), r.get("ratio"), r.get("baseline")] for r in rows],
+                 caption)
+    if plotter:
+        text = plotter.per_layer([f"{r.get('label')} ({r.get('backend')})" for r in rows],
+                                 [r.get("median_ms") or 0.0 for r in rows], "median ms",
+                                 "latency per model and backend") + text
+    return text

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -179,4 +180,21 @@ def test_load_report_names_a_file_that_is_no_report(tmp_path):
     bad.write_text(json.dumps({"rows": np.arange(2).tolist()}))
     result = cli("report", bad)
     assert result.returncode != 0 and "bad.json" in result.stderr
-    assert "neither an optimize report" in result.stderr
+    assert "not an optimize (no 'steps'), compile" in " ".join(result.stderr.split())
+
+
+def test_bench_page_and_json_rows_become_a_page(tmp_path):
+    """`bench --report x.html` writes the page; `report` turns `bench --json` rows into
+    the same page."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(Path(api.EXAMPLE_MODEL).read_bytes())
+    page, rows = tmp_path / "b.html", tmp_path / "b.json"
+    for out in (page, rows):
+        done = cli("bench", model, "-s", "input:1,1,8,8", "--repeat", "5", "--report", out)
+        assert done.returncode == 0, done.stderr
+    text = page.read_text(encoding="utf-8")
+    assert "onnxforge bench report" in text and "median ms" in text
+    assert isinstance(json.loads(rows.read_text()), list)  # --json stays the rows
+    assert load_report(rows)["kind"] == "bench"
+    if importlib.util.find_spec("matplotlib"):
+        assert "latency per model and backend" in images(text)
