@@ -611,15 +611,13 @@ def test_aarch64_compiles_with_vectorized_rules(tmp_path):
 def test_aarch64_numerics_under_qemu():
     """NEON tiles (4-lane vectors) give the same numbers, run under qemu-aarch64.
 
-    Uses the backend's cross-compiled runner; skipped when qemu, the cross compiler or the
-    cached AArch64 TVM runtime are missing (no download from a test).
+    Uses the backend's cross-compiled runner; skipped (conftest.need_qemu) only when qemu,
+    the cross compiler or the AArch64 TVM runtime wheel are missing.
     """
-    backend = pytest.importorskip("onnxforge.backends.tvm")
-    needed = ("compile_model", "run_under_qemu", "qemu_available", "cache_dir")
-    if not all(hasattr(backend, name) for name in needed) or not backend.qemu_available():
-        pytest.skip("qemu-aarch64 / aarch64 cross compiler / backend runner unavailable")
-    if not (backend.cache_dir() / "aarch64-runtime" / "libtvm_runtime.so").is_file():
-        pytest.skip("AArch64 TVM runtime not cached (onnxforge.backends.tvm.fetch_aarch64_runtime)")
+    import onnxforge.backends.tvm as backend
+    from conftest import need_qemu
+
+    need_qemu()
     target = dict(AARCH64, **{"num-cores": 1})
     for model in (
         _small_cnn(),
