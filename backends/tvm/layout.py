@@ -25,7 +25,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .qdq import _constant, quantize_elementwise
+from .qdq import constant_value, quantize_elementwise
 
 # pooling, elementwise ops, concat and mean follow their input's layout
 CHANNELS_LAST = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
@@ -63,7 +63,7 @@ def why_not_channels_last(mod: tvm.IRModule) -> str | None:
 
 def _per_tensor(call) -> tuple[float, float] | None:
     """(scale, zero point) of a (de)quantize with one constant scale and zero point."""
-    scale, zero = _constant(call.args[1]), _constant(call.args[2])
+    scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
     if scale is None or zero is None or scale.size != 1 or zero.size != 1:
         return None
     return float(scale.reshape(())), float(zero.reshape(()))

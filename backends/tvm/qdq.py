@@ -91,7 +91,8 @@ class _StaysFloat(Exception):
     """Raised with the reason a quantized contraction keeps its float form."""
 
 
-def _constant(expr) -> np.ndarray | None:
+def constant_value(expr) -> np.ndarray | None:
+    """The value of a Relax constant, or None for anything else."""
     if isinstance(expr, ir.expr.Constant):
         return expr.value.numpy()
     return None
@@ -148,7 +149,7 @@ class _IntegerContractions(relax.PyExprMutator):
 
     def _quantize(self, call):
         """quantize with one constant scale -> ``quantize_elementwise``."""
-        scale, zero = _constant(call.args[1]), _constant(call.args[2])
+        scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
         dtype = str(call.attrs.out_dtype)
         if scale is None or zero is None or scale.size != 1 or zero.size != 1 \
                 or dtype not in ("uint8", "int8") or str(call.args[0].ty.dtype) != "float32":
@@ -174,8 +175,8 @@ class _IntegerContractions(relax.PyExprMutator):
         dtype = str(x_q.ty.dtype)
         if dtype not in ("uint8", "int8"):
             raise _StaysFloat(f"the activation is {dtype}, not 8-bit")
-        scale = float(_scalar(_constant(x_dq.args[1]), "the activation scale"))
-        zero = int(_scalar(_constant(x_dq.args[2]), "the activation zero point"))
+        scale = float(_scalar(constant_value(x_dq.args[1]), "the activation scale"))
+        zero = int(_scalar(constant_value(x_dq.args[2]), "the activation zero point"))
         if self.signed_activations and dtype == "uint8":
             # x - 128 in int8, zero point - 128: the same real values (ARM sdot is s8 x s8)
             shifted = relax.op.subtract(relax.op.astype(x_q, "int32"), relax.const(128, "int32"))
@@ -189,15 +190,15 @@ class _IntegerContractions(relax.PyExprMutator):
         if found is None:
             raise _StaysFloat("the weight is not a dequantized constant")
         dq, axes = found
-        w_q = _constant(dq.args[0])
+        w_q = constant_value(dq.args[0])
         if w_q is None:
             raise _StaysFloat("the weight is not a constant")
         if w_q.dtype != np.int8:
             raise _StaysFloat(f"the weight is {w_q.dtype}, not int8")
-        zero = _constant(dq.args[2])
+        zero = constant_value(dq.args[2])
         if zero is None or np.any(zero != 0):
             raise _StaysFloat("the weight has a non-zero zero point")
-        scale = _constant(dq.args[1])
+        scale = constant_value(dq.args[1])
         if scale is None:
             raise _StaysFloat("the weight scale is not a constant")
         axis = int(dq.attrs.axis) % max(w_q.ndim, 1)
