@@ -30,6 +30,16 @@ def _const(name: str, arr: np.ndarray) -> onnx.NodeProto:
     return h.make_node("Constant", [], [name], value=nh.from_array(arr, name))
 
 
+def _if_of(then: onnx.GraphProto, other: onnx.GraphProto) -> onnx.ModelProto:
+    """y = If(flag) then `then` else `other`, over an input x [1, 3, 8, 8]."""
+    graph = h.make_graph(
+        [h.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)], "g",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+         h.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
 def if_model() -> onnx.ModelProto:
     """y = If(flag) then Relu(Conv(x, W1)) else Conv(x, W2) * 2 (x from the outer scope)."""
     w1 = RNG.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32)
@@ -42,12 +52,7 @@ def if_model() -> onnx.ModelProto:
         [_const("W2", w2), h.make_node("Conv", ["x", "W2"], ["c2"]),
          _const("two", np.array(2.0, np.float32)), h.make_node("Mul", ["c2", "two"], ["e_out"])],
         "else", [], [h.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
-    graph = h.make_graph(
-        [h.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)], "g",
-        [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
-         h.make_tensor_value_info("flag", TensorProto.BOOL, [])],
-        [h.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    return _if_of(then, other)
 
 
 def loop_model(trips: int = 3) -> onnx.ModelProto:
@@ -204,12 +209,7 @@ def if_bn_model() -> onnx.ModelProto:
     other = h.make_graph(
         [_const("We", w), h.make_node("Conv", ["x", "We"], ["e_out"], pads=[1, 1, 1, 1])],
         "else", [], [h.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
-    graph = h.make_graph(
-        [h.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)], "g",
-        [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
-         h.make_tensor_value_info("flag", TensorProto.BOOL, [])],
-        [h.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    return _if_of(then, other)
 
 
 def test_fold_bn_rewrites_inside_an_if_branch_exactly():
