@@ -135,3 +135,22 @@ def test_bench_tvm_compares_against_ort_on_the_same_model(small_model, tmp_path)
     assert (ort_row["backend"], tvm_row["backend"]) == ("ort", "tvm")
     assert tvm_row["baseline"] == ort_row["label"]
     assert tvm_row["ratio"] == pytest.approx(tvm_row["median_ms"] / ort_row["median_ms"])
+
+
+def test_slower_warning_only_past_the_noise_margin():
+    """The 'output runs slower' warning fires for a real slowdown, not for the few percent
+    one interleaved measurement moves by (the digits example's exact run: 0.019 -> 0.020)."""
+    import io
+
+    from onnxforge.report import SLOWER_WARNING, render_steps
+    from rich.console import Console
+
+    def printed(speedup):
+        out = io.StringIO()
+        report = {"pipeline": "cleanup", "steps": [], "latency": {"threads": 1, "before_ms": 1.0,
+                                           "after_ms": 1.0 / speedup, "speedup": speedup}}
+        render_steps(report, Console(file=out, width=200))
+        return out.getvalue()
+
+    assert "runs slower" not in printed(0.97)
+    assert "runs slower" in printed(SLOWER_WARNING - 0.1)
