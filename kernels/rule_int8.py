@@ -165,22 +165,20 @@ class Int8DepthwiseRule(Int8DotRule):
         return _schedule_depthwise(sch, block, weight, intrinsic)
 
 
-def _conv_axes(stmt, weight: int):
-    """(layout, f, c, ky, kx) of a one-group conv2d block over NCHW/OIHW or NHWC/OHWI,
-    or None (groups > 1 index the weight differently)."""
+def _conv_layout(stmt, weight: int) -> str | None:
+    """"NCHW" or "NHWC" for a one-group conv2d block over NCHW/OIHW or NHWC/OHWI, or None
+    (groups > 1 index the weight differently)."""
     iters = [iv.var for iv in stmt.iter_vars]
     if len(iters) != 7:
         return None
     w_vars = _var_indices(stmt.reads[weight].region)
     if w_vars is None:
         return None
-    for layout, (f, c, ky, kx), order in (
-            ("NCHW", (iters[1], iters[4], iters[5], iters[6]), (0, 1, 2, 3)),   # n f y x c ky kx
-            ("NHWC", (iters[3], iters[6], iters[4], iters[5]), (0, 2, 3, 1))):  # n y x f ky kx c
-        # the weight's dims in OIHW terms: OIHW reads (f, c, ky, kx), OHWI (f, ky, kx, c)
-        expect = [(f, c, ky, kx)[i] for i in order]
+    for layout, expect in (
+            ("NCHW", (iters[1], iters[4], iters[5], iters[6])),   # n f y x c ky kx: OIHW
+            ("NHWC", (iters[3], iters[4], iters[5], iters[6]))):  # n y x f ky kx c: OHWI
         if all(v.same_as(u) for v, u in zip(w_vars, expect)):
-            return layout, f, c, ky, kx
+            return layout
     return None
 
 
@@ -204,10 +202,9 @@ def _inline_prologue(sch, block) -> None:
 
 def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
     stmt = sch.get(block)
-    axes = _conv_axes(stmt, weight)
-    if axes is None:
+    layout = _conv_layout(stmt, weight)
+    if layout is None:
         return False
-    layout = axes[0]
     weight_shape = [int(d) for d in stmt.reads[weight].source.shape]
     out_channels = weight_shape[0]
     in_channels = weight_shape[1] if layout == "NCHW" else weight_shape[3]
@@ -240,15 +237,21 @@ def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) 
     xo, xi = sch.split(lx, [None, _row_tile(out_w)])
     sch.reorder(ln, fo, ly, xo, lky, lkx, co, xi, fi, ci)
     _tile(sch, block, sch.fuse(ln, fo, ly), xo, xi, lky, fi, intrinsic)
-    if copy is not None:  # the input copy (padding, or NCHW -> NHWC): one parallel pass
-        copy_loops = sch.get_loops(copy)
-        sch.parallel(sch.fuse(*copy_loops[:2]))
-        if layout == "NHWC":
-            try:
-                sch.vectorize(copy_loops[-1])
-            except Exception:  # noqa: BLE001 - an odd channel count: scalar copy
-                logger.debug("int8 pad copy not vectorized")
+    if copy is not None:  # the input copy (padding, or NCHW -> NHWC)
+        _parallel_copy(sch, copy, vectorize=layout == "NHWC")
     return True
+
+
+def _parallel_copy(sch, copy, vectorize: bool) -> None:
+    """The padded input copy: one parallel pass over its two outer loops; in NHWC the
+    channels (innermost) as vectors."""
+    loops = sch.get_loops(copy)
+    sch.parallel(sch.fuse(*loops[:2]))
+    if vectorize:
+        try:
+            sch.vectorize(loops[-1])
+        except Exception:  # noqa: BLE001 - an odd channel count: scalar copy
+            logger.debug("int8 input copy not vectorized")
 
 
 def _is_depthwise_nhwc(stmt, data: int, weight: int) -> bool:
@@ -290,13 +293,8 @@ def _schedule_depthwise(sch, block, weight: int, intrinsic: DotIntrinsic) -> boo
     sch.vectorize(fi)
     init = sch.decompose_reduction(block, lky)
     sch.vectorize(sch.get_loops(init)[-1])
-    for copy in pad:  # the padded input copy: one parallel pass, channels as vectors
-        loops = sch.get_loops(copy)
-        sch.parallel(sch.fuse(*loops[:2]))
-        try:
-            sch.vectorize(loops[-1])
-        except Exception:  # noqa: BLE001 - stays scalar
-            logger.debug("int8 depthwise pad copy not vectorized")
+    for copy in pad:
+        _parallel_copy(sch, copy, vectorize=True)
     return True
 
 
