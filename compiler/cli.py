@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .cli_flags import cli_text
-from .errors import BackendError, InputSpecError, OnnxforgeError, PipelineError
+from .cli_flags import cli_text, example_or_model
+from .errors import BackendError, OnnxforgeError, PipelineError
 
 app = typer.Typer(
     name="onnxforge",
@@ -159,16 +159,8 @@ def optimize(
     from .report import render_steps
 
     shapes = _shapes(input_shape)
-    if example:
-        if model is not None:
-            raise InputSpecError("give either a MODEL or --example, not both")
-        model = api.EXAMPLE_MODEL
-        shapes = shapes or dict(api.EXAMPLE_INPUT_SHAPES)
-        calib = calib or str(api.EXAMPLE_CALIBRATION)
-        verify_data = verify_data or str(api.EXAMPLE_TEST_DATA)
-        err_console.print(f"using the shipped example model {model}")
-    if model is None:
-        raise InputSpecError("missing MODEL (or use --example for the shipped digits model)")
+    model, shapes, calib, verify_data = example_or_model(model, example, shapes, calib,
+                                                         verify_data, err_console)
     if pipeline is not None and not pipeline.strip():
         raise PipelineError("-p/--pipeline is empty: give passes, e.g. -p cleanup,fuse "
                             "(omit -p for the default pipeline)")
@@ -289,6 +281,12 @@ def report_page(
     console.print(f"wrote {output}")
 
 
+def _register_autocompress(app: typer.Typer) -> None:
+    from .cli_autocompress import register
+
+    register(app)
+
+
 def _register_optional_commands() -> None:
     try:
         from .cli_tvm import register
@@ -298,6 +296,7 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+_register_autocompress(app)
 
 
 def main() -> None:

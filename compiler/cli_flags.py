@@ -31,3 +31,24 @@ def cli_text(text: Any) -> str:
     if isinstance(text, BaseException):
         text = text.args[0] if len(text.args) == 1 else str(text)
     return text.render(flag) if isinstance(text, OptionText) else str(text)
+
+
+def example_or_model(model: Any, example: bool, shapes: dict, calib: str | None,
+                     verify_data: str | None, console: Any) -> tuple[Any, dict, Any, Any]:
+    """(model, input shapes, calibration, verify data) of a command with `--example`: the
+    shipped digits CNN with its calibration and labelled test data filling what was not
+    given; an error for both a MODEL and --example, or neither."""
+    from . import api
+    from .errors import InputSpecError
+
+    if example:
+        if model is not None:
+            raise InputSpecError("give either a MODEL or --example, not both")
+        model = api.EXAMPLE_MODEL
+        shapes = shapes or dict(api.EXAMPLE_INPUT_SHAPES)
+        calib = calib or str(api.EXAMPLE_CALIBRATION)
+        verify_data = verify_data or str(api.EXAMPLE_TEST_DATA)
+        console.print(f"using the shipped example model {model}")
+    if model is None:
+        raise InputSpecError("missing MODEL (or use --example for the shipped digits model)")
+    return model, shapes, calib, verify_data

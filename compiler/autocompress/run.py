@@ -1,0 +1,571 @@
+"""`autocompress`: one budget in, the best model found out (issue 17).
+
+Steps (each shown on the progress line, all but the last cached in `cache_dir`):
+  1. the input model is measured: latency on the backend, size, MACs, quality
+  2. the decision space (`space.discover`) and the proxy tables (`proxies.measure_tables`):
+     one build per knob choice, its error on calibration data and its latency ratio
+  3. rounds of: NSGA-II on the corrected proxies (`search.evolve`), then the few points of
+     its front nearest the budget are built and measured for real (latency ratio
+     side by side with the input model, size, MACs, error on the verify data), and the
+     proxies' correction is refit on everything measured
+  4. until the time budget, `max_candidates` new measurements, or a round with nothing
+     new to measure; then the best measured candidate that meets the budget and the
+     quality limits (least quality loss, then least resource) is built again, measured
+     against the input model once more, and written; none: BudgetExceededError naming
+     the closest point, and nothing is written unless `force`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ..api import _try_shapes, data_files_read
+from ..calibration import open_calibration
+from ..errors import BudgetExceededError, InputSpecError, OptionText
+from ..ir import ModelSource, files_read, load_model, model_bytes, save_model
+from ..passes.base import PassContext
+from ..report import write_report
+from ..safe_write import check_writes, reading
+from ..verify import compare_models
+from .budget import Budget
+from .build import BuildError, build
+from .cache import Cache, cache_key
+from .measure import LatencyBackend, Metric, OrtLatency, measure_quality, resources, run_metric
+from .plots import plot_paths, write_plots
+from .proxies import Correction, OutOfTime, ProxyTables, measure_tables, predict
+from .search import evolve, pareto_indices
+from .space import KINDS, Policy, Space, discover
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AutocompressResult:
+    model: ir.Model | None  # the chosen model (None when nothing met the budget)
+    report: dict[str, Any]
+    output: Path | None = None
+    met: bool = False
+    warnings: list[str] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+def policy_key(policy: Policy) -> str:
+    return ",".join(map(str, policy))
+
+
+class _Clock:
+    def __init__(self, seconds: float | None):
+        self.start = time.monotonic()
+        self.seconds = seconds
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - self.elapsed
+
+
+class _Display:
+    """The progress line: phase, best so far, front size, candidates measured, time."""
+
+    def __init__(self, console: Console | None, time_budget: float | None):
+        self.progress = None
+        if console is not None:
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                                     BarColumn(), TimeElapsedColumn(), console=console,
+                                     transient=False)
+            self.task = self.progress.add_task("autocompress", total=time_budget)
+        self.phase, self.best, self.front, self.measured = "starting", "-", 0, 0
+        self.clock: _Clock | None = None
+
+    @contextmanager
+    def running(self, clock: _Clock) -> Iterator[_Display]:
+        self.clock = clock
+        if self.progress is None:
+            yield self
+            return
+        with self.progress:
+            yield self
+
+    def update(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self, key, value)
+        logger.info("autocompress: %s", self.phase)
+        if self.progress is not None:
+            text = (f"{self.phase} | best {self.best} | front {self.front} | "
+                    f"measured {self.measured}")
+            self.progress.update(self.task, description=text,
+                                 completed=self.clock.elapsed if self.clock else 0)
+
+
+def autocompress(
+    model: ModelSource,
+    calibration: Any,
+    output: str | os.PathLike | None = None,
+    *,
+    latency_ms: float | None = None,
+    speedup: float | None = None,
+    size_mb: float | None = None,
+    macs: float | None = None,
+    max_error: float | None = None,
+    max_accuracy_drop: float | None = None,
+    metric: Metric | None = None,
+    verify_data: Any = None,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    backend: str = "ort",
+    threads: int = 1,
+    time_budget: float | None = 300.0,
+    max_candidates: int = 40,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    force: bool = False,
+    report_path: str | os.PathLike | None = None,
+    kinds: Sequence[str] = KINDS,
+    calib_batches: int = 64,
+    latency_backend: LatencyBackend | None = None,
+    lowrank_guard: bool | None = None,
+    console: Console | None = None,
+) -> AutocompressResult:
+    """Search prune ratios per group, low-rank ranks and int8/fp32 per layer for the model
+    that meets one budget (`latency_ms`, `speedup`, `size_mb` or `macs`) with the least
+    quality loss, and write it to `output` (see the module docstring for the steps).
+
+    Quality: output rel L2 vs the input model on `verify_data` (default: the calibration
+    data, said in the report's notes), limited by `max_error`; `max_accuracy_drop` limits
+    the top-1 drop on labelled verify data, or with `metric` (a `metric(model_path) ->
+    float`, higher is better) the drop `metric(input) - metric(candidate)`.
+    `backend="ort"`: onnxruntime on this machine with `threads` threads, spinning off;
+    `latency_backend` replaces it with any object with `.name` and `.time(models, inputs)`
+    (tests). `time_budget` (seconds, None: unbounded) stops the search and returns the best
+    model measured so far; `cache_dir` keeps proxies and measured candidates for a later
+    run; `seed` makes the search deterministic. Past the budget: BudgetExceededError and
+    nothing written, unless `force` (then the closest point is written).
+    `lowrank_guard`: keep a decomposition only if ORT runs it faster (None: on for
+    latency budgets on ORT). The input model is never modified.
+    """
+    budget = Budget.parse(latency_ms=latency_ms, speedup=speedup, size_mb=size_mb, macs=macs,
+                          max_error=max_error, max_accuracy_drop=max_accuracy_drop)
+    kinds = tuple(kinds)
+    if not kinds or not set(kinds) <= set(KINDS):
+        raise InputSpecError(f"autocompress: techniques {list(kinds)}: use some of "
+                             f"{', '.join(KINDS)}")
+    if latency_backend is None and backend != "ort":
+        raise InputSpecError(f"autocompress --backend {backend}: only 'ort' is implemented "
+                             "(the TVM backend is not done yet)")
+    if calibration is None:
+        raise InputSpecError(OptionText.of("autocompress needs calibration data: ",
+                                           ("calibration", "data.npz")))
+    if time_budget is not None and not time_budget > 0:
+        raise InputSpecError(f"--time-budget {time_budget}: must be > 0 seconds")
+    if max_candidates < 1:
+        raise InputSpecError(f"max_candidates={max_candidates}: must be >= 1")
+    original = load_model(model)
+    reads = (files_read(model, original) + data_files_read(calibration, "calibration data")
+             + data_files_read(verify_data, "verification data"))
+    writes = [("output", output), ("report", report_path)]
+    if report_path is not None:
+        writes += [(f"{name} plot", path) for name, path in plot_paths(report_path).items()]
+    check_writes(writes, reads)
+    shapes, problem = _try_shapes(original, input_shapes)
+    if problem:
+        raise InputSpecError(problem)
+    calib = open_calibration(calibration, original, shapes, seed=seed)
+    notes: list[str] = []
+    if verify_data is not None:
+        verify = open_calibration(verify_data, original, shapes, seed=seed)
+    else:
+        verify = calib
+        notes.append("no verify data given: the error is measured on the calibration data "
+                     "the proxies were fit on (optimistic); give --verify-data, disjoint "
+                     "from --calib, for an honest number")
+    if max_accuracy_drop is not None and metric is None and verify.labels() is None:
+        raise InputSpecError(OptionText.of(
+            ("max_accuracy_drop", None), " needs labelled verify data (a 'labels' array in "
+            "the .npz of ", ("verify_data", "test.npz"), ") or a metric callback"))
+    lat = latency_backend or OrtLatency(threads=threads)
+    guard = (lat.name == "ort" and budget.quantity == "latency_ratio"
+             if lowrank_guard is None else lowrank_guard)
+    context = PassContext(calibration=calib, input_shapes=shapes, threads=threads, seed=seed)
+    inputs = calib.first()
+    key = cache_key(model_bytes(original), calibration, verify_data,
+                    {"kinds": kinds, "backend": lat.name, "threads": threads,
+                     "shapes": shapes, "calib_batches": calib_batches, "guard": guard,
+                     "metric": getattr(metric, "__qualname__", None)})
+    cache = Cache(cache_dir, key)
+    job = _Job(original, shapes, calib, verify, context, lat, inputs, budget, metric,
+               calib_batches, guard, cache, seed)
+    clock = _Clock(time_budget)
+    display = _Display(console, time_budget)
+    with display.running(clock):
+        job.run(kinds, clock, display, max_candidates)
+    return job.finish(output, report_path, force, model, notes, reads, display)
+
+
+class _Job:
+    """One autocompress run's state: measurements, proxies, candidates."""
+
+    def __init__(self, original, shapes, calib, verify, context, lat, inputs, budget,
+                 metric, calib_batches, guard, cache, seed):
+        self.original, self.shapes, self.calib, self.verify = original, shapes, calib, verify
+        self.context, self.lat, self.inputs, self.budget = context, lat, inputs, budget
+        self.metric, self.calib_batches, self.guard = metric, calib_batches, guard
+        self.cache, self.seed = cache, seed
+        self.records: dict[str, dict[str, Any]] = {}
+        self.space: Space | None = None
+        self.tables: ProxyTables | None = None
+        self.allowed: list[list[int]] = []
+        self.correction = Correction()
+        self.stats = {"rounds": 0, "built": 0, "measured_new": 0, "resumed": 0,
+                      "proxy_seconds": 0.0, "search_seconds": 0.0, "stopped": "",
+                      "proxies_complete": False}
+        self.base: dict[str, float] = {}
+        self.reference_metric: float | None = None
+
+    # ------------------------------------------------------------------ measuring
+
+    def time_ratios(self, models: list[ir.Model]) -> list[float]:
+        times = self.lat.time([self.original, *models], self.inputs)
+        return [t / times[0] for t in times[1:]]
+
+    def build(self, policy: Policy) -> ir.Model:
+        self.stats["built"] += 1
+        with self.context.blas_threads():
+            return build(self.original, self.space, policy, self.context,
+                         lowrank_guard=self.guard)[0]
+
+    def calib_error(self, model: ir.Model) -> float:
+        return float(compare_models(self.original, model, self.calib, limit=self.calib_batches,
+                                    threads=self.context.threads).max_rel_l2)
+
+    def quality(self, model: ir.Model) -> dict[str, Any]:
+        q = measure_quality(self.original, model, self.verify, threads=self.context.threads,
+                            metric=self.metric)
+        out = {"rel_l2": q.rel_l2, "accuracy": q.accuracy, "metric": q.metric,
+               "accuracy_drop": None}
+        if self.metric is not None:
+            out["accuracy_drop"] = self.reference_metric - q.metric
+        elif q.accuracy is not None:
+            out["accuracy_drop"] = q.reference_accuracy - q.accuracy
+        return out
+
+    def measure(self, policy: Policy) -> dict[str, Any]:
+        """Build `policy` and measure it for real (a failed build is recorded as such)."""
+        started = time.perf_counter()
+        record: dict[str, Any] = {"policy": list(policy)}
+        if self.tables is not None:
+            record["predicted"] = self.correction.apply(
+                predict(self.tables, self.space, policy)).to_dict()
+        try:
+            model, info = build(self.original, self.space, policy, self.context,
+                                lowrank_guard=self.guard)
+            self.stats["built"] += 1
+        except BuildError as exc:
+            record["failed"] = str(exc)
+            return record
+        ratio = self.time_ratios([model])[0]
+        record.update({"pipeline": info["pipeline"], "latency_ratio": ratio,
+                       "latency_ms": ratio * self.base["latency_ms"],
+                       **resources(model, self.shapes), **self.quality(model),
+                       "calib_error": self.calib_error(model),
+                       "seconds": round(time.perf_counter() - started, 3)})
+        return record
+
+    def _origin_record(self) -> dict[str, Any]:
+        base_ms = statistics.median(self.lat.time([self.original, self.original], self.inputs))
+        res = resources(self.original, self.shapes)
+        self.base = {"latency_ms": base_ms, **res}
+        if self.metric is not None:
+            self.reference_metric = run_metric(self.metric, self.original)
+        q = self.quality(self.original)
+        return {"policy": None, "origin": True, "pipeline": "", "latency_ratio": 1.0,
+                "latency_ms": base_ms, **res, **q, "calib_error": 0.0}
+
+    # ------------------------------------------------------------------ phases
+
+    def run(self, kinds, clock: _Clock, display: _Display, max_candidates: int) -> None:
+        display.update(phase="measuring the input model")
+        self.origin = self._origin_record()
+        display.update(phase="finding the decision space")
+        self.space = discover(self.original, self.context, kinds)
+        self.records[policy_key(self.space.origin)] = {**self.origin,
+                                                        "policy": list(self.space.origin)}
+        for k, rec in self.cache.candidates.items():
+            if len(rec.get("policy") or []) == len(self.space.knobs):
+                self.records[k] = rec
+                self.stats["resumed"] += 1
+        display.update(measured=len(self.records))
+        if not self._proxies(clock, display):
+            self.stats["stopped"] = "time budget spent during the proxy tables"
+            return
+        started = time.monotonic()
+        try:
+            self._search(clock, display, max_candidates)
+        finally:
+            self.stats["search_seconds"] = round(time.monotonic() - started, 2)
+
+    def _proxies(self, clock: _Clock, display: _Display) -> bool:
+        cached = self.cache.proxies
+        if cached and cached.get("space") == self.space.to_dict():
+            self.tables = ProxyTables.from_dict(cached["tables"])
+        else:
+            self.tables = ProxyTables({"latency_ms": self.base["latency_ms"],
+                                       "size_bytes": self.base["size_bytes"],
+                                       "macs": self.base["macs"]})
+        self.tables.base = {"latency_ms": self.base["latency_ms"],
+                            "size_bytes": self.base["size_bytes"], "macs": self.base["macs"]}
+        if cached and cached.get("complete") and cached.get("space") == self.space.to_dict():
+            self.stats["proxies_complete"] = True
+        else:
+            def step(text: str) -> None:
+                if clock.left() <= 0:
+                    raise OutOfTime
+                display.update(phase=text)
+
+            started = time.monotonic()
+            complete = measure_tables(
+                self.space, self.tables, self.build, self.calib_error,
+                lambda m: resources(m, self.shapes), self.time_ratios, step)
+            self.stats["proxy_seconds"] = round(time.monotonic() - started, 2)
+            self.stats["proxies_complete"] = complete
+            self.cache.save_proxies({"space": self.space.to_dict(), "complete": complete,
+                                     "tables": self.tables.to_dict()})
+            if not complete:
+                return False
+        self.allowed = self.tables.useful_choices(self.space)
+        return True
+
+    def _objectives(self, policy: Policy) -> tuple[float, float]:
+        p = self.correction.apply(predict(self.tables, self.space, policy))
+        return (p.to_dict()[self.budget.quantity], p.error)
+
+    def _search(self, clock: _Clock, display: _Display, max_candidates: int) -> None:
+        limit = self.budget.limit(self.base)
+        n = len(self.space.knobs)
+        bits = [i for i, k in enumerate(self.space.knobs) if k.kind == "bits"]
+        extremes = [tuple(1 if i in bits and 1 in self.allowed[i] else 0 for i in range(n))]
+        for kind in ("prune", "rank"):
+            extremes.append(tuple(max(self.allowed[i]) if self.space.knobs[i].kind == kind
+                                  else 0 for i in range(n)))
+        while True:
+            if clock.left() <= 0:
+                self.stats["stopped"] = "time budget"
+                return
+            if self.stats["measured_new"] >= max_candidates:
+                self.stats["stopped"] = f"max_candidates ({max_candidates})"
+                return
+            self.stats["rounds"] += 1
+            self._refit()
+            display.update(phase=f"round {self.stats['rounds']}: searching the proxies")
+            start = [self.space.origin, *extremes,
+                     *(tuple(r["policy"]) for r in self.records.values() if "failed" not in r)]
+            front = evolve(self.allowed, self._objectives, start=start,
+                           seed=self.seed + self.stats["rounds"])
+            display.update(front=len(self._measured_front()))
+            picks = self._picks(front, limit)
+            if not picks:
+                self.stats["stopped"] = "converged: nothing new near the budget on the front"
+                return
+            for policy in picks:
+                if clock.left() <= 0 or self.stats["measured_new"] >= max_candidates:
+                    break
+                display.update(phase=f"round {self.stats['rounds']}: measuring candidate "
+                               f"{len(self.records)}")
+                record = self.measure(policy)
+                self.records[policy_key(policy)] = record
+                self.cache.add_candidate(policy_key(policy), record)
+                self.stats["measured_new"] += 1
+                best = self.best()
+                display.update(measured=len(self.records), front=len(self._measured_front()),
+                               best=_short(best) if best else "none meets the budget yet")
+
+    def _refit(self) -> None:
+        pairs = [(predict(self.tables, self.space, tuple(r["policy"])), r)
+                 for r in self.records.values() if "failed" not in r and not r.get("origin")]
+        self.correction = Correction.fit(pairs, self.base["size_bytes"])
+
+    def _picks(self, front: list[tuple[Policy, tuple[float, float]]], limit: float,
+               per_round: int = 3) -> list[Policy]:
+        """What to build next: the predicted-feasible front points with the least error
+        (once a candidate meets the budget: only those predicted to have less error than
+        it, with 50 % slack for the proxies' error), and the infeasible one nearest the
+        budget (to learn the boundary)."""
+        fresh = [(p, o) for p, o in front if policy_key(p) not in self.records]
+        best = self.best()
+        bound = float("inf") if best is None else 1.5 * (best.get("calib_error") or 0.0)
+        feasible = sorted((x for x in fresh if x[1][0] <= limit and x[1][1] <= bound),
+                          key=lambda x: x[1][1])
+        over = sorted((x for x in fresh if x[1][0] > limit), key=lambda x: x[1][0])
+        picks = [p for p, _ in feasible[:per_round - 1]] + [p for p, _ in over[:1]]
+        if len(picks) < per_round:
+            picks += [p for p, _ in feasible[per_round - 1:per_round - 1 + per_round
+                                             - len(picks)]]
+        return picks
+
+    # ------------------------------------------------------------------ choosing
+
+    def measured(self) -> list[dict[str, Any]]:
+        return [r for r in self.records.values() if "failed" not in r]
+
+    def meets(self, record: dict[str, Any]) -> bool:
+        return (self.budget.resource_problem(record, self.base) is None
+                and not self.budget.quality_problems(record))
+
+    def best(self) -> dict[str, Any] | None:
+        ok = [r for r in self.measured() if self.meets(r)]
+        if not ok:
+            return None
+        q = self.budget.quantity
+        return min(ok, key=lambda r: (*self.budget.quality_loss(r), r[q]))
+
+    def closest(self) -> dict[str, Any] | None:
+        """The candidate nearest to meeting everything: among those within the quality
+        limits the one with the least resource; else the least quality loss."""
+        rows = self.measured()
+        if not rows:
+            return None
+        q = self.budget.quantity
+        quality_ok = [r for r in rows if not self.budget.quality_problems(r)]
+        if quality_ok:
+            return min(quality_ok, key=lambda r: r[q])
+        return min(rows, key=lambda r: (*self.budget.quality_loss(r), r[q]))
+
+    def _measured_front(self, key: str | None = None) -> list[dict[str, Any]]:
+        rows = self.measured()
+        key = key or self.budget.quantity
+        points = [(r[key], r["rel_l2"]) for r in rows]
+        return [rows[i] for i in pareto_indices(points)]
+
+    # ------------------------------------------------------------------ result
+
+    def _final(self, record: dict[str, Any]) -> tuple[ir.Model, dict[str, Any]]:
+        """The chosen policy built again and measured against the input model once more:
+        three interleaved timings (median ratio), quality on the verify data."""
+        policy = tuple(record["policy"])
+        if policy == self.space.origin:
+            model = load_model(self.original, check=False)
+        else:
+            model = build(self.original, self.space, policy, self.context,
+                          lowrank_guard=self.guard)[0]
+        timings = [self.lat.time([self.original, model], self.inputs) for _ in range(3)]
+        ratios = [b / a for a, b in timings]
+        ratio = statistics.median(ratios)
+        original_ms = statistics.median(a for a, _ in timings)
+        final = {"latency_ratio": ratio, "latency_ms": statistics.median(b for _, b in timings),
+                 "original_latency_ms": original_ms, "speedup": 1 / ratio,
+                 **resources(model, self.shapes), **self.quality(model)}
+        return model, final
+
+    def finish(self, output, report_path, force, source, notes, reads,
+               display: _Display) -> AutocompressResult:
+        best = self.best()
+        closest = None if best is not None else self.closest()
+        chosen = best or (closest if force else None)
+        warnings: list[str] = []
+        model, final = None, None
+        if chosen is not None:
+            display_text = "measuring the chosen model again"
+            logger.info("autocompress: %s", display_text)
+            model, final = self._final(chosen)
+            missed = self.budget.resource_problem(
+                {**final, "latency_ratio": final["latency_ratio"]}, self.base)
+            if self.budget.kind == "latency_ms" and final["latency_ms"] > self.budget.value:
+                missed = f"latency {final['latency_ms']:.4g} ms > {self.budget.value:g} ms"
+            problems = [p for p in [missed, *self.budget.quality_problems(final)] if p]
+            if problems:
+                warnings.append("the chosen model measured again: " + "; ".join(problems))
+        met = best is not None and not warnings
+        report = self._report(source, output, chosen, final, closest, notes, met, warnings)
+        if not met and not force:
+            point = closest or best
+            where = (f"closest point: {_short(point)} "
+                     f"({point.get('pipeline') or 'the input model'})"
+                     if point else "no candidate was measured")
+            raise BudgetExceededError(OptionText.of(
+                f"autocompress: no measured candidate meets {self.budget.describe()}"
+                + (f" ({warnings[0]})" if warnings else "") + f"; {where}. Nothing was "
+                "written; loosen the budget, give more ", ("time_budget", None), ", or pass ",
+                ("force", True), " to write the closest point."))
+        result = AutocompressResult(model, report, met=met, warnings=warnings)
+        if not met:
+            warnings.append(f"budget not met ({self.budget.describe()}); written because "
+                            "of --force")
+        with reading(reads):
+            if output is not None and model is not None:
+                result.output = save_model(model, output)
+                report["output_bytes"] = result.output.stat().st_size
+            if report_path is not None:
+                result.plots, why = write_plots(report, report_path)
+                report["plots"] = [str(p) for p in result.plots] or why
+                write_report(report_path, report)
+        return result
+
+    def _report(self, source, output, chosen, final, closest, notes, met, warnings
+                ) -> dict[str, Any]:
+        q = self.budget.quantity
+        rows = []
+        fronts = {key: {id(r) for r in self._measured_front(key)}
+                  for key in ("latency_ratio", "size_bytes")}
+        for r in self.records.values():
+            row = dict(r)
+            row["chosen"] = r is chosen
+            row["on_latency_front"] = id(r) in fronts["latency_ratio"]
+            row["on_size_front"] = id(r) in fronts["size_bytes"]
+            rows.append(row)
+        quality_axis = "accuracy_drop" if self.budget.max_accuracy_drop is not None \
+            else "rel_l2"
+        lat = self.lat
+        return {
+            "kind": "autocompress",
+            "input": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
+            "output": str(output) if output is not None else None,
+            "met": met,
+            "backend": {"name": lat.name, "threads": getattr(lat, "threads", None),
+                        "note": "onnxruntime, intra-op threads as given, spinning off; "
+                        "latency ratios timed interleaved with the input model"
+                        if lat.name == "ort" else "custom latency backend"},
+            "budget": {"kind": self.budget.kind, "value": self.budget.value,
+                       "quantity": q, "limit": self.budget.limit(self.base),
+                       "max_error": self.budget.max_error,
+                       "max_accuracy_drop": self.budget.max_accuracy_drop,
+                       "text": self.budget.describe()},
+            "quality_axis": quality_axis,
+            "verify_data": getattr(self.verify, "description", "?"),
+            "notes": notes + [n for n in [self.stats["stopped"]] if n],
+            "warnings": warnings,
+            "seed": self.seed,
+            "cache_key": self.cache.key,
+            "space": {**(self.space.to_dict() if self.space else {}),
+                      "allowed_choices": self.allowed},
+            "proxies": ({**self.tables.to_dict(), "correction": self.correction.to_dict()}
+                        if self.tables else None),
+            "search": dict(self.stats),
+            "candidates": rows,
+            "policy": self.space.table(tuple(chosen["policy"])) if chosen and self.space
+            else None,
+            "pipeline": chosen.get("pipeline") if chosen else None,
+            "original": self.origin,
+            "final": final,
+            "closest": closest,
+        }
+
+
+def _short(record: dict[str, Any]) -> str:
+    parts = [f"{1 / record['latency_ratio']:.2f}x" if record.get("latency_ratio") else "",
+             f"{record['size_bytes'] / 1e6:.3g} MB" if record.get("size_bytes") else "",
+             f"err {record['rel_l2']:.3g}" if record.get("rel_l2") is not None else ""]
+    if record.get("accuracy_drop") is not None:
+        parts.append(f"acc drop {record['accuracy_drop'] * 100:.2f} pt")
+    return ", ".join(p for p in parts if p)

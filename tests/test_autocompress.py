@@ -1,0 +1,227 @@
+"""autocompress (issue 17): budgets, refusal, --force, cache resume, determinism, the real
+ORT backend end to end, the CLI. Small hand-built models; a fake latency backend (latency
+from MACs and int8 layers) where the point is the search, not the timing."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from builders import make_model
+from onnx import TensorProto, helper, numpy_helper
+from onnxforge.api import verify_models
+from onnxforge.autocompress import autocompress
+from onnxforge.cli import app, main
+from onnxforge.errors import BudgetExceededError, InputSpecError
+from onnxforge.ir import load_model
+from onnxforge.metrics import compute_metrics
+from typer.testing import CliRunner
+
+SHAPES = {"x": (1, 3, 8, 8)}
+
+
+def small_cnn(seed: int = 0) -> onnx.ModelProto:
+    """x[1,3,8,8] -> Conv(16) -> Relu -> Conv(16) -> Relu -> GAP -> Flatten -> Gemm(32) -> Relu
+    -> Gemm(10)."""
+    rng = np.random.default_rng(seed)
+
+    def t(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32),
+                                       name)
+
+    inits = [t("w1", 16, 3, 3, 3), t("b1", 16), t("w2", 16, 16, 3, 3, scale=0.1), t("b2", 16),
+             t("g1", 32, 16), t("c1", 32), t("g2", 10, 32), t("c2", 10)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu1"),
+        helper.make_node("Conv", ["ar", "w2", "b2"], ["b"], name="conv2", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["br"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["br"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "g1", "c1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu3"),
+        helper.make_node("Gemm", ["hr", "g2", "c2"], ["y"], name="fc2", transB=1),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = tmp_path / "cnn.onnx"
+    onnx.save(small_cnn(), model)
+    rng = np.random.default_rng(1)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    verify = tmp_path / "verify.npz"
+    np.savez(verify, x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    return model, calib, verify
+
+
+class FakeLatency:
+    """Latency from the model, not a clock: MACs (int8 layers count 40 %) plus 1 us per node,
+    so the search's decisions are reproducible. Counts the models it timed."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.timed = 0
+
+    def time(self, models, inputs):
+        out = []
+        for m in models:
+            self.timed += 1
+            macs = compute_metrics(m, SHAPES).macs
+            nodes = list(m.graph)
+            compute = [n for n in nodes if n.op_type in ("Conv", "Gemm")]
+            int8 = sum(1 for n in compute if n.inputs[1].producer() is not None
+                       and n.inputs[1].producer().op_type == "DequantizeLinear")
+            share = int8 / max(len(compute), 1)
+            out.append(macs * (1 - 0.6 * share) * 1e-5 + 1e-3 * len(nodes))
+        return out
+
+
+def run(files, tmp_path, **kw):
+    model, calib, verify = files
+    options = {"verify_data": verify, "input_shapes": SHAPES, "time_budget": 120,
+               "max_candidates": 4, "latency_backend": FakeLatency()}
+    options.update(kw)
+    return autocompress(model, calib, **options)
+
+
+def test_speedup_budget_met_with_fake_backend(files, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = run(files, tmp_path, output=out, report_path=report, speedup=1.5, max_error=0.5)
+    assert result.met and out.exists()
+    data = json.loads(report.read_text())
+    # the written model meets the budget measured independently of the search's numbers
+    backend = FakeLatency()
+    written = load_model(out)
+    before, after = backend.time([load_model(files[0]), written], {})
+    assert before / after >= 1.5
+    err = verify_models(files[0], out, data=str(files[2]), input_shapes=SHAPES, batches=16)
+    assert err.max_rel_l2 <= 0.5
+    assert abs(err.max_rel_l2 - data["final"]["rel_l2"]) < 1e-6
+    # report: policy table for every knob, the front flags, plots next to the report
+    kinds = {row["kind"] for row in data["policy"]}
+    assert kinds == {"prune", "rank", "bits"}
+    assert any(c["on_latency_front"] for c in data["candidates"])
+    assert sum(c["chosen"] for c in data["candidates"]) == 1
+    assert data["original"]["latency_ms"] == pytest.approx(before)
+    pngs = sorted(p.name for p in tmp_path.glob("r.*_front.png"))
+    assert pngs == ["r.latency_front.png", "r.size_front.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in tmp_path.glob("r.*_front.png"))
+
+
+def test_budget_not_met_writes_nothing_and_names_closest(files, tmp_path):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    with pytest.raises(BudgetExceededError, match="closest point") as info:
+        run(files, tmp_path, output=out, report_path=report, macs=10, max_candidates=2)
+    assert "Nothing was written" in str(info.value)
+    assert not out.exists() and not report.exists()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_force_writes_the_closest_point(files, tmp_path):
+    out = tmp_path / "out.onnx"
+    result = run(files, tmp_path, output=out, macs=10, max_candidates=2, force=True)
+    assert out.exists() and not result.met
+    assert any("--force" in w or "force" in w for w in result.warnings)
+    # the closest point: the fewest MACs among the measured candidates
+    rows = [c for c in result.report["candidates"] if "failed" not in c]
+    assert result.report["final"]["macs"] == min(c["macs"] for c in rows)
+
+
+def test_resume_from_cache(files, tmp_path):
+    cache = tmp_path / "cache"
+    first_backend = FakeLatency()
+    first = run(files, tmp_path, size_mb=0.004, cache_dir=cache, max_candidates=2,
+                latency_backend=first_backend, force=True)
+    measured = len(first.report["candidates"])
+    assert measured >= 2 and first.report["search"]["proxies_complete"]
+    second_backend = FakeLatency()
+    second = run(files, tmp_path, size_mb=0.004, cache_dir=cache, max_candidates=2,
+                 latency_backend=second_backend, force=True)
+    search = second.report["search"]
+    assert search["resumed"] == measured - 1  # every measured candidate but the input model
+    assert search["proxy_seconds"] == 0.0  # proxies read back, not built again
+    assert second_backend.timed < first_backend.timed
+    assert len(second.report["candidates"]) > measured  # and the search went on
+
+
+def test_same_seed_same_search(files, tmp_path):
+    a = run(files, tmp_path, speedup=1.3, seed=3)
+    b = run(files, tmp_path, speedup=1.3, seed=3)
+    assert [c["policy"] for c in a.report["candidates"]] == \
+        [c["policy"] for c in b.report["candidates"]]
+    assert a.report["policy"] == b.report["policy"]
+
+
+@pytest.mark.parametrize("budget, message", [
+    ({"speedup": 2, "size_mb": 1}, "one budget, got --speedup and --size-mb"),
+    ({"speedup": -1}, "--speedup -1: must be a finite number > 0"),
+    ({"latency_ms": float("nan")}, "must be a finite number > 0"),
+    ({}, "needs one budget"),
+    ({"speedup": 2, "max_error": -0.1}, "--max-error -0.1: must be a finite number >= 0"),
+])
+def test_bad_budgets_rejected(files, tmp_path, budget, message):
+    out = tmp_path / "out.onnx"
+    with pytest.raises(InputSpecError) as info:
+        run(files, tmp_path, output=out, **budget)
+    assert message in str(info.value)
+    assert not out.exists()
+
+
+def test_accuracy_drop_needs_labels(files, tmp_path):
+    with pytest.raises(InputSpecError, match="labelled verify data"):
+        run(files, tmp_path, speedup=1.2, max_accuracy_drop=0.01)
+
+
+def test_metric_callback_gives_the_drop(files, tmp_path):
+    calls = []
+
+    def params_kept(path: str) -> float:  # higher is better; any callable of a model file
+        calls.append(path)
+        return float(compute_metrics(load_model(path)).params)
+
+    result = run(files, tmp_path, speedup=1.2, max_accuracy_drop=1e9, metric=params_kept)
+    reference = result.report["original"]["metric"]
+    assert calls and reference == compute_metrics(load_model(files[0])).params
+    for c in result.report["candidates"]:
+        if "failed" not in c:
+            assert c["accuracy_drop"] == pytest.approx(reference - c["metric"])
+
+
+def test_real_ort_backend_end_to_end_cli(files, tmp_path):
+    model, calib, verify = files
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(app, [
+        "autocompress", str(model), "--calib", str(calib), "--verify-data", str(verify),
+        "--size-mb", "0.008", "--max-error", "0.3", "-o", str(out), "--report", str(report),
+        "--max-candidates", "3", "--time-budget", "60", "--techniques", "prune,bits"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["backend"]["name"] == "ort" and data["met"]
+    assert out.stat().st_size <= 0.008e6 < files[0].stat().st_size
+    assert data["final"]["latency_ms"] > 0 and data["final"]["original_latency_ms"] > 0
+    assert "chosen model" in result.output
+    err = verify_models(model, out, data=str(verify), input_shapes=SHAPES, batches=16)
+    assert err.max_rel_l2 <= 0.3
+
+
+def test_cli_bad_budget_exit_code(files, tmp_path, monkeypatch, capsys):
+    model, calib, _ = files
+    out = tmp_path / "out.onnx"
+    monkeypatch.setattr(sys, "argv", [
+        "onnxforge", "autocompress", str(model), "--calib", str(calib), "--speedup", "2",
+        "--latency-ms", "1", "-o", str(out)])
+    with pytest.raises(SystemExit) as info:
+        main()  # the exit codes come from main(), not from the typer app
+    assert info.value.code == InputSpecError.exit_code
+    assert "one budget, got --latency-ms and --speedup" in capsys.readouterr().err
+    assert not out.exists()
