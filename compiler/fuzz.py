@@ -12,6 +12,10 @@ For graph `index` of `seed` (`onnxforge.random_graphs.generate_graph`):
    defaults (default CPU schedules, the shipped schedule-config database) compiles the
    original graph; `artifact.run` runs every input set, and the first one a second time,
    which must give bit-identical outputs (a difference means uninitialised memory).
+4. Stage `int8` (opt-in): `cleanup,fuse,quantize(int8)` calibrated on random data, then
+   the QDQ model compiled for the target (integer kernels, NHWC where every conv is
+   integer) and checked against onnxruntime on the same QDQ file with compile's own
+   QDQ tolerance (`run_int8_stage`).
 
 Outputs are compared with `onnxforge.verify`'s metrics, accumulated over the input sets
 (3 by default: N(0,1) twice and N(0,9) once): equal means relative L2 <= rtol or every
@@ -62,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 STATUSES = ("correct", "refused", "wrong", "crash")
 SEVERITY = {"correct": 0, "skipped": 0, "refused": 1, "crash": 2, "wrong": 3}
-STAGES = ("pipeline", "compile")
+STAGES = ("pipeline", "compile", "int8")
 DEFAULT_PIPELINE = "cleanup,fuse"
 RTOL = 1e-4
 ATOL = 1e-6
@@ -340,6 +344,66 @@ def run_compile_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]
     return result
 
 
+QUANTIZE_PIPELINE = "cleanup,fuse,quantize(int8)"
+
+
+def run_int8_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
+                   target: str = "host", seed: int = 0) -> StageResult:
+    """`cleanup,fuse,quantize(int8)` calibrated on 8 random batches, then the QDQ model
+    compiled (integer kernels where the target has them) and checked against onnxruntime
+    on the same QDQ file by compile's own verification (`verify_artifact`: the QDQ
+    tolerance that onnxruntime's integer vs float spread sets, and two runs bit-equal).
+    The quantization error against the float graph is not judged: random graphs have no
+    accuracy to keep, and a lossy pass may lose it; what must hold is that the compiled
+    integer code computes what the QDQ file says."""
+    from .backends.tvm import compile_model
+    from .backends.tvm.verification import verify_artifact
+    from .calibration import RandomSource
+    from .ir import load_model, to_proto
+    from .pass_manager import PassManager
+    from .passes.base import PassContext
+
+    start = time.perf_counter()
+    shapes = {name: tuple(array.shape) for name, array in inputs[0].items()}
+    dtypes = {name: array.dtype for name, array in inputs[0].items()}
+    calibration = RandomSource(shapes, dtypes, count=8, seed=seed)
+    try:
+        working = load_model(model)
+        context = PassContext(calibration=calibration, input_shapes=shapes)
+        working, _ = PassManager(QUANTIZE_PIPELINE, context).run(working)
+        quantized = to_proto(working)
+    except Exception as exc:  # noqa: BLE001 - classified, never raised
+        result = classify_exception(exc)
+        result.seconds = time.perf_counter() - start
+        return result
+    try:
+        ort_outputs(quantized, inputs[:1])
+    except Exception as exc:  # noqa: BLE001
+        result = StageResult("wrong", one_line(f"ORT cannot run the quantized model: {exc}"))
+        result.seconds = time.perf_counter() - start
+        return result
+    try:
+        artifact = compile_model(quantized, target, input_shapes=shapes, threads=1)
+        check = verify_artifact(artifact, quantized, threads=1, raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001
+        result = classify_exception(exc)
+    else:
+        integer = artifact.report.get("integer", {})
+        what = (f"{integer.get('integer_total', 0)} integer op(s), "
+                f"{integer.get('float_total', 0)} float, layout {integer.get('layout', '-')}")
+        worst = max((o for o in check.comparison.outputs), default=None,
+                    key=lambda o: o.rel_l2 if np.isfinite(o.rel_l2) else np.inf)
+        rel_l2 = None if worst is None else float(worst.rel_l2)
+        rel = None if worst is None else float(
+            worst.max_abs / worst.ref_max_abs if worst.ref_max_abs else worst.max_abs)
+        if check.ok:
+            result = StageResult("correct", what, rel, rel_l2)
+        else:
+            result = StageResult("wrong", f"{check.problem()} ({what})", rel, rel_l2)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def check_task(task: dict[str, Any], report: Callable[[str, Any], None] = lambda *a: None
                ) -> dict[str, dict[str, Any]]:
     """Run the task's stages (in the worker); `report("stage", name)` before each one and
@@ -354,6 +418,8 @@ def check_task(task: dict[str, Any], report: Callable[[str, Any], None] = lambda
         elif stage == "compile":
             r = run_compile_stage(model, task["inputs"], task["references"],
                                   task.get("target", "host"), task["rtol"])
+        elif stage == "int8":
+            r = run_int8_stage(model, task["inputs"], task.get("target", "host"))
         else:
             raise ValueError(f"unknown stage {stage!r}")
         out[stage] = asdict(r)
@@ -625,7 +691,8 @@ def _error_kind(detail: str) -> str:
 
 
 def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None = None,
-             compile: bool = True, pipeline: str = DEFAULT_PIPELINE, timeout: float = 60.0,
+             compile: bool = True, int8: bool = False, pipeline: str = DEFAULT_PIPELINE,
+             timeout: float = 60.0,
              out_dir: str | os.PathLike | None = None, shrink: bool = False,
              shrink_checks: int = 60, rtol: float = RTOL, start: int = 0,
              progress: Callable[[GraphResult, FuzzSummary], None] | None = None,
@@ -634,11 +701,11 @@ def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None 
     """Check graphs `start .. start+count-1` of `seed`; failing ones go to `out_dir` as
     `<seed>-<index>.onnx` (and `.min.onnx` when shrunk), listed in `summary.txt`.
     `time_budget` (seconds) stops the run early; `summary.stopped_early` says so."""
-    stages = ["pipeline"] + (["compile"] if compile else [])
+    stages = ["pipeline"] + (["compile"] if compile else []) + (["int8"] if int8 else [])
     summary = FuzzSummary(seed, count, stages)
     out = Path(out_dir) if out_dir is not None else None
     own_worker = worker is None
-    worker = worker or FuzzWorker(timeout=timeout, preload_tvm=compile)
+    worker = worker or FuzzWorker(timeout=timeout, preload_tvm=compile or int8)
     began = time.perf_counter()
     try:
         for index in range(start, start + count):

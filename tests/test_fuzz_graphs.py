@@ -178,3 +178,45 @@ def test_shrinker_drops_a_prefix_that_restores_the_input_shape():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     small, _ = fuzz.shrink_graph(model, lambda m: any(n.op_type == "Relu" for n in m.graph.node))
     assert [n.op_type for n in small.graph.node] == ["Relu"]
+
+
+INT8_FAMILIES = ["conv", "act", "residual", "concat", "pool", "gap", "gemm", "matmul", "pad"]
+
+
+@pytest.mark.tvm
+@pytest.mark.skipif(importlib.util.find_spec("tvm") is None,
+                    reason="apache-tvm is not installed (pip install -e '.[tvm]')")
+def test_int8_stage_on_a_sample(tmp_path):
+    """Random conv/matmul graphs, quantized with random calibration and compiled: the
+    integer code must compute what the QDQ file says (compile's QDQ tolerance)."""
+    pytest.importorskip("onnxforge.backends.tvm", reason="the TVM backend does not import")
+    summary = fuzz.run_fuzz(FUZZ_SEED, 16, families=INT8_FAMILIES, compile=False, int8=True,
+                            timeout=GRAPH_TIMEOUT * 2, out_dir=tmp_path, time_budget=RUN_BUDGET)
+    assert not summary.failures, "\n".join(r.line() for r in summary.failures)
+    details = [r.stages["int8"].detail for r in summary.results]
+    integer = [d for d in details if d and not d.startswith("0 integer")]
+    assert len(integer) >= len(details) // 2, details  # the integer kernels ran
+    assert any("layout NHWC" in d for d in details), details
+
+
+@pytest.mark.tvm
+@pytest.mark.skipif(importlib.util.find_spec("tvm") is None,
+                    reason="apache-tvm is not installed (pip install -e '.[tvm]')")
+def test_int8_stage_reports_wrong_code(monkeypatch):
+    """The int8 stage can fail: an artifact whose outputs are off by 5 % is `wrong`."""
+    import onnxforge.backends.tvm as tvm_backend
+
+    real_compile = tvm_backend.compile_model
+
+    def off_by_five_percent(*args, **kwargs):
+        artifact = real_compile(*args, **kwargs)
+        run = artifact.run
+        artifact.run = lambda feed, **kw: {k: v * np.float32(1.05) for k, v in
+                                           run(feed, **kw).items()}
+        return artifact
+
+    monkeypatch.setattr(tvm_backend, "compile_model", off_by_five_percent)
+    case = fuzz.valid_case(FUZZ_SEED, 0, ["conv"])
+    result = fuzz.run_int8_stage(case.graph.model, case.inputs)
+    assert result.status == "wrong", result
+    assert "differs from onnxruntime" in result.detail

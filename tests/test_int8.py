@@ -375,3 +375,25 @@ def test_quantize_rounds_half_to_even_like_onnx():
     expected = _ort(model, {"x": ties})
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(expected, [[-2, -2, 0, 0, 2, 2, 4, 126]])
+
+
+def test_a_float_conv_transpose_in_an_nhwc_model_stays_nchw():
+    """Fuzzer find: an integer conv made the module NHWC, and the ConvTranspose after it
+    followed into NHWC, which TVM 0.27 cannot legalize (the build failed). It keeps
+    NCHW now, with a transpose on each side, and the model verifies."""
+    model, step = qdq_conv(ic=16, oc=16, relu=False)
+    w = np.random.default_rng(5).standard_normal((16, 4, 2, 2)).astype(np.float32) * 0.1
+    model.graph.initializer.append(_init("wt", w))
+    model.graph.node.append(helper.make_node("ConvTranspose", ["y", "wt"], ["z"],
+                                             kernel_shape=[2, 2], strides=[2, 2]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT,
+                                                            [1, 4, 18, 18]))
+    onnx.checker.check_model(model)
+    art = compile_model(model, "host")
+    if HOST_HAS_VNNI:
+        assert art.report["integer"]["layout"] == "NHWC"
+    feed = random_inputs(art.inputs, seed=0)
+    got = next(iter(art.run(feed).values()))
+    bound = step * float(np.abs(w).sum(axis=(0, 2, 3)).max()) * 1.001
+    np.testing.assert_allclose(got, _ort(model, feed), atol=bound)

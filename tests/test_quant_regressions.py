@@ -335,3 +335,40 @@ def test_cleanup_on_quantized_ppocr_rec_is_exact():
     int8_bytes = sum(v.const_value.nbytes for v in out.graph.initializers.values()
                      if v.const_value is not None and v.const_value.dtype == ir.DataType.INT8)
     assert int8_bytes > 2_000_000  # the 2.7 M weights stayed int8
+
+
+def test_pad_with_axes_is_expanded_so_onnxruntime_runs_the_qdq_model():
+    """Fuzzer find: Conv > Pad(axes=[2, 3], edge) > Conv quantized ran in onnxruntime
+    only without its layout transformer (level ALL failed: "Gather ... indices element
+    out of data bounds"). quantize now writes the Pad with pads for every axis."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.array([1, 2, 1, 0], np.int64), "pads"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(rng.standard_normal((8, 8, 2, 2)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3]),
+             helper.make_node("Pad", ["c1", "pads", "", "axes"], ["p"], mode="edge"),
+             helper.make_node("Conv", ["p", "w2"], ["y"], kernel_shape=[2, 2])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 9, 11])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 10])],
+                   inits, opset=18)
+    shapes = {"x": (1, 4, 9, 11)}
+    context = PassContext(calibration=RandomSource(shapes, {"x": np.dtype(np.float32)}),
+                          input_shapes=shapes)
+    working, _ = PassManager("quantize(int8)", context).run(load_model(model))
+    quantized = to_proto(working)
+    pads = [n for n in quantized.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 1 and len(pads[0].input) <= 3  # no axes input
+    full = numpy_helper.to_array(next(t for t in quantized.graph.initializer
+                                      if t.name == pads[0].input[1]))
+    assert full.tolist() == [0, 0, 1, 2, 0, 0, 1, 0]
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(quantized.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 4, 9, 11)).astype(np.float32)
+    got = session.run(None, {"x": x})[0]
+    reference = ort.InferenceSession(model.SerializeToString(),
+                                     providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 0.05

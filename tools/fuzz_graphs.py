@@ -13,6 +13,7 @@ death, or past --timeout). Graphs onnxruntime rejects are redrawn and counted ap
     python tools/fuzz_graphs.py --seed 3 --count 200 --ops conv,pad --out fuzz_failures/
     python tools/fuzz_graphs.py --seed 0 --count 50 --no-compile --json fuzz.json
     python tools/fuzz_graphs.py --seed 0 --count 100 --shrink      # minimise failures
+    python tools/fuzz_graphs.py --seed 0 --count 100 --int8        # + quantized, compiled
 
 Failing graphs are written to --out as `<seed>-<index>.onnx` (`.min.onnx` when shrunk),
 with `summary.txt` holding one line per failure. Exits 1 if any graph is wrong or crashes.
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", type=int, default=0, help="first graph index")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="only the pipeline stage (no TVM)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also quantize each graph (cleanup,fuse,quantize(int8), random "
+                        "calibration) and check its compiled integer code against "
+                        "onnxruntime on the QDQ file")
     parser.add_argument("--pipeline", default=DEFAULT_PIPELINE)
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds per graph (all stages) before its worker is killed")
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({result.seconds:.1f} s){mark}", highlight=False)
 
     summary = run_fuzz(args.seed, args.count, families=families, compile=args.compile,
-                       pipeline=args.pipeline, timeout=args.timeout, out_dir=args.out,
+                       int8=args.int8, pipeline=args.pipeline, timeout=args.timeout,
+                       out_dir=args.out,
                        shrink=args.shrink, shrink_checks=args.shrink_checks, rtol=args.rtol,
                        start=args.start, progress=progress)
     if args.json:  # before the report: a closed stdout must not lose the results

@@ -66,7 +66,39 @@ def merge_for_int8(model: ir.Model) -> dict[str, int]:
     """MatMul + bias Add -> Gemm and decomposed HardSwish -> one op: fewer ops to quantize
     (the counts of each, for the stats)."""
     return {"matmul_add_to_gemm": matmul_add_to_gemm(model),
-            "hardswish_fused": fuse_hardswish(model)}
+            "hardswish_fused": fuse_hardswish(model),
+            "pad_axes_expanded": expand_pad_axes(model)}
+
+
+def expand_pad_axes(model: ir.Model) -> int:
+    """Pad with a constant ``axes`` input (opset 18) -> Pad with pads for every axis.
+
+    Exact. onnxruntime 1.31's layout transformer (level ALL, which its QLinearConv path
+    uses) permutes ``pads`` but not ``axes`` of such a Pad in a QDQ model, and the model
+    then fails at run time ("Gather ... indices element out of data bounds"; found by
+    the int8 fuzzer on Conv > Pad(axes) > Conv)."""
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Pad" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 4:
+            continue
+        x, pads_value, axes_value = node.inputs[0], node.inputs[1], node.inputs[3]
+        if axes_value is None or x is None or x.shape is None:
+            continue
+        pads, axes = constant_array(pads_value), constant_array(axes_value)
+        if pads is None or axes is None:
+            continue
+        rank = len(x.shape)
+        axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+        pads = np.asarray(pads).reshape(-1)
+        full = np.zeros(2 * rank, dtype=np.int64)
+        for k, axis in enumerate(axes):
+            full[axis], full[rank + axis] = pads[k], pads[len(axes) + k]
+        node.replace_input_with(1, add_const(model.graph, f"{node.name or 'pad'}_pads", full))
+        node.resize_inputs(3 if node.inputs[2] is not None else 2)
+        count += 1
+    if count:
+        remove_unused(model)
+    return count
 
 
 def fold_batchnorm(model: ir.Model) -> int:
