@@ -116,6 +116,7 @@ def optimize(
     check_writes([("output", output), ("report", report_path)], reads)
     working = load_model(original, check=False)
     context, shapes, shape_problem = _pass_context(original, input_shapes, calibration, threads)
+    context.force = force
     verify_source = _verify_source(original, shapes, shape_problem, verify_data,
                                    context.calibration) if verify else None
 

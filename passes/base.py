@@ -39,6 +39,9 @@ class PassContext:
     seed: int = 0
     # Largest number of calibration batches a data-driven pass should read.
     max_calibration_batches: int = 64
+    # --force: a pass that cannot meet its own budget writes its closest result and
+    # says so (a warning and its stats) instead of refusing (quantize mode=mixed).
+    force: bool = False
 
     def calibration_batches(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Stream calibration batches (name -> array); error if none were given."""

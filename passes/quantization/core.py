@@ -127,6 +127,8 @@ class QuantizeOptions:
     # mode=int4: Conv weights as 4-bit codes in the file, run by int8 kernels (int4.py).
     convs: Literal["int8", "int4"] = "int8"
     # mode=mixed
+    # lowest weight precision offered per layer: 8 (int8 / fp16 / fp32) or 4 (also 4-bit)
+    bits: Literal[8, 4] = 8
     max_error: float = option(0.01, ge=0.0)
     max_accuracy_drop: float = -1.0
     max_size_ratio: float = -1.0

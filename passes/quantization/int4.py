@@ -115,14 +115,13 @@ def quantize_int4(model: ir.Model, opts: Any, context: Any, stats: dict[str, Any
                                        act_order=opts.act_order,
                                        limit=opts.calib_batches or None)
         stats.update({f"int4_{k}": v for k, v in report.items()})
-    names = NameAllocator(model.graph)
-    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    weights = {}
     for n in nodes:
-        rows = weight_rows(n, constant_array(n.inputs[1]).astype(np.float64))[0]  # [N, K]
-        grid = grids.get(n.name) or block_grid(rows, opts.block, 4, symmetric=opts.int4_symmetric)
-        codes = rounded[n.name].codes[0] if n.name in rounded else round_nearest(rows, grid)[0]
-        _replace(n, names, codes, grid, _gemm_bias(n), opts)
-    folded = _fold_bias_adds(model, nodes)
+        if n.name in rounded:
+            weights[n.name] = (rounded[n.name].codes[0], grids[n.name])
+        else:
+            weights[n.name] = nearest_block_codes(n, opts)
+    folded = write_matmulnbits(model, weights, opts)
     if opts.embeddings and opts.int4_embeddings:
         stats["int4_embeddings"] = quantize_embeddings_int4(model, opts)
     remove_unused(model)
@@ -131,6 +130,28 @@ def quantize_int4(model: ir.Model, opts: Any, context: Any, stats: dict[str, Any
                        "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]))
     stats.update({"int4_matmuls": len(nodes), "int4_block": opts.block,
                   "int4_bias_adds_folded": folded, "int4_kept_float": skipped})
+
+
+def nearest_block_codes(node: ir.Node, opts: Any) -> tuple[np.ndarray, Grid]:
+    """The 4-bit block codes [N, K] of `node`'s weight rounded to nearest, and their grid."""
+    rows = weight_rows(node, constant_array(node.inputs[1]).astype(np.float64))[0]  # [N, K]
+    grid = block_grid(rows, opts.block, 4, symmetric=opts.int4_symmetric)
+    return round_nearest(rows, grid)[0], grid
+
+
+def write_matmulnbits(model: ir.Model, weights: dict[str, tuple[np.ndarray, Grid]],
+                      opts: Any) -> int:
+    """The named MatMul/Gemm nodes become MatMulNBits with the given codes [N, K] and block
+    grid (`int4_ineligible` must be None for each); a bias Add after them is folded in.
+    Returns the number of bias Adds folded."""
+    names = NameAllocator(model.graph)
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    for n in [n for n in model.graph if n.name in weights]:
+        codes, grid = weights[n.name]
+        _replace(n, names, codes, grid, _gemm_bias(n), opts)
+    folded = _fold_bias_adds(model)
+    remove_unused(model)
+    return folded
 
 
 def _alpha(node: ir.Node) -> float:
@@ -178,7 +199,7 @@ def _replace(node: ir.Node, names: NameAllocator, codes: np.ndarray, grid: Grid,
     node.graph.remove(node, safe=True)
 
 
-def _fold_bias_adds(model: ir.Model, nodes: list[ir.Node]) -> int:
+def _fold_bias_adds(model: ir.Model) -> int:
     """MatMulNBits (no bias) whose only reader is Add(y, constant vector of N): the
     constant becomes its bias input and the Add goes."""
     count = 0
@@ -203,12 +224,14 @@ def _fold_bias_adds(model: ir.Model, nodes: list[ir.Node]) -> int:
     return count
 
 
-def quantize_embeddings_int4(model: ir.Model, opts: Any, *, min_size: int = 4096) -> int:
+def quantize_embeddings_int4(model: ir.Model, opts: Any, *, min_size: int = 4096,
+                             keep: set[str] | None = None) -> int:
     """Gather(table, ids) with a constant float32 2-D table (axis 0, at least `min_size`
     elements, rows a multiple of `block` long) ==> com.microsoft GatherBlockQuantized of
     the table in 4-bit blocks along its rows (same blocks, zero points and packing as
-    MatMulNBits; rounded to nearest: a table has no input Hessian). Returns the count."""
-    keep = {t.strip() for t in opts.keep_float.split(",") if t.strip()}
+    MatMulNBits; rounded to nearest: a table has no input Hessian). Gathers named in
+    `keep` or `keep_float` stay. Returns the count."""
+    keep = {t.strip() for t in opts.keep_float.split(",") if t.strip()} | (keep or set())
     names = NameAllocator(model.graph)
     cache: dict[int, list[ir.Value | None]] = {}
     count = 0

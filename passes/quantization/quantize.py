@@ -6,10 +6,12 @@
                 QDQ (rest=int8) or float (rest=float)
   mode=dynamic  int8 weights, activations quantized at run time (dynamic.py)
   mode=fp16     weights and compute in float16 (fp16.py)
-  mode=mixed    per-layer int8 / fp16 / fp32 under an error budget (mixed.py)
+  mode=mixed    per-layer int8 / fp16 / fp32 (bits=4: also 4-bit weights) under an
+                error and size budget (mixed.py, four_bit.py)
 
-`rounding=gptq` (int8, int4) rounds weights with GPTQ (rounding.py, gptq.py) instead of
-to nearest. Every mode adds the weight bytes before and after, and their ratio, to the stats.
+`rounding=gptq` (int8, int4, mixed's 4-bit layers) rounds weights with GPTQ (rounding.py,
+gptq.py) instead of to nearest. Every mode adds the weight bytes before and after, and
+their ratio, to the stats.
 """
 
 from __future__ import annotations
@@ -51,9 +53,12 @@ class QuantizePass(ForgePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts: QuantizeOptions = self.options
-        if opts.rounding != "nearest" and opts.mode not in ("int8", "int4"):
-            raise InputSpecError(f"quantize: rounding={opts.rounding} applies to mode=int8 and "
-                                 f"mode=int4, not mode={opts.mode}")
+        if opts.rounding != "nearest" and opts.mode not in ("int8", "int4", "mixed"):
+            raise InputSpecError(f"quantize: rounding={opts.rounding} applies to mode=int8, "
+                                 f"int4 and mixed (its 4-bit layers), not mode={opts.mode}")
+        if opts.bits != 8 and opts.mode != "mixed":
+            raise InputSpecError(f"quantize: bits={opts.bits} chooses the lowest precision of "
+                                 f"mode=mixed; mode={opts.mode} fixes its own")
         if opts.convs == "int4" and (opts.mode != "int4" or opts.rest != "int8"):
             raise InputSpecError("quantize: convs=int4 needs mode=int4 with rest=int8 (the 4-bit "
                                  "conv codes run in int8 QLinearConv)")

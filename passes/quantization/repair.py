@@ -245,6 +245,20 @@ def _weight_rows_absmax(node: ir.Node, w: np.ndarray) -> np.ndarray:
     return np.abs(w).max(1)
 
 
+def smooth_as_configured(model: ir.Model, opts: Any, context: Any,
+                         stats: dict[str, Any]) -> None:
+    """SmoothQuant as the quantize options say (`smooth`; -1: alpha 0.5 when a
+    LayerNormalization feeds MatMul/Gemm layers, else off), in place; what it did goes
+    into `stats` (smooth_alpha, smoothed)."""
+    alpha = opts.smooth
+    if alpha < 0:
+        alpha = 0.5 if any(g[2] for g in smoothable_groups(model, insert=False)) else 0.0
+    if alpha > 0:
+        stats["smooth_alpha"] = alpha
+        stats["smoothed"] = smooth_model(model, context, alpha, limit=opts.calib_batches or None,
+                                         insert=opts.smooth_insert)
+
+
 def smooth_model(model: ir.Model, context: Any, alpha: float, *, limit: int | None = None,
                  insert: bool = True) -> int:
     """SmoothQuant migration in place (one calibration pass); returns activations smoothed."""

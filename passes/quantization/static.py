@@ -52,14 +52,7 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
     stats.update(fold_into_weights(model))
     if opts.equalize:
         stats["equalized_pairs"] = repair.equalize_model(model)
-    alpha = opts.smooth
-    if alpha < 0:
-        alpha = 0.5 if any(g[2] for g in repair.smoothable_groups(model, insert=False)) else 0.0
-    if alpha > 0:
-        stats["smooth_alpha"] = alpha
-        stats["smoothed"] = repair.smooth_model(model, context, alpha,
-                                                limit=opts.calib_batches or None,
-                                                insert=opts.smooth_insert)
+    repair.smooth_as_configured(model, opts, context, stats)
     stats.update(merge_for_int8(model))
     plan = make_plan(model, opts, only)
     if calibration is None:
