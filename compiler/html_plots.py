@@ -18,7 +18,7 @@ PLOT_HINT = ("Plots need matplotlib, which is not installed: pip install 'onnxfo
 # one palette for every figure: before / after / error
 COLORS = {"params": "#4C72B0", "macs": "#DD8452", "weights": "#55A868", "error": "#C44E52",
           "before": "#B0B0B0", "after": "#4C72B0", "latency": "#8172B3"}
-BIT_COLORS = {8: "#4C72B0", 16: "#DD8452", 32: "#8C8C8C"}
+BIT_COLORS = {4: "#55A868", 8: "#4C72B0", 16: "#DD8452", 32: "#8C8C8C"}
 
 
 class Plotter:

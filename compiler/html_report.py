@@ -315,10 +315,16 @@ def _mixed_plots(stats: dict[str, Any], plotter: Plotter) -> list[str]:
             legend={f"{b} bit": BIT_COLORS.get(b, "#333") for b in used}))
     curve = stats.get("budget_curve")
     if isinstance(curve, list) and curve and "rel_l2" in curve[0]:
-        out.append(plotter.curve([p["int8_layers"] for p in curve],
-                                 [p["rel_l2"] for p in curve], "layers in int8 (least "
-                                 "sensitive first)", "output rel L2", "mixed-precision budget "
-                                 "curve", chosen=stats.get("layers_int8")))
+        if any(p.get("int4_layers") for p in curve):  # bits=4: int8 <- float, then 4 <- int8
+            out.append(plotter.curve([p["step"] for p in curve], [p["rel_l2"] for p in curve],
+                                     "curve step (layers to int8, then to 4 bits)",
+                                     "output rel L2", "mixed-precision budget curve",
+                                     chosen=stats.get("chosen_step")))
+        else:
+            out.append(plotter.curve([p["int8_layers"] for p in curve],
+                                     [p["rel_l2"] for p in curve], "layers in int8 (least "
+                                     "sensitive first)", "output rel L2", "mixed-precision "
+                                     "budget curve", chosen=stats.get("layers_int8")))
     return out
 
 

@@ -221,6 +221,7 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
            for name, bits in (("int4", 4), ("int8", 8), ("fp16", 16), ("fp32", 32))},
         "sensitivity": {n: {k: round(v, 6) for k, v in sensitivity[n].items()} for n in order},
         "budget_curve": curve.points,
+        "chosen_step": chosen["step"],
         "final_error": {k: round(v, 6) for k, v in final.items()},
         "budget": {"max_error": opts.max_error, "max_accuracy_drop": opts.max_accuracy_drop,
                    "max_size_ratio": opts.max_size_ratio, "metric": opts.metric is not None,
