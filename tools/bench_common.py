@@ -229,11 +229,12 @@ def top1_and_cosine(ref, cand, eps: float = 0.0) -> tuple[float, float]:
 # ---------------------------------------------------------------- rendered text
 
 
-def ppocr_rec_task() -> Task | None:
+def ppocr_rec_task(eval_lines: int = 64) -> Task | None:
+    """PP-OCRv4 rec: 32 rendered lines calibrate, `eval_lines` disjoint ones evaluate."""
     path = ZOO / "ppocr_rec.onnx"
     if not path.exists():
         return None
-    lines = recognizer_lines(path)
+    lines = recognizer_lines(path, evaluate=eval_lines)
     return Task("ppocr_rec", path, lines.calib, lines.evaluate, lines.metric, notes=lines.notes)
 
 

@@ -14,6 +14,15 @@ quality on held-out data, never the calibration data:
              (default minmax calibration: on these lines calibration=mse gives int8
              2.2 % CER against minmax's 0.74 %)
 
+  resnet18   torchvision, random weights; cosine to fp32 on held-out image crops
+
+`mixed 5x` / `6x` / `7x` are `quantize(mixed,bits=4)` (mixed.py: 4, 8 or float bits per
+layer by measured sensitivity) with the size as the only budget (`max_error=0`,
+`max_size_ratio` 0.195 / 0.16 / 0.137 of the fp32 weight bytes, i.e. about 5x / 6x / 7x
+smaller files; the file ratio is what the table shows) and GPTQ for the 4-bit layers; a
+target the model cannot reach is shown as such. PP-OCR rec is evaluated on
+`--ocr-lines` (256) held-out lines.
+
 `gptq/rtn` is the median over layers of GPTQ's relative output error divided by
 round-to-nearest's, both measured on held-out calibration batches (pass stats).
 
@@ -36,13 +45,19 @@ from bench_common import (
     print_table,
     run_batches,
     side_by_side_ms,
+    vision_task,
 )
 from bench_quantization import ours_quantize
 from onnxforge.backends.ort import OrtArtifact
+from onnxforge.errors import BudgetExceededError
 from onnxforge.ir import load_model, model_bytes
 
-TASKS = {"digits": digits_task, "minilm": minilm_task, "ppocr_rec": ppocr_rec_task}
+TASKS = {"digits": digits_task, "minilm": minilm_task, "ppocr_rec": ppocr_rec_task,
+         "resnet18": lambda: vision_task("resnet18")}
 EXTRA: dict[str, str] = {}  # per-model extra options (none: every model at the defaults)
+# per-model extra options of the mode=mixed variants: PP-OCR rec's cheap convs (kept float
+# by mode=int8 for speed) would otherwise cap its size at ~4.7x
+EXTRA_MIXED: dict[str, str] = {"ppocr_rec": "keep_cheap_convs_float=false"}
 VARIANTS = {
     "int8": "int8",
     "int8 gptq": "int8,rounding=gptq",
@@ -53,8 +68,12 @@ VARIANTS = {
     "int4 b32 gptq convs4": "int4,block=32,rounding=gptq,convs=int4",
     "int4 b128 gptq convs4": "int4,block=128,rounding=gptq,convs=int4",
     "int4 b32 gptq rest-float": "int4,block=32,rounding=gptq,rest=float",
+    "mixed 5x": "mixed,bits=4,max_error=0,max_size_ratio=0.195,block=32,rounding=gptq",
+    "mixed 6x": "mixed,bits=4,max_error=0,max_size_ratio=0.16,block=32,rounding=gptq",
+    "mixed 6x b128": "mixed,bits=4,max_error=0,max_size_ratio=0.16,block=128,rounding=gptq",
+    "mixed 7x b128": "mixed,bits=4,max_error=0,max_size_ratio=0.137,block=128,rounding=gptq",
 }
-DEFAULT = list(VARIANTS)
+DEFAULT = [v for v in VARIANTS if not v.startswith("mixed")]
 
 
 def _gptq_ratio(stats: dict) -> str:
@@ -67,10 +86,16 @@ def _gptq_ratio(stats: dict) -> str:
 def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dict]:
     fp32 = load_model(task.model_path)
     models = {"fp32": (fp32, 0.0, {})}
+    refused = {}
     for label in variants:
-        opts = ",".join(o for o in (VARIANTS[label], EXTRA.get(task.name, "")) if o)
+        extra = EXTRA_MIXED.get(task.name, "") if label.startswith("mixed") else ""
+        opts = ",".join(o for o in (VARIANTS[label], EXTRA.get(task.name, ""), extra) if o)
         print(f"{task.name}: quantize({opts})", file=sys.stderr)
-        models[label] = ours_quantize(task.model_path, task.calib, f"quantize({opts})")
+        try:
+            models[label] = ours_quantize(task.model_path, task.calib, f"quantize({opts})")
+        except BudgetExceededError as exc:  # a size target the model cannot reach
+            print(f"{task.name} {label}: {exc}", file=sys.stderr)
+            refused[label] = str(exc)
     arts = {k: OrtArtifact(m, threads=threads) for k, (m, _, _) in models.items()}
     ref = run_batches(arts["fp32"], task.evaluate)
     medians = dict(zip(arts, side_by_side_ms(list(arts.values()), task.evaluate[0], warmup=3,
@@ -83,21 +108,32 @@ def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dic
                      "size_ratio": base_bytes / len(model_bytes(m)),
                      "latency_ratio": medians[k] / medians["fp32"], "ms": medians[k],
                      "quantize_s": secs, "gptq_over_rtn": _gptq_ratio(stats),
-                     "int4_matmuls": stats.get("int4_matmuls", 0)})
+                     "int4_matmuls": stats.get("int4_matmuls", 0), "bits": _bits(stats)})
+    rows += [{"model": task.name, "variant": k, "size_ratio": float("nan"),
+              "latency_ratio": float("nan"), "ms": float("nan"), "quantize_s": 0.0,
+              "gptq_over_rtn": "", "int4_matmuls": 0, "bits": "not reached"}
+             for k in refused]
     return rows
+
+
+def _bits(stats: dict) -> str:
+    """Layers at 4 / 8 / 16 / 32 bits chosen by mode=mixed."""
+    if "bits_per_layer" not in stats:
+        return ""
+    return "/".join(str(stats.get(f"layers_{k}", 0)) for k in ("int4", "int8", "fp16", "fp32"))
 
 
 def show(rows: list[dict]) -> None:
     skip = {"model", "variant", "size_ratio", "latency_ratio", "ms", "quantize_s",
-            "gptq_over_rtn", "int4_matmuls"}
+            "gptq_over_rtn", "int4_matmuls", "bits"}
     metric_keys = []
     for r in rows:
         metric_keys += [k for k in r if k not in skip and k not in metric_keys]
     columns = ["model", "variant", *metric_keys, "size ÷", "ms", "x fp32", "quant s",
-               "gptq/rtn (int4 / int8)", "int4 MatMuls"]
+               "gptq/rtn (int4 / int8)", "int4 MatMuls", "mixed 4/8/16/32 layers"]
     cells = [(r["model"], r["variant"], *[f"{r[k]:.4f}" if k in r else "" for k in metric_keys],
               f"{r['size_ratio']:.2f}", f"{r['ms']:.3f}", f"{r['latency_ratio']:.2f}",
-              f"{r['quantize_s']:.1f}", r["gptq_over_rtn"], str(r["int4_matmuls"]))
+              f"{r['quantize_s']:.1f}", r["gptq_over_rtn"], str(r["int4_matmuls"]), r["bits"])
              for r in rows]
     print_table("rounding (nearest / GPTQ) and int4 MatMul weights, onnxruntime", columns, cells)
 
@@ -110,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated, from: {'; '.join(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--ocr-lines", type=int, default=256,
+                    help="held-out PP-OCR rec lines (calibration: 32 other lines)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -119,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     rows = []
     for name in args.models.split(","):
-        task = TASKS[name]()
+        task = ppocr_rec_task(args.ocr_lines) if name == "ppocr_rec" else TASKS[name]()
         if task is None:
             print(f"{name}: model absent (run tools/build_zoo.py)", file=sys.stderr)
             continue
