@@ -108,10 +108,12 @@ def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dic
                      "size_ratio": base_bytes / len(model_bytes(m)),
                      "latency_ratio": medians[k] / medians["fp32"], "ms": medians[k],
                      "quantize_s": secs, "gptq_over_rtn": _gptq_ratio(stats),
-                     "int4_matmuls": stats.get("int4_matmuls", 0), "bits": _bits(stats)})
+                     "int4_matmuls": stats.get("int4_matmuls", 0), "bits": _bits(stats),
+                     "weight_ratio": stats.get("size_ratio") or 1.0})
     rows += [{"model": task.name, "variant": k, "size_ratio": float("nan"),
               "latency_ratio": float("nan"), "ms": float("nan"), "quantize_s": 0.0,
-              "gptq_over_rtn": "", "int4_matmuls": 0, "bits": "not reached"}
+              "gptq_over_rtn": "", "int4_matmuls": 0, "bits": "not reached",
+              "weight_ratio": float("nan")}
              for k in refused]
     return rows
 
@@ -125,14 +127,16 @@ def _bits(stats: dict) -> str:
 
 def show(rows: list[dict]) -> None:
     skip = {"model", "variant", "size_ratio", "latency_ratio", "ms", "quantize_s",
-            "gptq_over_rtn", "int4_matmuls", "bits"}
+            "gptq_over_rtn", "int4_matmuls", "bits", "weight_ratio"}
     metric_keys = []
     for r in rows:
         metric_keys += [k for k in r if k not in skip and k not in metric_keys]
-    columns = ["model", "variant", *metric_keys, "size ÷", "ms", "x fp32", "quant s",
+    columns = ["model", "variant", *metric_keys, "size ÷", "weights ÷", "ms", "x fp32",
+               "quant s",
                "gptq/rtn (int4 / int8)", "int4 MatMuls", "mixed 4/8/16/32 layers"]
     cells = [(r["model"], r["variant"], *[f"{r[k]:.4f}" if k in r else "" for k in metric_keys],
-              f"{r['size_ratio']:.2f}", f"{r['ms']:.3f}", f"{r['latency_ratio']:.2f}",
+              f"{r['size_ratio']:.2f}", f"{r.get('weight_ratio', float('nan')):.2f}",
+              f"{r['ms']:.3f}", f"{r['latency_ratio']:.2f}",
               f"{r['quantize_s']:.1f}", r["gptq_over_rtn"], str(r["int4_matmuls"]), r["bits"])
              for r in rows]
     print_table("rounding (nearest / GPTQ) and int4 MatMul weights, onnxruntime", columns, cells)
