@@ -154,6 +154,17 @@ def test_resume_from_cache(files, tmp_path):
     assert len(second.report["candidates"]) > measured  # and the search went on
 
 
+def test_time_budget_returns_the_best_so_far(files, tmp_path):
+    out = tmp_path / "out.onnx"
+    # spent before the proxies: the input model is all that was measured, and it meets
+    # this size budget, so it is returned (written) rather than nothing
+    result = run(files, tmp_path, output=out, size_mb=1.0, time_budget=1e-3)
+    assert result.met and out.exists()
+    assert "time budget" in result.report["search"]["stopped"]
+    assert [c.get("origin") for c in result.report["candidates"]] == [True]
+    assert all(row["choice"] in ("keep", "full", "fp32") for row in result.report["policy"])
+
+
 def test_same_seed_same_search(files, tmp_path):
     a = run(files, tmp_path, speedup=1.3, seed=3)
     b = run(files, tmp_path, speedup=1.3, seed=3)

@@ -396,23 +396,49 @@ class _Job:
                  for r in self.records.values() if "failed" not in r and not r.get("origin")]
         self.correction = Correction.fit(pairs, self.base["size_bytes"])
 
-    def _picks(self, front: list[tuple[Policy, tuple[float, float]]], limit: float,
-               per_round: int = 3) -> list[Policy]:
-        """What to build next: the predicted-feasible front points with the least error
-        (once a candidate meets the budget: only those predicted to have less error than
-        it, with 50 % slack for the proxies' error), and the infeasible one nearest the
-        budget (to learn the boundary)."""
+    def _picks(self, front: list[tuple[Policy, tuple[float, float]]], limit: float
+               ) -> list[Policy]:
+        """What to build next, from the proxy front's points not measured yet:
+        1. predicted within the budget, least error first (once a candidate meets
+           everything: only those predicted to have less error than it, with 50 % slack
+           for the proxies' error);
+        2. predicted within the quality limit (`_error_limit`), least resource first:
+           the best achievable when the budget is out of reach;
+        3. the point just past the budget (to learn where the boundary really is).
+        One of each per round, the first two lists filling in for each other."""
         fresh = [(p, o) for p, o in front if policy_key(p) not in self.records]
         best = self.best()
         bound = float("inf") if best is None else 1.5 * (best.get("calib_error") or 0.0)
-        feasible = sorted((x for x in fresh if x[1][0] <= limit and x[1][1] <= bound),
-                          key=lambda x: x[1][1])
+        within = sorted((x for x in fresh if x[1][0] <= limit and x[1][1] <= bound),
+                        key=lambda x: x[1][1])
+        error_limit = self._error_limit()
+        quality = sorted((x for x in fresh if x[1][1] <= error_limit), key=lambda x: x[1][0])
         over = sorted((x for x in fresh if x[1][0] > limit), key=lambda x: x[1][0])
-        picks = [p for p, _ in feasible[:per_round - 1]] + [p for p, _ in over[:1]]
-        if len(picks) < per_round:
-            picks += [p for p, _ in feasible[per_round - 1:per_round - 1 + per_round
-                                             - len(picks)]]
+        picks: list[Policy] = []
+        for ranked in (within, quality, over[:1], within, quality):
+            for policy, _ in ranked:
+                if policy not in picks:
+                    picks.append(policy)
+                    break
+            if len(picks) == 3:
+                break
         return picks
+
+    def _error_limit(self) -> float:
+        """The quality limit in the proxies' unit (output rel L2 on calibration data):
+        `max_error` when given; for an accuracy/metric limit, between the largest
+        calibration error of a measured candidate within it and the smallest of one past
+        it (unlimited until one past it has been measured)."""
+        if self.budget.max_error is not None:
+            return self.budget.max_error
+        if self.budget.max_accuracy_drop is None:
+            return float("inf")
+        rows = [r for r in self.measured() if r.get("calib_error") is not None]
+        bad = min((r["calib_error"] for r in rows if self.budget.quality_problems(r)),
+                  default=float("inf"))
+        good = max((r["calib_error"] for r in rows if not self.budget.quality_problems(r)
+                    and r["calib_error"] < bad), default=0.0)
+        return bad if bad == float("inf") else (good + bad) / 2
 
     # ------------------------------------------------------------------ choosing
 
@@ -490,7 +516,8 @@ class _Job:
         report = self._report(source, output, chosen, final, closest, notes, met, warnings)
         if not met and not force:
             point = closest or best
-            where = (f"closest point: {_short(point)} "
+            where = (f"closest point (within the quality limits, the least "
+                     f"{self.budget.quantity.replace('_', ' ')}): {_short(point)} "
                      f"({point.get('pipeline') or 'the input model'})"
                      if point else "no candidate was measured")
             raise BudgetExceededError(OptionText.of(
@@ -543,7 +570,7 @@ class _Job:
                        "text": self.budget.describe()},
             "quality_axis": quality_axis,
             "verify_data": getattr(self.verify, "description", "?"),
-            "notes": notes + [n for n in [self.stats["stopped"]] if n],
+            "notes": notes + [f"search stopped: {n}" for n in [self.stats["stopped"]] if n],
             "warnings": warnings,
             "seed": self.seed,
             "cache_key": self.cache.key,
