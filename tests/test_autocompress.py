@@ -65,14 +65,16 @@ def files(tmp_path):
 
 class FakeLatency:
     """Latency from the model, not a clock: MACs (int8 layers count 40 %) plus 1 us per node,
-    so the search's decisions are reproducible. Counts the models it timed."""
+    so the search's decisions are reproducible. Counts the models it timed (`timed`) and
+    those besides the first of each call, the input model (`others`)."""
 
     name = "fake"
 
     def __init__(self):
-        self.timed = 0
+        self.timed = self.others = 0
 
     def time(self, models, inputs):
+        self.others += len(models) - 1
         out = []
         for m in models:
             self.timed += 1
@@ -163,6 +165,25 @@ def test_time_budget_returns_the_best_so_far(files, tmp_path):
     assert "time budget" in result.report["search"]["stopped"]
     assert [c.get("origin") for c in result.report["candidates"]] == [True]
     assert all(row["choice"] in ("keep", "full", "fp32") for row in result.report["policy"])
+
+
+def test_techniques_restrict_the_search_and_share_the_cache(files, tmp_path):
+    cache = tmp_path / "cache"
+    prune_only = run(files, tmp_path, speedup=1.3, kinds=("prune",), cache_dir=cache,
+                     max_candidates=3)
+    knobs = prune_only.report["space"]["knobs"]
+    for c in prune_only.report["candidates"]:
+        assert all(not v or k["kind"] == "prune" for k, v in zip(knobs, c["policy"]))
+    shared = FakeLatency()
+    joint = run(files, tmp_path, speedup=1.3, cache_dir=cache, max_candidates=1,
+                latency_backend=shared)
+    # the prune candidates are reused, the prune proxies are not timed again
+    assert joint.report["search"]["resumed"] == len(prune_only.report["candidates"]) - 1
+    prune_entries = sum(len(k["choices"]) - 1 for k in knobs if k["kind"] == "prune")
+    assert prune_entries >= 2
+    full = FakeLatency()
+    run(files, tmp_path, speedup=1.3, max_candidates=1, latency_backend=full)
+    assert shared.others == full.others - prune_entries
 
 
 def test_same_seed_same_search(files, tmp_path):

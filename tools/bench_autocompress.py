@@ -9,6 +9,11 @@ the four measured fronts.
 
     python tools/bench_autocompress.py --model digits --batch 8 --out /tmp/ac_bench \\
         --plot docs/autocompress_digits_b8_baselines.png
+    python tools/bench_autocompress.py --model resnet18 --batch 1 --max-error 0.05 \\
+        --joint-time-budget 1500 --time-budget 300 --out /tmp/ac_r18 --plot r18.png
+
+The runs share one cache: the joint run (first) measures every proxy table, the others
+reuse them and every cached candidate that changes only their own technique's knobs.
 
 Every speedup is a ratio to the input model timed in the same interleaved rounds of the
 same run; the four runs follow each other (the machine's load may differ between them).
@@ -20,31 +25,52 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 from onnxforge import api
 from onnxforge.autocompress import autocompress
 from onnxforge.autocompress.search import pareto_indices
 from rich.console import Console
 from rich.table import Table
 
+ZOO = Path(__file__).resolve().parents[1] / ".zoo"
 RUNS = {"joint": ("prune", "rank", "bits"), "prune only": ("prune",),
         "int8 only": ("bits",), "lowrank only": ("rank",)}
 
 
-def model_args(name: str, batch: int) -> dict:
-    if name != "digits":
-        raise SystemExit(f"unknown model {name!r}: digits")
-    return {"model": api.EXAMPLE_MODEL, "calibration": str(api.EXAMPLE_CALIBRATION),
-            "verify_data": str(api.EXAMPLE_TEST_DATA),
-            "input_shapes": {"input": (batch, 1, 8, 8)}}
+def model_args(name: str, batch: int, out: Path) -> dict:
+    """digits: the shipped model, calibration and labelled test set. A zoo model (random
+    weights, no labels): 16 random-normal calibration inputs and 8 others (another seed)
+    to verify on, written under `out`."""
+    if name == "digits":
+        return {"model": api.EXAMPLE_MODEL, "calibration": str(api.EXAMPLE_CALIBRATION),
+                "verify_data": str(api.EXAMPLE_TEST_DATA),
+                "input_shapes": {"input": (batch, 1, 8, 8)}}
+    path = ZOO / f"{name}.onnx"
+    if not path.exists():
+        raise SystemExit(f"{path} not found: run tools/build_zoo.py")
+    shape = (batch, 3, 224, 224)
+    out.mkdir(parents=True, exist_ok=True)
+    for file, seed, count in (("calib.npz", 1, 16), ("verify.npz", 2, 8)):
+        x = np.random.default_rng(seed).standard_normal((count * batch, *shape[1:]))
+        np.savez(out / file, input=x.astype(np.float32))
+    return {"model": path, "calibration": out / "calib.npz", "verify_data": out / "verify.npz",
+            "input_shapes": {"input": shape}}
+
+
+def quality_key(report: dict) -> tuple[str, float]:
+    """(candidate field, scale) the quality axis uses: accuracy drop in pt, or rel L2."""
+    return ("accuracy_drop", 100.0) if report["quality_axis"] == "accuracy_drop" \
+        else ("rel_l2", 1.0)
 
 
 def front(report: dict) -> list[tuple[float, float]]:
+    key, scale = quality_key(report)
     rows = [c for c in report["candidates"] if "failed" not in c]
-    points = [(c["latency_ratio"], 100 * c["accuracy_drop"]) for c in rows]
+    points = [(c["latency_ratio"], scale * c[key]) for c in rows]
     return sorted(points[i] for i in pareto_indices(points))
 
 
-def plot(results: dict[str, dict], path: Path, limit_pt: float, title: str) -> None:
+def plot(results: dict[str, dict], path: Path, limit: float, title: str) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.6, 4.4), layout="constrained")
@@ -52,10 +78,12 @@ def plot(results: dict[str, dict], path: Path, limit_pt: float, title: str) -> N
     for (name, report), marker in zip(results.items(), "o^sD"):
         pts = front(report)
         ax.plot([1 / x for x, _ in pts], [y for _, y in pts], marker=marker, label=name)
-    ax.axhline(limit_pt, ls="--", color="grey", label=f"{limit_pt:g} pt limit")
+    labelled = quality_key(next(iter(results.values())))[0] == "accuracy_drop"
+    ax.axhline(limit, ls="--", color="grey", label=f"limit {limit:g}")
     ax.set_xlabel("speedup over the input model (ORT, measured side by side)")
-    ax.set_ylabel("accuracy drop (pt, digits test set)")
-    ax.set_yscale("symlog", linthresh=0.5)
+    ax.set_ylabel("accuracy drop (pt, test set)" if labelled else
+                  "output rel L2 error (held-out inputs)")
+    ax.set_yscale("symlog", linthresh=0.5 if labelled else 0.01)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -67,7 +95,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="digits")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-accuracy-drop", type=float, default=0.005)
+    ap.add_argument("--max-accuracy-drop", type=float, default=0.005,
+                    help="quality limit on labelled data (digits)")
+    ap.add_argument("--max-error", type=float, default=0.05,
+                    help="quality limit without labels (zoo models): output rel L2")
+    ap.add_argument("--joint-time-budget", type=float, default=None,
+                    help="seconds for the joint run (default --time-budget); it runs first "
+                    "and measures the proxies the others reuse from the shared cache")
     ap.add_argument("--max-candidates", type=int, default=25)
     ap.add_argument("--time-budget", type=float, default=240)
     ap.add_argument("--threads", type=int, default=1)
@@ -77,32 +111,39 @@ def main() -> None:
     args = ap.parse_args()
     console = Console(stderr=True)
     results = {}
+    labelled = args.model == "digits"
+    quality = ({"max_accuracy_drop": args.max_accuracy_drop} if labelled
+               else {"max_error": args.max_error})
+    limit = args.max_accuracy_drop * 100 if labelled else args.max_error
+    data = model_args(args.model, args.batch, args.out)
     for name, kinds in RUNS.items():
         console.print(f"[bold]{name}[/] ({','.join(kinds)})")
         folder = args.out / name.replace(" ", "_")
+        budget = args.joint_time_budget if name == "joint" and args.joint_time_budget \
+            else args.time_budget
         result = autocompress(
-            **model_args(args.model, args.batch), output=None, speedup=100.0,
-            max_accuracy_drop=args.max_accuracy_drop, kinds=kinds, threads=args.threads,
-            max_candidates=args.max_candidates, time_budget=args.time_budget,
+            **data, output=None, speedup=100.0, **quality, kinds=kinds,
+            threads=args.threads, max_candidates=args.max_candidates, time_budget=budget,
             seed=args.seed, force=True, cache_dir=args.out / "cache",
             report_path=folder / "report.json", console=console)
         results[name] = result.report
-    table = Table("search", "candidates", f"best within {args.max_accuracy_drop * 100:g} pt:"
-                  " speedup", "accuracy drop", "rel L2", "size", "policy",
+    table = Table("search", "candidates", f"fastest within the limit ({limit:g}): speedup",
+                  "accuracy drop", "rel L2", "size", "policy",
                   title=f"{args.model} batch {args.batch}, ORT {args.threads} thread(s)")
     for name, report in results.items():
         final = report["final"]
         changed = [f"{r['kind']} {r['layer']} {r['choice']}" for r in report["policy"] or []
                    if r["choice"] not in ("keep", "full", "fp32")]
-        table.add_row(name, str(len(report["candidates"])), f"{final['speedup']:.2f}x",
-                      f"{final['accuracy_drop'] * 100:.2f} pt", f"{final['rel_l2']:.3f}",
+        drop = final["accuracy_drop"]
+        table.add_row(name, str(len(report["candidates"]) - 1), f"{final['speedup']:.2f}x",
+                      "-" if drop is None else f"{drop * 100:.2f} pt", f"{final['rel_l2']:.3f}",
                       f"{final['size_bytes'] / 1e6:.3f} MB", "; ".join(changed) or "-")
     Console().print(table)
     (args.out / "summary.json").write_text(json.dumps(
         {n: {"final": r["final"], "policy": r["policy"], "front": front(r)}
          for n, r in results.items()}, indent=1))
     if args.plot:
-        plot(results, args.plot, args.max_accuracy_drop * 100,
+        plot(results, args.plot, limit,
              f"{args.model} (batch {args.batch}): joint vs single-technique fronts")
         console.print(f"wrote {args.plot}")
 

@@ -154,14 +154,18 @@ class Correction:
                 "size": round(self.size, 4)}
 
 
-def _jobs(space: Space, tables: ProxyTables) -> list[tuple[str, str, Policy]]:
-    """(knob id, choice | "all" | "loo", policy) of every table entry still to measure."""
-    bits = [i for i, k in enumerate(space.knobs) if k.kind == "bits"]
+def _jobs(space: Space, tables: ProxyTables, kinds: tuple[str, ...]
+          ) -> list[tuple[str, str, Policy]]:
+    """(knob id, choice | "all" | "loo", policy) of every table entry of the knobs of
+    `kinds` still to measure."""
+    bits = [i for i, k in enumerate(space.knobs) if k.kind == "bits" and "bits" in kinds]
     all_int8 = tuple(1 if i in bits else 0 for i in range(len(space.knobs)))
     jobs: list[tuple[str, str, Policy]] = []
     for i, knob in enumerate(space.knobs):
         kid = knob_id(space, i)
         tables.single.setdefault(kid, {})
+        if knob.kind not in kinds:
+            continue
         for c in range(1, len(knob.choices)):
             if str(c) not in tables.single[kid] and f"{kid}={c}" not in tables.failed:
                 jobs.append((kid, str(c), space.single(i, c)))
@@ -184,7 +188,8 @@ def measure_tables(space: Space, tables: ProxyTables,
                    resources: Callable[[ir.Model], dict[str, float]],
                    time_ratios: Callable[[list[ir.Model]], list[float]],
                    on_step: Callable[[str], None] = lambda text: None,
-                   chunk: int = 6) -> bool:
+                   chunk: int = 6, kinds: tuple[str, ...] = ("prune", "rank", "bits")
+                   ) -> bool:
     """Build and measure every single-choice model and the int8 leave-one-out models
     into `tables`, skipping what it holds already (a resumed run). `time_ratios(models)`
     times them interleaved with the input model and returns each one's latency ratio to
@@ -205,7 +210,7 @@ def measure_tables(space: Space, tables: ProxyTables,
                 tables.single[kid][choice] = {**row, "latency_ratio": ratio}
         pending.clear()
 
-    jobs = _jobs(space, tables)
+    jobs = _jobs(space, tables, kinds)
     try:
         for kid, choice, policy in jobs:
             on_step(f"proxies: {kid or 'all int8'} "

@@ -201,7 +201,7 @@ def autocompress(
     context = PassContext(calibration=calib, input_shapes=shapes, threads=threads, seed=seed)
     inputs = calib.first()
     key = cache_key(model_bytes(original), calibration, verify_data,
-                    {"kinds": kinds, "backend": lat.name, "threads": threads,
+                    {"backend": lat.name, "threads": threads,
                      "shapes": shapes, "calib_batches": calib_batches, "guard": guard,
                      "metric": getattr(metric, "__qualname__", None)})
     cache = Cache(cache_dir, key)
@@ -296,14 +296,20 @@ class _Job:
     # ------------------------------------------------------------------ phases
 
     def run(self, kinds, clock: _Clock, display: _Display, max_candidates: int) -> None:
+        """`kinds` restricts the search, not the space: every knob is discovered and the
+        cache (proxies, candidates) is shared between runs with different `kinds`; a run
+        measures the proxies of its own kinds and uses the cached candidates that change
+        only knobs of its kinds."""
+        self.kinds = kinds
         display.update(phase="measuring the input model")
         self.origin = self._origin_record()
         display.update(phase="finding the decision space")
-        self.space = discover(self.original, self.context, kinds)
+        self.space = discover(self.original, self.context)
         self.records[policy_key(self.space.origin)] = {**self.origin,
                                                         "policy": list(self.space.origin)}
         for k, rec in self.cache.candidates.items():
-            if len(rec.get("policy") or []) == len(self.space.knobs):
+            policy = rec.get("policy") or []
+            if len(policy) == len(self.space.knobs) and self._in_kinds(policy):
                 self.records[k] = rec
                 self.stats["resumed"] += 1
         display.update(measured=len(self.records))
@@ -326,26 +332,28 @@ class _Job:
                                        "macs": self.base["macs"]})
         self.tables.base = {"latency_ms": self.base["latency_ms"],
                             "size_bytes": self.base["size_bytes"], "macs": self.base["macs"]}
-        if cached and cached.get("complete") and cached.get("space") == self.space.to_dict():
-            self.stats["proxies_complete"] = True
-        else:
-            def step(text: str) -> None:
-                if clock.left() <= 0:
-                    raise OutOfTime
-                display.update(phase=text)
+        # measure_tables skips every entry the cache holds (a resumed run)
+        def step(text: str) -> None:
+            if clock.left() <= 0:
+                raise OutOfTime
+            display.update(phase=text)
 
-            started = time.monotonic()
-            complete = measure_tables(
-                self.space, self.tables, self.build, self.calib_error,
-                lambda m: resources(m, self.shapes), self.time_ratios, step)
-            self.stats["proxy_seconds"] = round(time.monotonic() - started, 2)
-            self.stats["proxies_complete"] = complete
-            self.cache.save_proxies({"space": self.space.to_dict(), "complete": complete,
-                                     "tables": self.tables.to_dict()})
-            if not complete:
-                return False
-        self.allowed = self.tables.useful_choices(self.space)
+        started = time.monotonic()
+        complete = measure_tables(
+            self.space, self.tables, self.build, self.calib_error,
+            lambda m: resources(m, self.shapes), self.time_ratios, step, kinds=self.kinds)
+        self.stats["proxy_seconds"] = round(time.monotonic() - started, 2)
+        self.stats["proxies_complete"] = complete
+        self.cache.save_proxies({"space": self.space.to_dict(),
+                                 "tables": self.tables.to_dict()})
+        if not complete:
+            return False
+        self.allowed = [choices if knob.kind in self.kinds else [0] for knob, choices
+                        in zip(self.space.knobs, self.tables.useful_choices(self.space))]
         return True
+
+    def _in_kinds(self, policy: Sequence[int]) -> bool:
+        return all(not c or k.kind in self.kinds for k, c in zip(self.space.knobs, policy))
 
     def _objectives(self, policy: Policy) -> tuple[float, float]:
         p = self.correction.apply(predict(self.tables, self.space, policy))
