@@ -120,6 +120,17 @@ def test_speedup_budget_met_with_fake_backend(files, tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in tmp_path.glob("r.*_front.png"))
 
 
+def test_html_report_page(files, tmp_path):
+    page = tmp_path / "ac.html"
+    result = run(files, tmp_path, report_path=page, speedup=1.5, max_candidates=2)
+    text = page.read_text()
+    assert "onnxforge autocompress report" in text and "chosen per-layer policy" in text
+    assert text.count("data:image/png;base64,") == 2
+    # one row per measured candidate in the candidates table (plus the header row)
+    assert text.split("measured candidates")[1].count("<tr>") == \
+        len(result.report["candidates"]) + 1
+
+
 def test_budget_not_met_writes_nothing_and_names_closest(files, tmp_path):
     out, report = tmp_path / "out.onnx", tmp_path / "r.json"
     with pytest.raises(BudgetExceededError, match="closest point") as info:

@@ -544,7 +544,7 @@ class _Job:
             if report_path is not None:
                 result.plots, why = write_plots(report, report_path)
                 report["plots"] = [str(p) for p in result.plots] or why
-                write_report(report_path, report)
+                _write_report(report_path, report)
         return result
 
     def _report(self, source, output, chosen, final, closest, notes, met, warnings
@@ -595,6 +595,21 @@ class _Job:
             "final": final,
             "closest": closest,
         }
+
+
+def _write_report(path: str | os.PathLike, report: dict[str, Any]) -> None:
+    """JSON, or for a .html path the autocompress page (page.py); both atomic."""
+    if Path(path).suffix.lower() in (".html", ".htm"):
+        import json
+
+        from ..report import _json_default
+        from ..safe_write import write_text
+        from .page import render_page
+
+        plain = json.loads(json.dumps(report, default=_json_default))
+        write_text(path, render_page(plain), label="report")
+    else:
+        write_report(path, report)
 
 
 def _short(record: dict[str, Any]) -> str:
