@@ -173,11 +173,12 @@ def integer_summary(info: dict) -> str | None:
 
 
 def sparse_summary(info: dict) -> str | None:
-    """How many block-sparse matmuls use the BSR kernel, and why the others stayed dense."""
+    """How many block-sparse matmuls/convs use BSR kernels, and why the others stayed dense."""
     sparse = info.get("sparse") or {}
     if not sparse.get("sparse_ops") and not sparse.get("dense_ops"):
         return None
-    line = f"sparse: {sparse['sparse_ops']} matmuls use the BSR kernel"
+    kinds = ", ".join(f"{kind} {n}" for kind, n in (sparse.get("sparse_kernels") or {}).items())
+    line = f"sparse: {sparse['sparse_ops']} ops use BSR kernels" + (f" ({kinds})" if kinds else "")
     for entry in sparse["dense_ops"]:
         line += f"; {entry['count']} stayed dense: {entry['reason']}"
     return line

@@ -379,7 +379,9 @@ def _integer_sparse(report: dict[str, Any]) -> str:
     rows = [[f"{op} (integer kernel)", n] for op, n in (integer.get("integer_ops") or {}).items()]
     rows += [[f"{e.get('op')} stayed float: {e.get('reason')}", e.get("count")]
              for e in integer.get("float_ops") or []]
-    rows += [["matmuls on the block-sparse (BSR) kernel", sparse.get("sparse_ops", 0)]]
+    rows += [[f"{kind} on a block-sparse (BSR) kernel", n]
+             for kind, n in (sparse.get("sparse_kernels") or {}).items()]
+    rows += [["ops on block-sparse (BSR) kernels", sparse.get("sparse_ops", 0)]]
     rows += [[f"stayed dense: {e.get('reason')}", e.get("count")]
              for e in sparse.get("dense_ops") or []]
     return table(["quantized / sparse ops", "count"], rows) + (

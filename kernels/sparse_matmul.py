@@ -9,10 +9,10 @@ written in TIR here: X is transposed once into a [K, M] copy, each nonzero block
 over the threads, and the [N, M] result is transposed back. M (the rows of the
 activation, e.g. tokens) must be a multiple of the vector width.
 
-``BREAK_EVEN`` is measured, not assumed (``tools/bench_sparse.py`` on this machine
-class): per block shape, the largest fraction of nonzero blocks at which the sparse
-kernel was faster than the dense default schedule on every shape measured. Below it
-``backends.tvm.sparse`` keeps the dense matmul.
+The break-even is measured, not assumed (``tools/bench_sparse.py`` on this machine
+class): per kernel kind and block shape, the largest fraction of nonzero blocks at which
+the sparse kernel was faster than the dense default schedule on every shape measured.
+Above it ``backends.tvm.sparse`` keeps the dense op.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ BREAK_EVEN_FILE = "sparse_break_even.json"
 
 def to_bsr(weight_nk: np.ndarray, rows: int, cols: int):
     """(data [nnz, R, C], indices [nnz] int32, indptr [N/R + 1] int32) of a [N, K] weight
-    whose shape is a multiple of the block; blocks that are all zero are dropped."""
+    whose shape is a multiple of the block; blocks that are all zero are dropped. ``data``
+    keeps the weight's dtype: int8 weights give int8 blocks (the int8 kernels' input, with
+    a per-output-row scale kept beside them)."""
     n, k = weight_nk.shape
     blocks = weight_nk.reshape(n // rows, rows, k // cols, cols).transpose(0, 2, 1, 3)
     nonzero = np.any(blocks != 0, axis=(2, 3))
     indptr = np.concatenate([[0], np.cumsum(nonzero.sum(axis=1))]).astype(np.int32)
     indices = np.nonzero(nonzero)[1].astype(np.int32)
-    return np.ascontiguousarray(blocks[nonzero], dtype=np.float32), indices, indptr
+    return np.ascontiguousarray(blocks[nonzero]), indices, indptr
 
 
 def block_density(weight_nk: np.ndarray, rows: int, cols: int) -> float:
@@ -92,9 +94,11 @@ def bsr_matmul(m: int, k: int, n: int, rows: int, cols: int, nnz: int) -> tvm.ti
     return bsr
 
 
-def break_even(target_class: str | None) -> dict[str, float]:
-    """Block pattern (``block(RxC)``) -> largest nonzero-block fraction where the sparse
-    kernel measured faster, for a shipped CPU class ({} when none was measured)."""
+def break_even(target_class: str | None) -> dict[str, dict[str, float]]:
+    """Kernel kind (``matmul``, ``gemv``, ``conv1x1``, ``conv``) -> block pattern
+    (``block(RxC)``) -> largest nonzero-block fraction where that sparse kernel measured
+    faster than dense, for a shipped CPU class ({} when none was measured). The file's
+    ``kernels`` holds one table per kind; a format-1 file's ``patterns`` is ``matmul``'s."""
     if target_class is None:
         return {}
     path = resources.files("onnxforge.kernels") / "tuning_db" / target_class / BREAK_EVEN_FILE
@@ -102,5 +106,8 @@ def break_even(target_class: str | None) -> dict[str, float]:
         table = json.loads(path.read_text())
     except (FileNotFoundError, ValueError, OSError):
         return {}
-    return {pattern: float(entry["max_density"])
-            for pattern, entry in table.get("patterns", {}).items()}
+    kinds = dict(table.get("kernels", {}))
+    if "patterns" in table:
+        kinds.setdefault("matmul", table["patterns"])
+    return {kind: {pattern: float(entry["max_density"]) for pattern, entry in per.items()}
+            for kind, per in kinds.items()}

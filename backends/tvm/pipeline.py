@@ -6,7 +6,7 @@ The compile pipeline is a few short, named lists of passes, in the spirit of TVM
 
   import     `importer.import_onnx`: `tvm.relax.frontend.onnx.from_onnx` with fixed shapes;
              CPU: `qdq.integer_contractions` makes quantized conv/matmul integer,
-             `sparse.sparse_contractions` block-sparse matmuls BSR (below break-even)
+             `sparse.sparse_contractions` block-sparse matmuls/convs BSR (below break-even)
   prepare    DispatchSampling, DispatchSortScan, (CPU: `onnxforge.kernels.
              relax_prepasses`, which fold BatchNorm into convs), DecomposeOpsForInference
   legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
@@ -166,7 +166,9 @@ class PreparedModule:
 
 
 def prepare_module(model: Any, target: Any = "host", *,
-                   input_shapes: Mapping[str, Sequence[int]] | None = None) -> PreparedModule:
+                   input_shapes: Mapping[str, Sequence[int]] | None = None,
+                   sparse_break_even: Mapping[str, Mapping[str, float]] | None = None
+                   ) -> PreparedModule:
     """Load, import, prepare and legalize+fuse: the module tuning and compiling share."""
     target = resolve_target(target)
     seconds: dict[str, float] = {}
@@ -186,7 +188,9 @@ def prepare_module(model: Any, target: Any = "host", *,
     sparse: dict[str, Any] = {}
     if target.kind.name == "llvm":
         metadata = {p.key: p.value for p in proto.metadata_props}
-        mod, found_sparse = sparse_contractions(mod, metadata, break_even(target_class(target)))
+        table = break_even(target_class(target)) if sparse_break_even is None \
+            else sparse_break_even
+        mod, found_sparse = sparse_contractions(mod, metadata, table, target)
         sparse = found_sparse.as_dict()
     seconds["import"] = time.perf_counter() - start
 
@@ -215,6 +219,7 @@ def compile_model(
     shipped_db: bool = True,
     opt_level: int = 3,
     threads: int | None = None,
+    sparse_break_even: Mapping[str, Mapping[str, float]] | None = None,
 ) -> TVMArtifact:
     """Compile an ONNX model for `target` (preset name, JSON dict string or Target).
 
@@ -230,11 +235,15 @@ def compile_model(
             with onnxforge (`onnxforge/kernels/tuning_db/`); `tuning_db` entries win.
         opt_level: TVM PassContext opt_level for the lowering.
         threads: default TVM thread count for `run` / `benchmark` (None: all cores).
+        sparse_break_even: kernel kind -> block pattern -> nonzero-block fraction up to
+            which block-sparse weights use the BSR kernels, instead of the table measured
+            for the target's CPU class (`tools/bench_sparse.py` measures with it).
     """
     started = time.perf_counter()
     requested = target
     target = resolve_target(target)
-    prepared = prepare_module(model, target, input_shapes=input_shapes)
+    prepared = prepare_module(model, target, input_shapes=input_shapes,
+                              sparse_break_even=sparse_break_even)
     mod = prepared.mod
     report = _base_report(requested, target, prepared)
     pipeline = dict(prepared.pipeline)
