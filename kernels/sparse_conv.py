@@ -75,6 +75,8 @@ def bsr_rows(batch: int, length: int, n_out: int, m: int, rows: int, cols: int, 
     block_rows = n_out // rows
     out_shape = out_shape or (batch, n_out, m)
     in_shape = in_shape or (batch, length)
+    in_region = tuple(slice(0, d) for d in in_shape)
+    out_region = tuple(slice(0, d) for d in out_shape)
     tile = row_tile(lanes, rows)
     full, tail = divmod(m, tile)
     tail_width, has_tail = max(tail, 1), int(tail > 0)
@@ -103,8 +105,6 @@ def bsr_rows(batch: int, length: int, n_out: int, m: int, rows: int, cols: int, 
             bias: T.Buffer((n_out,), "float32"),
             y_out: T.Buffer(out_shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        x = T.decl_buffer((batch, length), "float32", data=x_in.data)
-        y = T.decl_buffer((batch, n_out, m), "float32", data=y_out.data)
         for chunk in T.parallel(chunks):
             # one opaque block per chunk of (image, block row) tasks: the loop over a row's
             # nonzero blocks has data-dependent bounds, and the accumulators are allocated
@@ -113,8 +113,12 @@ def bsr_rows(batch: int, length: int, n_out: int, m: int, rows: int, cols: int, 
                 vc = T.axis.spatial(chunks, chunk)
                 T.reads(indptr[0:block_rows + 1], indices[0:nnz],
                         data[0:nnz, 0:rows, 0:cols], offsets[0:ncols], bias[0:n_out],
-                        x[0:batch, 0:length])
-                T.writes(y[0:batch, 0:n_out, 0:m])
+                        x_in[in_region])
+                T.writes(y_out[out_region])
+                # flat views, declared inside the block: Relax's layout-rewrite split wants
+                # every statement under the root to hold a block
+                x = T.decl_buffer((batch, length), "float32", data=x_in.data)
+                y = T.decl_buffer((batch, n_out, m), "float32", data=y_out.data)
                 acc = T.sblock_alloc_buffer((rows, tile), "float32", scope="local")
                 for step in range(per_chunk):
                     if vc * per_chunk + step < tasks:

@@ -272,6 +272,29 @@ def test_compile_selects_sparse_or_dense_by_the_measured_table():
         {"reason": "no measured break-even for conv1x1 block(1x8) on this target", "count": 1}]
 
 
+def test_sparse_conv_next_to_a_dense_conv_with_packed_weights():
+    """A dense strided conv (its weights pre-packed by the default schedules, which runs
+    Relax's layout-rewrite split over every function) next to a sparse conv; the dense
+    weight, with no zeros, is not counted as a sparse layer left dense."""
+    rng = np.random.default_rng(3)
+    dense_w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    sparse = conv_model(32, 32, 3, (8, 8), pad=1, pattern="block(16x1)", density=0.3)
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["h"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 1, 1, 1])]
+    for node in sparse.graph.node:
+        node.input[:] = ["h" if i == "x" else i for i in node.input]
+        nodes.append(node)
+    graph = helper.make_graph(
+        nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 16, 16])],
+        list(sparse.graph.output),
+        [numpy_helper.from_array(dense_w, "wd"), *sparse.graph.initializer])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(model, {p.key: p.value for p in sparse.metadata_props})
+    report = _against_ort(model, EVERY_KIND)
+    assert report == {"sparse_ops": 1, "sparse_kernels": {"conv": 1}, "dense_ops": []}
+
+
 def test_compile_verify_on_a_sparse_conv_model(tmp_path):
     """`onnxforge compile --verify` on a model whose 3x3 and 1x1 convs run sparse."""
     import subprocess

@@ -116,8 +116,8 @@ class _SparseContractions(relax.PyExprMutator):
         else:
             return call
         if weight is None or weight.dtype != np.float32 or \
-                weight.ndim != (2 if name == "relax.matmul" else 4):
-            return call
+                weight.ndim != (2 if name == "relax.matmul" else 4) or not np.any(weight == 0):
+            return call  # not a float weight, or nothing zero in it: not a sparse layer
         try:
             new, kind = rewrite(call, weight)
         except _Dense as why:
