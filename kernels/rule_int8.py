@@ -31,6 +31,7 @@ multiplies.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 
@@ -42,6 +43,7 @@ from .sched_common import inline_epilogue_chain, reads_pointwise
 logger = logging.getLogger(__name__)
 
 ROW_TILES = (16, 8, 7, 6, 5, 4, 3, 2, 1)  # independent accumulators along the output row
+MAX_ACCUMULATORS = 28  # of the 32 vector registers, leaving some for weights and inputs
 
 
 def _int8_contraction(sch: s_tir.Schedule, data_dtype: str):
@@ -82,6 +84,41 @@ def _is_intermediate(sch: s_tir.Schedule, buffer) -> bool:
 
 def _row_tile(extent: int) -> int:
     return next(t for t in ROW_TILES if extent % t == 0)
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """One register tile: ``rows`` output pixels (matrix rows) x ``blocks`` vectors of
+    output channels (columns) accumulate at once. More blocks load each broadcast input
+    once for several weight vectors (fewer loads per dot product), at the cost of
+    registers: rows x blocks accumulators must fit the 32 vector registers."""
+
+    rows: int
+    blocks: int = 1
+    serial: bool = False
+
+    @classmethod
+    def of(cls, config: dict | None) -> _Tile | None:
+        if not config or "rows" not in config:
+            return None
+        return cls(int(config["rows"]), int(config.get("blocks", 1)),
+                   bool(config.get("serial")))
+
+    def config(self) -> dict:
+        out = {"rows": self.rows, "blocks": self.blocks}
+        return {**out, "serial": True} if self.serial else out
+
+    def fits(self, width: int, blocks: int) -> bool:
+        return width % self.rows == 0 and blocks % self.blocks == 0
+
+
+def _heuristic_tile(width: int, blocks: int) -> _Tile:
+    """Two vectors of output channels when there are, else one; then the most rows that
+    divide the output row and fit the registers. Two channel vectors measured faster
+    than one on 15 of resnet18's 20 int8 conv kernels (1 thread, config search)."""
+    two = 2 if blocks % 2 == 0 else 1
+    rows = next(t for t in ROW_TILES if width % t == 0 and t * two <= MAX_ACCUMULATORS)
+    return _Tile(rows, two)
 
 
 def _pack_weight(sch, block, index: int, index_map) -> None:
@@ -127,7 +164,9 @@ class Int8DotRule(CpuRule):
     def is_target_available(self, target) -> bool:
         return intrinsic_for(target) is not None
 
-    def apply(self, func, target, tunable, config=None):
+    @staticmethod
+    def _find(func, target):
+        """(schedule, contraction block, data read, weight read, intrinsic), or None."""
         intrinsic = intrinsic_for(target)
         if intrinsic is None or not isinstance(func, tirx.PrimFunc):
             return None
@@ -135,19 +174,62 @@ class Int8DotRule(CpuRule):
         found = _int8_contraction(sch, intrinsic.data_dtype)
         if found is None:
             return None
-        block, data, weight = found
+        return (sch, *found, intrinsic)
+
+    def apply(self, func, target, tunable, config=None):
+        found = self._find(func, target)
+        if found is None:
+            return None
+        sch, block, data, weight, intrinsic = found
         if not _is_intermediate(sch, sch.get(block).writes[0].source):
             return None  # an int32 output: its layout is the caller's
-        return sch if self._schedule(sch, block, data, weight, intrinsic) else None
+        tile = _Tile.of(config)
+        return sch if self._schedule(sch, block, data, weight, intrinsic, tile) else None
 
-    def _schedule(self, sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+    def configs(self, func, target) -> list[dict]:
+        """Tiles worth timing, the heuristic first: accumulator rows x blocks of output
+        channels (columns), and the heuristic on one thread (fork-join can cost a small
+        kernel more than the second core saves)."""
+        shape = self._tile_shape(func, target)
+        if shape is None:
+            return []
+        width, blocks = shape
+        rows = [t for t in ROW_TILES if width % t == 0]
+        options = [_heuristic_tile(width, blocks)]
+        for b in (1, 2, 4):
+            if blocks % b == 0:
+                options += [_Tile(r, b) for r in rows if r * b <= MAX_ACCUMULATORS][:2]
+        configs = [t.config() for t in dict.fromkeys(options)]
+        return configs[:1] + [{**configs[0], "serial": True}] + configs[1:]
+
+    def _tile_shape(self, func, target) -> tuple[int, int] | None:
+        """(output row length, blocks of ``lanes`` output channels) of the contraction
+        this rule schedules, or None."""
+        found = self._find(func, target)
+        if found is None:
+            return None
+        sch, block, data, weight, intrinsic = found
+        stmt = sch.get(block)
+        if _is_depthwise_nhwc(stmt, data, weight):
+            return None
+        out = [int(d) for d in stmt.writes[0].source.shape]
+        w = [int(d) for d in stmt.reads[weight].source.shape]
+        if len(w) == 4:
+            layout = _conv_layout(stmt, weight)
+            if layout is None:
+                return None
+            return out[3 if layout == "NCHW" else 2], w[0] // intrinsic.lanes
+        return out[-2], w[1] // intrinsic.lanes
+
+    def _schedule(self, sch, block, data: int, weight: int, intrinsic: DotIntrinsic,
+                  tile: _Tile | None) -> bool:
         stmt = sch.get(block)
         if _is_depthwise_nhwc(stmt, data, weight):
             return False  # Int8DepthwiseRule
         if len(stmt.reads[weight].region) == 4:
-            return _schedule_conv(sch, block, data, weight, intrinsic)
+            return _schedule_conv(sch, block, data, weight, intrinsic, tile)
         if len(stmt.reads[weight].region) == 2:
-            return _schedule_matmul(sch, block, data, weight, intrinsic)
+            return _schedule_matmul(sch, block, data, weight, intrinsic, tile)
         return False
 
     def schedule(self, sch, func, cpu: CpuInfo) -> bool:  # pragma: no cover - apply() used
@@ -159,7 +241,11 @@ class Int8DepthwiseRule(Int8DotRule):
 
     name = "int8-depthwise"
 
-    def _schedule(self, sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+    def configs(self, func, target) -> list[dict]:
+        return []  # one setting (its row tile follows the output width)
+
+    def _schedule(self, sch, block, data: int, weight: int, intrinsic: DotIntrinsic,
+                  tile: _Tile | None) -> bool:
         if not _is_depthwise_nhwc(sch.get(block), data, weight):
             return False
         return _schedule_depthwise(sch, block, weight, intrinsic)
@@ -200,7 +286,8 @@ def _inline_prologue(sch, block) -> None:
             logger.debug("int8 prologue %s not inlined", sch.get(child).name_hint)
 
 
-def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic,
+                   tile: _Tile | None = None) -> bool:
     stmt = sch.get(block)
     layout = _conv_layout(stmt, weight)
     if layout is None:
@@ -232,11 +319,13 @@ def _schedule_conv(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) 
         ln, ly, lx, lf, lky, lkx, lc = sch.get_loops(block)
     _inline_prologue(sch, block)
 
-    fo, fi = sch.split(lf, [None, lanes])
+    if tile is None or not tile.fits(out_w, out_channels // lanes):
+        tile = _heuristic_tile(out_w, out_channels // lanes)
+    fo, fb, fi = sch.split(lf, [None, tile.blocks, lanes])
     co, ci = sch.split(lc, [None, red])
-    xo, xi = sch.split(lx, [None, _row_tile(out_w)])
-    sch.reorder(ln, fo, ly, xo, lky, lkx, co, xi, fi, ci)
-    _tile(sch, block, sch.fuse(ln, fo, ly), xo, xi, lky, fi, intrinsic)
+    xo, xi = sch.split(lx, [None, tile.rows])
+    sch.reorder(ln, fo, ly, xo, lky, lkx, co, xi, fb, fi, ci)
+    _tile(sch, block, sch.fuse(ln, fo, ly), xo, [xi, fb], lky, fi, intrinsic, tile.serial)
     if copy is not None:  # the input copy (padding, or NCHW -> NHWC)
         _parallel_copy(sch, copy, vectorize=layout == "NHWC")
     return True
@@ -298,7 +387,8 @@ def _schedule_depthwise(sch, block, weight: int, intrinsic: DotIntrinsic) -> boo
     return True
 
 
-def _schedule_matmul(sch, block, data: int, weight: int, intrinsic: DotIntrinsic) -> bool:
+def _schedule_matmul(sch, block, data: int, weight: int, intrinsic: DotIntrinsic,
+                     tile: _Tile | None = None) -> bool:
     stmt = sch.get(block)
     iters = [iv.var for iv in stmt.iter_vars]
     w_vars = _var_indices(stmt.reads[weight].region)
@@ -315,23 +405,29 @@ def _schedule_matmul(sch, block, data: int, weight: int, intrinsic: DotIntrinsic
     rows = int(stmt.writes[0].source.shape[-2])
     _pack_weight(sch, block, weight, lambda kk, jj: (jj // lanes, kk // red, jj % lanes, kk % red))
 
+    if tile is None or not tile.fits(rows, columns // lanes):
+        tile = _heuristic_tile(rows, columns // lanes)
     *lb, li, lj, lk = sch.get_loops(block)
-    jo, ji = sch.split(lj, [None, lanes])
+    jo, jb, ji = sch.split(lj, [None, tile.blocks, lanes])
     ko, ki = sch.split(lk, [None, red])
-    io, ii = sch.split(li, [None, _row_tile(rows)])
-    sch.reorder(*lb, io, jo, ko, ii, ji, ki)
+    io, ii = sch.split(li, [None, tile.rows])
+    sch.reorder(*lb, io, jo, ko, ii, jb, ji, ki)
     outer = sch.fuse(*lb, io, jo)
-    _tile(sch, block, outer, outer, ii, ko, ji, intrinsic)
+    _tile(sch, block, outer, outer, [ii, jb], ko, ji, intrinsic, tile.serial)
     return True
 
 
-def _tile(sch, block, outer, tile, rows, reduction, lanes, intrinsic: DotIntrinsic) -> None:
-    """The common end of both schedules: parallel ``outer``, the epilogue per ``tile``,
-    the row of accumulators unrolled, their initialisation split off before
-    ``reduction`` and vectorized, the dot product tensorized at ``lanes``."""
-    sch.parallel(outer)
+def _tile(sch, block, outer, tile, accumulators, reduction, lanes, intrinsic: DotIntrinsic,
+          serial: bool = False) -> None:
+    """The common end of both schedules: parallel ``outer`` (unless ``serial``), the
+    epilogue per ``tile``, the loops over the accumulators (rows, channel blocks)
+    unrolled, their initialisation split off before ``reduction`` and vectorized, the
+    dot product tensorized at ``lanes``."""
+    if not serial:
+        sch.parallel(outer)
     _epilogue_at(sch, block, tile)
-    sch.unroll(rows)
+    for loop in accumulators:
+        sch.unroll(loop)
     init = sch.decompose_reduction(block, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.tensorize(lanes, intrinsic.name)

@@ -397,3 +397,49 @@ def test_a_float_conv_transpose_in_an_nhwc_model_stays_nchw():
     got = next(iter(art.run(feed).values()))
     bound = step * float(np.abs(w).sum(axis=(0, 2, 3)).max()) * 1.001
     np.testing.assert_allclose(got, _ort(model, feed), atol=bound)
+
+
+def _int8_kernel(model):
+    """The PrimFunc of `model` that the int8 dot rule schedules, weights layout-free."""
+    from onnxforge.backends.targets import resolve_target
+    from onnxforge.kernels.rule_int8 import Int8DotRule
+    from onnxforge.kernels.schedule_pass import attach_layout_free_buffers
+
+    target = resolve_target("host")
+    prepared = prepare_module(model, target)
+    mod = attach_layout_free_buffers(
+        tvm.IRModule(dict(prepared.mod.functions_items()), attrs=prepared.mod.attrs))
+    rule = Int8DotRule()
+    for _, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and rule.configs(func, target):
+            return func, rule, target
+    raise AssertionError("no int8 kernel with tile settings")
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the int8 tile settings are VNNI schedules")
+@pytest.mark.parametrize("which", ["conv", "matmul"])
+def test_int8_tile_settings_apply_and_stay_within_one_step(which, tmp_path):
+    """The int8 rule's knobs (accumulator rows x channel vectors, serial): the heuristic
+    first, and every setting, applied from a tuning database, computes what ORT does."""
+    from onnxforge.backends.tvm.database import resolve_tuning_db, save_configs
+    from onnxforge.kernels.schedule_configs import target_class, workload_key
+
+    model, step = (qdq_conv(ic=16, oc=64, size=14) if which == "conv"
+                   else qdq_matmul(shape=(2, 28, 32), n=64))
+    func, rule, target = _int8_kernel(model)
+    configs = rule.configs(func, target)
+    assert configs[0] == {"rows": 7, "blocks": 2}  # 14 and 28 outputs per row
+    assert configs[1] == {**configs[0], "serial": True}
+    assert {c["blocks"] for c in configs} == {1, 2, 4}
+    for i, config in enumerate(configs[1:]):
+        root = tmp_path / f"db{i}"
+        db_dir = resolve_tuning_db(root, target)
+        db_dir.mkdir(parents=True)
+        save_configs(db_dir, {workload_key(func): {
+            "rule": rule.name, "config": config, "us": 1.0, "default_us": 2.0, "task": "t",
+            "model": "test"}}, target_class(target))
+        art = compile_model(model, "host", tuning_db=root)
+        assert art.report["schedule_configs"]["applied"] == 1, config
+        feed = random_inputs(art.inputs, seed=i)
+        diff = np.abs(next(iter(art.run(feed).values())) - _ort(model, feed))
+        assert diff.max() <= step * 1.001, (config, diff.max())

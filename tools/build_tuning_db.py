@@ -39,10 +39,17 @@ from bench_common import DATA, ZOO, zoo_shapes
 ZOO_MODELS = ["resnet18", "mobilenet_v2", "squeezenet1_1", "efficientnet_b0",
               "mobilenet_v3_small", "minilm_l6", "ppocr_det", "ppocr_rec", "ppocr_cls"]
 PIPELINE = "cleanup,fuse"
+INT8_PIPELINE = "cleanup,fuse,quantize(int8)"
+# models whose int8 QDQ form is measured too (the int8 kernels' tiles); the rest
+# have no integer convs/matmuls worth it or are covered by these shapes
+INT8_MODELS = {"resnet18", "mobilenet_v2", "efficientnet_b0", "minilm_l6", "ppocr_det",
+               "ppocr_rec", "digits_cnn"}
 
 
-def model_forms(name: str):
-    """(label, model, input shapes): the model as shipped and after `cleanup,fuse`."""
+def model_forms(name: str, int8: bool = True):
+    """(label, model, input shapes): the model as shipped, after `cleanup,fuse`, and for
+    INT8_MODELS after `cleanup,fuse,quantize(int8)` (calibrated on the zoo's sample
+    inputs where it has them, else random data)."""
     from onnxforge import api
 
     path = DATA / "digits_cnn.onnx" if name == "digits_cnn" else ZOO / f"{name}.onnx"
@@ -53,7 +60,14 @@ def model_forms(name: str):
     sample = ZOO / f"{name}.inputs.npz"
     fused = api.optimize(path, PIPELINE, input_shapes=shapes,
                          calibration=str(sample) if sample.is_file() else None).model
-    return [(name, path, shapes), (f"{name}+{PIPELINE}", fused, shapes)]
+    forms = [(name, path, shapes), (f"{name}+{PIPELINE}", fused, shapes)]
+    if name in INT8_MODELS and int8:
+        calibration = DATA / "digits_calib.npz" if name == "digits_cnn" else sample
+        quantized = api.optimize(path, INT8_PIPELINE, input_shapes=shapes, force=True,
+                                 calibration=str(calibration) if calibration.is_file()
+                                 else "random:8").model
+        forms.append((f"{name}+int8", quantized, shapes))
+    return forms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="start from an empty database instead of the shipped one "
                              "(measures every kernel again)")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="skip the int8 QDQ forms (their kernels' tiles)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="budget per model form, seconds")
     args = parser.parse_args(argv)
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
-        for label, model, shapes in model_forms(name):
+        for label, model, shapes in model_forms(name, args.int8):
             try:
                 report = search_configs(model, target, work, input_shapes=shapes,
                                         max_seconds=args.seconds)
