@@ -194,11 +194,13 @@ def test_unreachable_size_target_exits_6_and_writes_nothing(tmp_path):
     assert sum(n.op_type == "MatMulNBits" for n in written.graph.node) == 2
 
 
-def test_bits_is_an_option_of_mode_mixed_only():
+def test_bits_is_an_option_of_mode_mixed_only_and_gptq_needs_bits_4():
     from onnxforge.errors import OnnxforgeError
 
     with pytest.raises(OnnxforgeError, match="bits=4 chooses the lowest precision"):
         _mixed(_two_layers("matmul", True), "quantize(int8,bits=4)")
+    with pytest.raises(OnnxforgeError, match="rounding=gptq in mode=mixed .* needs bits=4"):
+        _mixed(_two_layers("matmul", True), "quantize(mixed,rounding=gptq)")
 
 
 def test_digits_under_a_size_target_keeps_held_out_accuracy(digits_model):

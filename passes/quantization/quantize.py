@@ -56,6 +56,9 @@ class QuantizePass(ForgePass):
         if opts.rounding != "nearest" and opts.mode not in ("int8", "int4", "mixed"):
             raise InputSpecError(f"quantize: rounding={opts.rounding} applies to mode=int8, "
                                  f"int4 and mixed (its 4-bit layers), not mode={opts.mode}")
+        if opts.mode == "mixed" and opts.rounding != "nearest" and opts.bits == 8:
+            raise InputSpecError(f"quantize: rounding={opts.rounding} in mode=mixed rounds its "
+                                 "4-bit layers: it needs bits=4 (int8 layers round to nearest)")
         if opts.bits != 8 and opts.mode != "mixed":
             raise InputSpecError(f"quantize: bits={opts.bits} chooses the lowest precision of "
                                  f"mode=mixed; mode={opts.mode} fixes its own")
