@@ -3,7 +3,8 @@
     python tools/bench_sparse.py                      # all kinds, this CPU class, 1 thread
     python tools/bench_sparse.py --kinds gemv,conv1x1 --write   # + merge into
         kernels/tuning_db/<class>/sparse_break_even.json (other kinds' entries are kept)
-    python tools/bench_sparse.py --table              # the README's single-layer table
+    python tools/bench_sparse.py --table --pattern 16x1   # the README's single-layer table
+    python tools/bench_sparse.py --table --pattern 1x8 --layers Linear   # some rows only
 
 Kinds: `matmul` (M a multiple of 16, `kernels.sparse_matmul`), `gemv` (M < 16,
 `kernels.sparse_gemv`), `conv1x1` and `conv` (kxk stride 1; `kernels.sparse_conv`).
@@ -270,12 +271,14 @@ def layer_name(kind: str, layer: tuple) -> str:
     return f"conv {ksize}x{ksize} {cin}->{cout} s{stride} @{size}x{size}"
 
 
-def print_layer_table(pattern: tuple[int, int], repeats: int) -> None:
+def print_layer_table(pattern: tuple[int, int], repeats: int, only: str = "") -> None:
     import bench_common
 
     rows, cols = pattern
     lines = []
     for kind, layer in TABLE_LAYERS:
+        if only not in layer_name(kind, layer):
+            continue
         runs = [time_layer(kind, layer, rows, cols, TABLE_DENSITIES, ort=True, seed=seed)
                 for seed in range(repeats)]
         print(json.dumps(runs), flush=True)
@@ -296,7 +299,8 @@ def print_layer_table(pattern: tuple[int, int], repeats: int) -> None:
             even = d
         cells = [f"{by_density[d]:.3f} ({1 / ratios[d]:.2f}x)" for d in (0.5, 0.3, 0.1)]
         lines.append([layer_name(kind, layer), f"{ort:.3f}", f"{dense:.3f}", *cells,
-                      f"{1 - even:.0%}" if even else "none measured (>95 %)",
+                      (f"{1 - even:.0%}" + (" or less" if even == TABLE_DENSITIES[-1] else ""))
+                      if even else "none measured (>95 %)",
                       f"{max(e['max_abs_error'] for r in runs for e in r['sparse']):.1e}"])
     bench_common.print_table(
         f"block({rows}x{cols}), 1 thread, ms (speed-up over dense TVM), median of {repeats} "
@@ -318,10 +322,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the README's single-layer table instead")
     parser.add_argument("--pattern", default="1x8", help="block RxC of --table")
     parser.add_argument("--repeats", type=int, default=3, help="--table: runs per layer")
+    parser.add_argument("--layers", default="", help="--table: only layers whose name has this")
     args = parser.parse_args(argv)
     if args.table:
         rows, cols = (int(v) for v in args.pattern.split("x"))
-        print_layer_table((rows, cols), args.repeats)
+        print_layer_table((rows, cols), args.repeats, args.layers)
         return 0
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = set(kinds) - set(ALL_KINDS)
