@@ -127,6 +127,7 @@ def assert_within_one_step(model, step, target="host", seeds=(0, 1)):
     {"zx": 128, "relu": False},               # zero point with padding: padded with z_x
     {"stride": 2, "size": 10},                # stride 2, even input
     {"ic": 3, "oc": 5, "k": 3},               # channels not a multiple of 4 / 16
+    {"oc": 1, "size": 11},                    # one channel, 11-pixel rows: plain kernel
     {"ic": 20, "oc": 48, "k": 1, "pad": 0},   # 1x1, no padding copy
     {"ic": 16, "oc": 32, "k": 3, "size": 32, "zx": 9},# rows of 16 outputs per tile
     {"groups": 8, "ic": 8, "oc": 8},          # depthwise, 8 channels: plain schedule
@@ -443,3 +444,15 @@ def test_int8_tile_settings_apply_and_stay_within_one_step(which, tmp_path):
         feed = random_inputs(art.inputs, seed=i)
         diff = np.abs(next(iter(art.run(feed).values())) - _ort(model, feed))
         assert diff.max() <= step * 1.001, (config, diff.max())
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="the padded channels feed the VNNI kernel")
+@pytest.mark.parametrize("oc", [24, 40])
+def test_output_channels_padded_to_the_vector_run_on_the_dot_kernel(oc):
+    """24 output channels (mobilenet_v2's projections): zero weights pad them to 32, the
+    dot kernel computes 32 and the 24 are sliced off; no float conv rule left. (Fewer
+    than 16 are not padded; 1 channel on an 11-pixel row is the fuzzer's case.)"""
+    model, step = qdq_conv(ic=16, oc=oc, size=11)
+    art = assert_within_one_step(model, step)
+    rules = set(art.report["kernel_schedules"].values())
+    assert "int8-dot" in rules and "conv2d-nchw-tiled" not in rules, rules

@@ -180,7 +180,8 @@ def prepare_module(model: Any, target: Any = "host", *,
     if target.kind.name in INTEGER_TARGET_KINDS:
         dot = intrinsic_for(target)
         mod, found = integer_contractions(
-            mod, signed_activations=dot is not None and dot.data_dtype == "int8")
+            mod, signed_activations=dot is not None and dot.data_dtype == "int8",
+            channel_multiple=dot.lanes if dot is not None else 1)
         integer = found.as_dict()
         if dot is not None and found.integer:
             mod, why_nchw = channels_last(mod)

@@ -18,13 +18,15 @@ Rewrite (exact in integers, float only in the scale)::
 
 ``x_q'`` is ``x_q`` padded with ``z_x`` (the quantized zero) when the conv pads and
 ``z_x != 0``, so the border terms cancel exactly; a conv whose input channels are not a
-multiple of 4 (an RGB stem) gets zero weights and a padded channel so that the
-dot-product kernels take it. Everything after the contraction
-(bias, activation, the next ``quantize``) is left as it is: FuseOps folds the cast,
-scale, bias, activation and quantize into the contraction's epilogue, so each layer is
-one kernel that reads int8 and writes int8 ("requantize with a float scale"), and the
-next layer reads that int8 tensor directly. Chains stay int8 between layers; only the
-model's float inputs/outputs and float islands convert.
+multiple of 4 (an RGB stem) gets zero weights and a padded channel so that the dot-
+product kernels take it; on a target with a dot-product instruction, output channels
+above one vector are padded with zero weights to a multiple of its lanes (16 for VNNI)
+and the accumulator sliced back, so 24-channel layers run on the dot kernel too.
+Everything after the contraction (bias, activation, the next ``quantize``) is left as it
+is: FuseOps folds the cast, scale, bias, activation and quantize into the contraction's
+epilogue, so each layer is one kernel that reads int8 and writes int8 ("requantize with
+a float scale"), and the next layer reads that int8 tensor directly. Chains stay int8
+between layers; only the model's float inputs/outputs and float islands convert.
 
 ``quantize`` with one constant scale is rewritten too: multiply by ``1/scale`` instead
 of a divide (round half to even, clip, cast), the cheapest form of the requantize that
@@ -108,10 +110,11 @@ def _scalar(values: np.ndarray | None, what: str):
 
 @relax.expr_functor.mutator
 class _IntegerContractions(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, signed_activations: bool):
+    def __init__(self, mod: tvm.IRModule, signed_activations: bool, channel_multiple: int):
         super().__init__(mod)
         self.report = IntegerReport()
         self.signed_activations = signed_activations
+        self.channel_multiple = channel_multiple
 
     def _binding(self, expr):
         """The call a dataflow var is bound to (or the expression itself)."""
@@ -224,6 +227,14 @@ class _IntegerContractions(relax.PyExprMutator):
         extra = (-w_q.shape[1]) % DOT_REDUCE if int(attrs.groups) == 1 else 0
         if extra:
             w_q = np.pad(w_q, [(0, 0), (0, extra), (0, 0), (0, 0)])
+        # the dot-product kernels compute whole vectors of output channels: pad a layer
+        # with, say, 24 (zero weights), compute 32, and slice the 24 off the accumulator.
+        # Not below one vector: mostly padding, and a 1-channel slice with a 1-pixel
+        # row tile failed TVM's vectorizer (fuzzer find)
+        more = (-out_channels) % self.channel_multiple \
+            if int(attrs.groups) == 1 and out_channels > self.channel_multiple else 0
+        if more:
+            w_q = np.pad(w_q, [(0, more), (0, 0), (0, 0), (0, 0)])
         if extra or (z_x != 0 and any(padding)):
             top, left, bottom, right = padding if z_x != 0 else (0, 0, 0, 0)
             x_q = bb.emit(relax.op.nn.pad(
@@ -232,6 +243,9 @@ class _IntegerContractions(relax.PyExprMutator):
         acc = bb.emit(relax.op.nn.conv2d(
             x_q, relax.const(w_q), strides=attrs.strides, padding=padding,
             dilation=attrs.dilation, groups=int(attrs.groups), out_dtype="int32"))
+        if more:
+            acc = bb.emit(relax.op.strided_slice(acc, axes=[1], begin=[0], end=[out_channels]))
+            w_q = w_q[:out_channels]
         channel = (1, out_channels, 1, 1)
         if z_x != 0:
             sums = w_q.astype(np.int64).reshape(out_channels, -1).sum(axis=1)
@@ -266,13 +280,14 @@ class _IntegerContractions(relax.PyExprMutator):
         return relax.op.multiply(relax.op.astype(acc, "float32"), relax.const(scale))
 
 
-def integer_contractions(mod: tvm.IRModule, signed_activations: bool = False
-                         ) -> tuple[tvm.IRModule, IntegerReport]:
+def integer_contractions(mod: tvm.IRModule, signed_activations: bool = False,
+                         channel_multiple: int = 1) -> tuple[tvm.IRModule, IntegerReport]:
     """Rewrite the quantized conv2d/matmul calls of every Relax function to integer
     compute; returns the module and what was rewritten or left float.
     `signed_activations`: give the contractions s8 activations (u8 ones shifted by -128),
-    for dot-product instructions that multiply s8 x s8."""
-    mutator = _IntegerContractions(mod, signed_activations)
+    for dot-product instructions that multiply s8 x s8. `channel_multiple`: pad a
+    one-group conv's output channels to a multiple of it (the dot instruction's lanes)."""
+    mutator = _IntegerContractions(mod, signed_activations, channel_multiple)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gvar, mutator.visit_expr(func))
