@@ -43,14 +43,15 @@ def quality(ort_dense: OrtArtifact, sparse, batches) -> tuple[float, float]:
     return bc.top1_and_cosine(ref, got)
 
 
-def bench_model(name: str, ratios, pattern: str, recover: bool, rounds: int) -> list[list[str]]:
+def bench_model(name: str, ratios, pattern: str, recover: bool, rounds: int,
+                calib_crops: int | None = None) -> list[list[str]]:
     task = bc.vision_task(name)
     if task is None:
         print(f"{name}: absent (python tools/build_zoo.py) or scikit-image missing")
         return []
     input_name = next(iter(task.calib[0]))
     shape = task.calib[0][input_name].shape
-    calib = {input_name: np.concatenate([b[input_name] for b in task.calib])}
+    calib = {input_name: np.concatenate([b[input_name] for b in task.calib[:calib_crops]])}
     source = ArraySource(calib, {input_name: shape}, {input_name: np.float32},
                          description="calibration crops")
     ctx = PassContext(calibration=source, input_shapes={input_name: shape}, threads=1)
@@ -88,11 +89,14 @@ def main() -> None:
     parser.add_argument("--pattern", default="block(16x1)")
     parser.add_argument("--recover", action="store_true", help="least-squares refit (slow)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calib-crops", type=int, default=None,
+                        help="calibration crops (default all 72; fewer makes --recover faster)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = []
     for name in args.models:
-        rows += bench_model(name, args.ratios, args.pattern, args.recover, args.rounds)
+        rows += bench_model(name, args.ratios, args.pattern, args.recover, args.rounds,
+                            args.calib_crops)
     bc.print_table(
         "sparse kernels on whole models, 1 thread, ms (median of interleaved rounds)",
         ["model", "pipeline", "sparsity", "ORT dense", "TVM dense", "TVM sparse",
