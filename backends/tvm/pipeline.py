@@ -56,7 +56,7 @@ from .database import (
 )
 from .importer import InputSpec, import_onnx, input_specs, load_onnx
 from .layout import channels_last
-from .qdq import integer_contractions
+from .qdq import IntegerReport, integer_contractions
 from .schedules import (
     count_configured,
     default_cpu_schedule_pass,
@@ -165,6 +165,18 @@ class PreparedModule:
     sparse: dict[str, Any] = field(default_factory=dict)  # sparse.SparseReport.as_dict()
 
 
+def _has_dequantize(graph) -> bool:
+    """Whether a DequantizeLinear is in the graph or any If/Loop/Scan body of it."""
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            return True
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+            if any(_has_dequantize(body) for body in bodies):
+                return True
+    return False
+
+
 def prepare_module(model: Any, target: Any = "host", *,
                    input_shapes: Mapping[str, Sequence[int]] | None = None,
                    sparse_break_even: Mapping[str, Mapping[str, float]] | None = None
@@ -176,8 +188,10 @@ def prepare_module(model: Any, target: Any = "host", *,
     proto, label = load_onnx(model)
     specs = input_specs(proto, input_shapes)
     mod = import_onnx(proto, specs, label)
-    integer: dict[str, Any] = {}
-    if target.kind.name in INTEGER_TARGET_KINDS:
+    integer: dict[str, Any] = IntegerReport().as_dict()  # nothing quantized
+    # (a float model skips this: finding the intrinsic imports TVM's tensor_intrin
+    # package for ARM and Hexagon targets, ~50 s once per process)
+    if target.kind.name in INTEGER_TARGET_KINDS and _has_dequantize(proto.graph):
         dot = intrinsic_for(target)
         mod, found = integer_contractions(
             mod, signed_activations=dot is not None and dot.data_dtype == "int8",
