@@ -115,7 +115,7 @@ class _Tile:
 def _heuristic_tile(width: int, blocks: int) -> _Tile:
     """Two vectors of output channels when there are, else one; then the most rows that
     divide the output row and fit the registers. Two channel vectors measured faster
-    than one on 15 of resnet18's 20 int8 conv kernels (1 thread, config search)."""
+    than one on 14 of resnet18's 20 int8 conv kernels (1 thread, config search)."""
     two = 2 if blocks % 2 == 0 else 1
     rows = next(t for t in ROW_TILES if width % t == 0 and t * two <= MAX_ACCUMULATORS)
     return _Tile(rows, two)
