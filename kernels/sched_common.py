@@ -9,6 +9,7 @@ innermost loop with a width that divides it, parallelize a loop prefix).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import tvm
 from tvm import s_tir, tirx
@@ -131,46 +132,38 @@ _CHILD_FIELDS = ("a", "b", "value", "args", "indices", "condition", "true_value"
                  "false_value", "body", "seq")
 
 
-def _count_nodes(node, buffer=None) -> int:
-    """Nodes of a TIR statement/expression tree, or only its loads of ``buffer``.
+def _tir_nodes(node) -> Iterator:
+    """Every expression and statement node of a TIR tree.
 
     TVM 0.27 has no Python-side TIR visitor, so the tree is walked through the child
     fields that expressions and the statements of a block body have."""
-    count, stack = 0, [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, (list, tuple)) or type(n).__name__ == "Array":
-            stack.extend(n)
-            continue
-        if not isinstance(n, (tvm.ir.expr.Expr, tirx.Stmt)):
-            continue
-        if buffer is None or (isinstance(n, TensorLoad) and n.source.same_as(buffer)):
-            count += 1
-        for name in _CHILD_FIELDS:
-            child = getattr(n, name, None)
-            if child is not None:
-                stack.append(child)
-    return count
-
-
-def _has_modular_load(node) -> bool:
-    """Whether a block body loads with a floordiv/floormod index (a circular pad's wrap,
-    a reshape's unflattening)."""
     stack = [node]
     while stack:
         n = stack.pop()
         if isinstance(n, (list, tuple)) or type(n).__name__ == "Array":
             stack.extend(n)
             continue
-        if isinstance(n, (tirx.FloorMod, tirx.FloorDiv)):
-            return True
         if not isinstance(n, (tvm.ir.expr.Expr, tirx.Stmt)):
             continue
+        yield n
         for name in _CHILD_FIELDS:
             child = getattr(n, name, None)
             if child is not None:
                 stack.append(child)
-    return False
+
+
+def _count_nodes(node, buffer=None) -> int:
+    """Nodes of a TIR statement/expression tree, or only its loads of ``buffer``."""
+    if buffer is None:
+        return sum(1 for _ in _tir_nodes(node))
+    return sum(1 for n in _tir_nodes(node)
+               if isinstance(n, TensorLoad) and n.source.same_as(buffer))
+
+
+def _has_modular_load(node) -> bool:
+    """Whether a block body loads with a floordiv/floormod index (a circular pad's wrap,
+    a reshape's unflattening)."""
+    return any(isinstance(n, (tirx.FloorMod, tirx.FloorDiv)) for n in _tir_nodes(node))
 
 
 def duplicates_modular_loads(sch: s_tir.Schedule, block: SBlockRV) -> bool:
