@@ -32,6 +32,7 @@ from .cpu_rules import default_rules
 from .kernel_check import random_arrays
 from .schedule_configs import workload_key
 from .schedule_pass import apply_rule, attach_layout_free_buffers, is_scheduled, matching_rule
+from .vector_rounding import vectorizable_rounding
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def _build(func: tirx.PrimFunc, target, keep_packing: bool):
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     if not keep_packing:
         mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm.compile(mod, target=target), mod["main"]
+    with vectorizable_rounding(target):
+        return tvm.compile(mod, target=target), mod["main"]
 
 
 def _random_args(func: tirx.PrimFunc, seed: int) -> list:

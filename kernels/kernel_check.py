@@ -22,6 +22,7 @@ from tvm import tirx
 
 from .cpu_rules import default_rules
 from .schedule_pass import attach_layout_free_buffers, matching_rule
+from .vector_rounding import vectorizable_rounding
 
 RTOL = 1e-4
 
@@ -96,8 +97,9 @@ def check_kernel(name: str, func: tirx.PrimFunc, target, seeds=(0, 1)) -> Kernel
         return None
 
     def build(f: tirx.PrimFunc):
-        return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
-                           target=target)
+        with vectorizable_rounding(target):
+            return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                               target=target)
 
     plain, fast = build(func), build(scheduled)
     worst, deterministic = 0.0, True

@@ -262,16 +262,85 @@ def test_vnni_kernels_match_plain_loops_on_full_range_data():
     assert checked == 3
 
 
-def test_two_layer_residual_chain_stays_int8_and_verifies(tmp_path):
-    """conv -> conv -> + residual, all quantized: both convs integer, no float conv left,
-    and compile's default verification (the QDQ tolerance rule) passes."""
-    from onnxforge import api
+def _depthwise_kernel(channels: int, size: int):
+    """The int8 depthwise kernel (scheduled) of depthwise conv -> 1x1 conv, all quantized,
+    so its output is requantized to uint8 like mobilenet's; and its target."""
+    from onnxforge.kernels.rule_int8 import Int8DepthwiseRule
+    from onnxforge.kernels.schedule_pass import apply_rule, attach_layout_free_buffers
 
-    first, _ = qdq_conv(ic=16, oc=16, relu=True, seed=1)
-    second, _ = qdq_conv(ic=16, oc=16, relu=False, seed=2)
+    depthwise, _ = qdq_conv(ic=channels, oc=channels, groups=channels, size=size)
+    pointwise, _ = qdq_conv(ic=channels, oc=16, k=1, pad=0, size=size, seed=3)
+    prepared = prepare_module(qdq_chain(depthwise, pointwise), "host")
+    mod = attach_layout_free_buffers(prepared.mod)
+    with prepared.target:
+        kernels = [apply_rule(Int8DepthwiseRule(), func, prepared.target)
+                   for func in mod.functions.values() if isinstance(func, tvm.tirx.PrimFunc)]
+    kernels = [k for k in kernels if k is not None]
+    assert len(kernels) == 1
+    return tvm.IRModule({"main": kernels[0].with_attr("global_symbol", "main")}), prepared.target
+
+
+@pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI")
+def test_int8_padded_input_copy_has_no_byte_by_byte_code():
+    """The padded NHWC input copy of a 96-channel, 56-pixel layer (mobilenet_v2's) stays
+    vectors: vectorized whole, its 96-byte channel vector became 540 ``vpextrb`` and 540
+    ``vpinsrb``, and the kernel ran 4x slower."""
+    from onnxforge.kernels.vector_rounding import vectorizable_rounding
+
+    mod, target = _depthwise_kernel(96, 56)
+    with vectorizable_rounding(target):
+        lib = tvm.compile(mod, target=target)
+    asm = (lib.mod if hasattr(lib, "mod") else lib).inspect_source("asm")
+    assert "vpdpwssd" in asm or "vpmulld" in asm  # the products are there
+    assert "vpextrb" not in asm and "vpinsrb" not in asm
+
+
+def test_requantizing_epilogue_rounds_as_a_vector():
+    """After TVM's VectorizeLoop the epilogue's round-half-to-even is one vector op: TVM
+    0.27 scalarizes ``nearbyint`` unless told it vectorizes (``vector_rounding``), and
+    LLVM did not always rebuild the vector (mobilenet_v2's first depthwise kernel: 16
+    byte stores per pixel)."""
+    from onnxforge.kernels.vector_rounding import vectorizable_rounding
+
+    mod, target = _depthwise_kernel(32, 16)
+    lowered = []
+
+    @tvm.ir.instrument.pass_instrument
+    class AfterVectorize:
+        def run_after_pass(self, module, info):
+            if "VectorizeLoop" in info.name and not lowered:
+                lowered.append(module.script())
+
+    with tvm.transform.PassContext(instruments=[AfterVectorize()]), \
+            vectorizable_rounding(target):
+        tvm.compile(mod, target=target)
+    rounding = [line for line in lowered[0].splitlines() if "nearbyint" in line]
+    assert rounding
+    assert all("float32x16" in line for line in rounding), rounding[0][:200]
+
+
+def test_nearbyint_vectorizes_only_while_an_llvm_target_builds():
+    from onnxforge.kernels.vector_rounding import vectorizable_rounding
+
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    before = op.get_attr("TVectorizable")
+    with vectorizable_rounding(tvm.target.Target({"kind": "llvm"})):
+        assert op.get_attr("TVectorizable")
+        with vectorizable_rounding(tvm.target.Target({"kind": "llvm"})):  # nested
+            assert op.get_attr("TVectorizable")
+        assert op.get_attr("TVectorizable")
+    assert op.get_attr("TVectorizable") == before
+    with vectorizable_rounding(tvm.target.Target({"kind": "cuda"})):
+        assert op.get_attr("TVectorizable") == before  # CUDA prints nearbyintf per call
+
+
+def qdq_chain(first, second, residual: bool = False) -> onnx.ModelProto:
+    """Two ``qdq_conv`` layers one after the other (the second's input is the first's
+    dequantized output), optionally + residual and a final Q/DQ."""
     nodes = list(first.graph.node)
-    rename = {n: f"b_{n}" for n in ["wq", "sw", "zw", "bq", "sb", "zb", "sy", "zy", "xq", "xd",
-                                    "wd", "bd", "c", "yq", "y", "sx", "zx"]}
+    names = {i.name for i in second.graph.initializer}
+    names |= {n for node in second.graph.node for n in [*node.input, *node.output]}
+    rename = {n: f"b_{n}" for n in names - {"x"}}
     inits = list(first.graph.initializer)
     for init in second.graph.initializer:
         copy = onnx.TensorProto()
@@ -279,20 +348,34 @@ def test_two_layer_residual_chain_stays_int8_and_verifies(tmp_path):
         copy.name = rename[init.name]
         inits.append(copy)
     for node in second.graph.node:
-        new = helper.make_node(node.op_type, [rename.get(i, i) if i != "x" else "y"
+        new = helper.make_node(node.op_type, [rename[i] if i != "x" else "y"
                                               for i in node.input],
                                [rename[o] for o in node.output])
         new.attribute.extend(node.attribute)
         nodes.append(new)
-    nodes += [helper.make_node("Add", ["y", "b_y"], ["s"]),
-              helper.make_node("QuantizeLinear", ["s", "sy", "zy"], ["sq"]),
-              helper.make_node("DequantizeLinear", ["sq", "sy", "zy"], ["out"])]
+    out = "b_y"
+    if residual:
+        nodes += [helper.make_node("Add", ["y", "b_y"], ["s"]),
+                  helper.make_node("QuantizeLinear", ["s", "sy", "zy"], ["sq"]),
+                  helper.make_node("DequantizeLinear", ["sq", "sy", "zy"], ["out"])]
+        out = "out"
+    shape = [d.dim_value for d in second.graph.output[0].type.tensor_type.shape.dim]
     graph = helper.make_graph(nodes, "chain", list(first.graph.input),
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT,
-                                                             [1, 16, 9, 9])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, shape)],
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model
+
+
+def test_two_layer_residual_chain_stays_int8_and_verifies(tmp_path):
+    """conv -> conv -> + residual, all quantized: both convs integer, no float conv left,
+    and compile's default verification (the QDQ tolerance rule) passes."""
+    from onnxforge import api
+
+    first, _ = qdq_conv(ic=16, oc=16, relu=True, seed=1)
+    second, _ = qdq_conv(ic=16, oc=16, relu=False, seed=2)
+    model = qdq_chain(first, second, residual=True)
     onnx.checker.check_model(model)
     path = tmp_path / "chain.onnx"
     onnx.save(model, path)

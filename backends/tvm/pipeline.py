@@ -40,6 +40,7 @@ from ...errors import (
 from ...kernels.int8_intrin import intrinsic_for
 from ...kernels.schedule_configs import target_class
 from ...kernels.sparse_matmul import break_even
+from ...kernels.vector_rounding import vectorizable_rounding
 from ..targets import (
     plain_target_dict,
     preset_name,
@@ -400,7 +401,7 @@ def _build(mod, target, lower: Sequence, opt_level: int, label: str):
     import tvm
 
     try:
-        with tvm.transform.PassContext(opt_level=opt_level):
+        with tvm.transform.PassContext(opt_level=opt_level), vectorizable_rounding(target):
             return tvm.compile(mod, target=target, relax_pipeline=sequential(lower))
     except Exception as exc:
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
