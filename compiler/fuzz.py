@@ -16,6 +16,13 @@ For graph `index` of `seed` (`onnxforge.random_graphs.generate_graph`):
    the QDQ model compiled for the target (integer kernels, NHWC where every conv is
    integer) and checked against onnxruntime on the same QDQ file with compile's own
    QDQ tolerance (`run_int8_stage`).
+5. Stages `prune`, `lowrank`, `sparse` (opt-in, `lossy`): each lossy pass on the graph
+   after `cleanup,fuse`, with oracles for each (the pruned model equals the original
+   with the removed channels masked, a full-rank decomposition equals the original, the
+   sparsified weights are the original's with whole blocks zeroed), the reported error
+   against the measured one, and the result compiled for the host (dense, and for
+   `sparse` with the sparse kernels forced on) against onnxruntime on the same file
+   (`onnxforge.fuzz_lossy`).
 
 Outputs are compared with `onnxforge.verify`'s metrics, accumulated over the input sets
 (3 by default: N(0,1) twice and N(0,9) once): equal means relative L2 <= rtol or every
@@ -59,6 +66,7 @@ from onnx import helper, shape_inference
 
 from . import safe_write
 from .errors import one_line
+from .fuzz_lossy import LOSSY_STAGES, run_lossy_stage
 from .random_graphs import RandomGraph, describe_model, generate_graph, random_inputs
 from .worker import SpawnedWorker, WorkerGone, serve
 
@@ -66,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 STATUSES = ("correct", "refused", "wrong", "crash")
 SEVERITY = {"correct": 0, "skipped": 0, "refused": 1, "crash": 2, "wrong": 3}
-STAGES = ("pipeline", "compile", "int8")
+STAGES = ("pipeline", "compile", "int8", *LOSSY_STAGES)
 DEFAULT_PIPELINE = "cleanup,fuse"
 RTOL = 1e-4
 ATOL = 1e-6
@@ -83,6 +91,7 @@ class StageResult:
     rel: float | None = None  # max |got - ref| / max |ref|, worst output and input set
     rel_l2: float | None = None  # ||got - ref|| / ||ref||, worst output
     seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the sparse ops a stage ran
 
 
 @dataclass
@@ -311,14 +320,19 @@ def run_pipeline_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray
 
 def run_compile_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
                       references: list[dict[str, np.ndarray]], target: str = "host",
-                      rtol: float = RTOL) -> StageResult:
-    """compile_model with its defaults, run every input set (the first one twice)."""
+                      rtol: float = RTOL, sparse_break_even: dict | None = None
+                      ) -> StageResult:
+    """compile_model with its defaults (or the given sparse break-even table), run every
+    input set (the first one twice); the compile report's `sparse` entry goes to `extra`."""
     from .backends.tvm import compile_model
 
     start = time.perf_counter()
     shapes = {name: tuple(array.shape) for name, array in inputs[0].items()}
+    sparse: dict[str, Any] = {}
     try:
-        artifact = compile_model(model, target, input_shapes=shapes, threads=1)
+        artifact = compile_model(model, target, input_shapes=shapes, threads=1,
+                                 sparse_break_even=sparse_break_even)
+        sparse = artifact.report.get("sparse", {})
         got = [artifact.run(feed, threads=1) for feed in inputs]
         again = artifact.run(inputs[0], threads=1)
     except Exception as exc:  # noqa: BLE001 - classified, never raised
@@ -340,6 +354,7 @@ def run_compile_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]
                     f"the same input ({what})")
             result = StageResult("wrong", note + ("; " + result.detail if result.detail else ""),
                                  result.rel, result.rel_l2)
+    result.extra = {"sparse": sparse} if sparse else {}
     result.seconds = time.perf_counter() - start
     return result
 
@@ -420,6 +435,9 @@ def check_task(task: dict[str, Any], report: Callable[[str, Any], None] = lambda
                                   task.get("target", "host"), task["rtol"])
         elif stage == "int8":
             r = run_int8_stage(model, task["inputs"], task.get("target", "host"))
+        elif stage in LOSSY_STAGES:
+            r = run_lossy_stage(stage, model, task["inputs"], task.get("target", "host"),
+                                task["rtol"])
         else:
             raise ValueError(f"unknown stage {stage!r}")
         out[stage] = asdict(r)
@@ -691,8 +709,8 @@ def _error_kind(detail: str) -> str:
 
 
 def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None = None,
-             compile: bool = True, int8: bool = False, pipeline: str = DEFAULT_PIPELINE,
-             timeout: float = 60.0,
+             compile: bool = True, int8: bool = False, lossy: bool = False,
+             pipeline: str = DEFAULT_PIPELINE, timeout: float = 60.0,
              out_dir: str | os.PathLike | None = None, shrink: bool = False,
              shrink_checks: int = 60, rtol: float = RTOL, start: int = 0,
              progress: Callable[[GraphResult, FuzzSummary], None] | None = None,
@@ -700,12 +718,14 @@ def run_fuzz(seed: int = 0, count: int = 100, *, families: Sequence[str] | None 
              ) -> FuzzSummary:
     """Check graphs `start .. start+count-1` of `seed`; failing ones go to `out_dir` as
     `<seed>-<index>.onnx` (and `.min.onnx` when shrunk), listed in `summary.txt`.
-    `time_budget` (seconds) stops the run early; `summary.stopped_early` says so."""
-    stages = ["pipeline"] + (["compile"] if compile else []) + (["int8"] if int8 else [])
+    `time_budget` (seconds) stops the run early; `summary.stopped_early` says so.
+    `lossy` adds the prune, lowrank and sparse stages (`onnxforge.fuzz_lossy`)."""
+    stages = ["pipeline"] + (["compile"] if compile else []) + (["int8"] if int8 else []) \
+        + (list(LOSSY_STAGES) if lossy else [])
     summary = FuzzSummary(seed, count, stages)
     out = Path(out_dir) if out_dir is not None else None
     own_worker = worker is None
-    worker = worker or FuzzWorker(timeout=timeout, preload_tvm=compile or int8)
+    worker = worker or FuzzWorker(timeout=timeout, preload_tvm=compile or int8 or lossy)
     began = time.perf_counter()
     try:
         for index in range(start, start + count):
@@ -808,6 +828,15 @@ def report_renderables(summary: FuzzSummary) -> list[Any]:
                       if r.stages[s].status == "refused")
     if refused:
         out.append(Text("refusals: " + "; ".join(f"{n}x {k}" for k, n in refused.most_common(8))))
+    sparse = [r.stages["sparse"].extra for r in summary.results if "sparse" in r.stages]
+    if sparse:
+        kinds: Counter = Counter()
+        for extra in sparse:
+            kinds.update(extra.get("sparse_kernels", {}))
+        used = sum(1 for extra in sparse if extra.get("sparse_ops"))
+        out.append(Text(f"sparse kernels forced on: {used} of {len(sparse)} graphs ran "
+                        f"{sum(kinds.values())} ops on them ("
+                        + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")"))
     classes = failure_classes(summary)
     if classes:
         table = Table(title=f"Failure classes ({len(summary.failures)} failing graphs)",

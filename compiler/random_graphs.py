@@ -20,7 +20,8 @@ and reshape (pairs that restore the layout), slice (negative indices and steps),
 (constant with any value, reflect, edge, wrap; asymmetric; often followed by a Conv),
 pool (MaxPool/AveragePool with pads, ceil_mode, dilation, count_include_pad), gap
 (GlobalAveragePool, squeeze-excitation), resize (nearest and linear, scales or sizes),
-split, concat, residual.
+split, concat, residual; opt-in (only when named): prunable (Conv -> act -> Conv or
+MatMul -> Relu -> MatMul around a hidden width of 8-32, for the lossy stages).
 """
 
 from __future__ import annotations
@@ -719,6 +720,84 @@ def residual(b: GraphBuilder, x: str, keep: str | None = None, earlier: Sequence
     return b.op(op, x, other) if _chance(rng, 0.7) else b.op(op, other, x)
 
 
+def _hidden_structure(b: GraphBuilder, x: str, y: str, hidden: int) -> str:
+    """What sits between the two layers of `prunable`, on the hidden channels: nothing, a
+    depthwise or grouped conv, a residual 1x1 conv, a Concat with a second branch of the
+    block's input, a channel Split rejoined in another order, a channel Slice, a MaxPool."""
+    rng = b.rng
+    kind = _pick(rng, ["plain", "depthwise", "grouped", "residual", "concat", "split", "slice",
+                       "pool"], [3, 1, 1, 1, 1, 1, 1, 1])
+    if kind == "depthwise":
+        return b.op("Conv", y, b.floats((hidden, 1, 3, 3), 1.0 / 3), kernel_shape=[3, 3],
+                    pads=[1, 1, 1, 1], group=hidden)
+    if kind == "grouped":
+        g = int(_pick(rng, [2, 4]))
+        return b.op("Conv", y, b.floats((hidden, hidden // g, 1, 1), math.sqrt(g / hidden)),
+                    b.floats((hidden,), 0.5, "bias"), kernel_shape=[1, 1], group=g)
+    if kind == "residual":
+        z = b.op("Conv", y, b.floats((hidden, hidden, 1, 1), 1.0 / math.sqrt(hidden)),
+                 kernel_shape=[1, 1])
+        return b.op("Add", y, z) if _chance(rng, 0.5) else b.op("Add", z, y)
+    if kind == "concat":
+        c = b.shapes[x][1]
+        other = b.op("Conv", x, b.floats((8, c, 1, 1), 1.0 / math.sqrt(c)), kernel_shape=[1, 1])
+        return b.op("Concat", *([y, other] if _chance(rng, 0.5) else [other, y]), axis=1)
+    if kind == "split":
+        parts = b.add("Split", [y, b.ints([hidden // 2, hidden - hidden // 2], "split")], 2,
+                      axis=1)
+        return b.op("Concat", b.op("Sigmoid", parts[1]), parts[0], axis=1)
+    if kind == "slice":
+        start = int(rng.integers(0, hidden // 2))
+        return b.op("Slice", y, b.ints([start], "starts"), b.ints([hidden], "ends"),
+                    b.ints([1], "axes"))
+    if kind == "pool":
+        return b.op("MaxPool", y, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    return y
+
+
+def prunable(b: GraphBuilder, x: str, keep: str | None = None) -> str:
+    """Two weight layers around a hidden width of 8-32 that `prune`, `lowrank` and
+    `sparsify` can cut, sized for the sparse kernels' blocks: Conv (1x1 or 3x3, stride 1)
+    -> activation [-> BatchNormalization] [-> a structure pruning must follow:
+    `_hidden_structure`] -> Conv (or, changing the shape, GlobalAveragePool -> Flatten ->
+    Gemm, a classifier head); or MatMul (+ bias) -> Relu -> MatMul on the rows of a
+    [C*H, W] reshape."""
+    rng = b.rng
+    _, c, h, w = b.shapes[x]
+    hidden = int(_pick(rng, [8, 16, 16, 24, 32]))
+    if _chance(rng, 0.7):
+        k = int(_pick(rng, [1, 3, 3]))
+        inputs = [x, b.floats((hidden, c, k, k), 1.0 / math.sqrt(c * k * k))]
+        if _chance(rng, 0.7):
+            inputs.append(b.floats((hidden,), 0.5, "bias"))
+        y = b.op("Conv", *inputs, kernel_shape=[k, k], pads=[k // 2] * 4)
+        y = b.op(_pick(rng, ["Relu", "Relu", "HardSwish", "Sigmoid"]), y)
+        if _chance(rng, 0.3):
+            y = batchnorm(b, y)
+        if _chance(rng, 0.5):
+            y = _hidden_structure(b, x, y, hidden)
+        width = b.shapes[y][1]
+        if keep is None and _chance(rng, 0.15):  # classifier head: [1, out, 1, 1]
+            out = int(_pick(rng, [8, 16]))
+            flat = b.op("Flatten", b.op("GlobalAveragePool", y), axis=1)
+            trans_b = _chance(rng, 0.5)
+            weight = b.floats((out, width) if trans_b else (width, out), 1.0 / math.sqrt(width))
+            g = b.op("Gemm", flat, weight, b.floats((out,), 0.5, "bias"), transB=int(trans_b))
+            return _check_size(b, b.op("Reshape", g, b.ints([1, out, 1, 1], "shape")))
+        out = c if keep == "shape" else int(_pick(rng, [c, 8, 16]))
+        k = int(_pick(rng, [1, 3, 3]))
+        inputs = [y, b.floats((out, width, k, k), 1.0 / math.sqrt(width * k * k))]
+        if _chance(rng, 0.7):
+            inputs.append(b.floats((out,), 0.5, "bias"))
+        return _check_size(b, b.op("Conv", *inputs, kernel_shape=[k, k], pads=[k // 2] * 4))
+    k = w if keep == "shape" else int(_pick(rng, [w, 8, 16]))
+    r = b.op("Reshape", x, b.ints([c * h, w], "shape"))
+    m = b.op("MatMul", r, b.floats((w, hidden), 1.0 / math.sqrt(w)))
+    m = b.op("Relu", b.op("Add", m, b.floats((hidden,), 0.5, "bias")))
+    m = b.op("MatMul", m, b.floats((hidden, k), 1.0 / math.sqrt(hidden)))
+    return _check_size(b, b.op("Reshape", m, b.ints([1, c, h, k], "shape")))
+
+
 BranchFamily = Callable[..., str]
 
 FAMILIES: dict[str, tuple[float, BranchFamily]] = {
@@ -743,11 +822,15 @@ FAMILIES: dict[str, tuple[float, BranchFamily]] = {
     "split": (1.5, split),
     "concat": (2, concat),
     "residual": (3, residual),
+    "prunable": (3, prunable),
 }
+# Drawn only when named (`--ops`, the lossy stages' samples): the default draw, and so
+# every graph of an earlier seed, stays what it was.
+OPT_IN_FAMILIES = ("prunable",)
 JOIN_FAMILIES = ("split", "concat", "residual")
 # Families a branch may use when it must keep the shape (or N/H/W) of its input.
 BRANCH_FAMILIES = ("conv", "batchnorm", "act", "gelu", "chain", "binary", "matmul", "softmax",
-                   "layernorm", "transpose", "reshape", "pool", "gap", "gemm")
+                   "layernorm", "transpose", "reshape", "pool", "gap", "gemm", "prunable")
 
 
 def _branch(b: GraphBuilder, x: str, keep: str, allowed: Sequence[str]) -> str:
@@ -775,7 +858,8 @@ def _branch(b: GraphBuilder, x: str, keep: str, allowed: Sequence[str]) -> str:
 
 
 def family_names() -> list[str]:
-    return list(FAMILIES)
+    """The default draw: every family but the opt-in ones."""
+    return [f for f in FAMILIES if f not in OPT_IN_FAMILIES]
 
 
 def parse_families(text: str | Sequence[str] | None) -> list[str]:

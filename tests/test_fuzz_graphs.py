@@ -10,6 +10,7 @@ compile (defaults) in one worker process and requires no wrong result and no cra
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections import Counter
 
 import numpy as np
@@ -19,6 +20,7 @@ from onnxforge import fuzz
 from onnxforge.errors import BackendError, PassFailedError, UnsupportedOpError
 from onnxforge.random_graphs import (
     FAMILIES,
+    OPT_IN_FAMILIES,
     describe_model,
     generate_graph,
     parse_families,
@@ -68,7 +70,8 @@ def test_every_family_is_drawn_and_runs_in_onnxruntime():
 
 def test_family_filter():
     assert parse_families("conv, pad") == ["conv", "pad"]
-    assert parse_families("") == list(FAMILIES)
+    assert parse_families("") == [f for f in FAMILIES if f not in OPT_IN_FAMILIES]
+    assert "prunable" in OPT_IN_FAMILIES and parse_families("prunable") == ["prunable"]
     with pytest.raises(ValueError, match="unknown op families"):
         parse_families("conv,nope")
     for index in range(10):
@@ -180,6 +183,20 @@ def test_shrinker_drops_a_prefix_that_restores_the_input_shape():
     assert [n.op_type for n in small.graph.node] == ["Relu"]
 
 
+def _off_by_five_percent(real_compile, when=lambda kwargs: True):
+    """compile_model whose artifacts (those `when` its keyword arguments say) return
+    outputs 5 % too large."""
+    def compile_model(*args, **kwargs):
+        artifact = real_compile(*args, **kwargs)
+        if when(kwargs):
+            run = artifact.run
+            artifact.run = lambda feed, **kw: {k: v * np.float32(1.05) for k, v in
+                                               run(feed, **kw).items()}
+        return artifact
+
+    return compile_model
+
+
 INT8_FAMILIES = ["conv", "act", "residual", "concat", "pool", "gap", "gemm", "matmul", "pad"]
 
 
@@ -206,17 +223,161 @@ def test_int8_stage_reports_wrong_code(monkeypatch):
     """The int8 stage can fail: an artifact whose outputs are off by 5 % is `wrong`."""
     import onnxforge.backends.tvm as tvm_backend
 
-    real_compile = tvm_backend.compile_model
-
-    def off_by_five_percent(*args, **kwargs):
-        artifact = real_compile(*args, **kwargs)
-        run = artifact.run
-        artifact.run = lambda feed, **kw: {k: v * np.float32(1.05) for k, v in
-                                           run(feed, **kw).items()}
-        return artifact
-
-    monkeypatch.setattr(tvm_backend, "compile_model", off_by_five_percent)
+    monkeypatch.setattr(tvm_backend, "compile_model", _off_by_five_percent(
+        tvm_backend.compile_model))
     case = fuzz.valid_case(FUZZ_SEED, 0, ["conv"])
     result = fuzz.run_int8_stage(case.graph.model, case.inputs)
     assert result.status == "wrong", result
     assert "differs from onnxruntime" in result.detail
+
+
+# ---------------------------------------------------------------------- lossy stages
+
+NEEDS_TVM = pytest.mark.skipif(importlib.util.find_spec("tvm") is None,
+                               reason="apache-tvm is not installed (pip install -e '.[tvm]')")
+LOSSY_FAMILIES = ["prunable", "prunable", "conv", "act", "residual", "concat", "gemm",
+                  "matmul", "batchnorm", "pool"]
+LOSSY_COUNT = 14
+
+
+def _lossy_case(index: int = 0):
+    """A graph with prunable layers (conv -> act -> conv or an MLP) and its base."""
+    from onnxforge.fuzz_lossy import LossyCase
+
+    for i in range(index, index + 40):
+        case = fuzz.valid_case(FUZZ_SEED, i, ["prunable"])
+        if case is not None and sum(n.op_type == "Conv" for n in case.graph.model.graph.node) >= 2:
+            return LossyCase(case.graph.model, case.inputs)
+    raise AssertionError("no conv -> conv graph drawn")
+
+
+def test_sparsity_record_check_catches_changed_weights():
+    """Without recover, a weight sparsify touched must be the original with zeros only."""
+    from onnx import numpy_helper
+    from onnxforge.fuzz_lossy import Wrong, check_sparsity_record
+    from onnxforge.passes.sparsity.metadata import SPARSITY_KEY
+
+    base = _lossy_case().base_proto
+    name = next(t.name for t in base.graph.initializer if t.dims and len(t.dims) == 4)
+    w = numpy_helper.to_array(next(t for t in base.graph.initializer if t.name == name)).copy()
+    w.reshape(w.shape[0], -1)[:, :1] = 0  # one zero column
+    sparse = onnx.ModelProto()
+    sparse.CopyFrom(base)
+    entry = {"pattern": "unstructured", "sparsity": float(np.mean(w == 0)), "shape": list(w.shape)}
+    onnx.helper.set_model_props(sparse, {SPARSITY_KEY: json.dumps({name: entry})})
+
+    def with_weight(array):
+        for t in sparse.graph.initializer:
+            if t.name == name:
+                t.CopyFrom(numpy_helper.from_array(array, name))
+        return sparse
+
+    assert check_sparsity_record(base, with_weight(w), recover=False)
+    changed = w.copy()
+    changed.flat[-1] *= 1.5  # a kept weight moved
+    with pytest.raises(Wrong, match="changed beyond the zeros"):
+        check_sparsity_record(base, with_weight(changed), recover=False)
+    assert check_sparsity_record(base, with_weight(changed), recover=True)  # a refit may
+    entry["sparsity"] = 0.9
+    onnx.helper.set_model_props(sparse, {SPARSITY_KEY: json.dumps({name: entry})})
+    with pytest.raises(Wrong, match="sparsity record"):
+        check_sparsity_record(base, with_weight(w), recover=True)
+
+
+def test_prune_check_catches_corrupted_pruned_weights(monkeypatch):
+    """The prune stage can fail: a pruned conv weight off by 10 % no longer equals the
+    original with the removed channels masked, and a misreported error is caught."""
+    import onnxforge.passes.pruning.prune as prune_module
+    from onnxforge import pass_manager
+    from onnxforge.fuzz_lossy import Wrong, run_prune_check
+    from onnxforge.ir import constant_array
+    from onnxforge.passes.pruning.apply import set_constant
+
+    case = _lossy_case()
+    text = "prune(ratio=0.5,criterion=l2,recover=false,round_to=1)"
+    detail, _ = run_prune_check(case, text)  # the real pass passes
+    assert "units removed" in detail and not detail.startswith("0 ")
+
+    real_apply = prune_module.apply_plan
+
+    def corrupting_apply(work, analysis, removed):
+        stats = real_apply(work, analysis, removed)
+        conv = next(n for n in reversed(list(work.graph)) if n.op_type == "Conv")
+        set_constant(conv.inputs[1], constant_array(conv.inputs[1]) * np.float32(1.1))
+        return stats
+
+    monkeypatch.setattr(prune_module, "apply_plan", corrupting_apply)
+    with pytest.raises(Wrong, match="removed channels masked"):
+        run_prune_check(case, text)
+    monkeypatch.undo()
+
+    real_compare = pass_manager.compare_models
+
+    def halved(*args, **kwargs):
+        comparison = real_compare(*args, **kwargs)
+        for output in comparison.outputs:
+            output.rel_l2 *= 0.5
+        return comparison
+
+    monkeypatch.setattr(pass_manager, "compare_models", halved)
+    with pytest.raises(Wrong, match="reported error"):
+        run_prune_check(case, text)
+
+
+def test_lowrank_exact_mode_catches_a_wrong_factor(monkeypatch):
+    """A full-rank decomposition must equal the original: factors off by 1 % are caught."""
+    from onnxforge.fuzz_lossy import Wrong, run_lowrank_check
+    from onnxforge.passes.lowrank.lowrank import LowRankPass
+
+    case = _lossy_case()
+    text = "lowrank(rank=full,margin=-100,round_to=1,data_aware=false,guard=false)"
+    assert "layers decomposed" in run_lowrank_check(case, text, exact=True)[0]
+    real_factors = LowRankPass._factors
+
+    def off(self, layer, plan, ranks):
+        factors, approx = real_factors(self, layer, plan, ranks)
+        factors = list(factors)
+        k = next(i for i, f in enumerate(factors) if f is not None)  # a merged mode is None
+        factors[k] = factors[k] * np.float32(1.01)
+        return tuple(factors), approx
+
+    monkeypatch.setattr(LowRankPass, "_factors", off)
+    with pytest.raises(Wrong, match="full-rank decomposition"):
+        run_lowrank_check(case, text, exact=True)
+
+
+@pytest.mark.tvm
+@NEEDS_TVM
+def test_sparse_stage_reports_wrong_sparse_code(monkeypatch):
+    """The sparse stage can fail: sparse-compiled outputs off by 5 % are `wrong`."""
+    import onnxforge.backends.tvm as tvm_backend
+    from onnxforge.fuzz_lossy import FORCE_SPARSE, Wrong, run_sparse_check
+
+    case = _lossy_case()
+    text = "sparsify(0.7,pattern=block(1x4),keep=none,recover=false)"
+    detail, extra = run_sparse_check(case, text, recover=False)
+    assert extra["sparse_ops"] >= 1, detail
+    monkeypatch.setattr(tvm_backend, "compile_model", _off_by_five_percent(
+        tvm_backend.compile_model, lambda kw: kw.get("sparse_break_even") is FORCE_SPARSE))
+    with pytest.raises(Wrong, match="sparse kernels forced"):
+        run_sparse_check(case, text, recover=False)
+
+
+@pytest.mark.tvm
+@NEEDS_TVM
+def test_lossy_stages_on_a_sample(tmp_path):
+    """Random graphs with prunable layers through prune, lowrank and sparsify (options drawn
+    per graph), each checked by its oracle and compiled; the sparse kernels must run."""
+    pytest.importorskip("onnxforge.backends.tvm", reason="the TVM backend does not import")
+    summary = fuzz.run_fuzz(FUZZ_SEED, LOSSY_COUNT, families=LOSSY_FAMILIES, compile=False,
+                            lossy=True, timeout=GRAPH_TIMEOUT * 4, out_dir=tmp_path,
+                            time_budget=RUN_BUDGET)
+    assert not summary.failures, "\n".join(r.line() for r in summary.failures)
+    details = {s: [r.stages[s].detail for r in summary.results] for s in fuzz.LOSSY_STAGES}
+    assert sum("units removed" in d for d in details["prune"]) >= 3, details["prune"]
+    assert any("recover=false" in d and "units removed" in d
+               for d in details["prune"]), details["prune"]  # the masked oracle ran
+    assert sum("layers decomposed" in d for d in details["lowrank"]) >= 3, details["lowrank"]
+    assert any("rank=full" in d and "layers decomposed" in d for d in details["lowrank"])
+    sparse_ops = [r.stages["sparse"].extra.get("sparse_ops", 0) for r in summary.results]
+    assert sum(n > 0 for n in sparse_ops) >= 3, details["sparse"]  # the sparse kernels ran

@@ -14,6 +14,7 @@ death, or past --timeout). Graphs onnxruntime rejects are redrawn and counted ap
     python tools/fuzz_graphs.py --seed 0 --count 50 --no-compile --json fuzz.json
     python tools/fuzz_graphs.py --seed 0 --count 100 --shrink      # minimise failures
     python tools/fuzz_graphs.py --seed 0 --count 100 --int8        # + quantized, compiled
+    python tools/fuzz_graphs.py --seed 31 --count 150 --lossy      # + prune, lowrank, sparse
 
 Failing graphs are written to --out as `<seed>-<index>.onnx` (`.min.onnx` when shrunk),
 with `summary.txt` holding one line per failure. Exits 1 if any graph is wrong or crashes.
@@ -28,7 +29,7 @@ import sys
 from pathlib import Path
 
 from onnxforge.fuzz import DEFAULT_PIPELINE, RTOL, print_report, run_fuzz
-from onnxforge.random_graphs import parse_families
+from onnxforge.random_graphs import FAMILIES, parse_families
 from rich.console import Console
 
 
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also quantize each graph (cleanup,fuse,quantize(int8), random "
                         "calibration) and check its compiled integer code against "
                         "onnxruntime on the QDQ file")
+    parser.add_argument("--lossy", action="store_true",
+                        help="also run prune, lowrank and sparsify on each graph (options drawn "
+                        "per graph) with their oracles, and compile each result (sparsify's "
+                        "with the sparse kernels forced on) against onnxruntime on the same "
+                        "file; without --ops the draw adds the opt-in 'prunable' family")
     parser.add_argument("--pipeline", default=DEFAULT_PIPELINE)
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds per graph (all stages) before its worker is killed")
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default="", help="op families to draw from, comma separated "
                         "(default all): conv,convtranspose,batchnorm,act,gelu,chain,binary,"
                         "matmul,gemm,softmax,layernorm,transpose,reshape,slice,pad,pool,gap,"
-                        "resize,split,concat,residual")
+                        "resize,split,concat,residual; opt-in: prunable")
     parser.add_argument("--rtol", type=float, default=RTOL)
     parser.add_argument("--shrink", action="store_true",
                         help="reduce each failing graph while it fails the same way")
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         families = parse_families(args.ops)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.lossy and not args.ops:
+        families = list(FAMILIES)  # with the layers the lossy passes cut
     logging.basicConfig(level=logging.WARNING)
     err = Console(stderr=True)
 
@@ -75,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({result.seconds:.1f} s){mark}", highlight=False)
 
     summary = run_fuzz(args.seed, args.count, families=families, compile=args.compile,
-                       int8=args.int8, pipeline=args.pipeline, timeout=args.timeout,
+                       int8=args.int8, lossy=args.lossy, pipeline=args.pipeline,
+                       timeout=args.timeout,
                        out_dir=args.out,
                        shrink=args.shrink, shrink_checks=args.shrink_checks, rtol=args.rtol,
                        start=args.start, progress=progress)
