@@ -101,7 +101,7 @@ def _group_ratio(prune: PrunePass, layer: str) -> float:
     return sum(u.id in chosen for u in g.units) / len(g.units)
 
 
-def test_sensitivity_prunes_the_redundant_group_and_beats_threshold():
+def test_sensitivity_spares_the_dense_group_and_beats_threshold():
     base, shapes, calib, held_out = _setup(twins_next_to_dense(), count=32)
     ratios, errors = {}, {}
     for how in ("sensitivity", "threshold"):
@@ -110,8 +110,11 @@ def test_sensitivity_prunes_the_redundant_group_and_beats_threshold():
         p._base = base
         ratios[how] = (_group_ratio(p, "twin"), _group_ratio(p, "dense"))
         errors[how] = _error(base, model, held_out)
-    twin, dense = ratios["sensitivity"]
-    assert twin >= dense + 0.2, ratios  # the twins go first, the dense group (nearly) stays
+    # the dense group (every channel matters) stays whole; threshold cuts it. The cut
+    # goes to the twin and mix groups: with the smallest move that reaches the target
+    # (`allocate`), `mix` takes most of it (twins 1 channel, mix 6: held-out error 0.18;
+    # before, twins 4 and mix 4 overshot to 34 % MACs at 0.21; threshold 0.26)
+    assert ratios["sensitivity"][1] == 0.0 and ratios["threshold"][1] > 0.2, ratios
     assert errors["sensitivity"] < errors["threshold"], (errors, ratios)
 
 
@@ -186,6 +189,20 @@ def test_allocate_takes_the_cheapest_error_per_cost():
     assert allocate(counts, errors, removed, 0.6) == [1, 2]
     # an unmeasurable group (inf) is never cut; the target is then not reached
     assert allocate(counts, [[0.0, np.inf, np.inf], errors[1]], removed, 0.6) == [0, 2]
+
+
+def test_allocate_does_not_overshoot_the_target():
+    """Error growing slower than the cut (each channel costs less than the last) made the
+    largest cut the cheapest per MAC: macs=0.2 removed 75 % (fuzzer, seed 33 graph 9).
+    The smallest cut that reaches the target is taken instead."""
+    counts = [[0, 1, 3, 4, 6, 8, 9, 11, 12]]  # 16 channels, ratios 10 % ... 80 %
+    errors = [[0.0, 0.01, 0.025, 0.03, 0.04, 0.05, 0.055, 0.065, 0.07]]
+
+    def removed(choice):
+        return counts[0][choice[0]] / 16
+
+    assert counts[0][allocate(counts, errors, removed, 0.2)[0]] == 4  # 25 %, not 75 %
+    assert counts[0][allocate(counts, errors, removed, 0.5)[0]] == 8
 
 
 def cbr_chain(seed: int = 0):

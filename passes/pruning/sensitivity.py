@@ -434,6 +434,10 @@ def allocate(counts: list[list[int]], errors: list[list[float]], removed_fractio
     it stops when the exact removed fraction reaches the target or nothing is left.
     The per-move gains are measured once with every other group whole (a layer that
     loses inputs and outputs saves less than the sum; the stop test is exact).
+    A group's moves past its first one that reaches the target are not considered:
+    when the error grows slower than linearly in the units removed, the largest cut
+    has the best error per cost, and taking it overshot a 20 % MACs target to 75 %
+    (fuzzer: one conv group of 16 channels).
     """
     zero = [0] * len(counts)
     base = removed_fraction(zero)
@@ -458,6 +462,8 @@ def allocate(counts: list[list[int]], errors: list[list[float]], removed_fractio
                 cost = max(added, 0.0) / gain
                 if best is None or cost < best[0]:
                     best = (cost, gi, j)
+                if current + gain >= target:
+                    break  # larger moves of this group only overshoot
         if best is None:
             break
         choice[best[1]] = best[2]
