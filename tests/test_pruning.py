@@ -106,6 +106,20 @@ def test_recovery_beats_no_recovery_on_held_out_data(name):
     assert err_fixed < err_plain, (err_fixed, err_plain)
 
 
+def test_reported_params_count_the_biases_the_refit_adds():
+    """The refit gives a layer without a bias one: `params_after` counts the written model
+    (it was the cost model's count before the refit: fuzzer, 28 parameters short)."""
+    b = GraphBuilder(0)
+    h = b.relu(b.conv("x", 3, 16, bias=False, name="c1"))
+    y = b.conv(b.relu(b.conv(h, 16, 16, bias=False, name="c2")), 16, 4, k=1, name="head")
+    base, shapes, calib, _ = _setup(b.build([("x", [1, 3, 8, 8])], [y]), count=8)
+    model, prune, _ = _prune(base, shapes, calib, ratio=0.5)
+    assert prune.stats["refit_layers"] >= 1
+    assert any(n.op_type == "Conv" and len(n.inputs) == 3 and n.name != "head"
+               for n in model.graph)  # a refit layer got a bias
+    assert prune.stats["params_after"] == compute_metrics(model, shapes).params
+
+
 def test_grouped_conv_group_attribute_shrinks():
     base, shapes, calib, _ = _setup(CASES["depthwise_grouped"]())
     model, _, _ = _prune(base, shapes, calib, ratio=0.5, recover=False)
