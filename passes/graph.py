@@ -130,6 +130,20 @@ def remove_nodes(nodes: list[ir.Node]) -> None:
             graph.remove(node, safe=True)
 
 
+def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    """Remove an initializer or Constant node that nothing reads any more."""
+    if value is None or list(value.uses()) or value.is_graph_output():
+        return
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant":
+        graph.remove(producer, safe=True)
+        return
+    if value.is_initializer() and value.name in graph.initializers:
+        if value.is_graph_input():
+            graph.inputs.remove(value)
+        graph.initializers.pop(value.name)
+
+
 def remove_unused(model: ir.Model) -> None:
     """Dead-code elimination of nodes and initializers (onnx_ir's common pass)."""
     ir_common.RemoveUnusedNodesPass()(model)

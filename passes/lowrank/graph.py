@@ -321,17 +321,3 @@ def emit_chain(graph: ir.Graph, x: ir.Value, stages: list[Stage], prefix: str,
         nodes.append(node)
         current = out
     return nodes, current
-
-
-def drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
-    """Remove an initializer or Constant node that nothing reads any more."""
-    if value is None or list(value.uses()) or value.is_graph_output():
-        return
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant":
-        graph.remove(producer, safe=True)
-        return
-    if value.is_initializer() and value.name in graph.initializers:
-        if value.is_graph_input():
-            graph.inputs.remove(value)
-        graph.initializers.pop(value.name)

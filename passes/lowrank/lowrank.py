@@ -64,10 +64,10 @@ from ...errors import InputSpecError, OptionText, PipelineError
 from ...ir import add_initializer, constant_array, infer_shapes, load_model
 from ...shapes import model_inputs
 from ..base import ForgePass, option, register
+from ..graph import drop_if_unused
 from .graph import (
     Layer,
     decomposed_chain,
-    drop_if_unused,
     emit_chain,
     inspect_node,
     layer_key,

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...ir import add_initializer
-from ..graph import attr
+from ..graph import attr, drop_if_unused
 from .groups import (
     Analysis,
     Blocked,
@@ -165,8 +165,10 @@ def _fix_group(s: _Shapes, node: ir.Node, new_dim) -> int:
 
 def _new_shape_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray,
                      name: str) -> None:
+    old = node.inputs[index]
     value = add_initializer(graph, name, np.asarray(array, dtype=np.int64))
     node.replace_input_with(index, value)
+    drop_if_unused(graph, old)  # else the old constant stays in the file (fuzzer)
 
 
 def _fix_reshape(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
@@ -263,7 +265,9 @@ def _fix_split(s: _Shapes, graph: ir.Graph, node: ir.Node, new_dim) -> int:
     value = add_initializer(graph, f"{node.name or 'split'}_pruned_sizes",
                             np.array(new_sizes, dtype=np.int64))
     if len(node.inputs) > 1:
+        old = node.inputs[1]
         node.replace_input_with(1, value)
+        drop_if_unused(graph, old)
     else:
         node.resize_inputs(2)
         node.replace_input_with(1, value)
