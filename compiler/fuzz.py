@@ -66,7 +66,7 @@ from onnx import helper, shape_inference
 
 from . import safe_write
 from .errors import one_line
-from .fuzz_lossy import LOSSY_STAGES, run_lossy_stage
+from .fuzz_lossy import LOSSY_STAGES, lossy_options, run_lossy_stage
 from .random_graphs import RandomGraph, describe_model, generate_graph, random_inputs
 from .worker import SpawnedWorker, WorkerGone, serve
 
@@ -437,7 +437,7 @@ def check_task(task: dict[str, Any], report: Callable[[str, Any], None] = lambda
             r = run_int8_stage(model, task["inputs"], task.get("target", "host"))
         elif stage in LOSSY_STAGES:
             r = run_lossy_stage(stage, model, task["inputs"], task.get("target", "host"),
-                                task["rtol"])
+                                task["rtol"], task.get("lossy_options", {}).get(stage))
         else:
             raise ValueError(f"unknown stage {stage!r}")
         out[stage] = asdict(r)
@@ -687,7 +687,10 @@ def shrink_failure(result: GraphResult, case: FuzzCase, worker: FuzzWorker,
         reason, references = reference_problem(candidate, case.inputs)
         if reason:
             return False
-        got = worker.check(make_task(candidate, case.inputs, references, [want_stage], rtol))
+        task = make_task(candidate, case.inputs, references, [want_stage], rtol)
+        if want_stage in LOSSY_STAGES:  # the failing graph's pass options, not the candidate's
+            task["lossy_options"] = {want_stage: lossy_options(result.stages[want_stage].detail)}
+        got = worker.check(task)
         r = got.get(want_stage)
         if r is None or r.status != want_status:
             return False

@@ -375,9 +375,17 @@ def run_sparse_check(case: LossyCase, text: str, recover: bool) -> tuple[str, di
             {"sparse_ops": int(sparse.get("sparse_ops", 0)), "sparse_kernels": kinds})
 
 
+def lossy_options(detail: str) -> str | None:
+    """The pipeline text at the front of a lossy stage's detail (None if there is none)."""
+    head = detail.split(": ", 1)[0]
+    return head if re.fullmatch(r"(prune|lowrank|sparsify)\(.*\)", head) else None
+
+
 def run_lossy_stage(stage: str, model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
-                    target: str = "host", rtol: float = 1e-4):
-    """One lossy stage (`prune`, `lowrank`, `sparse`) of graph `model` as a StageResult."""
+                    target: str = "host", rtol: float = 1e-4, options: str | None = None):
+    """One lossy stage (`prune`, `lowrank`, `sparse`) of graph `model` as a StageResult;
+    `options` (pipeline text) replaces the options drawn from the graph (the shrinker
+    keeps the failing graph's)."""
     from .fuzz import StageResult, classify_exception
 
     start = time.perf_counter()
@@ -386,14 +394,14 @@ def run_lossy_stage(stage: str, model: onnx.ModelProto, inputs: list[dict[str, n
     try:
         case = LossyCase(model, inputs, target, rtol)
         if stage == "prune":
-            text = prune_options(rng)
+            text = options or prune_options(rng)
             detail, extra = run_prune_check(case, text)
         elif stage == "lowrank":
-            text, exact = lowrank_options(rng)
-            detail, extra = run_lowrank_check(case, text, exact)
+            text = options or lowrank_options(rng)[0]
+            detail, extra = run_lowrank_check(case, text, "rank=full" in text)
         elif stage == "sparse":
-            text, recover = sparsify_options(rng, case.base)
-            detail, extra = run_sparse_check(case, text, recover)
+            text = options or sparsify_options(rng, case.base)[0]
+            detail, extra = run_sparse_check(case, text, "recover=true" in text)
         else:
             raise ValueError(f"unknown lossy stage {stage!r}")
         result = StageResult("correct", f"{text}: {detail}", extra=extra)

@@ -251,6 +251,20 @@ def _lossy_case(index: int = 0):
     raise AssertionError("no conv -> conv graph drawn")
 
 
+def test_lossy_stage_options_are_kept_for_the_shrinker():
+    """A shrunk graph has other bytes, so other drawn options: the shrinker passes the
+    failing graph's options (the front of its detail) back to the stage."""
+    from onnxforge import fuzz_lossy
+    from onnxforge.fuzz_lossy import lossy_options
+
+    case = _lossy_case()
+    text = "prune(ratio=0.5,criterion=l1,recover=false,round_to=1)"
+    result = fuzz.run_lossy_stage("prune", case.base_proto, case.inputs, options=text)
+    assert result.status == "correct" and lossy_options(result.detail) == text, result
+    assert fuzz_lossy.prune_options(fuzz_lossy.graph_rng(case.base_proto, "prune")) != text
+    assert lossy_options("ValueError: boom") is None
+
+
 def test_sparsity_record_check_catches_changed_weights():
     """Without recover, a weight sparsify touched must be the original with zeros only."""
     from onnx import numpy_helper
