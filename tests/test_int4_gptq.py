@@ -279,9 +279,13 @@ def test_int4_conv_codes_packed_and_run_as_qlinearconv(tmp_path, rounding):
     model, stats = _run(proto, f"quantize(int4,convs=int4,rounding={rounding})", calib,
                         {"x": (1, 8, 10, 10)})
     assert stats["int4_codes"] == ["conv1", "conv2"] and stats["int4_codes_packed"] == 2
-    packed = {k: constant_array(v) for k, v in model.graph.initializers.items()
-              if k.endswith("_int4_codes")}
-    assert sorted(a.size for a in packed.values()) == [40, 576]  # 80 / 2, 1152 / 2 bytes
+    # One packed initializer for both weights: (80 + 1152) / 2 bytes, unpacked by one
+    # shared chain (a Split into the two weights, one Reshape each).
+    packed = [constant_array(v) for k, v in model.graph.initializers.items()
+              if k.startswith("int4_codes")]
+    assert [a.size for a in packed] == [616]
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Split") == 1 and ops.count("Mod") == 1 and ops.count("BitShift") == 1
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
     sess = ort.InferenceSession(to_proto(model).SerializeToString(), opts,
@@ -301,6 +305,76 @@ def test_int4_conv_codes_packed_and_run_as_qlinearconv(tmp_path, rounding):
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
     if rounding == "nearest":
         assert np.all(np.abs(w1_hat - w1).reshape(16, -1).max(1) <= step / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_int4_conv_codes_shared_unpack_odd_count_and_old_opset(opset):
+    """Two convs with 135 + 20 = 155 4-bit codes (odd: one padding code) share one packed
+    initializer and one unpack chain (Split by attribute before opset 13, by input after);
+    onnxruntime decodes every weight to the 4-bit grid within half a step of the float
+    weight (rounding to nearest): per channel at opset 17, per tensor at opset 11
+    (per_channel=false keeps the opset; per-channel scales would upgrade it to 13+)."""
+    rng = np.random.default_rng(5)
+    wa = (rng.standard_normal((5, 3, 3, 3)) / 4).astype(np.float32)
+    wb = (rng.standard_normal((4, 5, 1, 1)) / 2).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["ca"], name="conva", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["ca"], ["ra"], name="relua"),
+             helper.make_node("Conv", ["ra", "wb"], ["y"], name="convb")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", 1, [1, 4, 8, 8])],
+        [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb")]),
+        opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 7
+    calib = {"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)}
+    per_channel = "true" if opset >= 13 else "false"
+    model, stats = _run(proto, f"quantize(int4,convs=int4,per_channel={per_channel})", calib,
+                        {"x": (1, 3, 8, 8)})
+    assert stats["int4_codes_packed"] == 2 and model.opset_imports[""] == opset
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Mod") == 1 and ops.count("Split") == 1, ops
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert len(split.outputs) == 3  # the two weights and the padding code
+    assert ("split" in split.attributes) == (opset < 13)
+    from onnxforge.activations import ActivationReader
+
+    convs = {n.name: n for n in model.graph if n.op_type == "Conv"}
+    names = [convs[c].inputs[1].name for c in ("conva", "convb")]
+    decoded = ActivationReader(model, names).read(
+        {"x": np.zeros((1, 3, 8, 8), np.float32)}, names)
+    for w, name in ((wa, names[0]), (wb, names[1])):
+        w_hat = decoded[name]
+        rows = w.reshape(w.shape[0], -1)
+        step = (np.abs(rows).max(1, keepdims=True) if opset >= 13
+                else np.abs(rows).max(keepdims=True)) / 7
+        codes = w_hat.reshape(rows.shape) / step
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+        assert np.abs(codes).max() <= 7 + 1e-3
+        assert np.all(np.abs(w_hat.reshape(rows.shape) - rows) <= step / 2 + 1e-6)
+
+
+def test_quantize_drops_only_value_info_inference_finds_again():
+    """The file keeps no value_info that ONNX shape inference recomputes (int8 conv chain:
+    none at all, but the one the user wrote), and keeps what it cannot (the output of a
+    com.microsoft MatMulNBits and what depends on it), so the MACs are still counted."""
+    from onnxforge.ir import to_proto
+    from onnxforge.metrics import compute_metrics
+
+    rng = np.random.default_rng(3)
+    proto = _conv_chain()
+    proto.graph.value_info.append(helper.make_tensor_value_info("c1", 1, [1, 16, 10, 10]))
+    calib = {"x": rng.standard_normal((8, 8, 10, 10)).astype(np.float32)}
+    model, stats = _run(proto, "quantize(int8)", calib, {"x": (1, 8, 10, 10)})
+    assert stats["value_info_dropped"] > 5
+    assert [v.name for v in to_proto(model).graph.value_info] == ["c1"]
+    dense = _dense_model()
+    calib = {"x": _correlated(rng, 40, 100).reshape(8, 5, 100)}
+    model, _ = _run(dense, "quantize(int4,block=32)", calib, {"x": (2, 5, 100)})
+    kept = {v.name for v in to_proto(model).graph.value_info}
+    nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert nbits and all(n.outputs[0].name in kept for n in nbits if n.outputs[0].name != "y")
+    counted = compute_metrics(model, {"x": (2, 5, 100)})
+    assert not counted.unknown_mac_nodes and counted.macs == 2 * 5 * 100 * 48 + 10 * 48 * 24
 
 
 def _legal_weights(model) -> tuple[dict[str, np.ndarray], int]:
