@@ -54,7 +54,15 @@ def autocompress_command(
         "--max-accuracy-drop", help="Quality: top-1 accuracy drop at most this fraction "
         "(0.005 = 0.5 pt; needs labelled --verify-data).")] = None,
     backend: Annotated[str, typer.Option(
-        "--backend", "-b", help="Where latency is measured: ort (this machine).")] = "ort",
+        "--backend", "-b", help="Where latency is measured: ort (onnxruntime) or tvm (each "
+        "candidate compiled for --target, verified against onnxruntime, timed).")] = "ort",
+    target: Annotated[str, typer.Option(
+        "--target", help="TVM preset for --backend tvm (as `onnxforge compile -t`); it must "
+        "run on this machine.")] = "host",
+    proxy_latency: Annotated[str, typer.Option(
+        "--proxy-latency", help="--backend tvm: time the per-knob proxy tables on ort "
+        "(cheap; corrected on TVM measurements) or on the backend (one TVM compile "
+        "each).")] = "ort",
     threads: Annotated[int, typer.Option(
         "--threads", "-t", min=1, help="onnxruntime intra-op threads.")] = 1,
     input_shape: Annotated[list[str] | None, typer.Option(
@@ -100,7 +108,8 @@ def autocompress_command(
         model, calib, output, latency_ms=latency_ms, speedup=speedup, size_mb=size_mb,
         macs=macs, max_error=max_error, max_accuracy_drop=max_accuracy_drop,
         verify_data=verify_data, input_shapes=shapes or None, backend=backend,
-        threads=threads, time_budget=time_budget, max_candidates=max_candidates,
+        target=target, proxy_latency=proxy_latency, threads=threads,
+        time_budget=time_budget, max_candidates=max_candidates,
         cache_dir=cache_dir, seed=seed, force=force, report_path=report, kinds=kinds,
         console=err_console)
     render_result(result.report, console)
@@ -154,3 +163,6 @@ def render_result(report: dict[str, Any], out: Console) -> None:
               f"proxies {search['proxy_seconds']} s, stopped: {search['stopped'] or '-'}")
     for note in report["notes"]:
         out.print(f"note: {note}")
+    for row in report.get("rejected") or []:
+        out.print(f"rejected (never chosen): {row['pipeline'] or row['policy']}: "
+                  f"{cli_text(row['why'])}", markup=False)

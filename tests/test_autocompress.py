@@ -268,3 +268,79 @@ def test_cli_bad_budget_exit_code(files, tmp_path, monkeypatch, capsys):
     assert info.value.code == InputSpecError.exit_code
     assert "one budget, got --latency-ms and --speedup" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- TVM backend
+
+
+def test_real_tvm_backend_end_to_end_cli(files, tmp_path):
+    """--backend tvm for real: every candidate compiled, verified against ORT and timed
+    against the input model compiled the same way; the written model meets the size
+    budget and its outputs match the report."""
+    pytest.importorskip("tvm")
+    model, calib, verify = files
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(app, [
+        "autocompress", str(model), "--calib", str(calib), "--verify-data", str(verify),
+        "--backend", "tvm", "--target", "host", "--size-mb", "0.012", "--max-error", "0.3",
+        "-o", str(out), "--report", str(report), "--max-candidates", "2",
+        "--time-budget", "120", "--techniques", "bits"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    backend = data["backend"]
+    assert backend["name"] == "tvm:host" and backend["proxy_backend"] == "ort"
+    # the input model and each measured candidate compiled once (the final timing reuses)
+    measured = [c for c in data["candidates"] if not c.get("origin")]
+    assert backend["compiled"] == 1 + len(measured) and data["rejected"] == []
+    assert all(np.isfinite(c["latency_ratio"]) and c["latency_ratio"] > 0 for c in measured)
+    assert data["met"] and out.stat().st_size <= 0.012e6 < model.stat().st_size
+    assert data["final"]["latency_ms"] > 0 and data["final"]["speedup"] > 0
+    err = verify_models(model, out, data=str(verify), input_shapes=SHAPES, batches=16)
+    assert err.max_rel_l2 <= 0.3
+    assert abs(err.max_rel_l2 - data["final"]["rel_l2"]) < 1e-6
+
+
+def test_tvm_candidate_failing_verification_is_dropped(files, tmp_path, monkeypatch):
+    """The TVM check fails (injected) for the first candidate: it is reported as rejected
+    with the reason, has no latency, and is never chosen."""
+    pytest.importorskip("tvm")
+    import onnxforge.backends.tvm as tvm_backend
+
+    real = tvm_backend.verify_artifact
+    calls = []
+
+    def failing_once(artifact, model, **kw):
+        result = real(artifact, model, **kw)
+        calls.append(model)
+        if len(calls) == 2:  # the first is the input model; fail the first candidate
+            result.nondeterministic = ["y"]
+        return result
+
+    monkeypatch.setattr(tvm_backend, "verify_artifact", failing_once)
+    result = run(files, tmp_path, latency_backend=None, backend="tvm", size_mb=0.012,
+                 max_error=0.3, kinds=("bits",), max_candidates=3)
+    report = result.report
+    summary = [(c["policy"], c.get("size_bytes"), c.get("failed")) for c in report["candidates"]]
+    assert result.met, summary
+    assert len(report["rejected"]) == 1, summary
+    rejected = report["rejected"][0]
+    assert "failed verification" in rejected["why"] and "changed between two runs" \
+        in rejected["why"]
+    row = next(c for c in report["candidates"] if c["policy"] == rejected["policy"])
+    assert "latency_ratio" not in row and not row["chosen"]
+    chosen = next(c for c in report["candidates"] if c["chosen"])
+    assert chosen["policy"] != rejected["policy"] and np.isfinite(chosen["latency_ratio"])
+
+
+@pytest.mark.parametrize("target, message", [
+    ("cortex-a72", "qemu"), ("cuda-sm87", "no cuda device")])
+def test_tvm_targets_that_cannot_be_timed_here_are_refused(files, tmp_path, target, message):
+    pytest.importorskip("tvm")
+    with pytest.raises(InputSpecError, match=message):
+        run(files, tmp_path, latency_backend=None, backend="tvm", target=target,
+            speedup=1.5)
+
+
+def test_target_needs_the_tvm_backend(files, tmp_path):
+    with pytest.raises(InputSpecError, match="--backend tvm"):
+        run(files, tmp_path, latency_backend=None, target="cortex-a72", speedup=1.5)

@@ -11,6 +11,13 @@ the four measured fronts.
         --plot docs/autocompress_digits_b8_baselines.png
     python tools/bench_autocompress.py --model resnet18 --batch 1 --max-error 0.05 \\
         --joint-time-budget 1500 --time-budget 300 --out /tmp/ac_r18 --plot r18.png
+    python tools/bench_autocompress.py --model ppocr_rec --batch 1 \\
+        --max-accuracy-drop 0.01 --runs "int8 only,prune only,lowrank only,joint" ...
+
+ppocr_rec (PP-OCRv4 rec, real weights): 32 rendered text lines calibrate, 64 other lines
+are held out; the quality limit is on the character error rate against the true text
+of the held-out lines (a metric callback, -CER), so `--max-accuracy-drop 0.01` allows
++1 pt CER over the input model's.
 
 The runs share one cache: the joint run (first) measures every proxy table, the others
 reuse them and every cached candidate that changes only their own technique's knobs.
@@ -37,6 +44,36 @@ RUNS = {"joint": ("prune", "rank", "bits"), "prune only": ("prune",),
         "int8 only": ("bits",), "lowrank only": ("rank",)}
 
 
+def ppocr_rec_args(out: Path) -> dict:
+    """PP-OCRv4 rec: 32 rendered lines calibrate, 64 disjoint lines verify; the metric is
+    -CER (a fraction) against the true text of the 64 held-out lines, run on ORT."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_common as bc
+    from onnxforge.backends.ort import OrtArtifact
+    from onnxforge.ir import load_model
+
+    task = bc.ppocr_rec_task(64)
+    if task is None:
+        raise SystemExit(f"{ZOO / 'ppocr_rec.onnx'} not found: run tools/build_zoo.py")
+    name = next(iter(task.calib[0]))
+    out.mkdir(parents=True, exist_ok=True)
+    for file, feeds in (("calib.npz", task.calib), ("verify.npz", task.evaluate)):
+        if not (out / file).exists():  # kept: the cache key hashes the data files' bytes
+            np.savez(out / file, **{name: np.concatenate([f[name] for f in feeds])})
+    reference = [OrtArtifact(load_model(task.model_path), threads=1).run(f)
+                 for f in task.evaluate]
+
+    def neg_cer(path: str) -> float:
+        art = OrtArtifact(load_model(path), threads=1)
+        return -task.metric(reference, [art.run(f) for f in task.evaluate])["cer"]
+
+    return {"model": task.model_path, "calibration": out / "calib.npz",
+            "verify_data": out / "verify.npz", "metric": neg_cer,
+            "input_shapes": {name: tuple(task.calib[0][name].shape)}}
+
+
 def model_args(name: str, batch: int, out: Path) -> dict:
     """digits: the shipped model, calibration and labelled test set. A zoo model (random
     weights, no labels): 16 random-normal calibration inputs and 8 others (another seed)
@@ -45,6 +82,8 @@ def model_args(name: str, batch: int, out: Path) -> dict:
         return {"model": api.EXAMPLE_MODEL, "calibration": str(api.EXAMPLE_CALIBRATION),
                 "verify_data": str(api.EXAMPLE_TEST_DATA),
                 "input_shapes": {"input": (batch, 1, 8, 8)}}
+    if name == "ppocr_rec":
+        return ppocr_rec_args(out)
     path = ZOO / f"{name}.onnx"
     if not path.exists():
         raise SystemExit(f"{path} not found: run tools/build_zoo.py")
@@ -72,7 +111,8 @@ def front(report: dict) -> list[tuple[float, float]]:
     return sorted(points[i] for i in pareto_indices(points))
 
 
-def plot(results: dict[str, dict], path: Path, limit: float, title: str) -> None:
+def plot(results: dict[str, dict], path: Path, limit: float, title: str,
+         ylabel: str | None = None, backend: str = "ORT") -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.6, 4.4), layout="constrained")
@@ -82,8 +122,8 @@ def plot(results: dict[str, dict], path: Path, limit: float, title: str) -> None
         ax.plot([1 / x for x, _ in pts], [y for _, y in pts], marker=marker, label=name)
     labelled = quality_key(next(iter(results.values())))[0] == "accuracy_drop"
     ax.axhline(limit, ls="--", color="grey", label=f"limit {limit:g}")
-    ax.set_xlabel("speedup over the input model (ORT, measured side by side)")
-    ax.set_ylabel("accuracy drop (pt, test set)" if labelled else
+    ax.set_xlabel(f"speedup over the input model ({backend}, measured side by side)")
+    ax.set_ylabel(ylabel if ylabel else "accuracy drop (pt, test set)" if labelled else
                   "output rel L2 error (held-out inputs)")
     ax.set_yscale("symlog", linthresh=0.5 if labelled else 0.01)
     ax.set_title(title, fontsize=10)
@@ -98,47 +138,61 @@ def main() -> None:
     ap.add_argument("--model", default="digits")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-accuracy-drop", type=float, default=0.005,
-                    help="quality limit on labelled data (digits)")
+                    help="quality limit on labelled data (digits), or on the CER increase "
+                    "(ppocr_rec; a fraction: 0.01 = 1 pt)")
     ap.add_argument("--max-error", type=float, default=0.05,
                     help="quality limit without labels (zoo models): output rel L2")
     ap.add_argument("--joint-time-budget", type=float, default=None,
-                    help="seconds for the joint run (default --time-budget); it runs first "
-                    "and measures the proxies the others reuse from the shared cache")
+                    help="seconds for the first run of --runs (default --time-budget): it "
+                    "measures the proxies the others reuse from the shared cache")
     ap.add_argument("--max-candidates", type=int, default=25)
     ap.add_argument("--time-budget", type=float, default=240)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--backend", default="ort", help="ort or tvm (latency measured there)")
+    ap.add_argument("--target", default="host", help="TVM preset for --backend tvm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/autocompress_bench"))
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--runs", default=",".join(RUNS),
+                    help="which searches, in this order (the first measures the proxies the "
+                    "others reuse from the shared cache), of: " + ", ".join(RUNS))
     args = ap.parse_args()
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not runs or not set(runs) <= set(RUNS):
+        raise SystemExit(f"--runs {args.runs!r}: use some of {', '.join(RUNS)}")
     console = Console(stderr=True)
     results = {}
-    labelled = args.model == "digits"
+    labelled = args.model in ("digits", "ppocr_rec")  # labels, or a metric callback
     quality = ({"max_accuracy_drop": args.max_accuracy_drop} if labelled
                else {"max_error": args.max_error})
     limit = args.max_accuracy_drop * 100 if labelled else args.max_error
     data = model_args(args.model, args.batch, args.out)
-    for name, kinds in RUNS.items():
+    for name in runs:
+        kinds = RUNS[name]
         console.print(f"[bold]{name}[/] ({','.join(kinds)})")
         folder = args.out / name.replace(" ", "_")
-        budget = args.joint_time_budget if name == "joint" and args.joint_time_budget \
+        budget = args.joint_time_budget if name == runs[0] and args.joint_time_budget \
             else args.time_budget
         result = autocompress(
             **data, output=None, speedup=100.0, **quality, kinds=kinds,
+            backend=args.backend, target=args.target,
             threads=args.threads, max_candidates=args.max_candidates, time_budget=budget,
             seed=args.seed, force=True, cache_dir=args.out / "cache",
             report_path=folder / "report.json", console=console)
         results[name] = result.report
     table = Table("search", "candidates", f"fastest within the limit ({limit:g}): speedup",
-                  "accuracy drop", "rel L2", "size", "policy",
-                  title=f"{args.model} batch {args.batch}, ORT {args.threads} thread(s)")
+                  "accuracy drop", "metric", "rel L2", "size", "policy",
+                  title=f"{args.model} batch {args.batch}, {args.backend} {args.threads} "
+                  "thread(s)")
     for name, report in results.items():
         final = report["final"]
         changed = [f"{r['kind']} {r['layer']} {r['choice']}" for r in report["policy"] or []
                    if r["choice"] not in ("keep", "full", "fp32")]
         drop = final["accuracy_drop"]
         table.add_row(name, str(len(report["candidates"]) - 1), f"{final['speedup']:.2f}x",
-                      "-" if drop is None else f"{drop * 100:.2f} pt", f"{final['rel_l2']:.3f}",
+                      "-" if drop is None else f"{drop * 100:.2f} pt",
+                      "-" if final.get("metric") is None else f"{final['metric']:.4g}",
+                      f"{final['rel_l2']:.3f}",
                       f"{final['size_bytes'] / 1e6:.3f} MB", "; ".join(changed) or "-")
     Console().print(table)
     (args.out / "summary.json").write_text(json.dumps(
@@ -146,7 +200,9 @@ def main() -> None:
          for n, r in results.items()}, indent=1))
     if args.plot:
         plot(results, args.plot, limit,
-             f"{args.model} (batch {args.batch}): joint vs single-technique fronts")
+             f"{args.model} (batch {args.batch}): joint vs single-technique fronts",
+             "CER increase (pt, 64 held-out lines)" if args.model == "ppocr_rec" else None,
+             "ORT" if args.backend == "ort" else f"TVM {args.target}")
         console.print(f"wrote {args.plot}")
 
 

@@ -22,6 +22,7 @@ predicted over the candidates built so far.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,7 +203,9 @@ def measure_tables(space: Space, tables: ProxyTables,
     def flush() -> None:
         ratios = time_ratios([m for _, _, m, _ in pending])
         for (kid, choice, _, row), ratio in zip(pending, ratios):
-            if choice == "all":
+            if math.isnan(ratio):  # the backend refused to time it (TVM: failed verification)
+                tables.failed[f"{kid}={choice}"] = "the latency backend refused it"
+            elif choice == "all":
                 tables.int8_all = ratio
             elif choice == "loo":
                 tables.int8_loo[kid] = ratio

@@ -18,6 +18,7 @@ Steps (each shown on the progress line, all but the last cached in `cache_dir`):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
@@ -42,7 +43,15 @@ from ..verify import compare_models
 from .budget import Budget
 from .build import BuildError, build
 from .cache import Cache, cache_key
-from .measure import LatencyBackend, Metric, OrtLatency, measure_quality, resources, run_metric
+from .measure import (
+    LatencyBackend,
+    Metric,
+    OrtLatency,
+    TvmLatency,
+    measure_quality,
+    resources,
+    run_metric,
+)
 from .plots import plot_paths, write_plots
 from .proxies import Correction, OutOfTime, ProxyTables, measure_tables, predict
 from .search import evolve, pareto_indices
@@ -126,6 +135,8 @@ def autocompress(
     verify_data: Any = None,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     backend: str = "ort",
+    target: str = "host",
+    proxy_latency: str = "ort",
     threads: int = 1,
     time_budget: float | None = 300.0,
     max_candidates: int = 40,
@@ -148,11 +159,18 @@ def autocompress(
     the top-1 drop on labelled verify data, or with `metric` (a `metric(model_path) ->
     float`, higher is better) the drop `metric(input) - metric(candidate)`.
     `backend="ort"`: onnxruntime on this machine with `threads` threads, spinning off;
-    `latency_backend` replaces it with any object with `.name` and `.time(models, inputs)`
-    (tests). `time_budget` (seconds, None: unbounded) stops the search and returns the best
-    model measured so far; `cache_dir` keeps proxies and measured candidates for a later
-    run; `seed` makes the search deterministic. Past the budget: BudgetExceededError and
-    nothing written, unless `force` (then the closest point is written).
+    `backend="tvm"`: each measured candidate compiled for `target` (a TVM preset that runs
+    on this machine), verified against onnxruntime on the same model (a candidate that
+    fails is dropped and reported, never chosen) and timed against the input model
+    compiled the same way; its proxy tables' latencies come from onnxruntime and the
+    search corrects them on the TVM measurements (`proxy_latency="backend"`: the proxy
+    tables are timed on TVM too, one compile per table entry). `latency_backend` replaces
+    either with any object with `.name` and `.time(models, inputs)` (tests).
+    `time_budget` (seconds, None: unbounded) stops the search and returns the best model
+    measured so far;
+    `cache_dir` keeps proxies and measured candidates for a later run; `seed` makes the
+    search deterministic. Past the budget: BudgetExceededError and nothing written, unless
+    `force` (then the closest point is written).
     `lowrank_guard`: keep a decomposition only if ORT runs it faster (None: on for
     latency budgets on ORT). The input model is never modified.
     """
@@ -162,9 +180,11 @@ def autocompress(
     if not kinds or not set(kinds) <= set(KINDS):
         raise InputSpecError(f"autocompress: techniques {list(kinds)}: use some of "
                              f"{', '.join(KINDS)}")
-    if latency_backend is None and backend != "ort":
-        raise InputSpecError(f"autocompress --backend {backend}: only 'ort' is implemented "
-                             "(the TVM backend is not done yet)")
+    if latency_backend is None and backend not in ("ort", "tvm"):
+        raise InputSpecError(f"autocompress --backend {backend}: use ort or tvm")
+    if backend == "ort" and target != "host":
+        raise InputSpecError(f"autocompress --target {target}: a TVM target; give it with "
+                             "--backend tvm")
     if calibration is None:
         raise InputSpecError(OptionText.of("autocompress needs calibration data: ",
                                            ("calibration", "data.npz")))
@@ -182,6 +202,14 @@ def autocompress(
     shapes, problem = _try_shapes(original, input_shapes)
     if problem:
         raise InputSpecError(problem)
+    lat = latency_backend or (TvmLatency(target, threads, shapes) if backend == "tvm"
+                              else OrtLatency(threads=threads))
+    # TVM compiles for seconds per model: by default the per-knob tables are timed on
+    # onnxruntime and the latency model is corrected on the candidates measured on TVM
+    if proxy_latency not in ("ort", "backend"):
+        raise InputSpecError(f"--proxy-latency {proxy_latency}: use ort or backend")
+    proxy_lat = (OrtLatency(threads=threads) if isinstance(lat, TvmLatency)
+                 and proxy_latency == "ort" else lat)
     calib = open_calibration(calibration, original, shapes, seed=seed)
     notes: list[str] = []
     if verify_data is not None:
@@ -195,18 +223,20 @@ def autocompress(
         raise InputSpecError(OptionText.of(
             ("max_accuracy_drop", None), " needs labelled verify data (a 'labels' array in "
             "the .npz of ", ("verify_data", "test.npz"), ") or a metric callback"))
-    lat = latency_backend or OrtLatency(threads=threads)
     guard = (lat.name == "ort" and budget.quantity == "latency_ratio"
              if lowrank_guard is None else lowrank_guard)
     context = PassContext(calibration=calib, input_shapes=shapes, threads=threads, seed=seed)
     inputs = calib.first()
     key = cache_key(model_bytes(original), calibration, verify_data,
                     {"backend": lat.name, "threads": threads,
+                     # only when it differs, so that ORT caches keep their keys
+                     **({"proxy_backend": proxy_lat.name} if proxy_lat is not lat else {}),
                      "shapes": shapes, "calib_batches": calib_batches, "guard": guard,
                      "metric": getattr(metric, "__qualname__", None)})
     cache = Cache(cache_dir, key)
     job = _Job(original, shapes, calib, verify, context, lat, inputs, budget, metric,
                calib_batches, guard, cache, seed)
+    job.proxy_lat = proxy_lat
     clock = _Clock(time_budget)
     display = _Display(console, time_budget)
     with display.running(clock):
@@ -223,6 +253,7 @@ class _Job:
         self.context, self.lat, self.inputs, self.budget = context, lat, inputs, budget
         self.metric, self.calib_batches, self.guard = metric, calib_batches, guard
         self.cache, self.seed = cache, seed
+        self.proxy_lat = lat  # where the proxy tables' latencies are timed
         self.records: dict[str, dict[str, Any]] = {}
         self.space: Space | None = None
         self.tables: ProxyTables | None = None
@@ -237,7 +268,13 @@ class _Job:
     # ------------------------------------------------------------------ measuring
 
     def time_ratios(self, models: list[ir.Model]) -> list[float]:
+        """Each model's latency ratio to the input model on the backend (NaN: the backend
+        refused to time it, `self.lat.rejected` says why)."""
         times = self.lat.time([self.original, *models], self.inputs)
+        return [t / times[0] for t in times[1:]]
+
+    def proxy_ratios(self, models: list[ir.Model]) -> list[float]:
+        times = self.proxy_lat.time([self.original, *models], self.inputs)
         return [t / times[0] for t in times[1:]]
 
     def build(self, policy: Policy) -> ir.Model:
@@ -276,6 +313,13 @@ class _Job:
             record["failed"] = str(exc)
             return record
         ratio = self.time_ratios([model])[0]
+        if math.isnan(ratio):
+            why = getattr(self.lat, "rejected", {}).get(1, "the backend could not time it")
+            record.update({"pipeline": info["pipeline"], "failed": f"rejected: {why}",
+                           "rejected": why, **resources(model, self.shapes),
+                           "seconds": round(time.perf_counter() - started, 3)})
+            logger.warning("autocompress: candidate %s rejected: %s", info["pipeline"], why)
+            return record
         record.update({"pipeline": info["pipeline"], "latency_ratio": ratio,
                        "latency_ms": ratio * self.base["latency_ms"],
                        **resources(model, self.shapes), **self.quality(model),
@@ -341,7 +385,7 @@ class _Job:
         started = time.monotonic()
         complete = measure_tables(
             self.space, self.tables, self.build, self.calib_error,
-            lambda m: resources(m, self.shapes), self.time_ratios, step, kinds=self.kinds)
+            lambda m: resources(m, self.shapes), self.proxy_ratios, step, kinds=self.kinds)
         self.stats["proxy_seconds"] = round(time.monotonic() - started, 2)
         self.stats["proxies_complete"] = complete
         self.cache.save_proxies({"space": self.space.to_dict(),
@@ -494,6 +538,10 @@ class _Job:
             model = build(self.original, self.space, policy, self.context,
                           lowrank_guard=self.guard)[0]
         timings = [self.lat.time([self.original, model], self.inputs) for _ in range(3)]
+        if any(math.isnan(b) for _, b in timings):
+            raise BudgetExceededError(
+                f"autocompress: the chosen model, built again, was refused by the backend: "
+                f"{getattr(self.lat, 'rejected', {}).get(1, '?')}; nothing was written")
         ratios = [b / a for a, b in timings]
         ratio = statistics.median(ratios)
         original_ms = statistics.median(a for a, _ in timings)
@@ -547,6 +595,27 @@ class _Job:
                 _write_report(report_path, report)
         return result
 
+    def _backend_report(self) -> dict[str, Any]:
+        lat = self.lat
+        out = {"name": lat.name, "threads": getattr(lat, "threads", None),
+               "proxy_backend": self.proxy_lat.name}
+        if lat.name == "ort":
+            out["note"] = ("onnxruntime, intra-op threads as given, spinning off; latency "
+                           "ratios timed interleaved with the input model")
+        elif isinstance(lat, TvmLatency):
+            out.update({"target": lat.target, "compiled": lat.compiled,
+                        "compile_seconds": round(lat.compile_seconds, 2),
+                        "note": "each candidate compiled with TVM (default schedules, no "
+                        "tuning), verified against onnxruntime on the same model, timed "
+                        "interleaved with the input model compiled the same way (TVM thread "
+                        "pool at --threads); " + (
+                            "proxy tables timed on TVM too" if self.proxy_lat is lat else
+                            "proxy tables' latencies from onnxruntime, corrected on the TVM "
+                            "measurements")})
+        else:
+            out["note"] = "custom latency backend"
+        return out
+
     def _report(self, source, output, chosen, final, closest, notes, met, warnings
                 ) -> dict[str, Any]:
         q = self.budget.quantity
@@ -561,16 +630,15 @@ class _Job:
             rows.append(row)
         quality_axis = "accuracy_drop" if self.budget.max_accuracy_drop is not None \
             else "rel_l2"
-        lat = self.lat
         return {
             "kind": "autocompress",
             "input": str(source) if isinstance(source, (str, os.PathLike)) else "<in-memory>",
             "output": str(output) if output is not None else None,
             "met": met,
-            "backend": {"name": lat.name, "threads": getattr(lat, "threads", None),
-                        "note": "onnxruntime, intra-op threads as given, spinning off; "
-                        "latency ratios timed interleaved with the input model"
-                        if lat.name == "ort" else "custom latency backend"},
+            "backend": self._backend_report(),
+            "rejected": [{"policy": r["policy"], "pipeline": r.get("pipeline"),
+                          "why": r["rejected"]} for r in self.records.values()
+                         if "rejected" in r],
             "budget": {"kind": self.budget.kind, "value": self.budget.value,
                        "quantity": q, "limit": self.budget.limit(self.base),
                        "max_error": self.budget.max_error,
