@@ -120,6 +120,26 @@ def test_reported_params_count_the_biases_the_refit_adds():
     assert prune.stats["params_after"] == compute_metrics(model, shapes).params
 
 
+def test_reported_macs_count_a_gemm_whose_rows_are_channels():
+    """conv (8 ch) -> Reshape [8*H, W] -> Gemm -> Reshape -> conv: removing channels removes
+    Gemm rows; the report's MACs after were the cost model's, which missed them (fuzzer:
+    2142 MACs more than the written model had)."""
+    b = GraphBuilder(0)
+    h = b.relu(b.conv("x", 3, 8, name="c1"))
+    rows = b.node("Reshape", [h, b.const(np.array([8 * 6, 6], np.int64), "rows")])
+    g = b.node("Gemm", [rows, b.weight((6, 6), "g.weight"), b.weight((6,), "g.bias")])
+    back = b.node("Reshape", [g, b.const(np.array([1, 8, 6, 6], np.int64), "back")])
+    y = b.conv(back, 8, 4, k=1, name="head")
+    base, shapes, calib, _ = _setup(b.build([("x", [1, 3, 6, 6])], [y]))
+    model, prune, _ = _prune(base, shapes, calib, ratio=0.5, recover=False)
+    assert prune.stats["units_removed"] == 4
+    measured = compute_metrics(model, shapes)
+    assert prune.stats["macs_after"] == measured.macs
+    assert prune.stats["params_after"] == measured.params
+    before = compute_metrics(base, shapes).macs
+    assert prune.stats["macs_removed_fraction"] == round(1 - measured.macs / before, 4)
+
+
 def test_grouped_conv_group_attribute_shrinks():
     base, shapes, calib, _ = _setup(CASES["depthwise_grouped"]())
     model, _, _ = _prune(base, shapes, calib, ratio=0.5, recover=False)
