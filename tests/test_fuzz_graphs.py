@@ -338,14 +338,18 @@ def test_prune_check_catches_corrupted_pruned_weights(monkeypatch):
         run_prune_check(case, text)
 
 
-def test_lowrank_exact_mode_catches_a_wrong_factor(monkeypatch):
-    """A full-rank decomposition must equal the original: factors off by 1 % are caught."""
+def test_lowrank_checks_catch_a_wrong_factor(monkeypatch):
+    """A full-rank decomposition must equal the original, a truncated one the original
+    with the reconstructed weights: factors off by 1 % are caught by both."""
     from onnxforge.fuzz_lossy import Wrong, run_lowrank_check
     from onnxforge.passes.lowrank.lowrank import LowRankPass
 
     case = _lossy_case()
     text = "lowrank(rank=full,margin=-100,round_to=1,data_aware=false,guard=false)"
-    assert "layers decomposed" in run_lowrank_check(case, text, exact=True)[0]
+    assert "layers decomposed (= original)" in run_lowrank_check(case, text, exact=True)[0]
+    truncated = "lowrank(rank=0.5,margin=-1,round_to=1,data_aware=false,guard=false)"
+    detail = run_lowrank_check(case, truncated, exact=False)[0]
+    assert "(= original with the reconstructed weights)" in detail, detail
     real_factors = LowRankPass._factors
 
     def off(self, layer, plan, ranks):
@@ -358,6 +362,8 @@ def test_lowrank_exact_mode_catches_a_wrong_factor(monkeypatch):
     monkeypatch.setattr(LowRankPass, "_factors", off)
     with pytest.raises(Wrong, match="full-rank decomposition"):
         run_lowrank_check(case, text, exact=True)
+    with pytest.raises(Wrong, match="replaced by its reconstruction"):
+        run_lowrank_check(case, truncated, exact=False)
 
 
 @pytest.mark.tvm
