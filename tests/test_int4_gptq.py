@@ -408,15 +408,22 @@ def test_int4_and_gptq_refusals():
 # ---------------------------------------------------------------- real model
 
 
-def test_digits_int4_weights_int8_rest_keeps_accuracy(digits_model):
+@pytest.mark.parametrize("convs", ["int8", "int4"])
+def test_digits_int4_weights_int8_rest_keeps_accuracy(digits_model, convs):
+    """Also with 4-bit conv codes (convs=int4): the three convs share one unpack chain."""
     calib = np.load(DATA / "digits_calib.npz")["input"].astype(np.float32)[:128]
     test = np.load(DATA / "digits_test.npz")
     x, labels = test["input"].astype(np.float32)[:400], test["labels"][:400]
     proto = onnx.load(str(digits_model))
     shapes = {"input": (8, *calib.shape[1:])}
     fp32 = OrtArtifact(load_model(proto))
-    model, stats = _run(proto, "quantize(int4,rounding=gptq)", {"input": calib}, shapes)
+    model, stats = _run(proto, f"quantize(int4,rounding=gptq,convs={convs})", {"input": calib},
+                        shapes)
     assert stats["int4_matmuls"] == 2 and stats["compute_quantized"] == 3  # Gemms / Convs
+    ops = [n.op_type for n in model.graph]
+    if convs == "int4":
+        assert stats["int4_codes_packed"] == 3 and ops.count("BitShift") == 1, ops
+        assert ops.count("Reshape") - [n.op_type for n in proto.graph.node].count("Reshape") == 3
     assert stats["int4_gptq_worse_layers"] == 0 and stats["gptq_worse_layers"] == 0
     assert stats["size_ratio"] > 3.0
     art = OrtArtifact(model)

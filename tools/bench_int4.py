@@ -23,6 +23,13 @@ smaller files; the file ratio is what the table shows) and GPTQ for the 4-bit la
 target the model cannot reach is shown as such. PP-OCR rec is evaluated on
 `--ocr-lines` (256) held-out lines.
 
+`mixed all4 b128` puts every layer that has a 4-bit form in 4 bits (block 128, no size
+target or error budget; `mse`: calibration=mse). `prune30 ...` variants first run
+`prune(macs=0.3,criterion=reconstruction)` (sensitivity allocation, sequential refit, on
+the same calibration data; once per model, shared by the variants) and then quantize the
+pruned model; `weights ÷` and `size ÷` are against the original fp32 model, `quant s`
+includes the pruning.
+
 `gptq/rtn` is the median over layers of GPTQ's relative output error divided by
 round-to-nearest's, both measured on held-out calibration batches (pass stats).
 
@@ -38,11 +45,19 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 from bench_common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OCR_LINES,
+    ZOO,
+    Task,
     digits_task,
+    fonts,
     minilm_task,
     ppocr_rec_task,
     print_table,
+    render_line,
     run_batches,
     side_by_side_ms,
     vision_task,
@@ -51,9 +66,90 @@ from bench_quantization import ours_quantize
 from onnxforge.backends.ort import OrtArtifact
 from onnxforge.errors import BudgetExceededError
 from onnxforge.ir import load_model, model_bytes
+from onnxforge.passes.quantization.core import weight_bytes
+
+
+def ppocr_det_lines_task(pages: int = 16, calib_pages: int = 4) -> Task | None:
+    """PP-OCRv4 det on 640x640 pages of rendered text lines (12 a page, fonts and x offsets
+    varying), scored against the lines' true boxes: the probability map thresholded at
+    0.3 (DB's default), connected regions with mean probability >= 0.6 (box_thresh) and
+    their boxes grown by DB's unclip (ratio 1.5: each side by area * 1.5 / perimeter) are
+    the detections; a detection matches a true line at IoU >= 0.5 (one to one, ICDAR
+    style). Headline: F-score (hmean of precision and recall, %), then the mean IoU of the
+    matched boxes and the text-map IoU to fp32. The first `calib_pages` pages calibrate,
+    the others (other lines, fonts and offsets) evaluate."""
+    from scipy import ndimage
+
+    path = ZOO / "ppocr_det.onnx"
+    if not path.exists():
+        return None
+    font_paths = fonts()
+    feeds, truth = [], []
+    for p in range(pages):
+        page = np.ones((640, 640, 3), np.float32)
+        rng = np.random.default_rng(1000 + p)
+        boxes = []
+        for row in range(12):
+            i = p * 12 + row
+            line = render_line(OCR_LINES[i % len(OCR_LINES)], font_paths[i % len(font_paths)],
+                               40, 560)[0].transpose(1, 2, 0) * 0.5 + 0.5
+            ink = np.nonzero(line.mean(2) < 0.25)  # dark text pixels
+            line = np.where(line.mean(2, keepdims=True) == 0.5, 1.0, line)  # white padding
+            x, y = int(rng.integers(0, 60)), 20 + row * 50
+            page[y:y + 40, x:x + 560] = line
+            boxes.append((x + ink[1].min(), y + ink[0].min(), x + ink[1].max() + 1,
+                          y + ink[0].max() + 1))
+        feeds.append({"x": ((page - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)[None]
+                      .astype(np.float32)})
+        truth.append(boxes)
+
+    def detections(prob: np.ndarray) -> list[tuple[float, float, float, float]]:
+        labels, _ = ndimage.label(prob > 0.3)
+        out = []
+        for k, region in enumerate(ndimage.find_objects(labels), start=1):
+            mask = labels[region] == k
+            if mask.sum() < 9 or prob[region][mask].mean() < 0.6:
+                continue
+            y0, y1, x0, x1 = region[0].start, region[0].stop, region[1].start, region[1].stop
+            d = (x1 - x0) * (y1 - y0) * 1.5 / (2 * ((x1 - x0) + (y1 - y0)))
+            out.append((x0 - d, y0 - d, x1 + d, y1 + d))
+        return out
+
+    def iou(a, b) -> float:
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    def metric(ref, cand):
+        matched, found, total, ious, map_iou = 0, 0, 0, [], []
+        for r, c, boxes in zip(ref, cand, truth[calib_pages:]):
+            prob = next(iter(c.values()))[0, 0]
+            dets = detections(prob)
+            found += len(dets)
+            total += len(boxes)
+            free = list(range(len(dets)))
+            for t in boxes:
+                best = max(free, key=lambda j: iou(t, dets[j]), default=None)
+                if best is not None and iou(t, dets[best]) >= 0.5:
+                    matched += 1
+                    ious.append(iou(t, dets[best]))
+                    free.remove(best)
+            ma, mb = next(iter(r.values())) > 0.3, prob > 0.3
+            map_iou.append(float((ma & mb).sum() / max(1, (ma | mb).sum())))
+        precision, recall = matched / max(found, 1), matched / max(total, 1)
+        f = 2 * precision * recall / max(precision + recall, 1e-12)
+        return {"F-score %": 100 * f, "box IoU": float(np.mean(ious)) if ious else 0.0,
+                "map IoU to fp32": float(np.mean(map_iou))}
+
+    return Task("ppocr_det", path, feeds[:calib_pages], feeds[calib_pages:], metric,
+                notes=f"{calib_pages} calib / {pages - calib_pages} eval pages, "
+                      f"{12 * (pages - calib_pages)} held-out lines with true boxes")
+
 
 TASKS = {"digits": digits_task, "minilm": minilm_task, "ppocr_rec": ppocr_rec_task,
-         "resnet18": lambda: vision_task("resnet18")}
+         "ppocr_det": ppocr_det_lines_task, "resnet18": lambda: vision_task("resnet18")}
 EXTRA: dict[str, str] = {}  # per-model extra options (none: every model at the defaults)
 # per-model extra options of the mode=mixed variants: PP-OCR rec's cheap convs (kept float
 # by mode=int8 for speed) would otherwise cap its size at ~4.7x
@@ -68,10 +164,27 @@ VARIANTS = {
     "int4 b32 gptq convs4": "int4,block=32,rounding=gptq,convs=int4",
     "int4 b128 gptq convs4": "int4,block=128,rounding=gptq,convs=int4",
     "int4 b32 gptq rest-float": "int4,block=32,rounding=gptq,rest=float",
+    # every conv (but depthwise) in 4 bits, the cheap ones too: what `mixed all4` chooses,
+    # in one pass (no sensitivity runs)
+    "int4 b128 gptq convs4 all": "int4,block=128,rounding=gptq,convs=int4,"
+                                 "keep_cheap_convs_float=false",
+    "int4 b128 gptq convs4 all mse": "int4,block=128,rounding=gptq,convs=int4,"
+                                     "keep_cheap_convs_float=false,calibration=mse",
     "mixed 5x": "mixed,bits=4,max_error=0,max_size_ratio=0.195,block=32,rounding=gptq",
     "mixed 6x": "mixed,bits=4,max_error=0,max_size_ratio=0.16,block=32,rounding=gptq",
     "mixed 6x b128": "mixed,bits=4,max_error=0,max_size_ratio=0.16,block=128,rounding=gptq",
     "mixed 7x b128": "mixed,bits=4,max_error=0,max_size_ratio=0.137,block=128,rounding=gptq",
+    # every layer that has a 4-bit form in 4 bits (no size target, no error budget)
+    "mixed all4 b128": "mixed,bits=4,max_error=0,block=128,rounding=gptq",
+    "mixed all4 b128 mse": "mixed,bits=4,max_error=0,block=128,rounding=gptq,calibration=mse",
+}
+# variants that prune before quantizing: label -> (pruning pass, quantize variant)
+PRUNE30 = "prune(macs=0.3,criterion=reconstruction)"
+PRUNED = {
+    "prune30": (PRUNE30, None),
+    "prune30 int8": (PRUNE30, "int8"),
+    "prune30 mixed all4 b128": (PRUNE30, "mixed all4 b128"),
+    "prune30 mixed all4 b128 mse": (PRUNE30, "mixed all4 b128 mse"),
 }
 DEFAULT = [v for v in VARIANTS if not v.startswith("mixed")]
 
@@ -87,12 +200,26 @@ def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dic
     fp32 = load_model(task.model_path)
     models = {"fp32": (fp32, 0.0, {})}
     refused = {}
+    pruned: dict[str, tuple[bytes, float]] = {}  # pruning spec -> (model, seconds), run once
     for label in variants:
-        extra = EXTRA_MIXED.get(task.name, "") if label.startswith("mixed") else ""
-        opts = ",".join(o for o in (VARIANTS[label], EXTRA.get(task.name, ""), extra) if o)
-        print(f"{task.name}: quantize({opts})", file=sys.stderr)
+        prune, quant = PRUNED.get(label, (None, label))
+        source, prune_s = task.model_path, 0.0
+        if prune:
+            if prune not in pruned:
+                print(f"{task.name}: {prune}", file=sys.stderr)
+                m, secs, _ = ours_quantize(task.model_path, task.calib, prune)
+                pruned[prune] = (model_bytes(m), secs)
+            source, prune_s = pruned[prune]
+        if not quant:
+            models[label] = (load_model(source), prune_s, {})
+            continue
+        mixed = VARIANTS[quant].startswith("mixed")
+        extra = EXTRA_MIXED.get(task.name, "") if mixed else ""
+        opts = ",".join(o for o in (VARIANTS[quant], EXTRA.get(task.name, ""), extra) if o)
+        print(f"{task.name} {label}: quantize({opts})", file=sys.stderr)
         try:
-            models[label] = ours_quantize(task.model_path, task.calib, f"quantize({opts})")
+            m, secs, stats = ours_quantize(source, task.calib, f"quantize({opts})")
+            models[label] = (m, prune_s + secs, stats)
         except BudgetExceededError as exc:  # a size target the model cannot reach
             print(f"{task.name} {label}: {exc}", file=sys.stderr)
             refused[label] = str(exc)
@@ -101,6 +228,7 @@ def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dic
     medians = dict(zip(arts, side_by_side_ms(list(arts.values()), task.evaluate[0], warmup=3,
                                              repeat=repeat, rounds=3)))
     base_bytes = len(model_bytes(fp32))
+    base_weights = weight_bytes(fp32)  # against the original, also after pruning
     rows = []
     for k, (m, secs, stats) in models.items():
         metrics = task.metric(ref, ref if k == "fp32" else run_batches(arts[k], task.evaluate))
@@ -109,7 +237,7 @@ def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dic
                      "latency_ratio": medians[k] / medians["fp32"], "ms": medians[k],
                      "quantize_s": secs, "gptq_over_rtn": _gptq_ratio(stats),
                      "int4_matmuls": stats.get("int4_matmuls", 0), "bits": _bits(stats),
-                     "weight_ratio": stats.get("size_ratio") or 1.0})
+                     "weight_ratio": base_weights / max(weight_bytes(m), 1)})
     rows += [{"model": task.name, "variant": k, "size_ratio": float("nan"),
               "latency_ratio": float("nan"), "ms": float("nan"), "quantize_s": 0.0,
               "gptq_over_rtn": "", "int4_matmuls": 0, "bits": "not reached",
@@ -147,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(TASKS))
     ap.add_argument("--variants", default=",".join(DEFAULT),
-                    help=f"comma-separated, from: {'; '.join(VARIANTS)}")
+                    help=f"comma-separated, from: {'; '.join([*VARIANTS, *PRUNED])}")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--ocr-lines", type=int, default=256,
@@ -156,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in variants if v not in VARIANTS and v not in PRUNED]
     if unknown:
-        ap.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+        ap.error(f"unknown variant {unknown[0]!r}; known: {', '.join([*VARIANTS, *PRUNED])}")
     rows = []
     for name in args.models.split(","):
         task = ppocr_rec_task(args.ocr_lines) if name == "ppocr_rec" else TASKS[name]()
