@@ -195,7 +195,8 @@ def measure_tables(space: Space, tables: ProxyTables,
     into `tables`, skipping what it holds already (a resumed run). `time_ratios(models)`
     times them interleaved with the input model and returns each one's latency ratio to
     it; models are timed `chunk` at a time to bound memory. `on_step` may raise OutOfTime:
-    what was timed stays in `tables` and False is returned (True: complete)."""
+    the models built so far are timed, stay in `tables`, and False is returned (True:
+    complete)."""
     from .build import BuildError
 
     pending: list[tuple[str, str, ir.Model, dict[str, float] | None]] = []
@@ -232,5 +233,7 @@ def measure_tables(space: Space, tables: ProxyTables,
         if pending:
             flush()
     except OutOfTime:
+        if pending:  # built already (PP-OCRv4 rec: ~50 s a prune build here): keep them
+            flush()
         return False
     return True
