@@ -149,28 +149,39 @@ def test_quantized_conv_is_integer_and_within_one_step_of_ort(case):
         assert art.report["schedule_rules"].get("int8-depthwise") == 1, art.report
 
 
-def test_a_float_conv_keeps_the_model_nchw_and_says_why():
-    """One conv left float (weights with a zero point) after an integer one: the layout
-    stays NCHW (the float rules are NCHW) and the report says why."""
-    model, step = qdq_conv(ic=16, oc=16, relu=False)
-    float_w = np.random.default_rng(3).standard_normal((8, 16, 1, 1)).astype(np.float32)
+def _with_float_conv(model, out_channels: int, k: int):
+    """``model`` (a ``qdq_conv``) followed by a float conv of its output."""
+    float_w = np.random.default_rng(3).standard_normal(
+        (out_channels, 16, k, k)).astype(np.float32) / k
     model.graph.initializer.append(_init("wf", float_w))
-    model.graph.node.append(helper.make_node("Conv", ["y", "wf"], ["z"], kernel_shape=[1, 1]))
+    model.graph.node.append(helper.make_node("Conv", ["y", "wf"], ["z"], kernel_shape=[k, k],
+                                             pads=[k // 2] * 4))
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT,
-                                                            [1, 8, 9, 9]))
+                                                            [1, out_channels, 9, 9]))
+    return model, float_w
+
+
+@pytest.mark.parametrize("out_channels,k,layout", [
+    # a 3x3 float conv with 4x the integer conv's MACs: the model stays NCHW and says why
+    (64, 3, "NCHW (1 of 2 conv2d compute in float, 80% of the conv MACs)"),
+    # a cheap 1x1 float conv (5 % of the MACs, like a squeeze-excite conv): NHWC anyway
+    (8, 1, "NHWC (1 float conv2d, 5% of the conv MACs, run NHWC too)")])
+def test_float_convs_decide_the_layout_by_their_share_of_the_macs(out_channels, k, layout):
+    """One conv left float (weights with a zero point) after an integer one."""
+    model, step = qdq_conv(ic=16, oc=16, relu=False)
+    model, float_w = _with_float_conv(model, out_channels, k)
     art = compile_model(model, "host")
     integer = art.report["integer"]
     assert integer["integer_ops"] == {"conv2d": 1}
     if HOST_HAS_VNNI:
-        assert integer["layout"] == "NCHW (1 of 2 conv2d compute in float)"
+        assert integer["layout"] == layout
         from onnxforge.cli_tvm import integer_summary
-        assert integer_summary(art.report).endswith(
-            "; layout NCHW (1 of 2 conv2d compute in float)")
+        assert integer_summary(art.report).endswith(f"; layout {layout}")
     feed = random_inputs(art.inputs, seed=0)
     got = next(iter(art.run(feed).values()))
     # y within one step of ORT, so z within one step times the float conv's largest row sum
-    bound = step * float(np.abs(float_w).sum(axis=1).max()) * 1.001
+    bound = step * float(np.abs(float_w).reshape(out_channels, -1).sum(axis=1).max()) * 1.001
     np.testing.assert_allclose(got, _ort(model, feed), atol=bound)
 
 
