@@ -20,7 +20,7 @@ from typing import Any
 
 from ..safe_write import write_json
 
-VERSION = 1
+VERSION = 2  # 2: sizes are those of the written file
 
 
 def _digest_source(spec: Any, h: Any) -> None:
