@@ -64,8 +64,8 @@ def _try_shapes(model: ir.Model, input_shapes) -> tuple[dict, str | None]:
     check_input_shapes(model, input_shapes)  # a wrong --input-shape is an error, not a note
     try:
         return resolve_input_shapes(model, input_shapes), None
-    except InputSpecError as exc:
-        return dict(input_shapes or {}), str(exc)
+    except InputSpecError as exc:  # the message itself: an OptionText keeps its options
+        return dict(input_shapes or {}), exc.args[0]
 
 
 def optimize(
@@ -399,7 +399,7 @@ def inspect_model(model: ModelSource, input_shapes: dict[str, tuple[int, ...]] |
         # None (unknown), not 0, when no MAC-counting node's shapes could be inferred
         "macs": None if problem or (metrics.unknown_mac_nodes and not metrics.node_macs)
         else metrics.macs,
-        "macs_note": f"MACs need concrete input shapes: {problem}" if problem else
+        "macs_note": OptionText.of("MACs need concrete input shapes: ", problem) if problem else
         metrics.unknown_note(),
         "op_counts": metrics.op_counts,
         "top_nodes": top,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from .errors import InputSpecError
+from .errors import InputSpecError, OptionText
 from .shapes import input_dtypes, resolve_input_shapes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -64,10 +64,9 @@ class CalibrationSource:
         self._check_finite(name, raw, first_index, rows_are_samples)
         arr = raw.astype(self.dtypes[name], copy=False)
         if arr.shape != want:
-            raise InputSpecError(
+            raise InputSpecError(OptionText.of(
                 f"{self.description}: input {name!r} batch has shape {arr.shape}, the model "
-                f"expects {want} (use --input-shape to set dynamic dims)"
-            )
+                f"expects {want} (use ", ("input_shapes", None), " to set dynamic dims)"))
         return arr
 
     def _check_finite(self, name: str, arr: np.ndarray, first_index: int,

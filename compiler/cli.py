@@ -90,6 +90,8 @@ def inspect(
     from .report import _json_default, render_inspect
 
     info = inspect_model(model, _shapes(input_shape))
+    if info.get("macs_note"):
+        info["macs_note"] = cli_text(info["macs_note"])
     if json_out:
         import json
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .errors import InputSpecError
+from .errors import InputSpecError, OptionText
 
 
 def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
@@ -78,27 +78,25 @@ def check_input_shapes(model: ir.Model, overrides: dict[str, tuple[int, ...]] | 
     values = {v.name: v for v in model_inputs(model)}
     for name, shape in (overrides or {}).items():
         if name not in values:
-            raise InputSpecError(
-                f"--input-shape names {name!r}, but the model's inputs are {sorted(values)}"
-            )
+            raise InputSpecError(OptionText.of(
+                ("input_shapes", None), f" names {name!r}, but the model's inputs are "
+                f"{sorted(values)}"))
         if any(d < 1 for d in shape):
-            raise InputSpecError(
-                f"--input-shape {name}:{','.join(map(str, shape))}: dims must be >= 1"
-            )
+            raise InputSpecError(OptionText.of(
+                ("input_shapes", {name: tuple(shape)}), ": dims must be >= 1"))
         declared = values[name].shape
         if declared is None:
             continue
         if len(declared) != len(shape):
-            raise InputSpecError(
-                f"input {name!r} has rank {len(declared)} (shape {_shape_text(declared)}), "
-                f"--input-shape gave {_shape_text(shape)}"
-            )
+            raise InputSpecError(OptionText.of(
+                f"input {name!r} has rank {len(declared)} (shape {_shape_text(declared)}), ",
+                ("input_shapes", None), f" gave {_shape_text(shape)}"))
         fixed = [i for i, (d, g) in enumerate(zip(declared, shape)) if _is_static(d) and d != g]
         if fixed:
-            raise InputSpecError(
-                f"input {name!r} has shape {_shape_text(declared)} in the model, --input-shape "
-                f"gave {_shape_text(shape)}: dim {fixed[0]} is fixed at {declared[fixed[0]]}"
-            )
+            raise InputSpecError(OptionText.of(
+                f"input {name!r} has shape {_shape_text(declared)} in the model, ",
+                ("input_shapes", None), f" gave {_shape_text(shape)}: dim {fixed[0]} is "
+                f"fixed at {declared[fixed[0]]}"))
 
 
 def resolve_input_shapes(
@@ -113,22 +111,20 @@ def resolve_input_shapes(
             shapes[value.name] = tuple(overrides[value.name])
             continue
         if value.shape is None:
-            raise InputSpecError(
-                f"input {value.name!r} has no declared shape; give it with "
-                f"--input-shape {value.name}:D1,D2,..."
-            )
+            raise InputSpecError(OptionText.of(
+                f"input {value.name!r} has no declared shape; give it with ",
+                ("input_shapes", {value.name: "D1,D2,..."})))
         dims = []
         for i, dim in enumerate(value.shape):
             if _is_static(dim):
                 dims.append(dim)
                 continue
             guess = suggest_shape(value)
-            example = (f"e.g. --input-shape {value.name}:{','.join(map(str, guess))}" if guess
-                       else f"with --input-shape {value.name}:D1,D2,...")
-            raise InputSpecError(
+            example = ("e.g. ", ("input_shapes", {value.name: tuple(guess)})) if guess \
+                else ("with ", ("input_shapes", {value.name: "D1,D2,..."}))
+            raise InputSpecError(OptionText.of(
                 f"input {value.name!r} has a dynamic dimension {i} ({dim}) in shape "
-                f"{_shape_text(value.shape)}; give a concrete shape {example}"
-            )
+                f"{_shape_text(value.shape)}; give a concrete shape ", *example))
         shapes[value.name] = tuple(dims)
     return shapes
 

@@ -356,6 +356,19 @@ def test_inspect_dynamic_dims_suggests_a_real_shape_and_no_negative_macs(tmp_pat
     assert given["macs"] == 8 * 224 * 224 * 3
 
 
+def test_shape_messages_name_the_python_option_in_the_api(tmp_path):
+    """The same problems through the Python API name `input_shapes=...`, not a flag."""
+    from onnxforge import api
+
+    path = _save(_minus_one_model(), tmp_path / "dyn.onnx")
+    note = api.inspect_model(path)["macs_note"]
+    assert "input_shapes={'x': (1, 3, 224, 224)}" in note and "--input-shape" not in note
+    with pytest.raises(InputSpecError, match=r"^input_shapes names 'y', but the model's inputs"):
+        api.inspect_model(path, {"y": (1, 3, 8, 8)})
+    with pytest.raises(InputSpecError, match=r"input_shapes=\{'x': \(0, 3, 8, 8\)\}: dims"):
+        api.inspect_model(path, {"x": (0, 3, 8, 8)})
+
+
 def test_minus_one_dims_never_give_negative_macs():
     model = forge_ir.load_model(_matmul_relu().SerializeToString())
     model.graph.inputs[0].shape = onnx_ir.Shape([-1, 512])
