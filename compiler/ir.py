@@ -401,8 +401,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, *,
     check_writes(written, external_data_files(model) + guarded_reads())
     model.ir_version = min(model.ir_version or MAX_ORT_IR_VERSION, MAX_ORT_IR_VERSION)
     if not external_data:
+        proto = to_proto(model)  # the same bytes every size figure measures
         with atomic_path(path) as tmp:
-            ir.save(model, tmp)
+            onnx.save(proto, tmp)
         return path
     # Both files are written in a fresh temp folder beside the output, then renamed into
     # place (a symlink at either name is replaced, never followed).

@@ -16,6 +16,7 @@ from onnxforge.ir import (
     constant_array,
     load_model,
     save_model,
+    to_proto,
 )
 
 
@@ -163,10 +164,21 @@ def test_save_is_atomic_and_clamps_ir_version(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ir, "save", boom)
+    monkeypatch.setattr(ir, "save", boom)  # the external-data writer
+    monkeypatch.setattr(onnx, "save", boom)
     with pytest.raises(RuntimeError):
         save_model(model, tmp_path / "never.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_saved_file_is_what_to_proto_measures(tmp_path):
+    """No value_info for initializers in the file either, so a reported size is the file's."""
+    model = load_model(conv_relu_gemm())
+    path = save_model(model, tmp_path / "out.onnx")
+    saved = onnx.load(path)
+    inits = {t.name for t in saved.graph.initializer}
+    assert inits and not any(v.name in inits for v in saved.graph.value_info)
+    assert path.stat().st_size == len(to_proto(load_model(conv_relu_gemm())).SerializeToString())
 
 
 def test_constant_array_reads_constant_nodes_and_initializers():

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -281,10 +282,12 @@ def test_failed_write_leaves_no_temp_and_keeps_the_old_file(tmp_path, monkeypatc
     out = tmp_path / "o.onnx"
     out.write_bytes(b"previous")
 
-    def boom(*args, **kwargs):
+    def boom(model, where, *args, **kwargs):  # half a file, then the disk is full
+        Path(where).write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ir, "save", boom)
+    monkeypatch.setattr(ir, "save", boom)  # writes external data
+    monkeypatch.setattr(onnx, "save", boom)  # writes the rest
     for external in (False, True):
         with pytest.raises(RuntimeError):
             save_model(load_model(conv_relu_gemm()), out, external_data=external)
