@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -112,6 +113,44 @@ def test_host_outputs_equal_ort_and_report_counts(host_artifact, tiny):
         assert any("default CPU schedules unavailable" in n for n in report["notes"])
     else:
         assert report["scheduled_by_default"] >= 1
+
+
+def _conv_transpose(k: int, s: int, bias: bool, in_channels=8, out_channels=5, size=7):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(
+        rng.standard_normal((in_channels, out_channels, k, k)).astype(np.float32), "w")]
+    if bias:
+        inits.append(numpy_helper.from_array(
+            rng.standard_normal(out_channels).astype(np.float32), "b"))
+    node = helper.make_node("ConvTranspose", ["x", "w"] + (["b"] if bias else []), ["y"],
+                            kernel_shape=[k, k], strides=[s, s])
+    out = (size - 1) * s + k
+    graph = helper.make_graph(
+        [node], "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                     [1, in_channels, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_channels, out, out])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("k,s,bias,rewritten", [
+    (2, 2, True, True), (3, 3, False, True),  # kernel == stride: 1x1 conv + pixel shuffle
+    (3, 2, True, False)])                      # overlapping windows: stays a transpose
+def test_conv_transpose_with_kernel_equal_to_stride_runs_as_a_conv(k, s, bias, rewritten):
+    from onnxforge.backends.tvm.conv_transpose import conv_transpose_as_conv
+    from onnxforge.backends.tvm.importer import import_onnx, input_specs
+
+    model = _conv_transpose(k, s, bias)
+    _, count = conv_transpose_as_conv(import_onnx(model, input_specs(model, None), "ct"))
+    assert count == int(rewritten)
+    art = compile_model(model, "host")
+    assert any("conv2d_transpose" in name for name in art.report["kernel_schedules"]) \
+        != rewritten
+    x = np.random.default_rng(1).standard_normal((1, 8, 7, 7)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(art.run({"x": x})["y"], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_model_inputs_as_proto_ir_and_path_give_the_same_result(tiny):

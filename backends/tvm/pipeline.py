@@ -48,6 +48,7 @@ from ..targets import (
     target_key,
 )
 from .artifact import TVMArtifact
+from .conv_transpose import conv_transpose_as_conv
 from .database import (
     apply_database,
     database_is_populated,
@@ -189,6 +190,7 @@ def prepare_module(model: Any, target: Any = "host", *,
     proto, label = load_onnx(model)
     specs = input_specs(proto, input_shapes)
     mod = import_onnx(proto, specs, label)
+    mod, _ = conv_transpose_as_conv(mod)
     integer: dict[str, Any] = IntegerReport().as_dict()  # nothing quantized
     # (a float model skips this: finding the intrinsic imports TVM's tensor_intrin
     # package for ARM and Hexagon targets, ~50 s once per process)
