@@ -477,13 +477,15 @@ def test_a_float_conv_transpose_in_an_nhwc_model_stays_nchw():
     followed into NHWC, which TVM 0.27 cannot legalize (the build failed). It keeps
     NCHW now, with a transpose on each side, and the model verifies."""
     model, step = qdq_conv(ic=16, oc=16, relu=False)
-    w = np.random.default_rng(5).standard_normal((16, 4, 2, 2)).astype(np.float32) * 0.1
+    # kernel 3, stride 2: overlapping windows, so it stays a conv2d_transpose (kernel ==
+    # stride would compile as a 1x1 conv, backends/tvm/conv_transpose.py)
+    w = np.random.default_rng(5).standard_normal((16, 4, 3, 3)).astype(np.float32) * 0.1
     model.graph.initializer.append(_init("wt", w))
     model.graph.node.append(helper.make_node("ConvTranspose", ["y", "wt"], ["z"],
-                                             kernel_shape=[2, 2], strides=[2, 2]))
+                                             kernel_shape=[3, 3], strides=[2, 2]))
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT,
-                                                            [1, 4, 18, 18]))
+                                                            [1, 4, 19, 19]))
     onnx.checker.check_model(model)
     art = compile_model(model, "host")
     if HOST_HAS_VNNI:
