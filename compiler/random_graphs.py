@@ -21,7 +21,8 @@ and reshape (pairs that restore the layout), slice (negative indices and steps),
 pool (MaxPool/AveragePool with pads, ceil_mode, dilation, count_include_pad), gap
 (GlobalAveragePool, squeeze-excitation), resize (nearest and linear, scales or sizes),
 split, concat, residual; opt-in (only when named): prunable (Conv -> act -> Conv or
-MatMul -> Relu -> MatMul around a hidden width of 8-32, for the lossy stages).
+MatMul -> Relu -> MatMul around a hidden width of 8-32, for the lossy stages), upsample
+(ConvTranspose with kernel == stride, which compile rewrites as a conv).
 """
 
 from __future__ import annotations
@@ -333,6 +334,25 @@ def convtranspose(b: GraphBuilder, x: str, keep: str | None = None) -> str:
     if _chance(rng, 0.7):
         inputs.append(b.floats((out,), 0.5, "bias"))
     return _check_size(b, b.op("ConvTranspose", *inputs, **attrs))
+
+
+def upsample(b: GraphBuilder, x: str, keep: str | None = None) -> str:
+    """ConvTranspose with kernel == stride and no padding (a 2x or 3x upsampling layer),
+    which compile rewrites as a 1x1 conv + pixel shuffle; depthwise ones stay transposes."""
+    if keep:
+        raise Reject("upsample changes the shape")
+    rng = b.rng
+    if max(b.shapes[x][2:]) > 16:  # halve it first, or 2x would pass the size cap
+        x = b.op("MaxPool", x, kernel_shape=[2, 2], strides=[2, 2])
+    c, side = b.shapes[x][1], max(b.shapes[x][2:])
+    s = int(_pick(rng, [2, 2, 3])) if side <= 10 else 2
+    group = c if _chance(rng, 0.2) else 1
+    out = c if group > 1 else int(rng.integers(1, 17))
+    inputs = [x, b.floats((c, out // group, s, s), 1.0 / math.sqrt(c // group * s))]
+    if _chance(rng, 0.7):
+        inputs.append(b.floats((out,), 0.5, "bias"))
+    return _check_size(b, b.op("ConvTranspose", *inputs, kernel_shape=[s, s],
+                               strides=[s, s], group=group))
 
 
 def batchnorm(b: GraphBuilder, x: str, keep: str | None = None) -> str:
@@ -823,10 +843,11 @@ FAMILIES: dict[str, tuple[float, BranchFamily]] = {
     "concat": (2, concat),
     "residual": (3, residual),
     "prunable": (3, prunable),
+    "upsample": (2, upsample),
 }
 # Drawn only when named (`--ops`, the lossy stages' samples): the default draw, and so
 # every graph of an earlier seed, stays what it was.
-OPT_IN_FAMILIES = ("prunable",)
+OPT_IN_FAMILIES = ("prunable", "upsample")
 JOIN_FAMILIES = ("split", "concat", "residual")
 # Families a branch may use when it must keep the shape (or N/H/W) of its input.
 BRANCH_FAMILIES = ("conv", "batchnorm", "act", "gelu", "chain", "binary", "matmul", "softmax",

@@ -197,7 +197,8 @@ def _off_by_five_percent(real_compile, when=lambda kwargs: True):
     return compile_model
 
 
-INT8_FAMILIES = ["conv", "act", "residual", "concat", "pool", "gap", "gemm", "matmul", "pad"]
+INT8_FAMILIES = ["conv", "act", "residual", "concat", "pool", "gap", "gemm", "matmul", "pad",
+                 "upsample"]
 
 
 @pytest.mark.tvm

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from onnxforge.fuzz import DEFAULT_PIPELINE, RTOL, print_report, run_fuzz
-from onnxforge.random_graphs import FAMILIES, parse_families
+from onnxforge.random_graphs import family_names, parse_families
 from rich.console import Console
 
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default="", help="op families to draw from, comma separated "
                         "(default all): conv,convtranspose,batchnorm,act,gelu,chain,binary,"
                         "matmul,gemm,softmax,layernorm,transpose,reshape,slice,pad,pool,gap,"
-                        "resize,split,concat,residual; opt-in: prunable")
+                        "resize,split,concat,residual; opt-in: prunable,upsample")
     parser.add_argument("--rtol", type=float, default=RTOL)
     parser.add_argument("--shrink", action="store_true",
                         help="reduce each failing graph while it fails the same way")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if args.lossy and not args.ops:
-        families = list(FAMILIES)  # with the layers the lossy passes cut
+        families = family_names() + ["prunable"]  # with the layers the lossy passes cut
     logging.basicConfig(level=logging.WARNING)
     err = Console(stderr=True)
 
