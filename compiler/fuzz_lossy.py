@@ -201,7 +201,7 @@ class LossyCase:
 
     def check_equal(self, got: list[dict[str, np.ndarray]], want: list[dict[str, np.ndarray]],
                     what: str, rtol: float | None = None) -> None:
-        from .fuzz import compare
+        from .fuzz_stages import compare
 
         r = compare(want, got, self.rtol if rtol is None else rtol)
         if r.status != "correct":
@@ -231,7 +231,7 @@ class LossyCase:
                        ) -> dict[str, Any]:
         """Compile `proto` with break-even `table`, compare with onnxruntime on the same
         file; returns the compile report's `sparse` entry."""
-        from .fuzz import run_compile_stage
+        from .fuzz_stages import run_compile_stage
 
         r = run_compile_stage(proto, self.inputs, references, self.target, self.rtol,
                               sparse_break_even=table)
@@ -251,7 +251,7 @@ class _Sub(Exception):
 
 
 def _ort(proto: onnx.ModelProto, batches: list[dict[str, np.ndarray]]):
-    from .fuzz import ort_outputs
+    from .fuzz_stages import ort_outputs
 
     return ort_outputs(proto, batches)
 
@@ -437,7 +437,7 @@ def run_lossy_stage(stage: str, model: onnx.ModelProto, inputs: list[dict[str, n
     """One lossy stage (`prune`, `lowrank`, `sparse`) of graph `model` as a StageResult;
     `options` (pipeline text) replaces the options drawn from the graph (the shrinker
     keeps the failing graph's)."""
-    from .fuzz import StageResult, classify_exception
+    from .fuzz_stages import StageResult, classify_exception
 
     start = time.perf_counter()
     rng = graph_rng(model, stage)
