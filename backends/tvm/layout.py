@@ -72,19 +72,23 @@ def _macs(call) -> int:
     return int(np.prod(out)) * int(np.prod(weight[1:]))
 
 
+def _float_convs(mod: tvm.IRModule) -> tuple[list, list, float]:
+    """(conv2d calls, the float ones, their share of the conv MACs)."""
+    convs = _calls(mod, "relax.nn.conv2d")
+    floats = [c for c in convs if str(c.attrs.out_dtype) != "int32"]
+    total = sum(_macs(c) for c in convs)
+    share = sum(_macs(c) for c in floats) / total if total else float(bool(floats))
+    return convs, floats, share
+
+
 def why_not_channels_last(mod: tvm.IRModule) -> str | None:
     """None when the module should go NHWC, else the reason it stays NCHW."""
-    convs = _calls(mod, "relax.nn.conv2d")
+    convs, floats, share = _float_convs(mod)
     if not convs:
         return "no conv2d"
     if any(c.attrs.data_layout != "NCHW" for c in convs):
         return "a conv2d is not NCHW"
-    floats = [c for c in convs if str(c.attrs.out_dtype) != "int32"]
-    if not floats:
-        return None
-    total = sum(_macs(c) for c in convs)
-    share = sum(_macs(c) for c in floats) / total if total else 1.0
-    if len(floats) == len(convs) or share > FLOAT_CONV_SHARE:
+    if floats and (len(floats) == len(convs) or share > FLOAT_CONV_SHARE):
         return (f"{len(floats)} of {len(convs)} conv2d compute in float, "
                 f"{share:.0%} of the conv MACs")
     return None
@@ -92,12 +96,9 @@ def why_not_channels_last(mod: tvm.IRModule) -> str | None:
 
 def float_convs_note(mod: tvm.IRModule) -> str:
     """What an NHWC module's float convs are, for the report ("" when none)."""
-    convs = _calls(mod, "relax.nn.conv2d")
-    floats = [c for c in convs if str(c.attrs.out_dtype) != "int32"]
+    _, floats, share = _float_convs(mod)
     if not floats:
         return ""
-    total = sum(_macs(c) for c in convs)
-    share = sum(_macs(c) for c in floats) / total if total else 1.0
     return f"{len(floats)} float conv2d, {share:.0%} of the conv MACs, run NHWC too"
 
 
