@@ -26,37 +26,26 @@ _OP = "tirx.nearbyint"
 _ATTR = "TVectorizable"
 _LLVM_KINDS = ("llvm", "hexagon")
 _lock = threading.Lock()
-_depth = 0  # nested or concurrent builds share one registration
-
-
-def _kind(target) -> str:
-    if isinstance(target, dict):
-        target = tvm.target.Target(target)
-    if isinstance(target, str):
-        return target.split()[0]
-    return str(target.kind.name)
+_builds = 0  # LLVM builds in progress that rely on our registration
 
 
 @contextmanager
-def vectorizable_rounding(target):
+def vectorizable_rounding(target: tvm.target.Target):
     """Within the block, ``nearbyint`` vectorizes when ``target`` is LLVM-based."""
-    global _depth
-    if _kind(target) not in _LLVM_KINDS:
-        yield
-        return
+    global _builds
     op = tvm.ir.Op.get(_OP)
     with _lock:
-        if _depth == 0 and op.get_attr(_ATTR) is None:
-            tvm.ir.register_op_attr(_OP, _ATTR, True)
-            _depth = 1
-        elif _depth:
-            _depth += 1
-        owned = _depth > 0
+        # not ours to manage when the target has no vector form, or TVM sets it itself
+        ours = target.kind.name in _LLVM_KINDS and (_builds or op.get_attr(_ATTR) is None)
+        if ours:
+            if not _builds:
+                tvm.ir.register_op_attr(_OP, _ATTR, True)
+            _builds += 1
     try:
         yield
     finally:
-        if owned:
+        if ours:
             with _lock:
-                _depth -= 1
-                if _depth == 0:
+                _builds -= 1
+                if not _builds:
                     op.reset_attr(_ATTR)

@@ -14,17 +14,12 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-
-def _static_shape(expr) -> list[int] | None:
-    try:
-        return [int(d) for d in expr.ty.shape.values]
-    except (AttributeError, TypeError):
-        return None
+from .relax_util import rewrite_functions, static_shape
 
 
 def _as_conv_and_shuffle(call) -> relax.Expr | None:
     attrs = call.attrs
-    weight, data = _static_shape(call.args[1]), _static_shape(call.args[0])
+    weight, data = static_shape(call.args[1]), static_shape(call.args[0])
     if weight is None or data is None or len(weight) != 4 or len(data) != 4:
         return None
     in_channels, out_channels, kh, kw = weight
@@ -67,7 +62,4 @@ class _ConvTransposeAsConv(relax.PyExprMutator):
 def conv_transpose_as_conv(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
     """(module, how many conv2d_transpose became conv2d + pixel_shuffle)."""
     mutator = _ConvTransposeAsConv(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-    return mutator.builder_.get(), mutator.rewritten
+    return rewrite_functions(mutator, mod), mutator.rewritten

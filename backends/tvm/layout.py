@@ -29,6 +29,7 @@ import tvm
 from tvm import relax
 
 from .qdq import constant_value, quantize_elementwise
+from .relax_util import rewrite_functions, static_shape
 
 # pooling, elementwise ops, concat and mean follow their input's layout. conv2d_transpose
 # would follow too, but TVM 0.27 legalizes it in NCHW only (an NHWC one fails the build:
@@ -64,10 +65,8 @@ FLOAT_CONV_SHARE = 0.1
 
 def _macs(call) -> int:
     """Multiply-accumulates of an NCHW/OIHW conv2d call with static shapes (0 if not)."""
-    try:
-        out = [int(d) for d in call.ty.shape.values]
-        weight = [int(d) for d in call.args[1].ty.shape.values]
-    except (AttributeError, TypeError):
+    out, weight = static_shape(call), static_shape(call.args[1])
+    if out is None or weight is None:
         return 0
     return int(np.prod(out)) * int(np.prod(weight[1:]))
 
@@ -81,25 +80,22 @@ def _float_convs(mod: tvm.IRModule) -> tuple[list, list, float]:
     return convs, floats, share
 
 
-def why_not_channels_last(mod: tvm.IRModule) -> str | None:
-    """None when the module should go NHWC, else the reason it stays NCHW."""
-    convs, floats, share = _float_convs(mod)
+def layout_decision(mod: tvm.IRModule) -> tuple[bool, str]:
+    """(go NHWC?, the layout as compile's report states it)."""
+    convs = _calls(mod, "relax.nn.conv2d")
     if not convs:
-        return "no conv2d"
+        return False, "NCHW (no conv2d)"
     if any(c.attrs.data_layout != "NCHW" for c in convs):
-        return "a conv2d is not NCHW"
-    if floats and (len(floats) == len(convs) or share > FLOAT_CONV_SHARE):
-        return (f"{len(floats)} of {len(convs)} conv2d compute in float, "
-                f"{share:.0%} of the conv MACs")
-    return None
-
-
-def float_convs_note(mod: tvm.IRModule) -> str:
-    """What an NHWC module's float convs are, for the report ("" when none)."""
-    _, floats, share = _float_convs(mod)
+        return False, "NCHW (a conv2d is not NCHW)"
+    floats = [c for c in convs if str(c.attrs.out_dtype) != "int32"]
     if not floats:
-        return ""
-    return f"{len(floats)} float conv2d, {share:.0%} of the conv MACs, run NHWC too"
+        return True, "NHWC"
+    total = sum(_macs(c) for c in convs)
+    share = sum(_macs(c) for c in floats) / total if total else 1.0
+    if len(floats) == len(convs) or share > FLOAT_CONV_SHARE:
+        return False, (f"NCHW ({len(floats)} of {len(convs)} conv2d compute in float, "
+                       f"{share:.0%} of the conv MACs)")
+    return True, f"NHWC ({len(floats)} float conv2d, {share:.0%} of the conv MACs, run NHWC too)"
 
 
 def _per_tensor(call) -> tuple[float, float] | None:
@@ -139,19 +135,17 @@ class _ElementwiseQDQ(relax.PyExprMutator):
 
 def elementwise_qdq(mod: tvm.IRModule) -> tvm.IRModule:
     mutator = _ElementwiseQDQ(mod)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-    return mutator.builder_.get()
+    return rewrite_functions(mutator, mod)
 
 
-def channels_last(mod: tvm.IRModule) -> tuple[tvm.IRModule, str | None]:
-    """(module, None) converted to NHWC, or (module unchanged, why it stays NCHW)."""
-    why = why_not_channels_last(mod)
-    if why is not None:
-        return mod, why
+def channels_last(mod: tvm.IRModule) -> tuple[tvm.IRModule, str]:
+    """(module converted to NHWC, or unchanged; the layout as the report states it, with
+    the reason when it stays NCHW)."""
+    nhwc, layout = layout_decision(mod)
+    if not nhwc:
+        return mod, layout
     mod = elementwise_qdq(mod)
     mod = relax.transform.ConvertLayout(CHANNELS_LAST)(mod)
     # the weights and per-channel constants permuted to OHWI / [1,1,1,C] are constants
     mod = relax.transform.FoldConstant()(mod)
-    return mod, None
+    return mod, layout

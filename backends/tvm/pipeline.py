@@ -57,7 +57,7 @@ from .database import (
     resolve_tuning_db,
 )
 from .importer import InputSpec, import_onnx, input_specs, load_onnx
-from .layout import channels_last, float_convs_note
+from .layout import channels_last
 from .qdq import IntegerReport, integer_contractions
 from .schedules import (
     count_configured,
@@ -201,10 +201,7 @@ def prepare_module(model: Any, target: Any = "host", *,
             channel_multiple=dot.lanes if dot is not None else 1)
         integer = found.as_dict()
         if dot is not None and found.integer:
-            note = float_convs_note(mod)
-            mod, why_nchw = channels_last(mod)
-            integer["layout"] = (f"NCHW ({why_nchw})" if why_nchw is not None
-                                 else f"NHWC ({note})" if note else "NHWC")
+            mod, integer["layout"] = channels_last(mod)
     sparse: dict[str, Any] = {}
     if target.kind.name == "llvm":
         metadata = {p.key: p.value for p in proto.metadata_props}

@@ -50,6 +50,8 @@ import numpy as np
 import tvm
 from tvm import ir, relax
 
+from .relax_util import rewrite_functions
+
 _CONTRACTIONS = {"relax.nn.conv2d": "conv2d", "relax.matmul": "matmul"}
 DOT_REDUCE = 4  # int8 products one dot-product instruction sums (VNNI, ARM sdot/udot)
 
@@ -288,10 +290,7 @@ def integer_contractions(mod: tvm.IRModule, signed_activations: bool = False,
     for dot-product instructions that multiply s8 x s8. `channel_multiple`: pad a
     one-group conv's output channels to a multiple of it (the dot instruction's lanes)."""
     mutator = _IntegerContractions(mod, signed_activations, channel_multiple)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-    mod = mutator.builder_.get()
+    mod = rewrite_functions(mutator, mod)
     # the float dequantize of an int8 weight is dead once its only user is integer
     mod = relax.transform.DeadCodeElimination()(mod)
     return mod, mutator.report

@@ -39,6 +39,7 @@ from ...kernels.sparse_conv import bsr_rows, conv_offsets
 from ...kernels.sparse_gemv import bsr_gemv
 from ...kernels.sparse_matmul import VECTOR_ROWS, block_density, bsr_matmul, to_bsr
 from ...passes.sparsity.metadata import SPARSITY_KEY
+from .relax_util import rewrite_functions
 
 _BLOCK = re.compile(r"block\((\d+)x(\d+)\)")
 # sparsify zeros floor(ratio x blocks) blocks, so a layer sparsified to the break-even
@@ -262,7 +263,4 @@ def sparse_contractions(mod: tvm.IRModule, metadata: dict[str, str],
         return mod, SparseReport()
     lanes = cpu_info(target).lanes(32) if target is not None else VECTOR_ROWS
     mutator = _SparseContractions(mod, patterns, thresholds, lanes)
-    for gvar, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            mutator.builder_.update_func(gvar, mutator.visit_expr(func))
-    return relax.transform.DeadCodeElimination()(mutator.builder_.get()), mutator.report
+    return relax.transform.DeadCodeElimination()(rewrite_functions(mutator, mod)), mutator.report
