@@ -167,6 +167,7 @@ class PassManager:
         if inside and not p.descends_into_subgraphs:
             step.stats["skipped_subgraphs"] = _skip_record(p, inside)
         self._warn_skipped(p, step, inside)
+        self._print_notes(p, step)
         if reference is not None and result.modified:
             step.error = compare_models(reference, model, self.verify_source,
                                         limit=self.verify_batches, threads=self.context.threads)
@@ -198,6 +199,14 @@ class PassManager:
         step.note = (step.note + "; " if step.note else "") + line
         logger.info(line)  # printed below; a logging WARNING would print it twice in the CLI
         self.console.print(f"[yellow]warning[/]: {line}", highlight=False)
+
+    def _print_notes(self, p: ForgePass, step: StepReport) -> None:
+        """A pass's `notes` stat (lines about choices it made, e.g. quantize's
+        calibration=auto): into the step's note and onto the terminal."""
+        for line in step.stats.get("notes", []):
+            step.note = (step.note + "; " if step.note else "") + line
+            logger.info(line)
+            self.console.print(f"{p.name}: {line}", highlight=False)
 
     def _print_model(self, p: ForgePass, model: ir.Model) -> None:
         counts = compute_metrics(model, with_macs=False).op_counts

@@ -26,11 +26,12 @@ target the model cannot reach is shown as such. PP-OCR rec is evaluated on
 `--ocr-lines` (256) held-out lines.
 
 `mixed all4 b128` puts every layer that has a 4-bit form in 4 bits (block 128, no size
-target or error budget; `mse`: calibration=mse). `prune30 ...` variants first run
-`prune(macs=0.3,criterion=reconstruction)` (sensitivity allocation, sequential refit, on
-the same calibration data; once per model, shared by the variants) and then quantize the
-pruned model; `weights ÷` and `size ÷` are against the original fp32 model, `quant s`
-includes the pruning.
+target or error budget; `mse`: calibration=mse; `auto`: calibration=auto, the method
+chosen on held-out calibration batches, shown in the `auto chose` column). `prune30 ...`
+variants first run `prune(macs=0.3,criterion=reconstruction)` (sensitivity allocation,
+sequential refit, on the same calibration data; once per model, shared by the variants)
+and then quantize the pruned model; `weights ÷` and `size ÷` are against the original fp32
+model, `quant s` includes the pruning.
 
 `gptq/rtn` is the median over layers of GPTQ's relative output error divided by
 round-to-nearest's, both measured on held-out calibration batches (pass stats).
@@ -179,6 +180,11 @@ VARIANTS = {
     # every layer that has a 4-bit form in 4 bits (no size target, no error budget)
     "mixed all4 b128": "mixed,bits=4,max_error=0,block=128,rounding=gptq",
     "mixed all4 b128 mse": "mixed,bits=4,max_error=0,block=128,rounding=gptq,calibration=mse",
+    # the activation calibration chosen on held-out calibration batches (auto_calibration.py)
+    "int8 auto": "int8,calibration=auto",
+    "mixed all4 b128 auto": "mixed,bits=4,max_error=0,block=128,rounding=gptq,calibration=auto",
+    "int4 b128 gptq convs4 all auto": "int4,block=128,rounding=gptq,convs=int4,"
+                                      "keep_cheap_convs_float=false,calibration=auto",
 }
 # variants that prune before quantizing: label -> (pruning pass, quantize variant)
 PRUNE30 = "prune(macs=0.3,criterion=reconstruction)"
@@ -223,6 +229,8 @@ def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dic
         try:
             m, secs, stats = ours_quantize(source, task.calib, f"quantize({opts})")
             models[label] = (m, prune_s + secs, stats)
+            if "calibration_auto" in stats:
+                print(f"{task.name} {label}: {stats['calibration_auto']}", file=sys.stderr)
         except BudgetExceededError as exc:  # a size target the model cannot reach
             print(f"{task.name} {label}: {exc}", file=sys.stderr)
             refused[label] = str(exc)
@@ -240,10 +248,11 @@ def bench_task(task, variants: list[str], threads: int, repeat: int) -> list[dic
                      "latency_ratio": medians[k] / medians["fp32"], "ms": medians[k],
                      "quantize_s": secs, "gptq_over_rtn": _gptq_ratio(stats),
                      "int4_matmuls": stats.get("int4_matmuls", 0), "bits": _bits(stats),
+                     "calibration": stats.get("calibration_chosen", ""),
                      "weight_ratio": base_weights / max(weight_bytes(m), 1)})
     rows += [{"model": task.name, "variant": k, "size_ratio": float("nan"),
               "latency_ratio": float("nan"), "ms": float("nan"), "quantize_s": 0.0,
-              "gptq_over_rtn": "", "int4_matmuls": 0, "bits": "not reached",
+              "gptq_over_rtn": "", "int4_matmuls": 0, "bits": "not reached", "calibration": "",
               "weight_ratio": float("nan")}
              for k in refused]
     return rows
@@ -258,17 +267,18 @@ def _bits(stats: dict) -> str:
 
 def show(rows: list[dict]) -> None:
     skip = {"model", "variant", "size_ratio", "latency_ratio", "ms", "quantize_s",
-            "gptq_over_rtn", "int4_matmuls", "bits", "weight_ratio"}
+            "gptq_over_rtn", "int4_matmuls", "bits", "weight_ratio", "calibration"}
     metric_keys = []
     for r in rows:
         metric_keys += [k for k in r if k not in skip and k not in metric_keys]
     columns = ["model", "variant", *metric_keys, "size ÷", "weights ÷", "ms", "x fp32",
                "quant s",
-               "gptq/rtn (int4 / int8)", "int4 MatMuls", "mixed 4/8/16/32 layers"]
+               "gptq/rtn (int4 / int8)", "int4 MatMuls", "mixed 4/8/16/32 layers", "auto chose"]
     cells = [(r["model"], r["variant"], *[f"{r[k]:.4f}" if k in r else "" for k in metric_keys],
               f"{r['size_ratio']:.2f}", f"{r.get('weight_ratio', float('nan')):.2f}",
               f"{r['ms']:.3f}", f"{r['latency_ratio']:.2f}",
-              f"{r['quantize_s']:.1f}", r["gptq_over_rtn"], str(r["int4_matmuls"]), r["bits"])
+              f"{r['quantize_s']:.1f}", r["gptq_over_rtn"], str(r["int4_matmuls"]), r["bits"],
+              r.get("calibration", ""))
              for r in rows]
     print_table("rounding (nearest / GPTQ) and int4 MatMul weights, onnxruntime", columns, cells)
 

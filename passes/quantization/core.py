@@ -84,7 +84,9 @@ INT8_OPS = {"Add", "Mul", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyR
 @dataclass
 class QuantizeOptions:
     mode: Literal["int8", "int4", "dynamic", "fp16", "mixed"] = "int8"
-    calibration: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"
+    # auto: the method with the smallest output error on held-out calibration batches
+    # (auto_calibration.py)
+    calibration: Literal["minmax", "percentile", "entropy", "mse", "auto"] = "minmax"
     percentile: float = option(99.99, gt=0.0, le=100.0)
     activations: Literal["u8", "s8"] = "u8"
     per_channel: bool = True

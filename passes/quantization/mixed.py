@@ -50,12 +50,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ...backends.ort import OrtArtifact
 from ...errors import BudgetExceededError
 from ...ir import constant_array, infer_shapes, load_model
 from ..graph import attr, remove_unused
 from ..naming import NameAllocator
 from . import repair
+from .auto_calibration import choose_calibration, describe_choice
 from .core import (
     Calibration,
     QuantizeOptions,
@@ -68,6 +68,7 @@ from .core import (
 )
 from .four_bit import FourBitWeights, four_bit_kind, round_four_bit
 from .int4 import pack_int4_codes, quantize_embeddings_int4, write_matmulnbits
+from .output_error import OutputErrorEvaluator
 from .prepare import (
     add_const,
     ensure_node_names,
@@ -103,58 +104,6 @@ def store_fp16_weights(model: ir.Model, names: set[str]) -> int:
     return count
 
 
-class _Evaluator:
-    """Error of candidate models against the float model on fixed batches."""
-
-    def __init__(self, reference: ir.Model, batches: list[dict[str, np.ndarray]],
-                 opts: QuantizeOptions, labels: np.ndarray | None, threads: int):
-        self.batches = batches
-        self.opts = opts
-        self.threads = threads
-        self.labels = labels
-        self.ref = [OrtArtifact(reference, threads=threads).run(b) for b in batches]
-        self.evaluations = 0
-
-    def outputs(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
-        art = OrtArtifact(model, threads=self.threads)
-        self.evaluations += 1
-        return [art.run(b) for b in self.batches]
-
-    def errors(self, model: ir.Model) -> dict[str, float]:
-        cand = self.outputs(model)
-        out: dict[str, float] = {}
-        if self.opts.metric is not None:
-            out["metric"] = float(self.opts.metric(self.ref, cand))
-        worst = 0.0
-        for name in self.ref[0]:
-            num = sum(float(np.sum((r[name].astype(np.float64) - c[name]) ** 2))
-                      for r, c in zip(self.ref, cand))
-            den = sum(float(np.sum(r[name].astype(np.float64) ** 2)) for r in self.ref)
-            worst = max(worst, float(np.sqrt(num / den)) if den else float(np.sqrt(num)))
-        out["rel_l2"] = worst
-        if self.labels is not None:
-            first = next(iter(self.ref[0]))
-            pr = np.concatenate([r[first].reshape(len(r[first]), -1).argmax(-1) for r in self.ref])
-            pc = np.concatenate([c[first].reshape(len(c[first]), -1).argmax(-1) for c in cand])
-            n = min(len(pr), len(self.labels))
-            out["accuracy_drop"] = float(np.mean(pr[:n] == self.labels[:n])
-                                         - np.mean(pc[:n] == self.labels[:n]))
-        return out
-
-    def within(self, err: dict[str, float]) -> bool:
-        o = self.opts
-        if o.metric is not None:
-            ok = err["metric"] <= o.max_error
-        else:
-            ok = err["rel_l2"] <= o.max_error if o.max_error > 0 else True
-        if o.max_accuracy_drop >= 0:
-            if "accuracy_drop" not in err:
-                raise BudgetExceededError("quantize(mode=mixed): max_accuracy_drop needs "
-                                          "calibration data with labels")
-            ok = ok and err["accuracy_drop"] <= o.max_accuracy_drop + 1e-12
-        return ok
-
-
 def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict[str, Any]:
     """Choose a precision per layer under the budget and rewrite `model` in place."""
     start = time.perf_counter()
@@ -167,15 +116,19 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
     if not layers:
         stats["bits_per_layer"] = {}
         return stats
-    calib = calibrate(fp32, context, {t.data_name for t in full.tensors.values()},
-                      method=opts.calibration, channel_inputs=bias_correction_inputs(full, opts),
-                      limit=opts.calib_batches or None)
-    evaluator = _evaluator(fp32, calib, opts, context)
     four = None
     if opts.bits == 4:
         wanted = set(layers)
         four = round_four_bit(fp32, [n for n in fp32.graph if n.name in wanted
                                      and four_bit_kind(n, opts.block)], opts, context)
+    names = {t.data_name for t in full.tensors.values()}
+    if opts.calibration == "auto":
+        opts, int8_opts = _auto_calibration(fp32, opts, context, stats, names, full, layers,
+                                            set(tables), four)
+    calib = calibrate(fp32, context, names, method=opts.calibration,
+                      channel_inputs=bias_correction_inputs(full, opts),
+                      limit=opts.calib_batches or None)
+    evaluator = _evaluator(fp32, calib, opts, context)
     precisions = _Precisions(fp32, calib, int8_opts, set(tables), four)
     fp32_bytes = weight_bytes(fp32)
     # 2. sensitivity of each layer alone (int8; with bits=4 also 4-bit)
@@ -241,6 +194,31 @@ def quantize_mixed(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict
     return stats
 
 
+def _auto_calibration(fp32: ir.Model, opts: QuantizeOptions, context: Any,
+                      stats: dict[str, Any], names: set[str], full: Any, layers: list[str],
+                      tables: set[str], four: FourBitWeights | None
+                      ) -> tuple[QuantizeOptions, QuantizeOptions]:
+    """calibration=auto (auto_calibration.py), measured on the most compressed
+    configuration the pass offers (every layer at `bits`, 4 where it has a 4-bit form):
+    the options (and int8 options) with the chosen method; the report's
+    `calibration_auto`."""
+    lowest = {n: 4 if four is not None and n in four.names else 8 for n in layers}
+
+    def build(cand_opts: QuantizeOptions, calib: Calibration) -> ir.Model:
+        return _Precisions(fp32, calib, replace(cand_opts, mode="int8"), tables,
+                           four).build(lowest)
+
+    chosen, report = choose_calibration(context, opts, fp32, names,
+                                        bias_correction_inputs(full, opts), build)
+    report["measured_on"] = ("every layer in 4 bits where it has a 4-bit form, int8 otherwise"
+                             if four is not None else "every layer in int8")
+    stats["calibration_auto"] = report
+    stats["calibration_chosen"] = chosen
+    stats.setdefault("notes", []).append(describe_choice(report))
+    chosen_opts = replace(opts, calibration=chosen)
+    return chosen_opts, replace(chosen_opts, mode="int8")
+
+
 def embedding_tables(model: ir.Model, opts: QuantizeOptions, *, min_size: int = 4096) -> list[str]:
     """The Gather nodes of constant float32 2-D tables (axis 0, at least `min_size`
     elements: what `quantize_embeddings` quantizes) that mixed precision allocates like
@@ -267,7 +245,7 @@ def _points(n: int) -> list[int]:
     return list(range(n + 1))
 
 
-def _sensitivities(layers: list[str], bits: int, evaluator: _Evaluator,
+def _sensitivities(layers: list[str], bits: int, evaluator: OutputErrorEvaluator,
                    precisions: _Precisions) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
     """Per layer, the error and the weight bytes of the model with only it at `bits`."""
     errors, sizes = {}, {}
@@ -278,7 +256,7 @@ def _sensitivities(layers: list[str], bits: int, evaluator: _Evaluator,
     return errors, sizes
 
 
-def _four_bit_order(order: list[str], four: FourBitWeights, evaluator: _Evaluator,
+def _four_bit_order(order: list[str], four: FourBitWeights, evaluator: OutputErrorEvaluator,
                     precisions: _Precisions, eight: dict[str, dict[str, float]],
                     bytes8: dict[str, int], key: str
                     ) -> tuple[list[str], dict[str, dict[str, float]]]:
@@ -301,7 +279,7 @@ def _four_bit_order(order: list[str], four: FourBitWeights, evaluator: _Evaluato
 class _Curve:
     """Budget-curve points (error, weight bytes, within budget) and their configurations."""
 
-    def __init__(self, evaluator: _Evaluator, precisions: _Precisions, fp32_bytes: int):
+    def __init__(self, evaluator: OutputErrorEvaluator, precisions: _Precisions, fp32_bytes: int):
         self.evaluator, self.precisions, self.fp32_bytes = evaluator, precisions, fp32_bytes
         self.points: list[dict[str, Any]] = []
         self.configs: list[dict[str, int]] = []
@@ -337,7 +315,7 @@ def _prepare(model: ir.Model, opts: QuantizeOptions, context: Any) -> dict[str, 
 
 
 def _evaluator(fp32: ir.Model, calib: Calibration, opts: QuantizeOptions,
-               context: Any) -> _Evaluator:
+               context: Any) -> OutputErrorEvaluator:
     """An evaluator on the first calibration batches (at most 8, or `calib_batches`),
     with their labels when the calibration data has them."""
     eval_count = min(calib.batches, opts.calib_batches or 8)
@@ -345,7 +323,7 @@ def _evaluator(fp32: ir.Model, calib: Calibration, opts: QuantizeOptions,
     labels = None
     if context.calibration is not None and hasattr(context.calibration, "labels"):
         labels = context.calibration.labels()
-    return _Evaluator(fp32, batches, opts, labels, context.threads)
+    return OutputErrorEvaluator(fp32, batches, opts, labels, context.threads)
 
 
 class _Precisions:

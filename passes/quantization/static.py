@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ import onnx_ir as ir
 
 from ...ir import infer_shapes, load_model
 from . import repair
+from .auto_calibration import choose_calibration, describe_choice
 from .bodies import has_bodies_or_recurrent, quantize_bodies_and_recurrent
 from .core import (
     Calibration,
@@ -55,12 +57,15 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
     repair.smooth_as_configured(model, opts, context, stats)
     stats.update(merge_for_int8(model))
     plan = make_plan(model, opts, only)
+    rounded = choose_weights(model, plan.compute, opts, context, stats)
+    names = {t.data_name for t in plan.tensors.values()}
+    if opts.calibration == "auto":
+        opts = _auto_calibration(model, opts, context, stats, names, only, rounded,
+                                 bias_correction_inputs(plan, opts), calibration is None)
     if calibration is None:
-        calibration = calibrate(model, context, {t.data_name for t in plan.tensors.values()},
-                                method=opts.calibration,
+        calibration = calibrate(model, context, names, method=opts.calibration,
                                 channel_inputs=bias_correction_inputs(plan, opts),
                                 limit=opts.calib_batches or None)
-    rounded = choose_weights(model, plan.compute, opts, context, stats)
     applied, shifts = apply_calibrated(model, plan, calibration, opts, rounded=rounded)
     if opts.embeddings:
         stats["embeddings_quantized"] = quantize_embeddings(
@@ -82,6 +87,31 @@ def quantize_int8(model: ir.Model, opts: QuantizeOptions, context: Any,
         "weight_error": _weight_errors(applied.get("records", [])),
     })
     return calibration
+
+
+def _auto_calibration(model: ir.Model, opts: QuantizeOptions, context: Any,
+                      stats: dict[str, Any], names: set[str], only: set[str] | None,
+                      rounded: dict, channel_inputs: dict[str, int],
+                      measure: bool) -> QuantizeOptions:
+    """calibration=auto (auto_calibration.py): the options with the method chosen on
+    held-out calibration batches (the report's `calibration_auto`). `rounded` (GPTQ
+    weights by node name) does not depend on the ranges: every candidate shares it."""
+    if not names or not measure:  # nothing to calibrate, or the caller's calibration
+        stats["calibration_auto"] = {"chosen": "minmax", "note": "no activation to calibrate"
+                                     if not names else "calibration given by the caller"}
+        return replace(opts, calibration="minmax")
+
+    def build(cand_opts: QuantizeOptions, calib: Calibration) -> ir.Model:
+        cand = load_model(model, check=False)
+        apply_calibrated(cand, make_plan(cand, cand_opts, only), calib, cand_opts,
+                         rounded=rounded)
+        return cand
+
+    chosen, report = choose_calibration(context, opts, model, names, channel_inputs, build)
+    stats["calibration_auto"] = report
+    stats["calibration_chosen"] = chosen
+    stats.setdefault("notes", []).append(describe_choice(report))
+    return replace(opts, calibration=chosen)
 
 
 def _weight_errors(records: list) -> dict[str, dict[str, Any]]:
