@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from builders import make_model
 from onnx import TensorProto, helper, numpy_helper
@@ -373,3 +374,141 @@ def test_proxies_cut_by_the_time_budget_keep_what_was_built(files):
     rows = [row for entries in tables.single.values() for row in entries.values()]
     assert not complete and len(timed) == 3
     assert len(rows) == 3 and all(row["latency_ratio"] == 0.5 for row in rows)
+
+
+# ------------------------------------------------------------- affordable proxy tables
+
+
+def dead_channel_cnn() -> onnx.ModelProto:
+    """small_cnn whose conv1 filters 0-7 (and conv2's columns reading them) are zero: half
+    of conv1's channels carry nothing, so removing them changes no output."""
+    model = small_cnn()
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init).copy()
+        if init.name in ("w1", "b1"):
+            arr[:8] = 0
+        elif init.name == "w2":
+            arr[:, :8] = 0
+        else:
+            continue
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    return model
+
+
+def test_prune_proxies_come_from_the_probe_and_candidates_are_recovered(tmp_path, monkeypatch):
+    """The prune table entries are built without recovery and take their error from
+    prune's sensitivity curves (removing conv1's 8 dead channels: no error; 12 of them: some);
+    the candidates the search measures are built with recovery, their error that of an
+    independent recovered build."""
+    import onnxforge.passes.pruning.prune as prune_module
+    from onnxforge.autocompress.build import build
+    from onnxforge.autocompress.space import Space
+    from onnxforge.calibration import open_calibration
+    from onnxforge.passes.base import PassContext
+    from onnxforge.verify import compare_models
+
+    path = tmp_path / "dead.onnx"
+    onnx.save(dead_channel_cnn(), path)
+    rng = np.random.default_rng(1)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    recovered = []
+    real_recover = prune_module.recover
+    monkeypatch.setattr(prune_module, "recover",
+                        lambda *a, **kw: recovered.append(1) or real_recover(*a, **kw))
+    result = autocompress(path, calib, speedup=1.3, input_shapes=SHAPES, kinds=("prune",),
+                          max_candidates=3, latency_backend=FakeLatency(), time_budget=120)
+    report = result.report
+    knobs = report["space"]["knobs"]
+    single = report["proxies"]["single"]
+    conv1 = next(f"prune:{k['key']}" for k in knobs if k["kind"] == "prune"
+                 and k["key"] in ("w1", "b1", "conv1"))
+    rows = single[conv1]
+    assert all(r["error_source"] == "sensitivity probe" for r in rows.values())
+    assert rows["2"]["error"] < 1e-6 < rows["3"]["error"]  # 50 %: the dead half; 75 %: more
+    measured = [c for c in report["candidates"] if not c.get("origin") and "failed" not in c]
+    # one recovery per measured candidate and one for the chosen model built again;
+    # none for the 9 table entries
+    assert measured and len(recovered) == len(measured) + 1
+    model = load_model(path)
+    source = open_calibration(str(calib), model, SHAPES, seed=0)
+    space = Space([prune_module_knob(k) for k in knobs])
+    context = PassContext(calibration=source, input_shapes=SHAPES, threads=1, seed=0)
+    for c in measured:
+        again = build(model, space, tuple(c["policy"]), context)[0]
+        err = compare_models(model, again, source, limit=64, threads=1).max_rel_l2
+        assert c["calib_error"] == pytest.approx(err, rel=1e-6, abs=1e-9)
+
+
+def prune_module_knob(row):
+    from onnxforge.autocompress.space import Knob
+
+    return Knob(row["kind"], row["key"], tuple(row["choices"]), row["units"])
+
+
+def test_int8_leave_one_out_only_for_the_large_layers(files):
+    """small_cnn's conv2 and conv1 hold > 90 % of the int8 layers' MACs: they get their
+    own leave-one-out, fc1 and fc2 one together, shared by MACs; int8 entries are not
+    timed on their own."""
+    from onnxforge.autocompress.build import build
+    from onnxforge.autocompress.proxies import ProxyTables, measure_tables, predict
+    from onnxforge.autocompress.space import discover
+    from onnxforge.calibration import open_calibration
+    from onnxforge.passes.base import PassContext
+
+    model = load_model(files[0])
+    context = PassContext(calibration=open_calibration(str(files[1]), model, SHAPES, seed=0),
+                          input_shapes=SHAPES)
+    space = discover(model, context, kinds=("bits",))
+    macs = compute_metrics(model, SHAPES).node_macs
+    tables = ProxyTables({"latency_ms": 1.0, "size_bytes": 1e4, "macs": 1.0})
+    timed = []
+    ratios = {"all": 0.5, "conv1": 0.6, "conv2": 0.9, "rest": 0.58}
+
+    def time_ratios(models):
+        out = []
+        for m in models:
+            float_layers = {n.name for n in m.graph if n.op_type in ("Conv", "Gemm")
+                            and n.inputs[1].producer() is None}
+            timed.append(sorted(float_layers))
+            out.append(ratios["all"] if not float_layers else ratios["rest"]
+                       if float_layers == {"fc1", "fc2"} else ratios[min(float_layers)])
+        return out
+
+    complete = measure_tables(
+        space, tables, lambda policy: build(model, space, policy, context)[0],
+        lambda m: 0.01, lambda m: {"size_bytes": 5e3, "macs": 1.0}, time_ratios,
+        layer_macs=macs)
+    assert complete
+    assert sorted(timed) == [[], ["conv1"], ["conv2"], ["fc1", "fc2"]]
+    assert sorted(tables.int8_loo) == ["bits:conv1", "bits:conv2"]
+    assert sorted(tables.int8_rest) == ["bits:fc1", "bits:fc2"]
+    assert tables.int8_rest_loo == 0.58
+    assert all("latency_ratio" not in r["1"] for r in tables.single.values())
+    weights = tables.int8_weights(space)
+    by_name = {space.knobs[i].key: w for i, w in weights.items()}
+    assert by_name["conv2"] == pytest.approx(0.4) and by_name["conv1"] == pytest.approx(0.1)
+    assert by_name["fc1"] + by_name["fc2"] == pytest.approx(0.08)
+    assert by_name["fc1"] / by_name["fc2"] == pytest.approx(macs["fc1"] / macs["fc2"])
+    # every int8 knob stays usable, and the all-int8 policy predicts the measured ratio
+    assert all(allowed == [0, 1] for allowed in tables.useful_choices(space))
+    assert predict(tables, space, tuple(1 for _ in space.knobs)).latency_ratio == \
+        pytest.approx(0.5)
+
+
+def test_calib_errors_equal_compare_models(files):
+    from onnxforge.autocompress.measure import CalibErrors
+    from onnxforge.calibration import open_calibration
+    from onnxforge.verify import compare_models
+
+    model = load_model(files[0])
+    other = load_model(onnx.load(files[0]))
+    for init in other.graph.initializers.values():
+        if init.name == "w2":
+            init.const_value = ir.tensor(init.const_value.numpy() * 1.1)
+    source = open_calibration(str(files[1]), model, SHAPES, seed=0)
+    errors = CalibErrors(model, source, limit=8, threads=1)
+    expected = compare_models(model, other, source, limit=8, threads=1).max_rel_l2
+    assert expected > 0.01
+    assert errors(other) == pytest.approx(expected, rel=1e-9)
+    assert errors(model) == 0.0

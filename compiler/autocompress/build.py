@@ -58,15 +58,19 @@ class _PerLayerLowRank(LowRankPass):
 
 
 def build(model: ir.Model, space: Space, policy: Policy, context: PassContext,
-          *, lowrank_guard: bool = True) -> tuple[ir.Model, dict[str, Any]]:
+          *, lowrank_guard: bool = True, recover: bool = True
+          ) -> tuple[ir.Model, dict[str, Any]]:
     """(a new model for `policy`, {"pipeline": text, "stats": per pass}); `model` is not
-    modified. Raises BuildError when a pass refuses."""
+    modified. Raises BuildError when a pass refuses. `recover=False`: prune without its
+    least-squares recovery (same structure, so the same latency, size and MACs; the proxy
+    tables' prune entries, whose error comes from the sensitivity probe instead)."""
     work = load_model(model, check=False)
     steps: list[str] = []
     stats: dict[str, Any] = {}
     prune = space.by_kind(policy, "prune")
     if prune:
-        p = PrunePass(PruneOptions(ratio=0.0, overrides=override_text(prune)), context)
+        p = PrunePass(PruneOptions(ratio=0.0, overrides=override_text(prune),
+                                   recover=recover), context)
         p(work)
         if "refused" in p.stats:
             raise BuildError(f"prune refused: {p.stats['refused']}")

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..safe_write import write_json
 
-VERSION = 2  # 2: sizes are those of the written file
+VERSION = 3  # 2: sizes are those of the written file; 3: prune proxies from the probe
 
 
 def _digest_source(spec: Any, h: Any) -> None:

@@ -198,6 +198,38 @@ class TvmLatency:
         return out
 
 
+class CalibErrors:
+    """`errors(model)`: the output rel L2 of `model` vs the input model on the first `limit`
+    batches of `source` (`compare_models(...).max_rel_l2`, the same numbers), with the
+    input model's outputs computed once: a proxy table measures a hundred or more
+    models, and running the input model again for each doubled the cost."""
+
+    def __init__(self, original: ir.Model, source: CalibrationSource, *, limit: int | None,
+                 threads: int | None):
+        self.original, self.source, self.limit, self.threads = original, source, limit, threads
+        self._reference: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] | None = None
+        self._names: list[str] = []
+
+    def __call__(self, model: ir.Model) -> float:
+        from ..backends.ort import OrtArtifact
+        from ..verify import OutputComparer
+
+        if self._reference is None:
+            ref = OrtArtifact(self.original, threads=self.threads)
+            self._names = list(ref.output_names)
+            self._reference = [(b, ref.run(b)) for b in self.source.batches(self.limit)]
+        cand = OrtArtifact(model, threads=self.threads)
+        if len(cand.output_names) != len(self._names) or not self._reference:
+            # let compare_models say what is wrong, in its words
+            return float(compare_models(self.original, model, self.source, limit=self.limit,
+                                        threads=self.threads).max_rel_l2)
+        rename = dict(zip(cand.output_names, self._names))
+        comparer = OutputComparer()
+        for batch, ref_out in self._reference:
+            comparer.add(ref_out, {rename[k]: v for k, v in cand.run(batch).items()})
+        return float(comparer.result().max_rel_l2)
+
+
 Metric = Callable[[str], float]
 
 

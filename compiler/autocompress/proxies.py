@@ -6,6 +6,22 @@ Tables (one build per knob choice, measured on the calibration data and the back
                         (timed in the same interleaved rounds), size in bytes, MACs
   int8_all              latency ratio of the model with every `bits` knob in int8
   int8_loo[knob]        ... with every `bits` knob in int8 except this one
+  int8_rest_loo         ... except the `int8_rest` layers together (the small ones)
+
+What keeps them affordable on a real model (PP-OCRv4 rec: 23 prune groups x 3 ratios,
+33 rank layers x 2, 47 int8 layers; a prune build with its recovery refit took ~57 s
+under load):
+  - prune entries are built without recovery (the structure, hence latency, size and
+    MACs, is the same) and their error is prune's own sensitivity curve (its probe: the
+    consumers refit in closed form on one onnxruntime session, all groups x ratios in
+    one sweep), measured with the no-recovery build only where the probe cannot see the
+    group. The candidates the search picks are built with recovery and measured for
+    real: the proxies only rank them.
+  - an int8 entry's own latency is not timed: the prediction does not use it (int8
+    latency comes from the all-int8 end).
+  - leave-one-out only for the int8 layers that hold most of the int8 layers' MACs
+    (`LOO_SHARE`); the others are left out together in one model, and that model's
+    change is shared among them by MACs.
 
 Predictions:
   latency ratio = (1 + sum of the prune/rank choices' ratio - 1)
@@ -31,6 +47,9 @@ import onnx_ir as ir
 
 from .space import Policy, Space
 
+# leave-one-out for the largest int8 layers up to this share of the int8 layers' MACs
+LOO_SHARE = 0.9
+
 
 def knob_id(space: Space, i: int) -> str:
     knob = space.knobs[i]
@@ -44,26 +63,49 @@ class ProxyTables:
     int8_all: float | None = None
     int8_loo: dict[str, float] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "knob=choice" -> why
+    int8_rest: list[str] = field(default_factory=list)  # int8 knobs without their own loo
+    int8_rest_loo: float | None = None
+    int8_macs: dict[str, float] = field(default_factory=dict)  # bits knob -> its MACs
 
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base, "single": self.single, "int8_all": self.int8_all,
-                "int8_loo": self.int8_loo, "failed": self.failed}
+                "int8_loo": self.int8_loo, "failed": self.failed,
+                "int8_rest": self.int8_rest, "int8_rest_loo": self.int8_rest_loo,
+                "int8_macs": self.int8_macs}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProxyTables:
         return cls(data["base"], data["single"], data["int8_all"], data["int8_loo"],
-                   data.get("failed", {}))
+                   data.get("failed", {}), data.get("int8_rest", []),
+                   data.get("int8_rest_loo"), data.get("int8_macs", {}))
 
     def useful_choices(self, space: Space) -> list[list[int]]:
         """Per knob the choice indices the search may use: 0 (unchanged) and those that
-        built, were timed and changed something (size, MACs or the outputs)."""
+        built, were timed (int8 entries: not timed, see the module docstring) and changed
+        something (size, MACs or the outputs)."""
         allowed = []
         for i, knob in enumerate(space.knobs):
             rows = self.single.get(knob_id(space, i), {})
             allowed.append([0] + [c for c in range(1, len(knob.choices)) if str(c) in rows
-                                  and "latency_ratio" in rows[str(c)]
+                                  and ("latency_ratio" in rows[str(c)] or knob.kind == "bits")
                                   and _changed(rows[str(c)], self.base)])
         return allowed
+
+    def int8_weights(self, space: Space) -> dict[int, float]:
+        """Per bits knob index, how much leaving it float moves the all-int8 latency:
+        |its leave-one-out - all-int8|, or for the `int8_rest` layers their group's
+        change shared out by MACs (equally when their MACs are unknown or zero)."""
+        bits = [i for i, k in enumerate(space.knobs) if k.kind == "bits"]
+        weights = {i: abs(self.int8_loo.get(knob_id(space, i), self.int8_all)
+                          - self.int8_all) for i in bits}
+        rest = [i for i in bits if knob_id(space, i) in self.int8_rest]
+        if rest and self.int8_rest_loo is not None:
+            change = abs(self.int8_rest_loo - self.int8_all)
+            macs = [self.int8_macs.get(knob_id(space, i), 0.0) for i in rest]
+            total = sum(macs)
+            for i, m in zip(rest, macs):
+                weights[i] = change * (m / total if total > 0 else 1 / len(rest))
+        return weights
 
 
 def _changed(row: dict[str, float], base: dict[str, float]) -> bool:
@@ -102,8 +144,7 @@ def predict(tables: ProxyTables, space: Space, policy: Policy) -> Prediction:
         float_part += row["latency_ratio"] - 1.0
     if any_int8 and tables.int8_all is not None:
         # the all-int8 change, in the share of the int8 layers' leave-one-out weights
-        weights = {i: abs(tables.int8_loo.get(knob_id(space, i), tables.int8_all)
-                          - tables.int8_all) for i in bits}
+        weights = tables.int8_weights(space)
         total = sum(weights.values())
         share = (sum(weights[i] for i in bits if policy[i]) / total if total > 0
                  else sum(1 for i in bits if policy[i]) / len(bits))
@@ -155,12 +196,35 @@ class Correction:
                 "size": round(self.size, 4)}
 
 
+def split_loo(space: Space, layer_macs: dict[str, float] | None,
+              share: float = LOO_SHARE) -> tuple[list[int], list[int]]:
+    """(bits knobs that get their own leave-one-out, those left out together): the
+    largest by MACs until `share` of the bits layers' MACs is covered get their own; a
+    rest of one layer gets its own too. Without MACs every layer gets its own."""
+    bits = [i for i, k in enumerate(space.knobs) if k.kind == "bits"]
+    if not layer_macs:
+        return bits, []
+    macs = {i: float(layer_macs.get(space.knobs[i].key) or 0.0) for i in bits}
+    total = sum(macs.values())
+    own, covered = [], 0.0
+    for i in sorted(bits, key=lambda i: (-macs[i], i)):
+        if total > 0 and covered >= share * total:
+            break
+        own.append(i)
+        covered += macs[i]
+    rest = [i for i in bits if i not in own]
+    if len(rest) == 1:
+        own, rest = own + rest, []
+    return sorted(own), rest
+
+
 def _jobs(space: Space, tables: ProxyTables, kinds: tuple[str, ...]
           ) -> list[tuple[str, str, Policy]]:
-    """(knob id, choice | "all" | "loo", policy) of every table entry of the knobs of
-    `kinds` still to measure."""
+    """(knob id, choice | "all" | "loo" | "rest", policy) of every table entry of the
+    knobs of `kinds` still to measure."""
     bits = [i for i, k in enumerate(space.knobs) if k.kind == "bits" and "bits" in kinds]
     all_int8 = tuple(1 if i in bits else 0 for i in range(len(space.knobs)))
+    rest = [i for i in bits if knob_id(space, i) in tables.int8_rest]
     jobs: list[tuple[str, str, Policy]] = []
     for i, knob in enumerate(space.knobs):
         kid = knob_id(space, i)
@@ -174,8 +238,10 @@ def _jobs(space: Space, tables: ProxyTables, kinds: tuple[str, ...]
         jobs.append(("", "all", all_int8))
     for i in bits if len(bits) > 1 else ():
         kid = knob_id(space, i)
-        if kid not in tables.int8_loo and f"{kid}=loo" not in tables.failed:
+        if i not in rest and kid not in tables.int8_loo and f"{kid}=loo" not in tables.failed:
             jobs.append((kid, "loo", tuple(0 if j == i else c for j, c in enumerate(all_int8))))
+    if rest and tables.int8_rest_loo is None and "=rest" not in tables.failed:
+        jobs.append(("", "rest", tuple(0 if j in rest else c for j, c in enumerate(all_int8))))
     return jobs
 
 
@@ -189,44 +255,54 @@ def measure_tables(space: Space, tables: ProxyTables,
                    resources: Callable[[ir.Model], dict[str, float]],
                    time_ratios: Callable[[list[ir.Model]], list[float]],
                    on_step: Callable[[str], None] = lambda text: None,
-                   chunk: int = 6, kinds: tuple[str, ...] = ("prune", "rank", "bits")
-                   ) -> bool:
+                   chunk: int = 6, kinds: tuple[str, ...] = ("prune", "rank", "bits"),
+                   prune_errors: Callable[[], dict[str, dict[str, float]]] | None = None,
+                   layer_macs: dict[str, float] | None = None) -> bool:
     """Build and measure every single-choice model and the int8 leave-one-out models
-    into `tables`, skipping what it holds already (a resumed run). `time_ratios(models)`
-    times them interleaved with the input model and returns each one's latency ratio to
-    it; models are timed `chunk` at a time to bound memory. `on_step` may raise OutOfTime:
-    the models built so far are timed, stay in `tables`, and False is returned (True:
+    into `tables`, skipping what it holds already (a resumed run). `build(policy)` is the
+    proxies' build (prune without recovery, see the module docstring). `time_ratios
+    (models)` times them interleaved with the input model and returns each one's latency
+    ratio to it; models are timed `chunk` at a time to bound memory. `prune_errors()`
+    (called once, when a prune entry is to be measured) gives {knob id: {choice: rel L2}}
+    from prune's sensitivity curves; an entry it lacks is measured on its build instead
+    (`calib_error`). `layer_macs` ({layer name: MACs}) chooses the int8 layers that get
+    their own leave-one-out (`split_loo`; None: all). `on_step` may raise OutOfTime: the
+    models built so far are timed, stay in `tables`, and False is returned (True:
     complete)."""
     from .build import BuildError
 
+    if "bits" in kinds and not tables.int8_loo and tables.int8_rest_loo is None:
+        _set_loo_split(space, tables, layer_macs)
     pending: list[tuple[str, str, ir.Model, dict[str, float] | None]] = []
+    probe_errors: dict[str, dict[str, float]] | None = None
 
     def flush() -> None:
         ratios = time_ratios([m for _, _, m, _ in pending])
         for (kid, choice, _, row), ratio in zip(pending, ratios):
-            if math.isnan(ratio):  # the backend refused to time it (TVM: failed verification)
-                tables.failed[f"{kid}={choice}"] = "the latency backend refused it"
-            elif choice == "all":
-                tables.int8_all = ratio
-            elif choice == "loo":
-                tables.int8_loo[kid] = ratio
-            else:
-                tables.single[kid][choice] = {**row, "latency_ratio": ratio}
+            _store(tables, kid, choice, row, ratio)
         pending.clear()
 
     jobs = _jobs(space, tables, kinds)
     try:
         for kid, choice, policy in jobs:
             on_step(f"proxies: {kid or 'all int8'} "
-                    f"{'int8 leave-one-out' if choice == 'loo' else choice}")
+                    f"{'int8 leave-one-out' if choice in ('loo', 'rest') else choice}"
+                    f"{' (the small layers together)' if choice == 'rest' else ''}")
+            kind = kid.partition(":")[0]
+            if kind == "prune" and probe_errors is None and prune_errors is not None:
+                probe_errors = prune_errors()
             try:
                 model = build(policy)
             except BuildError as exc:
                 tables.failed[f"{kid}={choice}"] = str(exc)
                 continue
             row = None
-            if choice not in ("all", "loo"):
-                row = {"error": calib_error(model), **resources(model)}
+            if choice not in ("all", "loo", "rest"):
+                row = _single_row(kind, (probe_errors or {}).get(kid, {}).get(choice),
+                                  model, calib_error, resources)
+                if kind == "bits":  # not timed: int8 latency comes from the all-int8 end
+                    tables.single[kid][choice] = row
+                    continue
             pending.append((kid, choice, model, row))
             if len(pending) >= chunk:
                 flush()
@@ -237,3 +313,66 @@ def measure_tables(space: Space, tables: ProxyTables,
             flush()
         return False
     return True
+
+
+def _store(tables: ProxyTables, kid: str, choice: str, row: dict[str, Any] | None,
+           ratio: float) -> None:
+    """A timed entry into its table."""
+    if math.isnan(ratio):  # the backend refused to time it (TVM: failed verification)
+        tables.failed[f"{kid}={choice}"] = "the latency backend refused it"
+    elif choice == "all":
+        tables.int8_all = ratio
+    elif choice == "loo":
+        tables.int8_loo[kid] = ratio
+    elif choice == "rest":
+        tables.int8_rest_loo = ratio
+    else:
+        tables.single[kid][choice] = {**row, "latency_ratio": ratio}
+
+
+def _set_loo_split(space: Space, tables: ProxyTables,
+                   layer_macs: dict[str, float] | None) -> None:
+    """Which int8 layers share one leave-one-out (decided once per table: a resumed run
+    keeps the split it measured)."""
+    _own, rest = split_loo(space, layer_macs)
+    tables.int8_rest = [knob_id(space, i) for i in rest]
+    tables.int8_macs = {knob_id(space, i): float((layer_macs or {}).get(k.key) or 0.0)
+                        for i, k in enumerate(space.knobs) if k.kind == "bits"}
+
+
+def _single_row(kind: str, probe_error: float | None, model: ir.Model,
+                calib_error: Callable[[ir.Model], float],
+                resources: Callable[[ir.Model], dict[str, float]]) -> dict[str, Any]:
+    """A single-choice entry's error (a prune entry: the probe's when it has one), size,
+    MACs."""
+    row: dict[str, Any] = {"error": calib_error(model) if probe_error is None
+                           else probe_error, **resources(model)}
+    if kind == "prune":
+        row["error_source"] = ("sensitivity probe" if probe_error is not None else
+                               "measured without recovery")
+    return row
+
+
+def prune_curve_errors(model: ir.Model, space: Space, context: Any,
+                       sens_batches: int = 8) -> dict[str, dict[str, float]]:
+    """{prune knob id: {choice: estimated output rel L2}} from `prune`'s sensitivity
+    curves (PrunePass.sensitivity_curves: the unit order and rounding of the build, the
+    consumers refit in closed form): the square root of the probe's mean squared relative
+    error. Groups the probe cannot see are left out (measured on their build)."""
+    from ..passes.pruning.prune import PruneOptions, PrunePass
+
+    knobs = [(i, k) for i, k in enumerate(space.knobs) if k.kind == "prune"]
+    if not knobs:
+        return {}
+    ratios = sorted({r for _, k in knobs for r in k.choices})
+    curves = PrunePass(PruneOptions(ratio=0.0, recover=False, sens_batches=sens_batches),
+                       context).sensitivity_curves(model, ratios)
+    out: dict[str, dict[str, float]] = {}
+    for i, knob in knobs:
+        curve = next((c for names, c in curves if knob.key in names), None)
+        if curve is None:
+            continue
+        by_ratio = dict(zip(ratios, curve))
+        out[knob_id(space, i)] = {str(c): math.sqrt(by_ratio[r]) for c, r in
+                                  enumerate(knob.choices) if c and by_ratio[r] is not None}
+    return out

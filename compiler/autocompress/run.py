@@ -36,14 +36,15 @@ from ..api import _try_shapes, data_files_read
 from ..calibration import open_calibration
 from ..errors import BudgetExceededError, InputSpecError, OptionText
 from ..ir import ModelSource, files_read, load_model, model_bytes, save_model
+from ..metrics import compute_metrics
 from ..passes.base import PassContext
 from ..report import write_report
 from ..safe_write import check_writes, reading
-from ..verify import compare_models
 from .budget import Budget
 from .build import BuildError, build
 from .cache import Cache, cache_key
 from .measure import (
+    CalibErrors,
     LatencyBackend,
     Metric,
     OrtLatency,
@@ -53,7 +54,14 @@ from .measure import (
     run_metric,
 )
 from .plots import plot_paths, write_plots
-from .proxies import Correction, OutOfTime, ProxyTables, measure_tables, predict
+from .proxies import (
+    Correction,
+    OutOfTime,
+    ProxyTables,
+    measure_tables,
+    predict,
+    prune_curve_errors,
+)
 from .search import evolve, pareto_indices
 from .space import KINDS, Policy, Space, discover
 
@@ -264,6 +272,8 @@ class _Job:
                       "proxies_complete": False}
         self.base: dict[str, float] = {}
         self.reference_metric: float | None = None
+        self.calib_errors = CalibErrors(original, calib, limit=calib_batches,
+                                        threads=context.threads)
 
     # ------------------------------------------------------------------ measuring
 
@@ -277,15 +287,22 @@ class _Job:
         times = self.proxy_lat.time([self.original, *models], self.inputs)
         return [t / times[0] for t in times[1:]]
 
-    def build(self, policy: Policy) -> ir.Model:
+    def proxy_build(self, policy: Policy) -> ir.Model:
+        """A proxy table entry's model: prune without recovery (proxies.py says why)."""
         self.stats["built"] += 1
         with self.context.blas_threads():
             return build(self.original, self.space, policy, self.context,
-                         lowrank_guard=self.guard)[0]
+                         lowrank_guard=self.guard, recover=False)[0]
+
+    def prune_errors(self) -> dict[str, dict[str, float]]:
+        started = time.monotonic()
+        with self.context.blas_threads():
+            errors = prune_curve_errors(self.original, self.space, self.context)
+        self.stats["prune_probe_seconds"] = round(time.monotonic() - started, 2)
+        return errors
 
     def calib_error(self, model: ir.Model) -> float:
-        return float(compare_models(self.original, model, self.calib, limit=self.calib_batches,
-                                    threads=self.context.threads).max_rel_l2)
+        return self.calib_errors(model)
 
     def quality(self, model: ir.Model) -> dict[str, Any]:
         q = measure_quality(self.original, model, self.verify, threads=self.context.threads,
@@ -384,8 +401,10 @@ class _Job:
 
         started = time.monotonic()
         complete = measure_tables(
-            self.space, self.tables, self.build, self.calib_error,
-            lambda m: resources(m, self.shapes), self.proxy_ratios, step, kinds=self.kinds)
+            self.space, self.tables, self.proxy_build, self.calib_error,
+            lambda m: resources(m, self.shapes), self.proxy_ratios, step, kinds=self.kinds,
+            prune_errors=self.prune_errors,
+            layer_macs=compute_metrics(self.original, self.shapes).node_macs)
         self.stats["proxy_seconds"] = round(time.monotonic() - started, 2)
         self.stats["proxies_complete"] = complete
         self.cache.save_proxies({"space": self.space.to_dict(),

@@ -169,10 +169,10 @@ class PrunePass(ForgePass):
 
     # ------------------------------------------------------------ entry point
 
-    def plan(self, model: ir.Model) -> PrunePlan:
-        """Analyse `model` (not modified) and choose the units to remove."""
-        opts: PruneOptions = self.options
-        self._check_options(opts)
+    def _analyse(self, model: ir.Model):
+        """(a copy of `model` with concrete shapes, its input shapes, the original value
+        shapes, the dependency analysis, the eligible groups); `model` is not modified."""
+        self._check_options(self.options)
         work = load_model(model, check=False)
         original_shapes = {v.name: (v.shape, v.type) for v in _all_values(work)}
         shapes = self._input_shapes(work)
@@ -182,7 +182,11 @@ class PrunePass(ForgePass):
         infer_shapes(work)
         _probe_shapes(work, self._sample_batch(work, shapes), self.context.threads)
         analysis = analyze(work)
-        groups = self._eligible_groups(analysis)
+        return work, shapes, original_shapes, analysis, self._eligible_groups(analysis)
+
+    def plan(self, model: ir.Model) -> PrunePlan:
+        """Analyse `model` (not modified) and choose the units to remove."""
+        work, shapes, original_shapes, analysis, groups = self._analyse(model)
         self.stats.update(
             groups=len(analysis.groups),
             eligible_groups=len(groups),
@@ -204,6 +208,39 @@ class PrunePass(ForgePass):
         self._probe = None
         removed = group_removed(analysis, chosen)
         return PrunePlan(work, analysis, chosen, removed, shapes, original_shapes, cost)
+
+    def sensitivity_curves(self, model: ir.Model, ratios: list[float]
+                           ) -> list[tuple[list[str], list[float | None]]]:
+        """Per eligible group (its names, as `overrides` patterns match them): the output
+        error of removing `ratio` of its units alone, for each of `ratios`, measured by
+        the sensitivity probe (`allocate=sensitivity`'s numbers: the consumers refit in
+        closed form, mean over outputs of ||y - y_ref||^2 / ||y_ref||^2 on `sens_batches`
+        calibration batches). The units and their count are those a build with
+        `overrides="name=ratio"` removes (same criterion order and rounding). None where
+        no layer reading the group could be probed. Needs calibration data."""
+        if not self.context.has_calibration:
+            raise PipelineError("prune: sensitivity curves need calibration data (--calib)")
+        work, _shapes, _orig, analysis, groups = self._analyse(model)
+        if not groups:
+            return []
+        self._probe = self._make_probe(work, analysis, groups)
+        try:
+            scores = self._unit_scores(model, work, analysis, groups)
+            out = []
+            for g in groups:
+                order = sorted(g.units, key=lambda u: (scores[u.id], u.id))
+                curve: list[float | None] = []
+                for ratio in ratios:
+                    k = self._rounded(g, math.floor(ratio * len(order)))
+                    if not self._probe.consumers.get(g.id):
+                        curve.append(None)
+                    else:
+                        curve.append(0.0 if k == 0 else self._probe.error(
+                            self._probe.removal_feeds(g, order[:k])))
+                out.append((list(g.names), curve))
+            return out
+        finally:
+            self._probe = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts: PruneOptions = self.options
