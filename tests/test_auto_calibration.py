@@ -167,3 +167,31 @@ def test_mixed_4bit_matmuls_have_no_static_activation_ranges_to_choose():
 def test_one_calibration_batch_is_refused_with_the_reason():
     with pytest.raises(InputSpecError, match="calibration=auto .* at least 2 batches"):
         run_quantize(outlier_mlp(1e-3), "auto", samples(1, seed=1))
+
+
+def top1_changes(proto, model, x: np.ndarray) -> float:
+    ref, cand = OrtArtifact(load_model(proto), threads=1), OrtArtifact(model, threads=1)
+    changed = [ref.run({"x": x[i:i + ROWS]})["y"].argmax(-1)
+               != cand.run({"x": x[i:i + ROWS]})["y"].argmax(-1) for i in range(0, len(x), ROWS)]
+    return float(np.mean(changed))
+
+
+def test_auto_error_top1_records_argmax_changes_and_chooses_the_fewest():
+    proto, x = outlier_mlp(1e-3), samples(16, seed=1)
+    _, step = run_quantize(proto, "auto", x, pipeline=(
+        "quantize(int8,calibration=auto,auto_error=top1)"))
+    auto = step.stats["calibration_auto"]
+    assert auto["error"].startswith("share of argmax")
+    calib_fold, held_out = folds(x)
+    changes = {}
+    for method in auto["held_out_error"]:
+        alone, _ = run_quantize(proto, method, calib_fold)
+        changes[method] = top1_changes(proto, alone, held_out)
+        assert auto["held_out_error"][method] == pytest.approx(changes[method], abs=1e-9)
+        assert auto["held_out_rel_l2"][method] == pytest.approx(
+            rel_l2(proto, alone, held_out), rel=1e-3, abs=1e-6)
+    fewest = min(changes.values())
+    assert changes[auto["chosen"]] == fewest
+    tied = [m for m in changes if changes[m] == fewest]
+    assert auto["chosen"] == min(tied, key=lambda m: auto["held_out_rel_l2"][m])
+    assert changes["minmax"] > fewest  # the outlier costs minmax argmax changes too

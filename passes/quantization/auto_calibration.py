@@ -8,10 +8,12 @@ candidate method (minmax, percentile, entropy, mse) reads its ranges from the sa
 observers. The model quantized with each candidate's ranges (the caller builds it: the
 same plan, weights and bias correction, only the activation ranges differ) is run on the
 held-out fold, and its output error against the model before activation quantization is
-measured: relative L2 of each output, the worst output (or the pass's `metric` callback
-when one is given). The method with the smallest held-out error is chosen; the caller
-then calibrates on all batches with it. Ties go to the earlier candidate in the list
-(minmax first: the cheapest).
+measured: relative L2 of each output, the worst output; with `auto_error=top1` the share
+of positions whose argmax over the last axis changes (a classifier's top-1, a CTC
+recognizer's symbol per time step), ties broken by relative L2; the pass's `metric`
+callback when one is given. The method with the smallest held-out error is chosen; the
+caller then calibrates on all batches with it. Remaining ties go to the earlier
+candidate in the list (minmax first).
 
 The choice is per model, not per tensor: a per-tensor choice needs one held-out
 evaluation per tensor and method (hundreds of ORT sessions on a 50-layer net) or an
@@ -38,6 +40,9 @@ from .output_error import OutputErrorEvaluator
 CANDIDATES = ("minmax", "percentile", "entropy", "mse")
 # observers built with a histogram method keep the histogram every candidate reads
 _HISTOGRAM_METHOD = "mse"
+ERROR_NAMES = {"rel_l2": "relative L2 of the outputs (worst)",
+               "top1_disagreement": "share of argmax (last axis) changes (worst output)",
+               "metric": "metric"}
 
 
 class FoldContext:
@@ -86,18 +91,24 @@ def choose_calibration(context: Any, opts: QuantizeOptions, reference: ir.Model,
     fold = FoldContext(context, 0, total)
     calib = calibrate(reference, fold, names, method=_HISTOGRAM_METHOD,
                       channel_inputs=channel_inputs, limit=fold.max_calibration_batches)
-    evaluator = OutputErrorEvaluator(reference, held_out, opts, None, context.threads)
-    key = "metric" if opts.metric is not None else "rel_l2"
+    top1 = opts.metric is None and opts.auto_error == "top1"
+    evaluator = OutputErrorEvaluator(reference, held_out, opts, None, context.threads,
+                                     top1=top1)
+    key = "metric" if opts.metric is not None else "top1_disagreement" if top1 else "rel_l2"
     errors: dict[str, float] = {}
+    rel_l2: dict[str, float] = {}
     for method in CANDIDATES:
         for obs in calib.observers.values():
             obs.method = method
-        errors[method] = evaluator.errors(build(replace(opts, calibration=method), calib))[key]
-    chosen = min(CANDIDATES, key=lambda m: (errors[m], CANDIDATES.index(m)))
+        measured = evaluator.errors(build(replace(opts, calibration=method), calib))
+        errors[method], rel_l2[method] = measured[key], measured["rel_l2"]
+    chosen = min(CANDIDATES, key=lambda m: (errors[m], rel_l2[m], CANDIDATES.index(m)))
     report = {"chosen": chosen, "held_out_error": {m: round(e, 6) for m, e in errors.items()},
-              "error": "metric" if key == "metric" else "relative L2 of the outputs (worst)",
+              "error": ERROR_NAMES[key],
               "calibrate_batches": calib.batches, "held_out_batches": len(held_out),
               "seconds": round(time.perf_counter() - start, 2)}
+    if key != "rel_l2":
+        report["held_out_rel_l2"] = {m: round(e, 6) for m, e in rel_l2.items()}
     return chosen, report
 
 

@@ -87,6 +87,9 @@ class QuantizeOptions:
     # auto: the method with the smallest output error on held-out calibration batches
     # (auto_calibration.py)
     calibration: Literal["minmax", "percentile", "entropy", "mse", "auto"] = "minmax"
+    # what calibration=auto compares on the held-out batches: the relative L2 of the
+    # outputs, or the share of argmax (last axis) changes, ties broken by relative L2
+    auto_error: Literal["rel_l2", "top1"] = "rel_l2"
     percentile: float = option(99.99, gt=0.0, le=100.0)
     activations: Literal["u8", "s8"] = "u8"
     per_channel: bool = True
