@@ -105,23 +105,25 @@ class RecognizerLines:
     notes: str
 
 
-def recognizer_lines(path: str | Path, evaluate: int = 64) -> RecognizerLines:
-    """PP-OCR recognizer data: 32 + `evaluate` lines in the installed DejaVu fonts
+def recognizer_lines(path: str | Path, evaluate: int = 64, skip: int = 0) -> RecognizerLines:
+    """PP-OCR recognizer data: 32 + `skip` + `evaluate` lines in the installed DejaVu fonts
     (FileNotFoundError when none are); the charset comes from the model's `character`
-    metadata. The first 32 lines calibrate, the next `evaluate` (64: 951
-    characters; 256: 3,823) are held out; more lines only add to the end (the
-    seeded lines are drawn in order), so the calibration lines never change."""
+    metadata. The first 32 lines calibrate, the next `evaluate` after `skip` more (64:
+    951 characters; 256: 3,823) are held out; more lines only add to the end (the
+    seeded lines are drawn in order), so the calibration lines never change and
+    `skip=256` gives lines no run with the default 256 evaluated."""
     proto = onnx.load(str(path), load_external_data=False)
     meta = {p.key: p.value for p in proto.metadata_props}
     charset = meta.get("character", "").splitlines()
     input_name = proto.graph.input[0].name
     font_paths = fonts()
-    texts = OCR_LINES + text_lines(32 + evaluate - len(OCR_LINES))
+    texts = OCR_LINES + text_lines(32 + skip + evaluate - len(OCR_LINES))
     lines = [(t, font_paths[i % len(font_paths)]) for i, t in enumerate(texts)]
+    lines = lines[:32] + lines[32 + skip:]
     samples = [{input_name: render_line(t, f)} for t, f in lines]
     cal = samples[:32]
     ev = samples[32:]
-    truth = texts[32:]
+    truth = texts[32 + skip:]
     chars = ["blank", *charset, " "] if charset else None
 
     def decode(probs: np.ndarray) -> list[int] | str:

@@ -229,12 +229,13 @@ def top1_and_cosine(ref, cand, eps: float = 0.0) -> tuple[float, float]:
 # ---------------------------------------------------------------- rendered text
 
 
-def ppocr_rec_task(eval_lines: int = 64) -> Task | None:
-    """PP-OCRv4 rec: 32 rendered lines calibrate, `eval_lines` disjoint ones evaluate."""
+def ppocr_rec_task(eval_lines: int = 64, skip: int = 0) -> Task | None:
+    """PP-OCRv4 rec: 32 rendered lines calibrate, `eval_lines` disjoint ones evaluate
+    (after `skip` more: fresh lines for a check made after looking at the first ones)."""
     path = ZOO / "ppocr_rec.onnx"
     if not path.exists():
         return None
-    lines = recognizer_lines(path, evaluate=eval_lines)
+    lines = recognizer_lines(path, evaluate=eval_lines, skip=skip)
     return Task("ppocr_rec", path, lines.calib, lines.evaluate, lines.metric, notes=lines.notes)
 
 
