@@ -59,6 +59,11 @@ def autocompress_command(
     target: Annotated[str, typer.Option(
         "--target", help="TVM preset for --backend tvm (as `onnxforge compile -t`); it must "
         "run on this machine.")] = "host",
+    rpc_tracker: Annotated[str | None, typer.Option(
+        "--rpc-tracker", help="--backend tvm: time on a board registered with TVM's RPC "
+        "tracker at HOST:PORT (with --rpc-key); the target need not run here.")] = None,
+    rpc_key: Annotated[str | None, typer.Option(
+        "--rpc-key", help="The board's key at --rpc-tracker.")] = None,
     proxy_latency: Annotated[str, typer.Option(
         "--proxy-latency", help="--backend tvm: time the per-knob proxy tables on ort "
         "(cheap; corrected on TVM measurements) or on the backend (one TVM compile "
@@ -108,7 +113,8 @@ def autocompress_command(
         model, calib, output, latency_ms=latency_ms, speedup=speedup, size_mb=size_mb,
         macs=macs, max_error=max_error, max_accuracy_drop=max_accuracy_drop,
         verify_data=verify_data, input_shapes=shapes or None, backend=backend,
-        target=target, proxy_latency=proxy_latency, threads=threads,
+        target=target, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+        proxy_latency=proxy_latency, threads=threads,
         time_budget=time_budget, max_candidates=max_candidates,
         cache_dir=cache_dir, seed=seed, force=force, report_path=report, kinds=kinds,
         console=err_console)

@@ -512,3 +512,54 @@ def test_calib_errors_equal_compare_models(files):
     assert expected > 0.01
     assert errors(other) == pytest.approx(expected, rel=1e-9)
     assert errors(model) == 0.0
+
+
+def test_tvm_backend_on_a_board_through_a_loopback_rpc_tracker(files, tmp_path):
+    """--rpc-tracker/--rpc-key: a tracker and a server (the 'board') on this machine; every
+    candidate is compiled here, run on the server, checked against onnxruntime and timed
+    there; a key no board has is refused by name."""
+    pytest.importorskip("tvm")
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
+    import socket
+    import time
+
+    from onnxforge.autocompress.remote import RpcTvmLatency
+    from onnxforge.errors import BackendError
+    from test_tvm_tuning import _free_port, _start, _stop
+
+    port, server_port = _free_port(), _free_port()
+    procs = [_start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                     "--port-end", str(port + 1)])]
+    for _ in range(100):  # a server started before the tracker listens retries after 5 s
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    procs.append(_start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port",
+                         str(server_port), "--port-end", str(server_port + 1), "--tracker",
+                         f"127.0.0.1:{port}", "--key", "loopback"]))
+    try:
+        out = tmp_path / "out.onnx"
+        result = run(files, tmp_path, output=out, latency_backend=None, backend="tvm",
+                     rpc_tracker=f"127.0.0.1:{port}", rpc_key="loopback", size_mb=0.012,
+                     max_error=0.3, kinds=("bits",), max_candidates=1)
+        backend = result.report["backend"]
+        assert backend["name"] == "tvm:host@rpc:loopback" and "RPC tracker" in backend["note"]
+        measured = [c for c in result.report["candidates"] if not c.get("origin")]
+        assert measured and backend["compiled"] == 1 + len(measured)
+        assert all(np.isfinite(c["latency_ratio"]) and c["latency_ratio"] > 0
+                   for c in measured)
+        assert result.met and out.stat().st_size <= 0.012e6
+        assert result.report["final"]["latency_ms"] > 0
+        with pytest.raises(BackendError, match="no device with key 'nope'"):
+            RpcTvmLatency("host", f"127.0.0.1:{port}", "nope", wait=2)
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def test_rpc_options_go_together_with_the_tvm_backend(files, tmp_path):
+    for options in ({"rpc_tracker": "127.0.0.1:9190"},
+                    {"rpc_tracker": "127.0.0.1:9190", "rpc_key": "board", "backend": "ort"}):
+        with pytest.raises(InputSpecError, match="go together"):
+            run(files, tmp_path, latency_backend=None, speedup=1.5, **options)

@@ -98,8 +98,8 @@ def timing_problem(target: str) -> str | None:
         raise InputSpecError(f"--target {target}: {exc}") from exc
     if runs_on_this_machine(resolved):
         return None
-    where = ("a remote board through TVM's RPC tracker, which autocompress does not do yet; "
-             "time it there by hand, or search with --target host")
+    where = ("a board registered with TVM's RPC tracker (--rpc-tracker HOST:PORT --rpc-key "
+             "KEY), or search with --target host")
     if resolved.kind.name == "llvm":
         arch = target_arch(resolved)
         if arch == "aarch64":

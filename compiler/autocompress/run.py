@@ -62,6 +62,7 @@ from .proxies import (
     predict,
     prune_curve_errors,
 )
+from .remote import RpcTvmLatency
 from .search import evolve, pareto_indices
 from .space import KINDS, Policy, Space, discover
 
@@ -144,6 +145,8 @@ def autocompress(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     backend: str = "ort",
     target: str = "host",
+    rpc_tracker: str | None = None,
+    rpc_key: str | None = None,
     proxy_latency: str = "ort",
     threads: int = 1,
     time_budget: float | None = 300.0,
@@ -172,7 +175,10 @@ def autocompress(
     fails is dropped and reported, never chosen) and timed against the input model
     compiled the same way; its proxy tables' latencies come from onnxruntime and the
     search corrects them on the TVM measurements (`proxy_latency="backend"`: the proxy
-    tables are timed on TVM too, one compile per table entry). `latency_backend` replaces
+    tables are timed on TVM too, one compile per table entry). With `rpc_tracker`
+    ("host:port") and `rpc_key`, the TVM code is timed (and checked against onnxruntime)
+    on the board registered with TVM's RPC tracker under that key (remote.py); the target
+    then need not run here. `latency_backend` replaces
     either with any object with `.name` and `.time(models, inputs)` (tests).
     `time_budget` (seconds, None: unbounded) stops the search and returns the best model
     measured so far;
@@ -193,6 +199,10 @@ def autocompress(
     if backend == "ort" and target != "host":
         raise InputSpecError(f"autocompress --target {target}: a TVM target; give it with "
                              "--backend tvm")
+    if (rpc_tracker or rpc_key) and (backend != "tvm" or not (rpc_tracker and rpc_key)):
+        raise InputSpecError(OptionText.of(
+            ("rpc_tracker", "HOST:PORT"), " and ", ("rpc_key", "KEY"), " go together, with ",
+            ("backend", "tvm"), " (a board registered with TVM's RPC tracker)"))
     if calibration is None:
         raise InputSpecError(OptionText.of("autocompress needs calibration data: ",
                                            ("calibration", "data.npz")))
@@ -210,13 +220,15 @@ def autocompress(
     shapes, problem = _try_shapes(original, input_shapes)
     if problem:
         raise InputSpecError(problem)
-    lat = latency_backend or (TvmLatency(target, threads, shapes) if backend == "tvm"
-                              else OrtLatency(threads=threads))
+    lat = latency_backend or (
+        RpcTvmLatency(target, rpc_tracker, rpc_key, threads, shapes) if rpc_tracker
+        else TvmLatency(target, threads, shapes) if backend == "tvm"
+        else OrtLatency(threads=threads))
     # TVM compiles for seconds per model: by default the per-knob tables are timed on
     # onnxruntime and the latency model is corrected on the candidates measured on TVM
     if proxy_latency not in ("ort", "backend"):
         raise InputSpecError(f"--proxy-latency {proxy_latency}: use ort or backend")
-    proxy_lat = (OrtLatency(threads=threads) if isinstance(lat, TvmLatency)
+    proxy_lat = (OrtLatency(threads=threads) if isinstance(lat, (TvmLatency, RpcTvmLatency))
                  and proxy_latency == "ort" else lat)
     calib = open_calibration(calibration, original, shapes, seed=seed)
     notes: list[str] = []
@@ -621,13 +633,16 @@ class _Job:
         if lat.name == "ort":
             out["note"] = ("onnxruntime, intra-op threads as given, spinning off; latency "
                            "ratios timed interleaved with the input model")
-        elif isinstance(lat, TvmLatency):
+        elif isinstance(lat, (TvmLatency, RpcTvmLatency)):
             out.update({"target": lat.target, "compiled": lat.compiled,
                         "compile_seconds": round(lat.compile_seconds, 2),
                         "note": "each candidate compiled with TVM (default schedules, no "
                         "tuning), verified against onnxruntime on the same model, timed "
-                        "interleaved with the input model compiled the same way (TVM thread "
-                        "pool at --threads); " + (
+                        "interleaved with the input model compiled the same way " + (
+                            f"on the board {lat.rpc_key!r} of the RPC tracker "
+                            f"{lat.rpc_tracker} (its own timer and thread pool); "
+                            if isinstance(lat, RpcTvmLatency) else
+                            "(TVM thread pool at --threads); ") + (
                             "proxy tables timed on TVM too" if self.proxy_lat is lat else
                             "proxy tables' latencies from onnxruntime, corrected on the TVM "
                             "measurements")})
