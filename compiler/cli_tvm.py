@@ -169,6 +169,8 @@ def integer_summary(info: dict) -> str | None:
         line += f"; {entry['count']} {entry['op']} stayed float: {entry['reason']}"
     if integer.get("layout"):  # NHWC, or NCHW with the reason (backends.tvm.layout)
         line += f"; layout {integer['layout']}"
+    if integer.get("lookup_tables"):  # backends.tvm.lookup_tables
+        line += f"; {integer['lookup_tables']} activations as 256-entry tables"
     return line
 
 

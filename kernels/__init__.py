@@ -5,7 +5,7 @@ Default CPU schedules (x86 and AArch64), so that untuned TVM code is fast:
 1. ``relax_prepasses(target)`` -> list of Relax passes, run on the imported module
    before LegalizeOps: BatchNorm folded into conv weights (or decomposed so it fuses
    into the conv epilogue), float32 exp/sigmoid/erf/tanh/softmax made vectorizable.
-2. the usual LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
+2. the usual LegalizeOps, AnnotateTIROpPattern (+ PresetOpPattern), FoldConstant, FuseOps, FuseTIR
    (``legalize_and_fuse_passes()``; then MetaScheduleApplyDatabase when a tuning
    database is used).
 3. ``default_schedule_pass(target)`` -> module pass: schedules every PrimFunc without

@@ -182,13 +182,30 @@ def _has_relax_function(mod: tvm.IRModule) -> bool:
     return any(isinstance(f, relax.Function) for _, f in mod.functions_items())
 
 
+# A PrimFunc made by a rewrite may state its fusion pattern in this attribute where TVM's
+# analysis is too cautious: a 256-entry table lookup (backends/tvm/lookup_tables) reads its
+# input element by element, but AnnotateTIROpPattern calls its data-dependent load opaque,
+# and FuseOps would leave it a kernel of its own, one more pass over the tensor.
+PRESET_OP_PATTERN = "onnxforge.op_pattern"
+
+
+@tvm.transform.module_pass(opt_level=0, name="PresetOpPattern")
+def preset_op_pattern(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``op_pattern`` := ``onnxforge.op_pattern`` where a PrimFunc states one."""
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, tirx.PrimFunc) and func.attrs and PRESET_OP_PATTERN in func.attrs:
+            mod[gvar] = func.with_attr("op_pattern", func.attrs[PRESET_OP_PATTERN])
+    return mod
+
+
 def legalize_and_fuse_passes() -> list[tvm.transform.Pass]:
     """The Relax passes that make the fused PrimFuncs ``default_schedule_pass`` schedules:
-    LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR (in this order,
-    under the target's context)."""
+    LegalizeOps, AnnotateTIROpPattern, PresetOpPattern, FoldConstant, FuseOps, FuseTIR
+    (in this order, under the target's context)."""
     return [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
+        preset_op_pattern,
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),

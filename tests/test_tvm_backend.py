@@ -108,7 +108,7 @@ def test_host_outputs_equal_ort_and_report_counts(host_artifact, tiny):
             + report["unscheduled"]) == report["num_primfuncs_final"]
     assert report["compile_seconds"] > 0
     assert report["pipeline"]["legalize"][:5] == [
-        "LegalizeOps", "AnnotateTIROpPattern", "FoldConstant", "FuseOps", "FuseTIR"]
+        "LegalizeOps", "AnnotateTIROpPattern", "PresetOpPattern", "FoldConstant", "FuseOps"]
     if report["default_rules"] is None:  # kernels' default schedules not importable yet
         assert any("default CPU schedules unavailable" in n for n in report["notes"])
     else:

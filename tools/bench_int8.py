@@ -66,6 +66,7 @@ def bench_model(name: str, path: Path, shapes: dict, threads: list[int], args) -
             "tvm_int8_vs_tvm_fp32": round(ms[3] / ms[2], 2),
             "layout": integer.get("layout", "-"),
             "integer_ops": integer["integer_total"], "float_ops": integer["float_total"],
+            "lookup_tables": integer.get("lookup_tables", 0),
             "int8_dot_kernels": tvm_int8.report.get("schedule_rules", {}).get("int8-dot", 0),
             "int8_depthwise_kernels": tvm_int8.report.get("schedule_rules", {}).get(
                 "int8-depthwise", 0),
@@ -82,13 +83,13 @@ def render(rows: list[dict]) -> None:
     print_table(
         "INT8: TVM (onnxforge compile) vs ONNX Runtime, median ms",
         ["model", "thr", "ORT fp32", "ORT int8", "TVM fp32", "TVM int8", "vs ORT fp32",
-         "vs ORT int8", "vs TVM fp32", "int ops", "float ops", "VNNI kernels", "layout",
-         "verified"],
+         "vs ORT int8", "vs TVM fp32", "int ops", "float ops", "tables", "VNNI kernels",
+         "layout", "verified"],
         [[r["model"], str(r["threads"]), f"{r['ort_fp32_ms']:.3f}", f"{r['ort_int8_ms']:.3f}",
           f"{r['tvm_fp32_ms']:.3f}", f"{r['tvm_int8_ms']:.3f}",
           f"{r['tvm_int8_vs_ort_fp32']:.2f}x", f"{r['tvm_int8_vs_ort_int8']:.2f}x",
           f"{r['tvm_int8_vs_tvm_fp32']:.2f}x", str(r["integer_ops"]), str(r["float_ops"]),
-          str(r["int8_dot_kernels"]), r["layout"].split(" ")[0],
+          str(r["lookup_tables"]), str(r["int8_dot_kernels"]), r["layout"].split(" ")[0],
           "yes" if r["verified"] else "NO"] for r in rows])
 
 

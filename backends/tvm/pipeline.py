@@ -9,7 +9,7 @@ The compile pipeline is a few short, named lists of passes, in the spirit of TVM
              `sparse.sparse_contractions` block-sparse matmuls/convs BSR (below break-even)
   prepare    DispatchSampling, DispatchSortScan, (CPU: `onnxforge.kernels.
              relax_prepasses`, which fold BatchNorm into convs), DecomposeOpsForInference
-  legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
+  legalize   LegalizeOps, AnnotateTIROpPattern, PresetOpPattern, FoldConstant, FuseOps, FuseTIR
   schedule   MetaScheduleApplyDatabase (if a tuning database is given;
              `database.apply_database` keeps the default schedule where the tuner
              measured it faster), then CPU: `onnxforge.kernels.default_schedule_pass(
@@ -58,6 +58,7 @@ from .database import (
 )
 from .importer import InputSpec, import_onnx, input_specs, load_onnx
 from .layout import channels_last
+from .lookup_tables import lookup_tables
 from .qdq import IntegerReport, integer_contractions
 from .schedules import (
     count_configured,
@@ -202,6 +203,7 @@ def prepare_module(model: Any, target: Any = "host", *,
         integer = found.as_dict()
         if dot is not None and found.integer:
             mod, integer["layout"] = channels_last(mod)
+        mod, integer["lookup_tables"] = lookup_tables(mod, target)
     sparse: dict[str, Any] = {}
     if target.kind.name == "llvm":
         metadata = {p.key: p.value for p in proto.metadata_props}

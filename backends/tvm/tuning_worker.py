@@ -19,8 +19,9 @@ the pieces of `metaschedule` into the staging database. It dies with the parent.
 
 Builds run in a persistent pool of processes (MetaSchedule's LocalBuilder starts a fresh
 pool, i.e. a fresh TVM import, for every batch). The functions the pool runs are defined
-here, in the module run as `__main__`, so that cloudpickle sends them by value and the
-pool's processes import TVM, not onnxforge.
+here, in the module run as `__main__`, so that cloudpickle sends them by value; each pool
+process imports onnxforge once, for the TIR op of the table lookups and the vector rounding
+that `compile_model`'s builds have (`_builder_process_setup`).
 """
 
 from __future__ import annotations
@@ -262,10 +263,12 @@ def _builder(spec: dict, target, gpu: bool):
         f_export = _cross_export_aarch64
     return _reusing_local_builder(max_workers=physical_cores(),
                                   timeout_sec=spec["builder_timeout"],
-                                  f_build=None if gpu else _build, f_export=f_export)
+                                  f_build=None if gpu else _build, f_export=f_export,
+                                  cpu=not gpu)
 
 
-def _reusing_local_builder(max_workers: int, timeout_sec: float, f_build=None, f_export=None):
+def _reusing_local_builder(max_workers: int, timeout_sec: float, f_build=None, f_export=None,
+                           cpu: bool = True):
     """A LocalBuilder whose pool processes live for the whole run (one TVM import each)."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -282,7 +285,8 @@ def _reusing_local_builder(max_workers: int, timeout_sec: float, f_build=None, f
             self.f_build = f_build
             self.f_export = f_export
             self.pool = PopenPoolExecutor(max_workers=max_workers, timeout=timeout_sec,
-                                          maximum_process_uses=256)
+                                          maximum_process_uses=256,
+                                          initializer=_builder_process_setup, initargs=(cpu,))
             # Start the workers now: their TVM import overlaps the first search round.
             for _ in range(max_workers):
                 self.pool.submit(_warm_worker)
@@ -303,6 +307,18 @@ def _reusing_local_builder(max_workers: int, timeout_sec: float, f_build=None, f
             return results
 
     return ReusingLocalBuilder(max_workers, timeout_sec, f_build, f_export)
+
+
+def _builder_process_setup(cpu: bool) -> None:
+    """Each builder process builds what `compile_model` builds: the table-lookup op must
+    be registered before a module calling it is unpickled, and on CPU rounding vectorizes
+    (`kernels/vector_rounding`; a build process builds CPU code only, for its life)."""
+    import tvm
+    from onnxforge.kernels import vector_lookup  # noqa: F401 - registers the op
+    from onnxforge.kernels.vector_rounding import vectorizable_rounding
+
+    if cpu:
+        vectorizable_rounding(tvm.target.Target({"kind": "llvm"})).__enter__()
 
 
 def _warm_worker() -> bool:
