@@ -195,3 +195,24 @@ def test_auto_error_top1_records_argmax_changes_and_chooses_the_fewest():
     tied = [m for m in changes if changes[m] == fewest]
     assert auto["chosen"] == min(tied, key=lambda m: auto["held_out_rel_l2"][m])
     assert changes["minmax"] > fewest  # the outlier costs minmax argmax changes too
+
+
+def test_auto_uses_the_metric_callback_and_max_error_0_is_no_budget_with_it():
+    """A metric callback (Python API) decides the choice; in mode=mixed with max_error=0
+    the size stays the only budget with a metric too (it refused every point before)."""
+    from onnxforge.passes.quantization.core import QuantizeOptions
+    from onnxforge.passes.quantization.quantize import QuantizePass
+
+    def worst_abs(ref, cand):
+        return max(float(np.abs(r["y"] - c["y"]).max()) for r, c in zip(ref, cand))
+
+    x = samples(16, seed=1)
+    ctx = PassContext(calibration=source(x), threads=1, max_calibration_batches=16)
+    opts = QuantizeOptions(mode="mixed", max_error=0.0, calibration="auto", metric=worst_abs)
+    _, steps = PassManager([QuantizePass(opts)], ctx).run(load_model(outlier_mlp(1e-3)))
+    auto = steps[-1].stats["calibration_auto"]
+    assert auto["error"] == "metric"
+    errors = auto["held_out_error"]
+    assert errors[auto["chosen"]] == min(errors.values()) < errors["minmax"]
+    assert set(auto["held_out_rel_l2"]) == set(errors)
+    assert steps[-1].stats["layers_int8"] == 2

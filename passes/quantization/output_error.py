@@ -58,10 +58,9 @@ class OutputErrorEvaluator:
 
     def within(self, err: dict[str, float]) -> bool:
         o = self.opts
-        if o.metric is not None:
-            ok = err["metric"] <= o.max_error
-        else:
-            ok = err["rel_l2"] <= o.max_error if o.max_error > 0 else True
+        # max_error=0: no error budget (the size is the only one), with a metric too
+        key = "metric" if o.metric is not None else "rel_l2"
+        ok = err[key] <= o.max_error if o.max_error > 0 else True
         if o.max_accuracy_drop >= 0:
             if "accuracy_drop" not in err:
                 raise BudgetExceededError("quantize(mode=mixed): max_accuracy_drop needs "
