@@ -14,8 +14,10 @@ quality on held-out data, never the calibration data:
              (default minmax calibration: on these lines calibration=mse gives int8
              2.2 % CER against minmax's 0.74 %)
 
-  ppocr_det  PP-OCRv4 det; detection F-score against the true boxes of 144 held-out
-             rendered lines (ppocr_det_lines_task)
+  ppocr_det  PP-OCRv4 det; detection F-score at IoU 0.5 and 0.7 against the true boxes
+             of 144 held-out rendered lines (ppocr_det_lines_task)
+  ppocr_det_hard  the same on harder pages (det_pages.py: rotated, blurred, noisy,
+             tinted; 182 held-out lines, region IoU)
   resnet18   torchvision, random weights; cosine to fp32 on held-out image crops
 
 `mixed 5x` / `6x` / `7x` are `quantize(mixed,bits=4)` (mixed.py: 4, 8 or float bits per
