@@ -214,7 +214,8 @@ def run_int8_stage(model: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
     else:
         integer = artifact.report.get("integer", {})
         what = (f"{integer.get('integer_total', 0)} integer op(s), "
-                f"{integer.get('float_total', 0)} float, layout {integer.get('layout', '-')}")
+                f"{integer.get('float_total', 0)} float, layout {integer.get('layout', '-')}, "
+                f"{integer.get('lookup_tables', 0)} table(s)")
         worst = max(check.comparison.outputs, default=None,
                     key=lambda o: o.rel_l2 if np.isfinite(o.rel_l2) else np.inf)
         rel_l2 = None if worst is None else float(worst.rel_l2)

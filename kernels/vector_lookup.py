@@ -1,4 +1,5 @@
-"""256-entry byte-table lookups as vector permutes (AVX-512 VBMI ``vpermi2b``).
+"""256-entry byte-table lookups as vector permutes: AVX-512 VBMI ``vpermi2b`` on x86,
+NEON ``tbl``/``tbx`` on AArch64.
 
 ``backends/tvm/lookup_tables`` turns a quantized activation between two int8 tensors
 (SiLU, Sigmoid, Tanh, GELU) into a 256-entry byte table, fused into the producing
@@ -7,20 +8,27 @@ epilogue, but a vector load whose index is not a ramp is a gather and LLVM does 
 lane at a time: a ``vpextrb``/``vpinsrb`` pair per byte, 240 of them in efficientnet_b0's
 16->96 1x1 conv.
 
-On a CPU with AVX-512 VBMI (Ice Lake, Zen 4, ...) a 128-byte table fits in two zmm
-registers and ``vpermi2b`` looks up 64 bytes in one instruction, with the low 7 bits of
-each index; two of them and a blend on the index's top bit cover 256 entries. TIR has
-no Python mutator to rewrite the gather after vectorization, so the lookup is an
-intrinsic of its own instead: ``byte_lookup(index, table)`` is a call of the TIR op
-``onnxforge.byte_lookup`` with the index and the table's 256 bytes as 32 int64
-immediates. The op is registered here as pure and vectorizable, so ``VectorizeLoop``
-gives it a vector of indices (the immediates broadcast), and its LLVM lowering
-(``LowerIntrin``) builds the permutes: indices truncated to bytes (an index in [0, 256)
-is its low byte) and spread over 64 lanes, the table as four 64-byte constant vectors,
-two ``vpermi2b``, a select, the lanes wanted. Wider vectors go 64 lanes at a time; a
-scalar call does one vector lookup. The result is the table's bytes, exactly.
+Both instruction sets look bytes up in tables held in vector registers:
 
-Use it only where ``vector_lookup_available(target)``: the lowering emits VBMI code.
+- x86 with AVX-512 VBMI (Ice Lake, Zen 4, ...): ``vpermi2b`` looks up 64 bytes in a
+  128-byte table (two zmm registers) with the low 7 bits of each index; two of them and
+  a blend on the index's top bit cover 256 entries.
+- AArch64 (NEON is part of the architecture): ``tbl`` with four registers looks up 16
+  bytes in a 64-byte table (0 for an index past it), and ``tbx`` fills in, from the
+  next 64 bytes, the lanes whose index minus 64 falls in them; one ``tbl`` and three
+  ``tbx`` cover 256 entries.
+
+TIR has no Python mutator to rewrite a gather after vectorization, so the lookup is an
+op of its own: ``byte_lookup(index, table, form)`` calls the TIR op of that form with the
+index and the table's 256 bytes as 32 int64 immediates. The ops are registered here as
+pure and vectorizable, so ``VectorizeLoop`` gives them a vector of indices (the
+immediates broadcast), and their LLVM lowering (``LowerIntrin``) builds the permutes:
+indices truncated to bytes (an index in [0, 256) is its low byte), spread over one
+register's lanes, the table as constant vectors, the instructions above, the lanes
+wanted. Wider vectors go one register at a time; a scalar call does one vector lookup.
+The result is the table's bytes, exactly.
+
+``lookup_form(target)`` says which form a target gets (None: read the table by loads).
 """
 
 from __future__ import annotations
@@ -29,85 +37,111 @@ import numpy as np
 import tvm
 from tvm import tirx
 
-OP = "onnxforge.byte_lookup"
-_PERMUTE = "llvm.x86.avx512.vpermi2var.qi.512"  # vpermi2b zmm: (table_a, index, table_b)
-_ZMM = 64  # bytes in one zmm register
+from .cpu_target import cpu_info
+
 TABLE_SIZE = 256
+OPS = {"vbmi": "onnxforge.byte_lookup_vbmi", "neon": "onnxforge.byte_lookup_neon"}
 _PURE = 1  # TVM's CallEffectKind kPure
 
 
-def vector_lookup_available(target: tvm.target.Target) -> bool:
-    """The target is LLVM x86 with AVX-512 VBMI and BW."""
+def lookup_form(target: tvm.target.Target) -> str | None:
+    """"vbmi" (x86 with AVX-512 VBMI and BW), "neon" (AArch64) or None."""
     if target.kind.name != "llvm":
-        return False
+        return None
+    if cpu_info(target).arch == "aarch64":
+        return "neon"
     has = tvm.target.codegen.target_has_features
     try:
-        return bool(has("avx512vbmi", target)) and bool(has("avx512bw", target))
+        vbmi = bool(has("avx512vbmi", target)) and bool(has("avx512bw", target))
     except Exception:  # noqa: BLE001 - a target LLVM does not know
-        return False
+        vbmi = False
+    return "vbmi" if vbmi else None
 
 
-def byte_lookup(index: tirx.PrimExpr, table: np.ndarray) -> tirx.PrimExpr:
+def byte_lookup(index: tirx.PrimExpr, table: np.ndarray, form: str) -> tirx.PrimExpr:
     """``table[index]`` for a 256-entry int8/uint8 ``table`` and an int32 ``index`` in
-    [0, 256), as the vectorizable op (for a TE compute)."""
+    [0, 256), as the vectorizable op of ``form`` (for a TE compute)."""
     if table.shape != (TABLE_SIZE,) or table.dtype not in (np.int8, np.uint8):
         raise ValueError(f"a byte lookup needs 256 int8/uint8 entries, not {table.shape} "
                          f"{table.dtype}")
     words = np.ascontiguousarray(table).view(np.int64)
-    return tirx.call_intrin(str(table.dtype), OP, index,
+    return tirx.call_intrin(str(table.dtype), OPS[form], index,
                             *[tirx.IntImm("int64", int(w)) for w in words])
 
 
-def _table(call) -> np.ndarray:
-    words = []
-    for arg in call.args[1:]:
-        arg = arg.value if isinstance(arg, tirx.Broadcast) else arg
-        words.append(int(arg.value))
-    return np.array(words, dtype=np.int64).view(np.uint8)
+def _constant_vectors(call, dtype: str, width: int) -> list:
+    """The table the call carries, as constant vectors of ``width`` bytes."""
+    words = [int((a.value if isinstance(a, tirx.Broadcast) else a).value)
+             for a in call.args[1:]]
+    table = np.array(words, dtype=np.int64).view(np.uint8).astype(dtype)
+    return [tirx.Shuffle([tirx.IntImm(dtype, int(b)) for b in table[i:i + width]],
+                         list(range(width))) for i in range(0, TABLE_SIZE, width)]
 
 
-def _lookup64(index: tirx.PrimExpr, lanes: int, quarters: list, dtype: str) -> tirx.PrimExpr:
-    """Lanes ``[0, lanes)`` (at most 64) of ``index`` looked up."""
-    vector = f"{dtype}x{_ZMM}"
+def _spread(index: tirx.PrimExpr, lanes: int, dtype: str, width: int) -> tirx.PrimExpr:
+    """``lanes`` int32 indices as ``width`` bytes (the first ``lanes`` are the ones)."""
     if lanes == 1:
-        spread = tirx.Broadcast(tirx.Cast("int8", index), _ZMM)
-    else:
-        copies = -(-_ZMM // lanes)  # a Shuffle picks among its inputs' lanes only
-        spread = tirx.Shuffle([tirx.Cast(f"int8x{lanes}", index)] * copies, list(range(_ZMM)))
-    low = tirx.call_llvm_pure_intrin(vector, _PERMUTE, quarters[0], spread, quarters[1])
-    high = tirx.call_llvm_pure_intrin(vector, _PERMUTE, quarters[2], spread, quarters[3])
-    negative = tirx.LT(spread, tirx.Broadcast(tirx.IntImm("int8", 0), _ZMM))
-    chosen = tirx.Select(negative, high, low)
-    return chosen if lanes == _ZMM else tirx.Shuffle([chosen], list(range(lanes)))
+        return tirx.Broadcast(tirx.Cast(dtype, index), width)
+    copies = -(-width // lanes)  # a Shuffle picks among its inputs' lanes only
+    return tirx.Shuffle([tirx.Cast(f"{dtype}x{lanes}", index)] * copies, list(range(width)))
 
 
-def _lower(call) -> tirx.PrimExpr:
-    index = call.args[0]
-    lanes = int(index.ty.dtype.lanes)
-    dtype = str(call.ty.dtype).split("x")[0]
-    table = _table(call).astype(dtype)
-    quarters = [tirx.Shuffle([tirx.IntImm(dtype, int(b)) for b in table[q:q + _ZMM]],
-                             list(range(_ZMM))) for q in range(0, TABLE_SIZE, _ZMM)]
-    if lanes <= _ZMM:
-        return _lookup64(index, lanes, quarters, dtype)
-    parts = []
-    for start in range(0, lanes, _ZMM):
-        size = min(_ZMM, lanes - start)
-        part = tirx.Shuffle([index], list(range(start, start + size)))
-        parts.append(_lookup64(part, size, quarters, dtype))
-    return tirx.Shuffle(parts, list(range(lanes)))
+def _vbmi(index, tables, dtype):
+    """64 lookups: two vpermi2b (low / high 128 entries) and a blend on the top bit."""
+    vector = f"{dtype}x64"
+    permute = "llvm.x86.avx512.vpermi2var.qi.512"  # (table_a, index, table_b)
+    low = tirx.call_llvm_pure_intrin(vector, permute, tables[0], index, tables[1])
+    high = tirx.call_llvm_pure_intrin(vector, permute, tables[2], index, tables[3])
+    negative = tirx.LT(index, tirx.Broadcast(tirx.IntImm("int8", 0), 64))
+    return tirx.Select(negative, high, low)
 
 
-def _registered() -> bool:
+def _neon(index, tables, dtype):
+    """16 lookups: tbl over entries 0-63, then tbx over each next 64 with the index
+    moved down by 64 (unsigned, so it wraps past the table and leaves the lane)."""
+    vector = f"{dtype}x16"
+    result = tirx.call_llvm_pure_intrin(vector, "llvm.aarch64.neon.tbl4", *tables[0:4], index)
+    for part in range(1, 4):
+        index = tirx.Sub(index, tirx.Broadcast(tirx.IntImm("uint8", 64), 16))
+        result = tirx.call_llvm_pure_intrin(vector, "llvm.aarch64.neon.tbx4", result,
+                                            *tables[4 * part:4 * part + 4], index)
+    return result
+
+
+_FORMS = {"vbmi": (64, "int8", _vbmi), "neon": (16, "uint8", _neon)}
+
+
+def _lowering(form: str):
+    width, index_dtype, lookup = _FORMS[form]
+
+    def lower(call) -> tirx.PrimExpr:
+        index = call.args[0]
+        lanes = int(index.ty.dtype.lanes)
+        dtype = str(call.ty.dtype).split("x")[0]
+        tables = _constant_vectors(call, dtype, width)
+        parts = []
+        for start in range(0, lanes, width):
+            size = min(width, lanes - start)
+            part = index if size == lanes else tirx.Shuffle([index], list(range(start,
+                                                                                start + size)))
+            chosen = lookup(_spread(part, size, index_dtype, width), tables, dtype)
+            parts.append(chosen if size == width else tirx.Shuffle([chosen], list(range(size))))
+        return parts[0] if len(parts) == 1 else tirx.Shuffle(parts, list(range(lanes)))
+
+    return lower
+
+
+def _registered(op: str) -> bool:
     try:
-        return tvm.ir.Op.get(OP).get_attr("TVectorizable") is not None
+        return tvm.ir.Op.get(op).get_attr("TVectorizable") is not None
     except Exception:  # noqa: BLE001 - TVM raises when no such op exists yet
         return False
 
 
-# Registered on import (once per process): the op must exist before a module calling it
-# is built, also in the tuning workers, which import this package.
-if not _registered():
-    tvm.ir.register_op_attr(OP, "TCallEffectKind", _PURE)
-    tvm.ir.register_op_attr(OP, "TVectorizable", True)
-    tvm.tirx.op.register_intrin_lowering(OP, "llvm", f=_lower, level=99)
+# Registered on import (once per process): an op must exist before a module calling it is
+# built, also in the tuning workers, which import this module.
+for _form, _op in OPS.items():
+    if not _registered(_op):
+        tvm.ir.register_op_attr(_op, "TCallEffectKind", _PURE)
+        tvm.ir.register_op_attr(_op, "TVectorizable", True)
+        tvm.tirx.op.register_intrin_lowering(_op, "llvm", f=_lowering(_form), level=99)

@@ -8,15 +8,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tvm
+from conftest import need_qemu
 from onnx import TensorProto, helper, numpy_helper
 from onnxforge.backends.tvm import compile_model, pipeline, random_inputs, verify_artifact
 from onnxforge.cli_tvm import integer_summary
-from onnxforge.kernels.vector_lookup import byte_lookup, vector_lookup_available
+from onnxforge.kernels.vector_lookup import byte_lookup, lookup_form
 from tvm import s_tir, te, tirx
 
 pytestmark = pytest.mark.tvm
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-HOST_HAS_VBMI = vector_lookup_available(HOST)
+HOST_HAS_VBMI = lookup_form(HOST) == "vbmi"
 OUT_SCALE = 0.06
 
 
@@ -117,7 +118,8 @@ def test_a_cpu_without_vbmi_gets_the_table_as_loads_with_the_same_bytes():
 
 def _lookup_kernel(table: np.ndarray, n: int, lanes: int):
     x = te.placeholder((n,), "int8", name="x")
-    y = te.compute((n,), lambda i: byte_lookup(x[i].astype("int32") + 128, table), name="y")
+    y = te.compute((n,), lambda i: byte_lookup(x[i].astype("int32") + 128, table, "vbmi"),
+                   name="y")
     sch = s_tir.Schedule(te.create_prim_func([x, y]))
     (loop,) = sch.get_loops(sch.get_sblock("y"))
     if lanes > 1:
@@ -146,4 +148,28 @@ def test_vector_lookup_reads_every_entry_of_the_table(lanes, dtype):
 
 def test_byte_lookup_refuses_a_table_that_is_not_256_bytes():
     with pytest.raises(ValueError, match="256"):
-        byte_lookup(tirx.IntImm("int32", 0), np.zeros(128, np.int8))
+        byte_lookup(tirx.IntImm("int32", 0), np.zeros(128, np.int8), "vbmi")
+
+
+def test_each_target_gets_its_lookup_form():
+    assert lookup_form(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == "vbmi"
+    assert lookup_form(tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake"})) is None
+    assert lookup_form(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                                          "mcpu": "cortex-a72"})) == "neon"
+    assert lookup_form(tvm.target.Target({"kind": "cuda"})) is None
+
+
+@pytest.mark.parametrize("target", ["cortex-a72", "cortex-a76"])
+def test_aarch64_looks_tables_up_with_tbl_and_tbx_under_qemu(target):
+    """NEON's tbl (64-byte table) + three tbx; run under qemu against onnxruntime and
+    against the table read by loads (the same model built for this CPU without VBMI)."""
+    need_qemu()
+    model = qdq_activation("silu", channels=40)  # 40: one 16-lane pass and a partial one
+    art = compile_model(model, target)
+    assert art.report["integer"]["lookup_tables"] == 1
+    asm = art.host_assembly()
+    assert "\ttbl\t" in asm and "\ttbx\t" in asm
+    verify_artifact(art, model)
+    loads = compile_model(model, {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+    feed = random_inputs(art.inputs, seed=2)
+    np.testing.assert_array_equal(art.run(feed)["m_d"], loads.run(feed)["m_d"])

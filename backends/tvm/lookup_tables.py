@@ -37,7 +37,7 @@ import tvm
 from tvm import relax, te
 
 from ...kernels.schedule_pass import PRESET_OP_PATTERN
-from ...kernels.vector_lookup import byte_lookup, vector_lookup_available
+from ...kernels.vector_lookup import byte_lookup, lookup_form
 from .qdq import constant_value
 from .relax_util import rewrite_functions, static_shape
 
@@ -209,19 +209,19 @@ def _gather(source: te.Tensor, table: te.Tensor) -> te.Tensor:
                       lambda *i: table[source(*i).astype("int32") + offset], name=LOOKUP)
 
 
-def _permute(source: te.Tensor, table: np.ndarray) -> te.Tensor:
+def _permute(source: te.Tensor, table: np.ndarray, form: str) -> te.Tensor:
     offset = 128 if source.dtype == "int8" else 0
     return te.compute(source.shape,
-                      lambda *i: byte_lookup(source(*i).astype("int32") + offset, table),
+                      lambda *i: byte_lookup(source(*i).astype("int32") + offset, table, form),
                       name=LOOKUP)
 
 
 @relax.expr_functor.mutator
 class _LookupTables(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, bindings: dict, permute: bool):
+    def __init__(self, mod: tvm.IRModule, bindings: dict, form: str | None):
         super().__init__(mod)
         self.bindings = bindings
-        self.permute = permute
+        self.form = form
         self.tables = 0
 
     def visit_call_(self, call):
@@ -231,9 +231,9 @@ class _LookupTables(relax.PyExprMutator):
                 source, table = found
                 self.tables += 1
                 source = self.visit_expr(source)
-                if self.permute:
-                    return self.builder_.call_te(lambda x: _permute(x, table), source,
-                                                 primfunc_name_hint=LOOKUP)
+                if self.form:
+                    return self.builder_.call_te(lambda x: _permute(x, table, self.form),
+                                                 source, primfunc_name_hint=LOOKUP)
                 return self.builder_.call_te(_gather, source, relax.const(table),
                                              primfunc_name_hint=LOOKUP)
         return self.visit_expr_post_order(call)
@@ -257,9 +257,9 @@ def _all_bindings(mod: tvm.IRModule) -> dict:
 
 def lookup_tables(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, int]:
     """Replace costly 8-bit -> 8-bit elementwise chains by table lookups; (module,
-    number of tables). On a target with AVX-512 VBMI the lookup is the vector permute of
-    ``kernels/vector_lookup``, elsewhere a load from the table."""
-    mutator = _LookupTables(mod, _all_bindings(mod), vector_lookup_available(target))
+    number of tables). On x86 with AVX-512 VBMI and on AArch64 the lookup is the vector
+    permute of ``kernels/vector_lookup``, elsewhere a load from the table."""
+    mutator = _LookupTables(mod, _all_bindings(mod), lookup_form(target))
     mod = rewrite_functions(mutator, mod)
     if not mutator.tables:
         return mod, 0
