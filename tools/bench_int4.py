@@ -19,6 +19,8 @@ quality on held-out data, never the calibration data:
   ppocr_det_hard  the same on harder pages (det_pages.py: rotated, blurred, noisy,
              tinted; 182 held-out lines, region IoU)
   resnet18   torchvision, random weights; cosine to fp32 on held-out image crops
+  ppocr_cls  PP-OCR direction classifier; accuracy on 12 held-out rendered lines (half
+             upside down; 12 others calibrate) and the largest change of its probability
 
 `mixed 5x` / `6x` / `7x` are `quantize(mixed,bits=4)` (mixed.py: 4, 8 or float bits per
 layer by measured sensitivity) with the size as the only budget (`max_error=0`,
@@ -30,10 +32,10 @@ target the model cannot reach is shown as such. PP-OCR rec is evaluated on
 `mixed all4 b128` puts every layer that has a 4-bit form in 4 bits (block 128, no size
 target or error budget; `mse`: calibration=mse; `auto`: calibration=auto, the method
 chosen on held-out calibration batches, shown in the `auto chose` column). `prune30 ...`
-variants first run `prune(macs=0.3,criterion=reconstruction)` (sensitivity allocation,
-sequential refit, on the same calibration data; once per model, shared by the variants)
-and then quantize the pruned model; `weights ÷` and `size ÷` are against the original fp32
-model, `quant s` includes the pruning.
+(`prune50 ...`: macs=0.5) variants first run `prune(macs=0.3,criterion=reconstruction)`
+(sensitivity allocation, sequential refit, on the same calibration data; once per model,
+shared by the variants) and then quantize the pruned model; `weights ÷` and `size ÷` are
+against the original fp32 model, `quant s` includes the pruning.
 
 `gptq/rtn` is the median over layers of GPTQ's relative output error divided by
 round-to-nearest's, both measured on held-out calibration batches (pass stats).
@@ -60,6 +62,7 @@ from bench_common import (
     digits_task,
     fonts,
     minilm_task,
+    ppocr_cls_task,
     ppocr_rec_task,
     print_table,
     render_line,
@@ -161,7 +164,7 @@ def ppocr_det_hard_task(pages: int = 20, calib_pages: int = 4) -> Task | None:
 
 TASKS = {"digits": digits_task, "minilm": minilm_task, "ppocr_rec": ppocr_rec_task,
          "ppocr_det": ppocr_det_lines_task, "ppocr_det_hard": ppocr_det_hard_task,
-         "resnet18": lambda: vision_task("resnet18")}
+         "resnet18": lambda: vision_task("resnet18"), "ppocr_cls": ppocr_cls_task}
 EXTRA: dict[str, str] = {}  # per-model extra options (none: every model at the defaults)
 # per-model extra options of the mode=mixed variants: PP-OCR rec's cheap convs (kept float
 # by mode=int8 for speed) would otherwise cap its size at ~4.7x
@@ -199,6 +202,7 @@ VARIANTS = {
 }
 # variants that prune before quantizing: label -> (pruning pass, quantize variant)
 PRUNE30 = "prune(macs=0.3,criterion=reconstruction)"
+PRUNE50 = "prune(macs=0.5,criterion=reconstruction)"
 PRUNED = {
     "prune30": (PRUNE30, None),
     "prune30 int8": (PRUNE30, "int8"),
@@ -206,6 +210,9 @@ PRUNED = {
     "prune30 mixed all4 b128 mse": (PRUNE30, "mixed all4 b128 mse"),
     "prune30 int4 b128 gptq convs4 all": (PRUNE30, "int4 b128 gptq convs4 all"),
     "prune30 int4 b128 gptq convs4 all auto": (PRUNE30, "int4 b128 gptq convs4 all auto"),
+    "prune50": (PRUNE50, None),
+    "prune50 int8": (PRUNE50, "int8"),
+    "prune50 int4 b128 gptq convs4 all": (PRUNE50, "int4 b128 gptq convs4 all"),
 }
 DEFAULT = [v for v in VARIANTS if not v.startswith("mixed")]
 

@@ -19,7 +19,8 @@ Tables printed:
 Calibration and evaluation inputs are disjoint: resnet18 / efficientnet_b0 get
 random-normal images (their weights are random too), ppocr_rec uniform [0, 1] images
 (no real text images ship with the zoo), MiniLM the first / last 8 of the 16 tokenized
-sentences in `.zoo/minilm_l6.inputs.npz`, digits its calibration / test splits.
+sentences in `.zoo/minilm_l6.inputs.npz`, digits its calibration / test splits,
+ppocr_cls (`--models ppocr_cls`) 12 rendered lines / 12 other lines (half upside down).
 """
 
 from __future__ import annotations
@@ -96,8 +97,10 @@ def make_data(name: str, model, shapes, n_calib: int, n_eval: int, seed: int = 0
         if extra is not None:
             calib = {k: np.concatenate([calib[k], extra[k]]) for k in calib}
         return open_calibration(calib, model, shapes), evals[half:]
-    if name == "ppocr_rec" and TEXT_LINES:
-        task = bc.ppocr_rec_task()  # rendered text lines: 32 calibrate, 64 held out
+    # rendered text lines: rec 32 calibrate, 64 held out; cls 12 and 12 others
+    task = (bc.ppocr_rec_task() if name == "ppocr_rec" and TEXT_LINES
+            else bc.ppocr_cls_task() if name == "ppocr_cls" else None)
+    if task is not None:
         batches = task.calib[:n_calib]
         calib = {k: np.concatenate([b[k] for b in batches]) for k in shapes}
         return (ArraySource(calib, shapes, input_dtypes(model), description="text lines"),
@@ -138,7 +141,14 @@ def output_error(before, after, batches, threads: int) -> tuple[float, float]:
 
 
 def task_metric(name: str, before, after, evals, threads: int) -> str:
-    """PP-OCR rec on text lines: CER vs the true text (and vs the original's reading)."""
+    """PP-OCR rec on text lines: CER vs the true text (and vs the original's reading);
+    ppocr_cls: direction accuracy and the largest change of its probability."""
+    if name == "ppocr_cls":
+        task = bc.ppocr_cls_task()
+        m = task.metric(bc.run_batches(before, evals, threads),
+                        bc.run_batches(after, evals, threads))
+        return (f"accuracy {100 * m['accuracy']:.1f}% (fp32 {100 * m['acc_ref']:.1f}%), "
+                f"max |dp| {m['prob_maxdiff']:.3f}")
     if name != "ppocr_rec" or not TEXT_LINES:
         return "-"
     import bench_pruning
