@@ -43,6 +43,20 @@ def _flatten(value) -> list:
     return [value]
 
 
+# TVM's pool threads spin for ~0.2 s after each parallel kernel (measured here: 160 ms of
+# CPU in the 300 ms after one mobilenet_v2 run at 2 threads) unless told not to. In this
+# process that steals a core from whatever runs next: onnxruntime in an interleaved
+# benchmark (spinning off, as ours always is), the next candidate, the user's code.
+# TVM reads the variable when it starts its pool, so it is set when this module is
+# imported, before anything runs; a value the user set is kept. The cost: a kernel's
+# workers are woken instead of found spinning (at 2 threads on this loaded machine
+# mobilenet_v2 fp32 ran 30.6 instead of 14.0 ms; at 1 thread no difference), the same
+# condition onnxruntime is measured under. Exported libraries run under the caller's
+# own setting.
+SPIN_ENV = "TVM_THREAD_POOL_SPIN_COUNT"
+os.environ.setdefault(SPIN_ENV, "0")
+
+
 def _set_threads(threads: int | None) -> int:
     import tvm
 
