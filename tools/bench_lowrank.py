@@ -20,7 +20,8 @@ Calibration and evaluation inputs are disjoint: resnet18 / efficientnet_b0 get
 random-normal images (their weights are random too), ppocr_rec uniform [0, 1] images
 (no real text images ship with the zoo), MiniLM the first / last 8 of the 16 tokenized
 sentences in `.zoo/minilm_l6.inputs.npz`, digits its calibration / test splits,
-ppocr_cls (`--models ppocr_cls`) 12 rendered lines / 12 other lines (half upside down).
+ppocr_cls (`--models ppocr_cls`) 12 rendered lines / 12 other lines (half upside down),
+digits_cnn (`--models digits_cnn`, table 1) 128 calibration digits / the 360 test digits.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ MODELS = ["resnet18", "efficientnet_b0", "minilm_l6", "ppocr_rec"]
 SETTINGS = ["energy=0.99", "energy=0.95", "energy=0.9", "macs=0.5"]
 PRIMARY_OUTPUT = "sentence_embedding"
 TEXT_LINES = True  # ppocr_rec on rendered text lines (--random-ocr: uniform images)
+# models with labelled held-out data (`--models ppocr_cls digits_cnn`): accuracy
+LABELLED = {"ppocr_cls": bc.ppocr_cls_task, "digits_cnn": bc.digits_task}
 
 
 DOC_MODULES = ["json", "os", "collections", "functools", "itertools", "argparse", "logging",
@@ -97,9 +100,10 @@ def make_data(name: str, model, shapes, n_calib: int, n_eval: int, seed: int = 0
         if extra is not None:
             calib = {k: np.concatenate([calib[k], extra[k]]) for k in calib}
         return open_calibration(calib, model, shapes), evals[half:]
-    # rendered text lines: rec 32 calibrate, 64 held out; cls 12 and 12 others
+    # rendered text lines: rec 32 calibrate, 64 held out; cls 12 and 12 others; digits_cnn
+    # its calibration digits (batches of 8) and its 360 test digits
     task = (bc.ppocr_rec_task() if name == "ppocr_rec" and TEXT_LINES
-            else bc.ppocr_cls_task() if name == "ppocr_cls" else None)
+            else LABELLED[name]() if name in LABELLED else None)
     if task is not None:
         batches = task.calib[:n_calib]
         calib = {k: np.concatenate([b[k] for b in batches]) for k in shapes}
@@ -143,12 +147,11 @@ def output_error(before, after, batches, threads: int) -> tuple[float, float]:
 def task_metric(name: str, before, after, evals, threads: int) -> str:
     """PP-OCR rec on text lines: CER vs the true text (and vs the original's reading);
     ppocr_cls: direction accuracy and the largest change of its probability."""
-    if name == "ppocr_cls":
-        task = bc.ppocr_cls_task()
-        m = task.metric(bc.run_batches(before, evals, threads),
-                        bc.run_batches(after, evals, threads))
-        return (f"accuracy {100 * m['accuracy']:.1f}% (fp32 {100 * m['acc_ref']:.1f}%), "
-                f"max |dp| {m['prob_maxdiff']:.3f}")
+    if name in LABELLED:
+        m = LABELLED[name]().metric(bc.run_batches(before, evals, threads),
+                                    bc.run_batches(after, evals, threads))
+        dp = f", max |dp| {m['prob_maxdiff']:.3f}" if "prob_maxdiff" in m else ""
+        return f"accuracy {100 * m['accuracy']:.2f}% (fp32 {100 * m['acc_ref']:.2f}%){dp}"
     if name != "ppocr_rec" or not TEXT_LINES:
         return "-"
     import bench_pruning
@@ -195,7 +198,7 @@ def bench_model(name: str, settings: list[str], args, console: Console,
                      task_metric(name, model, out, evals, args.threads),
                      str(stats.get("skipped_by_guard", 0)),
                      f"{base.params / 1e6:.2f}M → {after.params / 1e6:.2f}M",
-                     f"{base.macs / 1e6:.0f}M → {after.macs / 1e6:.0f}M",
+                     f"{_mega(base.macs)} → {_mega(after.macs)}",
                      f"{t0:.2f} → {t1:.2f} ms", f"{t1 / t0:.2f}", f"{rel:.4f}", f"{cos:.4f}",
                      f"{secs:.1f}"])
         console.print(f"  {name} {setting}: done in {secs:.1f}s")
@@ -220,6 +223,11 @@ def bench_model(name: str, settings: list[str], args, console: Console,
     equal_rows.append([name, args.equal_rank, str(len(ranks)), f"{np.median(local_w):.4f}",
                        f"{np.median(local_d):.4f}", f"{wins}/{len(names)}", f"{rel_w:.4f}",
                        f"{rel_d:.4f}", f"{cos_w:.4f}", f"{cos_d:.4f}"])
+
+
+def _mega(count: int) -> str:
+    """Millions, with decimals for small models (digits: 1.3M MACs)."""
+    return f"{count / 1e6:.0f}M" if count >= 1e7 else f"{count / 1e6:.2f}M"
 
 
 def layer_output_names(model, keys) -> list[str]:
