@@ -28,7 +28,7 @@ register's lanes, the table as constant vectors, the instructions above, the lan
 wanted. Wider vectors go one register at a time; a scalar call does one vector lookup.
 The result is the table's bytes, exactly.
 
-``lookup_form(target)`` says which form a target gets (None: read the table by loads).
+``lookup_form(target)`` says which form a target gets ("loads": the table read by loads).
 """
 
 from __future__ import annotations
@@ -45,17 +45,22 @@ _PURE = 1  # TVM's CallEffectKind kPure
 
 
 def lookup_form(target: tvm.target.Target) -> str | None:
-    """"vbmi" (x86 with AVX-512 VBMI and BW), "neon" (AArch64) or None."""
+    """How ``target`` looks a byte table up: "vbmi" (x86 with AVX-512 VBMI and BW),
+    "neon" (AArch64), "loads" (other x86: a load per byte), None (no tables: Hexagon's
+    LLVM fails on the loads, found by a test; GPUs keep their float chain)."""
     if target.kind.name != "llvm":
         return None
-    if cpu_info(target).arch == "aarch64":
+    arch = cpu_info(target).arch
+    if arch == "aarch64":
         return "neon"
+    if arch not in ("x86_64", "x86"):
+        return None
     has = tvm.target.codegen.target_has_features
     try:
         vbmi = bool(has("avx512vbmi", target)) and bool(has("avx512bw", target))
     except Exception:  # noqa: BLE001 - a target LLVM does not know
         vbmi = False
-    return "vbmi" if vbmi else None
+    return "vbmi" if vbmi else "loads"
 
 
 def byte_lookup(index: tirx.PrimExpr, table: np.ndarray, form: str) -> tirx.PrimExpr:

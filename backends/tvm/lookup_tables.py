@@ -258,8 +258,12 @@ def _all_bindings(mod: tvm.IRModule) -> dict:
 def lookup_tables(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, int]:
     """Replace costly 8-bit -> 8-bit elementwise chains by table lookups; (module,
     number of tables). On x86 with AVX-512 VBMI and on AArch64 the lookup is the vector
-    permute of ``kernels/vector_lookup``, elsewhere a load from the table."""
-    mutator = _LookupTables(mod, _all_bindings(mod), lookup_form(target))
+    permute of ``kernels/vector_lookup``, on other x86 a load from the table; targets
+    ``lookup_form`` gives no form (Hexagon, GPUs) keep their chains."""
+    form = lookup_form(target)
+    if form is None:
+        return mod, 0
+    mutator = _LookupTables(mod, _all_bindings(mod), None if form == "loads" else form)
     mod = rewrite_functions(mutator, mod)
     if not mutator.tables:
         return mod, 0
