@@ -20,7 +20,8 @@ quality on held-out data, never the calibration data:
              tinted; 182 held-out lines, region IoU)
   resnet18   torchvision, random weights; cosine to fp32 on held-out image crops
   ppocr_cls  PP-OCR direction classifier; accuracy on 12 held-out rendered lines (half
-             upside down; 12 others calibrate) and the largest change of its probability
+             upside down; 12 others calibrate; `--cls-lines N` / `--cls-calib M`: N / M
+             synthetic lines) and the largest change of its probability
 
 `mixed 5x` / `6x` / `7x` are `quantize(mixed,bits=4)` (mixed.py: 4, 8 or float bits per
 layer by measured sensitivity) with the size as the only budget (`max_error=0`,
@@ -315,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ocr-skip", type=int, default=0,
                     help="evaluate PP-OCR rec on lines after this many held-out ones (fresh "
                          "lines for a check decided after looking at the first ones)")
+    ap.add_argument("--cls-lines", type=int, default=0,
+                    help="ppocr_cls: evaluate on this many synthetic lines instead of the 12 "
+                         "held-out fixed ones (calibration: the 12 other fixed lines)")
+    ap.add_argument("--cls-calib", type=int, default=0,
+                    help="ppocr_cls: calibrate on this many other synthetic lines")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -325,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.models.split(","):
         task = (ppocr_rec_task(args.ocr_lines, args.ocr_skip) if name == "ppocr_rec"
+                else ppocr_cls_task(args.cls_lines, args.cls_calib) if name == "ppocr_cls"
                 else TASKS[name]())
         if task is None:
             print(f"{name}: model absent (run tools/build_zoo.py)", file=sys.stderr)

@@ -47,6 +47,8 @@ ZOO = bc.ZOO
 # MiniLM calibration from stdlib docstrings instead of the zoo's own sentences
 # (--docstring-calib): out-of-domain text; the refit then hurts (see README).
 DOCSTRING_CALIBRATION = False
+CLS_LINES = 0  # ppocr_cls held-out lines: 0 = the 12 fixed ones (--cls-lines N: N synthetic)
+CLS_CALIB = 0  # ppocr_cls calibration lines: 0 = the 12 other fixed ones (--cls-calib M)
 VISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1"]
 METHODS = {"threshold": "allocate=threshold", "sensitivity": "allocate=sensitivity",
            "sensitivity+energy": "allocate=sensitivity,criterion=energy",
@@ -198,7 +200,7 @@ def make_task(name: str) -> Task | None:
     if name == "ppocr_rec":
         return with_cer_vs_fp32(bc.ppocr_rec_task())
     if name == "ppocr_cls":
-        return bc.ppocr_cls_task()
+        return bc.ppocr_cls_task(CLS_LINES, CLS_CALIB)
     if name == "minilm_l6":
         return minilm_task()
     if name == "digits":
@@ -252,9 +254,16 @@ def main() -> None:
                              "+reconstruction: greedy output-reconstruction unit order)")
     parser.add_argument("--docstring-calib", action="store_true",
                         help="calibrate MiniLM on 128 stdlib docstring sentences")
+    parser.add_argument("--cls-lines", type=int, default=0,
+                        help="ppocr_cls: evaluate on this many synthetic lines instead of the "
+                             "12 held-out fixed ones")
+    parser.add_argument("--cls-calib", type=int, default=0,
+                        help="ppocr_cls: calibrate on this many other synthetic lines")
     args = parser.parse_args()
-    global DOCSTRING_CALIBRATION
+    global DOCSTRING_CALIBRATION, CLS_LINES, CLS_CALIB
     DOCSTRING_CALIBRATION = args.docstring_calib
+    CLS_LINES = args.cls_lines
+    CLS_CALIB = args.cls_calib
     logging.basicConfig(level=logging.WARNING)
     console = Console(width=240)
     rows = []
