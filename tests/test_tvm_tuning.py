@@ -380,3 +380,17 @@ def test_tune_report_has_each_task_best_so_far(tuned):
     except ImportError:
         return
     assert 'alt="best-so-far per task"' in page
+
+
+def test_tuning_builds_kernels_with_a_table_lookup(tmp_path):
+    """A quantized SiLU becomes a table lookup (backends/tvm/lookup_tables), a TIR op of
+    onnxforge's own: the builder pool's processes must register it before they unpickle
+    a candidate (without that, every build of the task failed)."""
+    from test_lookup_tables import qdq_activation
+
+    path = tmp_path / "silu.onnx"
+    onnx.save(qdq_activation("silu", channels=32, size=16), path)
+    report = tune(path, "host", tmp_path / "db", max_trials=4, progress=False)
+    task = next(t for t in report.tasks if "byte_lookup" in t.name)
+    assert task.status.startswith("tuned"), task.status
+    assert task.best_us is not None and task.best_us > 0
