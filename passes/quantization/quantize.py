@@ -16,11 +16,10 @@ their ratio, to the stats.
 
 from __future__ import annotations
 
-import onnx
 import onnx_ir as ir
 
 from ...errors import InputSpecError
-from ...ir import _drop_large_tensor_bytes, _is_small, to_proto
+from ...ir import drop_reinferable_value_info
 from ..base import ForgePass, register
 from .core import QuantizeOptions, quantize_embeddings, weight_bytes
 from .dynamic import quantize_dynamic
@@ -85,7 +84,7 @@ class QuantizePass(ForgePass):
             self.stats.update(convert_fp16(model, opts))
         elif opts.mode == "mixed":
             self.stats.update(quantize_mixed(model, opts, self.context))
-        self.stats["value_info_dropped"] = _drop_inferred_value_info(model, annotated)
+        self.stats["value_info_dropped"] = drop_reinferable_value_info(model, annotated)
         after = weight_bytes(model)
         self.stats["weight_bytes_before"] = before
         self.stats["weight_bytes_after"] = after
@@ -98,36 +97,3 @@ def _annotated_values(model: ir.Model) -> set[str]:
     to the file as value_info)."""
     return {v.name for n in model.graph for v in n.outputs
             if v.name and (v.shape is not None or v.type is not None)}
-
-
-def _drop_inferred_value_info(model: ir.Model, annotated: set[str]) -> int:
-    """Forget the shapes and types that quantization inferred for intermediate values the
-    input model did not annotate, where ONNX shape inference finds them again: in the
-    file they are value_info that nothing needs (onnxruntime infers them at load, passes
-    and metrics infer them again) and they weigh: ~50 KB, 3 % of a 4-bit PP-OCRv4 rec.
-    What inference cannot find (outputs of com.microsoft ops such as MatMulNBits, and
-    what depends on them) keeps its annotation, as do graph inputs and outputs and the
-    input model's own annotations. Returns the count dropped."""
-    if not _is_small(model):
-        return 0
-    outputs = {id(v) for v in model.graph.outputs}
-    saved = {v.name: (v, v.shape, v.type) for n in model.graph for v in n.outputs
-             if v.name and id(v) not in outputs and v.name not in annotated
-             and (v.shape is not None or v.type is not None)}
-    for v, _, _ in saved.values():
-        v.shape, v.type = None, None
-    proto = to_proto(model)
-    _drop_large_tensor_bytes(proto)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference failed: keep every annotation
-        inferred = onnx.ModelProto()
-    found = {vi.name for vi in inferred.graph.value_info
-             if vi.type.tensor_type.HasField("shape") and vi.type.tensor_type.elem_type}
-    dropped = 0
-    for name, (v, shape, vtype) in saved.items():
-        if name in found:
-            dropped += 1
-        else:
-            v.shape, v.type = shape, vtype
-    return dropped
