@@ -52,7 +52,10 @@ SETTINGS = ["energy=0.99", "energy=0.95", "energy=0.9", "macs=0.5"]
 PRIMARY_OUTPUT = "sentence_embedding"
 TEXT_LINES = True  # ppocr_rec on rendered text lines (--random-ocr: uniform images)
 # models with labelled held-out data (`--models ppocr_cls digits_cnn`): accuracy
-LABELLED = {"ppocr_cls": bc.ppocr_cls_task, "digits_cnn": bc.digits_task}
+CLS_LINES = 0  # ppocr_cls held-out lines: 0 = the 12 fixed ones (--cls-lines N: N synthetic)
+CLS_CALIB = 0  # ppocr_cls calibration lines: 0 = the 12 other fixed ones (--cls-calib M)
+LABELLED = {"ppocr_cls": lambda: bc.ppocr_cls_task(CLS_LINES, CLS_CALIB),
+            "digits_cnn": bc.digits_task}
 
 
 DOC_MODULES = ["json", "os", "collections", "functools", "itertools", "argparse", "logging",
@@ -315,9 +318,16 @@ def main() -> None:
                         help="ppocr_rec on uniform random images instead of text lines")
     parser.add_argument("--no-settings", dest="run_settings", action="store_false",
                         help="skip table 1 (only the equal-rank and digits tables)")
+    parser.add_argument("--cls-lines", type=int, default=0,
+                        help="ppocr_cls: evaluate on this many synthetic lines instead of the "
+                             "12 held-out fixed ones")
+    parser.add_argument("--cls-calib", type=int, default=0,
+                        help="ppocr_cls: calibrate on this many other synthetic lines")
     args = parser.parse_args()
-    global TEXT_LINES
+    global TEXT_LINES, CLS_LINES, CLS_CALIB
     TEXT_LINES = not args.random_ocr
+    CLS_LINES = args.cls_lines
+    CLS_CALIB = args.cls_calib
     logging.basicConfig(level=logging.WARNING)
     console = Console(width=220)
     rows: list[list[str]] = []
