@@ -514,7 +514,7 @@ def test_calib_errors_equal_compare_models(files):
     assert errors(model) == 0.0
 
 
-def test_tvm_backend_on_a_board_through_a_loopback_rpc_tracker(files, tmp_path):
+def test_tvm_backend_on_a_board_through_a_loopback_rpc_tracker(files, tmp_path, monkeypatch):
     """--rpc-tracker/--rpc-key: a tracker and a server (the 'board') on this machine; every
     candidate is compiled here, run on the server, checked against onnxruntime and timed
     there; a key no board has is refused by name."""
@@ -522,10 +522,19 @@ def test_tvm_backend_on_a_board_through_a_loopback_rpc_tracker(files, tmp_path):
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
     import socket
     import time
+    from dataclasses import dataclass
 
+    import onnxforge.autocompress.run as run_module
     from onnxforge.autocompress.remote import RpcTvmLatency
     from onnxforge.errors import BackendError
     from test_tvm_tuning import _free_port, _start, _stop
+
+    @dataclass
+    class QuickRpc(RpcTvmLatency):  # fewer timing rounds: the test checks the path, not speed
+        rounds: int = 3
+        seconds: float = 0.02
+
+    monkeypatch.setattr(run_module, "RpcTvmLatency", QuickRpc)
 
     port, server_port = _free_port(), _free_port()
     procs = [_start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
