@@ -572,3 +572,29 @@ def test_rpc_options_go_together_with_the_tvm_backend(files, tmp_path):
                     {"rpc_tracker": "127.0.0.1:9190", "rpc_key": "board", "backend": "ort"}):
         with pytest.raises(InputSpecError, match="go together"):
             run(files, tmp_path, latency_backend=None, speedup=1.5, **options)
+
+
+def test_a_pass_refusing_a_policy_is_recorded_not_fatal(tmp_path):
+    """MatMul + bias Add: quantize merges it into a Gemm with a new name, so keep_float
+    cannot name the MatMul (found on MiniLM). The int8 entries that keep one layer float
+    fail to build; the run records why and goes on instead of crashing."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in (("w1", (8, 16)), ("b1", (16,)), ("w2", (16, 4)), ("b2", (4,)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+             helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+             helper.make_node("Add", ["m2", "b2"], ["y"], name="add2")]
+    path = tmp_path / "mlp.onnx"
+    onnx.save(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
+                         inits), path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rng.standard_normal((32, 8)).astype(np.float32))
+    result = autocompress(path, calib, size_mb=1.0, input_shapes={"x": (4, 8)},
+                          kinds=("bits",), max_candidates=2, latency_backend=FakeLatency(),
+                          time_budget=60)
+    failed = result.report["proxies"]["failed"]
+    assert failed and all("quantize refused" in why for why in failed.values())
+    assert result.met  # the input model meets the size budget

@@ -90,7 +90,11 @@ def build(model: ir.Model, space: Space, policy: Policy, context: PassContext,
                 if n.op_type in COMPUTE_OPS and _owner(n.name, space) not in int8]
         opts = QuantizeOptions(mode="int8", keep_float=",".join(keep), matmul_activations=False)
         p = QuantizePass(opts, context)
-        p(work)
+        try:
+            p(work)
+        except OnnxforgeError as exc:  # e.g. keep_float naming a MatMul that quantize's
+            # MatMul + bias Add -> Gemm merge renamed (MiniLM): the policy cannot be built
+            raise BuildError(f"quantize refused: {exc}") from exc
         steps.append(f"quantize(int8,matmul_activations=false,keep_float=<{len(keep)} layers>)")
         stats["quantize"] = {"int8_layers": len(int8), "float_layers": len(keep)}
     return work, {"pipeline": ",".join(steps), "stats": stats}
