@@ -574,10 +574,15 @@ def test_rpc_options_go_together_with_the_tvm_backend(files, tmp_path):
             run(files, tmp_path, latency_backend=None, speedup=1.5, **options)
 
 
-def test_a_pass_refusing_a_policy_is_recorded_not_fatal(tmp_path):
-    """MatMul + bias Add: quantize merges it into a Gemm with a new name, so keep_float
-    cannot name the MatMul (found on MiniLM). The int8 entries that keep one layer float
-    fail to build; the run records why and goes on instead of crashing."""
+def test_int8_knobs_of_matmuls_with_a_bias_add(tmp_path):
+    """MatMul + bias Add: quantize merges it into a Gemm `<matmul>_gemm` before it reads
+    keep_float (found on MiniLM, where every int8 entry but all-int8 failed to build).
+    Each int8 knob builds and puts exactly its own layer in int8."""
+    from onnxforge.autocompress.build import build
+    from onnxforge.autocompress.space import discover
+    from onnxforge.calibration import open_calibration
+    from onnxforge.passes.base import PassContext
+
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
              for n, s in (("w1", (8, 16)), ("b1", (16,)), ("w2", (16, 4)), ("b2", (4,)))]
@@ -592,9 +597,18 @@ def test_a_pass_refusing_a_policy_is_recorded_not_fatal(tmp_path):
                          inits), path)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=rng.standard_normal((32, 8)).astype(np.float32))
-    result = autocompress(path, calib, size_mb=1.0, input_shapes={"x": (4, 8)},
-                          kinds=("bits",), max_candidates=2, latency_backend=FakeLatency(),
-                          time_budget=60)
-    failed = result.report["proxies"]["failed"]
-    assert failed and all("quantize refused" in why for why in failed.values())
-    assert result.met  # the input model meets the size budget
+    model = load_model(path)
+    shapes = {"x": (4, 8)}
+    context = PassContext(calibration=open_calibration(str(calib), model, shapes, seed=0),
+                          input_shapes=shapes)
+    space = discover(model, context, kinds=("bits",))
+    assert [k.key for k in space.knobs] == ["mm1", "mm2"]
+    for i, key in enumerate(["mm1", "mm2"]):
+        built = build(model, space, space.single(i, 1), context)[0]
+        int8 = {n.name for n in built.graph if n.op_type in ("Gemm", "MatMul")
+                and n.inputs[1].producer() is not None
+                and n.inputs[1].producer().op_type == "DequantizeLinear"}
+        assert int8 == {f"{key}_gemm"}
+    result = autocompress(path, calib, size_mb=1.0, input_shapes=shapes, kinds=("bits",),
+                          max_candidates=2, latency_backend=FakeLatency(), time_budget=60)
+    assert not result.report["proxies"]["failed"]

@@ -14,12 +14,13 @@ from typing import Any
 import onnx_ir as ir
 
 from ..errors import OnnxforgeError
-from ..ir import load_model
+from ..ir import infer_shapes, load_model
 from ..passes.base import PassContext
 from ..passes.lowrank.lowrank import LowRankOptions, LowRankPass
 from ..passes.lowrank.rank import round_rank
 from ..passes.pruning.prune import PruneOptions, PrunePass
 from ..passes.quantization.core import QuantizeOptions
+from ..passes.quantization.prepare import merge_for_int8
 from ..passes.quantization.quantize import QuantizePass
 from .space import COMPUTE_OPS, Policy, Space, override_text
 
@@ -86,6 +87,10 @@ def build(model: ir.Model, space: Space, policy: Policy, context: PassContext,
                             "skipped_by_guard": p.stats.get("skipped_by_guard")}
     int8 = space.by_kind(policy, "bits")
     if int8:
+        # quantize merges MatMul + bias Add into a Gemm named `<matmul>_gemm` before it
+        # reads keep_float: merge first (exact), so keep_float names the nodes it will see
+        infer_shapes(work)
+        merge_for_int8(work)
         keep = [n.name for n in work.graph
                 if n.op_type in COMPUTE_OPS and _owner(n.name, space) not in int8]
         opts = QuantizeOptions(mode="int8", keep_float=",".join(keep), matmul_activations=False)
@@ -103,5 +108,6 @@ def build(model: ir.Model, space: Space, policy: Policy, context: PassContext,
 def _owner(node_name: str, space: Space) -> str:
     """The original layer a node of the built model comes from: itself, or the layer that
     lowrank replaced by `<name>/lowrank_<i>` nodes."""
+    node_name = node_name.removesuffix("_gemm")  # merge_for_int8's MatMul + Add -> Gemm
     base, sep, _ = node_name.rpartition("/lowrank_")
     return base if sep else node_name
