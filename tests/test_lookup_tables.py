@@ -51,6 +51,9 @@ def qdq_activation(act: str, channels: int = 24, size: int = 10) -> onnx.ModelPr
                   helper.make_node("Mul", ["c_d", "s_d"], ["m"])]
     elif act in ("sigmoid", "tanh", "relu"):
         nodes.append(helper.make_node(act.capitalize(), ["c_d"], ["m"]))
+    elif act == "hardsigmoid_tanh":  # relax.clip with integer bounds inside the chain
+        nodes += [helper.make_node("HardSigmoid", ["c_d"], ["h"]),  # (fuzzer find)
+                  helper.make_node("Tanh", ["h"], ["m"])]
     elif act == "two_sources":  # x * sigmoid(c): a function of two tensors
         nodes += [helper.make_node("Sigmoid", ["c_d"], ["s"]),
                   helper.make_node("Mul", ["x_d", "s"], ["m"])]
@@ -95,6 +98,16 @@ def test_costly_activation_becomes_one_table_and_keeps_the_numbers(act, monkeypa
         assert np.abs(got - before).max() <= OUT_SCALE * 1.001
         assert np.mean(got != before) < 0.01
         assert np.mean(np.abs(got - expected) > OUT_SCALE * 0.5) < 0.02
+
+
+def test_a_clip_with_integer_bounds_inside_a_chain():
+    """HardSigmoid imports as relax.clip with bounds TVM hands back as Python ints (the
+    fuzzer's crash, seed 64 graph 106). On AVX2 (no dot product: the model stays NCHW,
+    so no transpose cuts the chain) it becomes a table read by loads."""
+    model = qdq_activation("hardsigmoid_tanh")
+    art = compile_model(model, "x86-avx2")
+    assert art.report["integer"]["lookup_tables"] == 1
+    verify_artifact(art, model)
 
 
 @pytest.mark.parametrize("act", ["relu", "two_sources", "per_channel"])

@@ -76,6 +76,13 @@ class _NotAChain(Exception):
     pass
 
 
+def _prim_float(value) -> float:
+    """A Relax PrimValue bound (clip's min/max) as a float: TVM gives an IntImm/FloatImm
+    or, for some bounds, a plain Python number (found by the fuzzer)."""
+    value = getattr(value, "value", value)
+    return float(getattr(value, "value", value))
+
+
 def _dtype(expr) -> str | None:
     return str(getattr(expr.ty, "dtype", "")) or None
 
@@ -141,7 +148,7 @@ class _Chain:
                 raise _NotAChain
             return x.astype(dtype)
         if name == "relax.clip":
-            low, high = (float(a.value.value) for a in call.args[1:3])
+            low, high = (_prim_float(a) for a in call.args[1:3])
             x = self.value(call.args[0])
             return np.clip(x, np.asarray(low, x.dtype), np.asarray(high, x.dtype))
         if name in _UNARY:
