@@ -14,8 +14,11 @@ table too.
 ``lookup_tables`` finds each such chain that contains a costly op (exp, sigmoid, tanh,
 erf, log, sqrt, a divide or power by a computed value), evaluates it once at compile time
 in float32 numpy on the 256 bytes, in the order of the ops and with ONNX's rounding
-(half to even), and replaces the chain by ``take(table, int32(source) [+ 128])``, which
-fuses into the producing kernel's epilogue like the chain did.
+(half to even), and replaces the chain by ``table[int32(source) (+ 128 for int8)]``,
+which fuses into the producing kernel's epilogue like the chain did (``PresetOpPattern``:
+TVM would call the lookup opaque). The lookup is ``kernels/vector_lookup``'s vector
+permute where the target has one (AVX-512 VBMI, AArch64), else a load from the table;
+targets with neither (Hexagon, GPUs) keep their chains.
 
 Accepted in a chain: ``dequantize``/``quantize`` with one constant scale and zero point,
 their elementwise forms (``astype``, ``round``, ``clip``, ``minimum``/``maximum``), the
