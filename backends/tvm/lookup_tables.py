@@ -98,8 +98,8 @@ class _Chain:
         self.source = source
         self.nodes = 0
         self.costly = False
-        self.inputs = np.arange(256, dtype=np.int32) - (128 if _dtype(source) == "int8" else 0)
-        self.inputs = self.inputs.astype(_dtype(source))
+        info = np.iinfo(_dtype(source))
+        self.inputs = np.arange(info.min, info.max + 1).astype(info.dtype)  # every byte
 
     def value(self, expr) -> np.ndarray:
         self.nodes += 1
@@ -213,16 +213,10 @@ def _is_byte_root(call) -> bool:
         name == "relax.astype" and str(call.attrs.dtype) in BYTE_TYPES)
 
 
-def _gather(source: te.Tensor, table: te.Tensor) -> te.Tensor:
+def _lookup(source: te.Tensor, read: Callable) -> te.Tensor:
+    """``read(index)`` per element, index = the source byte's position in the table."""
     offset = 128 if source.dtype == "int8" else 0
-    return te.compute(source.shape,
-                      lambda *i: table[source(*i).astype("int32") + offset], name=LOOKUP)
-
-
-def _permute(source: te.Tensor, table: np.ndarray, form: str) -> te.Tensor:
-    offset = 128 if source.dtype == "int8" else 0
-    return te.compute(source.shape,
-                      lambda *i: byte_lookup(source(*i).astype("int32") + offset, table, form),
+    return te.compute(source.shape, lambda *i: read(source(*i).astype("int32") + offset),
                       name=LOOKUP)
 
 
@@ -241,11 +235,13 @@ class _LookupTables(relax.PyExprMutator):
                 source, table = found
                 self.tables += 1
                 source = self.visit_expr(source)
-                if self.form:
-                    return self.builder_.call_te(lambda x: _permute(x, table, self.form),
-                                                 source, primfunc_name_hint=LOOKUP)
-                return self.builder_.call_te(_gather, source, relax.const(table),
-                                             primfunc_name_hint=LOOKUP)
+                if self.form:  # the table travels as immediates of the permute op
+                    return self.builder_.call_te(
+                        lambda x: _lookup(x, lambda i: byte_lookup(i, table, self.form)),
+                        source, primfunc_name_hint=LOOKUP)
+                return self.builder_.call_te(  # the table as a constant buffer, loads
+                    lambda x, t: _lookup(x, lambda i: t[i]), source, relax.const(table),
+                    primfunc_name_hint=LOOKUP)
         return self.visit_expr_post_order(call)
 
 
