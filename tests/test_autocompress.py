@@ -612,3 +612,69 @@ def test_int8_knobs_of_matmuls_with_a_bias_add(tmp_path):
     result = autocompress(path, calib, size_mb=1.0, input_shapes=shapes, kinds=("bits",),
                           max_candidates=2, latency_backend=FakeLatency(), time_budget=60)
     assert not result.report["proxies"]["failed"]
+
+
+def _weakly_dominated(point, front) -> bool:
+    return any(f[0] <= point[0] + 1e-12 and f[1] <= point[1] + 1e-12 for _, f in front)
+
+
+def test_joint_front_dominates_each_technique_searched_alone():
+    """Three techniques of 33 knobs each with additive (resource, error) trade-offs: the
+    unseeded joint NSGA-II misses much of each single-technique front (measured on this
+    objective and on PP-OCRv4 rec's proxy tables); seeded with those fronts it dominates
+    them all and still finds combinations beyond them."""
+    from onnxforge.autocompress.search import evolve, evolve_joint
+
+    rng = np.random.default_rng(0)
+    n = 99
+    saving = rng.uniform(0, 0.02, (n, 3))
+    error = rng.uniform(0, 0.05, (n, 3))
+    saving[:, 0] = error[:, 0] = 0.0
+    saving[33:66] *= 0.3
+    error[66:] *= 0.1
+
+    def objectives(policy):
+        return (max(1 - sum(saving[i, c] for i, c in enumerate(policy)), 0.05),
+                sum(error[i, c] for i, c in enumerate(policy)))
+
+    choices = [[0, 1, 2]] * n
+    groups = {"a": list(range(33)), "b": list(range(33, 66)), "c": list(range(66, 99))}
+    origin = (0,) * n
+    joint = evolve_joint(choices, groups, objectives, seed=3, start=[origin])
+    alone_union = []
+    for knobs in groups.values():
+        alone = evolve([c if i in knobs else [0] for i, c in enumerate(choices)], objectives,
+                       seed=3, start=[origin])
+        assert all(_weakly_dominated(o, joint) for _, o in alone)
+        alone_union += alone
+    beyond = [o for _, o in joint if not _weakly_dominated(o, alone_union)]
+    assert beyond, "the joint front is only the union of the single-technique fronts"
+    # the policies that go beyond mix techniques
+    mixed = [p for p, o in joint if not _weakly_dominated(o, alone_union)
+             and sum(any(p[i] for i in knobs) for knobs in groups.values()) > 1]
+    assert mixed
+
+
+def test_picks_when_the_budget_is_out_of_reach_cover_the_front_below_the_limit():
+    from onnxforge.autocompress.search import choose_picks
+
+    # (policy, (latency ratio, error)); budget limit 0.1 (a 10x speedup): out of reach
+    front = [((i,), (r, e)) for i, (r, e) in enumerate(
+        [(0.2, 0.9), (0.3, 0.5), (0.35, 0.4), (0.5, 0.2), (0.6, 0.15), (0.8, 0.05)])]
+    picks = choose_picks(front, limit=0.1, error_limit=0.45)
+    errors = {p: dict(front)[p][1] for p in picks}
+    assert picks[0] == (2,)  # the least latency within the quality limit
+    assert all(e <= 0.45 for e in errors.values())  # nothing past the quality limit
+    assert any(e <= 0.4 / 2 for e in errors.values())  # a safer point below the limit
+    assert (0,) not in picks  # not the most aggressive point past the quality limit
+
+
+def test_picks_when_the_budget_is_in_reach_learn_the_boundary():
+    from onnxforge.autocompress.search import choose_picks
+
+    front = [((i,), (r, e)) for i, (r, e) in enumerate(
+        [(0.2, 0.9), (0.3, 0.5), (0.35, 0.4), (0.5, 0.2), (0.6, 0.15), (0.8, 0.05)])]
+    picks = choose_picks(front, limit=0.55, error_limit=0.45)
+    # within the budget least error; within the quality limit least latency; the point
+    # within the quality limit just past the budget
+    assert picks == [(3,), (2,), (4,)]

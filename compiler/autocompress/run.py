@@ -63,7 +63,7 @@ from .proxies import (
     prune_curve_errors,
 )
 from .remote import RpcTvmLatency
-from .search import evolve, pareto_indices
+from .search import choose_picks, evolve_joint, pareto_indices
 from .space import KINDS, Policy, Space, discover
 
 logger = logging.getLogger(__name__)
@@ -454,8 +454,12 @@ class _Job:
             display.update(phase=f"round {self.stats['rounds']}: searching the proxies")
             start = [self.space.origin, *extremes,
                      *(tuple(r["policy"]) for r in self.records.values() if "failed" not in r)]
-            front = evolve(self.allowed, self._objectives, start=start,
-                           seed=self.seed + self.stats["rounds"])
+            groups = {kind: [i for i, (knob, allowed) in enumerate(zip(self.space.knobs,
+                                                                         self.allowed))
+                             if knob.kind == kind and len(allowed) > 1]
+                      for kind in self.kinds}
+            front = evolve_joint(self.allowed, groups, self._objectives, start=start,
+                                 seed=self.seed + self.stats["rounds"])
             display.update(front=len(self._measured_front()))
             picks = self._picks(front, limit)
             if not picks:
@@ -481,31 +485,13 @@ class _Job:
 
     def _picks(self, front: list[tuple[Policy, tuple[float, float]]], limit: float
                ) -> list[Policy]:
-        """What to build next, from the proxy front's points not measured yet:
-        1. predicted within the budget, least error first (once a candidate meets
-           everything: only those predicted to have less error than it, with 50 % slack
-           for the proxies' error);
-        2. predicted within the quality limit (`_error_limit`), least resource first:
-           the best achievable when the budget is out of reach;
-        3. the point just past the budget (to learn where the boundary really is).
-        One of each per round, the first two lists filling in for each other."""
+        """What to build next (`search.choose_picks`), from the proxy front's points not
+        measured yet; once a candidate meets everything, pick 1 only takes points
+        predicted to have less error than it (with 50 % slack for the proxies' error)."""
         fresh = [(p, o) for p, o in front if policy_key(p) not in self.records]
         best = self.best()
         bound = float("inf") if best is None else 1.5 * (best.get("calib_error") or 0.0)
-        within = sorted((x for x in fresh if x[1][0] <= limit and x[1][1] <= bound),
-                        key=lambda x: x[1][1])
-        error_limit = self._error_limit()
-        quality = sorted((x for x in fresh if x[1][1] <= error_limit), key=lambda x: x[1][0])
-        over = sorted((x for x in fresh if x[1][0] > limit), key=lambda x: x[1][0])
-        picks: list[Policy] = []
-        for ranked in (within, quality, over[:1], within, quality):
-            for policy, _ in ranked:
-                if policy not in picks:
-                    picks.append(policy)
-                    break
-            if len(picks) == 3:
-                break
-        return picks
+        return choose_picks(fresh, limit, self._error_limit(), bound)
 
     def _error_limit(self) -> float:
         """The quality limit in the proxies' unit (output rel L2 on calibration data):
