@@ -83,7 +83,9 @@ def autocompress_command(
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Search seed (deterministic).")] = 0,
     techniques: Annotated[str, typer.Option(
-        "--techniques", help="Comma-separated subset of prune,rank,bits.")] = "prune,rank,bits",
+        "--techniques", help="Comma-separated subset of prune,rank,bits,sparse (sparse: "
+        "--backend tvm only, on a target with a measured sparse break-even).")
+    ] = "prune,rank,bits,sparse",
     force: Annotated[bool, typer.Option(
         "--force", help="Write the closest point even if the budget is not met.")] = False,
     report: Annotated[Path | None, typer.Option(
@@ -156,7 +158,8 @@ def render_result(report: dict[str, Any], out: Console) -> None:
     out.print(table)
     if report.get("policy"):
         policy = Table("kind", "layer / group", "choice", title="chosen policy (changed knobs)")
-        changed = [r for r in report["policy"] if r["choice"] not in ("keep", "full", "fp32")]
+        changed = [r for r in report["policy"]
+                   if r["choice"] not in ("keep", "full", "fp32", "dense")]
         for r in changed:
             policy.add_row(r["kind"], r["layer"], r["choice"])
         if changed:

@@ -43,7 +43,9 @@ from rich.table import Table
 
 ZOO = Path(__file__).resolve().parents[1] / ".zoo"
 RUNS = {"joint": ("prune", "rank", "bits"), "prune only": ("prune",),
-        "int8 only": ("bits",), "lowrank only": ("rank",)}
+        "int8 only": ("bits",), "lowrank only": ("rank",),
+        # sparse knobs only with --backend tvm (a target with a measured break-even)
+        "joint+sparse": ("prune", "rank", "bits", "sparse"), "sparse only": ("sparse",)}
 
 
 def ppocr_rec_args(out: Path) -> dict:
@@ -162,7 +164,7 @@ def plot(results: dict[str, dict], path: Path, limit: float, title: str,
 
     fig = Figure(figsize=(6.6, 4.4), layout="constrained")
     ax = fig.subplots()
-    for (name, report), marker in zip(results.items(), "o^sD"):
+    for (name, report), marker in zip(results.items(), "o^sDvP"):
         pts = front(report)
         ax.plot([1 / x for x, _ in pts], [y for _, y in pts], marker=marker, label=name)
     labelled = quality_key(next(iter(results.values())))[0] == "accuracy_drop"
@@ -178,17 +180,18 @@ def plot(results: dict[str, dict], path: Path, limit: float, title: str,
     fig.savefig(path, dpi=100)
 
 
-def side_by_side(data: dict, results: dict[str, dict], threads: int, repeats: int = 3
-                 ) -> dict[str, float]:
+def side_by_side(data: dict, results: dict[str, dict], threads: int, repeats: int = 3,
+                 backend: str = "ort", target: str = "host") -> dict[str, float]:
     """Each run's chosen model built again (autocompress.build, with recovery) and timed
-    with the input model and the others in the same interleaved rounds (OrtLatency,
-    `repeats` times, median of the ratios): one comparison under one load, where each
-    run's own re-measurement was taken minutes apart. {run: speedup}."""
+    with the input model and the others in the same interleaved rounds (OrtLatency, or
+    TvmLatency with --backend tvm; `repeats` times, median of the ratios): one comparison
+    under one load, where each run's own re-measurement was taken minutes apart.
+    {run: speedup}."""
     import statistics
 
     from onnxforge.autocompress.build import build
-    from onnxforge.autocompress.measure import OrtLatency
-    from onnxforge.autocompress.space import discover
+    from onnxforge.autocompress.measure import OrtLatency, TvmLatency
+    from onnxforge.autocompress.space import discover, sparse_support
     from onnxforge.calibration import open_calibration
     from onnxforge.ir import load_model
     from onnxforge.passes.base import PassContext
@@ -197,7 +200,7 @@ def side_by_side(data: dict, results: dict[str, dict], threads: int, repeats: in
     shapes = data["input_shapes"]
     calib = open_calibration(str(data["calibration"]), original, shapes, seed=0)
     context = PassContext(calibration=calib, input_shapes=shapes, threads=threads, seed=0)
-    space = discover(original, context)
+    space = discover(original, context, sparse=sparse_support(backend, target)[0])
     names, models = [], []
     for name, report in results.items():
         chosen = next((c for c in report["candidates"] if c.get("chosen")), None)
@@ -205,7 +208,8 @@ def side_by_side(data: dict, results: dict[str, dict], threads: int, repeats: in
             continue
         names.append(name)
         models.append(build(original, space, tuple(chosen["policy"]), context)[0])
-    lat = OrtLatency(threads=threads)
+    lat = OrtLatency(threads=threads) if backend == "ort" else \
+        TvmLatency(target, threads, shapes)
     ratios: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repeats):
         times = lat.time([original, *models], calib.first())
@@ -234,7 +238,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/autocompress_bench"))
     ap.add_argument("--plot", type=Path, default=None)
-    ap.add_argument("--runs", default=",".join(RUNS),
+    ap.add_argument("--runs", default=",".join(list(RUNS)[:4]),
                     help="which searches, in this order (the first measures the proxies the "
                     "others reuse from the shared cache), of: " + ", ".join(RUNS))
     ap.add_argument("--reuse", default="",
@@ -281,7 +285,7 @@ def main() -> None:
     for name, report in results.items():
         final = report["final"]
         changed = [f"{r['kind']} {r['layer']} {r['choice']}" for r in report["policy"] or []
-                   if r["choice"] not in ("keep", "full", "fp32")]
+                   if r["choice"] not in ("keep", "full", "fp32", "dense")]
         drop = final["accuracy_drop"]
         table.add_row(name, str(len(report["candidates"]) - 1), f"{final['speedup']:.2f}x",
                       "-" if drop is None else f"{drop * 100:.2f} pt",
@@ -289,9 +293,11 @@ def main() -> None:
                       f"{final['rel_l2']:.3f}",
                       f"{final['size_bytes'] / 1e6:.3f} MB", "; ".join(changed) or "-")
     Console().print(table)
-    together = side_by_side(data, results, args.threads) if args.side_by_side else {}
+    together = side_by_side(data, results, args.threads, backend=args.backend,
+                            target=args.target) if args.side_by_side else {}
     if together:
-        Console().print("chosen models timed together with the input model (ORT, "
+        Console().print("chosen models timed together with the input model ("
+                        f"{'ORT' if args.backend == 'ort' else 'TVM ' + args.target}, "
                         f"{args.threads} thread(s), 3 x 10 interleaved rounds, median): " +
                         ", ".join(f"{n} {x:.2f}x" for n, x in together.items()))
     (args.out / "summary.json").write_text(json.dumps(

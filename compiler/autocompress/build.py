@@ -1,6 +1,9 @@
 """Build the model a policy describes, with the project's own passes in a fixed order:
-prune (per-group ratios through `overrides`), lowrank (per-layer rank fractions), then
-quantize(int8) with every layer the policy keeps float in `keep_float`.
+prune (per-group ratios through `overrides`), lowrank (per-layer rank fractions),
+sparsify (block(16x1), per-layer ratios through `overrides`, every other layer kept dense,
+recovery refit on the calibration data), then quantize(int8) with every layer the policy
+keeps float in `keep_float`. A sparse layer stays float and whole (`Space.repair`): its
+int8 and rank choices are dropped, and the stats say which (`dropped_for_sparse`).
 
 The pipeline text of a build is recorded for the report; lowrank's per-layer ranks have no
 pipeline-text form yet, so that step is written as `lowrank(rank=full)` plus the ranks.
@@ -22,7 +25,8 @@ from ..passes.pruning.prune import PruneOptions, PrunePass
 from ..passes.quantization.core import QuantizeOptions
 from ..passes.quantization.prepare import merge_for_int8
 from ..passes.quantization.quantize import QuantizePass
-from .space import COMPUTE_OPS, Policy, Space, override_text
+from ..passes.sparsity.sparsify import SparsifyOptions, SparsifyPass
+from .space import COMPUTE_OPS, SPARSE_PATTERN, Policy, Space, override_text
 
 
 class BuildError(OnnxforgeError):
@@ -68,6 +72,10 @@ def build(model: ir.Model, space: Space, policy: Policy, context: PassContext,
     work = load_model(model, check=False)
     steps: list[str] = []
     stats: dict[str, Any] = {}
+    dropped = space.dropped_for_sparse(policy)
+    if dropped:
+        policy = space.repair(policy)
+        stats["dropped_for_sparse"] = dropped
     prune = space.by_kind(policy, "prune")
     if prune:
         p = PrunePass(PruneOptions(ratio=0.0, overrides=override_text(prune),
@@ -85,6 +93,20 @@ def build(model: ir.Model, space: Space, policy: Policy, context: PassContext,
                                                        ranks.items()) + "}")
         stats["lowrank"] = {"decomposed": p.stats.get("decomposed"),
                             "skipped_by_guard": p.stats.get("skipped_by_guard")}
+    sparse = space.by_kind(policy, "sparse")
+    if sparse:
+        # keep="*": only the layers the overrides name are sparsified (an override wins)
+        p = SparsifyPass(SparsifyOptions(pattern=SPARSE_PATTERN, overrides=override_text(sparse),
+                                         keep="*"), context)
+        p(work)
+        steps.append(p.describe())
+        done = p.stats.get("layers", {})
+        stats["sparsify"] = {"sparsified": {k: v.get("sparsity") for k, v in done.items()},
+                             "refit": p.stats.get("refit")}
+        missed = {k: p.stats.get("skipped", {}).get(k, "not sparsified") for k in sparse
+                  if k not in done}
+        if missed:  # e.g. pruning left a channel count the block does not tile
+            stats["sparsify"]["not_sparsified"] = missed
     int8 = space.by_kind(policy, "bits")
     if int8:
         # quantize merges MatMul + bias Add into a Gemm named `<matmul>_gemm` before it

@@ -59,12 +59,11 @@ from .proxies import (
     OutOfTime,
     ProxyTables,
     measure_tables,
-    predict,
     prune_curve_errors,
 )
 from .remote import RpcTvmLatency
 from .search import choose_picks, evolve_joint, pareto_indices
-from .space import KINDS, Policy, Space, discover
+from .space import KINDS, Policy, Space, discover, sparse_support
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +256,9 @@ def autocompress(
     job = _Job(original, shapes, calib, verify, context, lat, inputs, budget, metric,
                calib_batches, guard, cache, seed)
     job.proxy_lat = proxy_lat
+    job.sparse_table, why = sparse_support(lat.name, target)
+    if why and "sparse" in kinds:
+        notes.append(f"sparse: not in the space: {why}")
     clock = _Clock(time_budget)
     display = _Display(console, time_budget)
     with display.running(clock):
@@ -332,8 +334,8 @@ class _Job:
         started = time.perf_counter()
         record: dict[str, Any] = {"policy": list(policy)}
         if self.tables is not None:
-            record["predicted"] = self.correction.apply(
-                predict(self.tables, self.space, policy)).to_dict()
+            record["predicted"] = self.correction.predict(self.tables, self.space,
+                                                          policy).to_dict()
         try:
             model, info = build(self.original, self.space, policy, self.context,
                                 lowrank_guard=self.guard)
@@ -377,7 +379,8 @@ class _Job:
         display.update(phase="measuring the input model")
         self.origin = self._origin_record()
         display.update(phase="finding the decision space")
-        self.space = discover(self.original, self.context)
+        self.space = discover(self.original, self.context,
+                              sparse=getattr(self, "sparse_table", None))
         self.records[policy_key(self.space.origin)] = {**self.origin,
                                                         "policy": list(self.space.origin)}
         for k, rec in self.cache.candidates.items():
@@ -416,7 +419,8 @@ class _Job:
             self.space, self.tables, self.proxy_build, self.calib_error,
             lambda m: resources(m, self.shapes), self.proxy_ratios, step, kinds=self.kinds,
             prune_errors=self.prune_errors,
-            layer_macs=compute_metrics(self.original, self.shapes).node_macs)
+            layer_macs=compute_metrics(self.original, self.shapes).node_macs,
+            backend_ratios=self.time_ratios)  # sparse entries: see proxies.py
         self.stats["proxy_seconds"] = round(time.monotonic() - started, 2)
         self.stats["proxies_complete"] = complete
         self.cache.save_proxies({"space": self.space.to_dict(),
@@ -431,7 +435,7 @@ class _Job:
         return all(not c or k.kind in self.kinds for k, c in zip(self.space.knobs, policy))
 
     def _objectives(self, policy: Policy) -> tuple[float, float]:
-        p = self.correction.apply(predict(self.tables, self.space, policy))
+        p = self.correction.predict(self.tables, self.space, policy)
         return (p.to_dict()[self.budget.quantity], p.error)
 
     def _search(self, clock: _Clock, display: _Display, max_candidates: int) -> None:
@@ -479,9 +483,10 @@ class _Job:
                                best=_short(best) if best else "none meets the budget yet")
 
     def _refit(self) -> None:
-        pairs = [(predict(self.tables, self.space, tuple(r["policy"])), r)
-                 for r in self.records.values() if "failed" not in r and not r.get("origin")]
-        self.correction = Correction.fit(pairs, self.base["size_bytes"])
+        records = [r for r in self.records.values()
+                   if "failed" not in r and not r.get("origin")]
+        self.correction = Correction.fit(self.tables, self.space, records,
+                                         self.base["size_bytes"])
 
     def _picks(self, front: list[tuple[Policy, tuple[float, float]]], limit: float
                ) -> list[Policy]:
