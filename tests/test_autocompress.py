@@ -678,3 +678,40 @@ def test_picks_when_the_budget_is_in_reach_learn_the_boundary():
     # within the budget least error; within the quality limit least latency; the point
     # within the quality limit just past the budget
     assert picks == [(3,), (2,), (4,)]
+
+
+def test_latency_of_prune_entries_modelled_from_macs_until_candidates_trust_their_timing():
+    """A prune entry that removes no MACs but was timed 40 % faster (noise under load)
+    must not make the search believe in free speed; once candidates measured whole show
+    that the entries' own timings were right, they are trusted."""
+    from onnxforge.autocompress.proxies import Correction, ProxyTables, latency_slopes
+    from onnxforge.autocompress.space import Knob, Space
+
+    space = Space([Knob("prune", f"g{i}", (0.0, 0.5), 8) for i in range(4)])
+    base = {"latency_ms": 10.0, "size_bytes": 1000.0, "macs": 1000.0}
+    tables = ProxyTables(dict(base))
+    # g0..g2: latency follows MACs (half a MAC's share saved); g3: no MACs, timed 0.6x
+    for i, (macs, lat) in enumerate([(800, 0.9), (900, 0.95), (600, 0.8), (1000, 0.6)]):
+        tables.single[f"prune:g{i}"] = {"1": {"error": 0.01, "size_bytes": 900.0,
+                                              "macs": float(macs), "latency_ratio": lat}}
+    slopes = latency_slopes(tables, space)
+    assert slopes["prune"] == pytest.approx(0.5, abs=0.06)
+    noisy = (0, 0, 0, 1)
+    start = Correction.fit(tables, space, [], base["size_bytes"])
+    assert start.trust == 0.0
+    assert start.predict(tables, space, noisy).latency_ratio == pytest.approx(1.0)
+
+    def record(policy, ratio):
+        return {"policy": list(policy), "latency_ratio": ratio, "size_bytes": 900.0,
+                "calib_error": 0.01}
+
+    # candidates measured whole where g3 really is 0.6x: its timing gets trusted
+    real = [record((1, 0, 0, 1), 0.5), record((0, 1, 0, 1), 0.55), record((0, 0, 0, 1), 0.6),
+            record((1, 1, 0, 0), 0.85)]
+    fitted = Correction.fit(tables, space, real, base["size_bytes"])
+    assert fitted.trust == 1.0
+    assert fitted.predict(tables, space, noisy).latency_ratio == pytest.approx(0.6, abs=0.05)
+    # ... and where it was noise (no change), the MACs model stays
+    noise = [record((1, 0, 0, 1), 0.9), record((0, 1, 0, 1), 0.95), record((0, 0, 0, 1), 1.0),
+             record((1, 1, 0, 0), 0.85)]
+    assert Correction.fit(tables, space, noise, base["size_bytes"]).trust == 0.0
