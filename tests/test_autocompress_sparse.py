@@ -150,6 +150,14 @@ def test_build_sparse_policy_and_the_int8_rule(tmp_path):
     rebuilt, _ = build(model, space, space.repair(policy), context)
     assert np.array_equal(constant_array(next(n for n in rebuilt.graph
                                               if n.name == "conv2").inputs[1]), weight)
+    # pruned to 12 channels, conv2 no longer tiles by 16 outputs: left dense, and said so
+    prune = next(i for i, k in enumerate(space.knobs)
+                 if k.kind == "prune" and k.key in ("conv2", "w2", "b2"))
+    pruned = list(space.repair(policy))
+    pruned[prune] = space.knobs[prune].choices.index(0.25)
+    built, info = build(model, space, tuple(pruned), context)
+    assert "does not tile" in info["stats"]["sparsify"]["not_sparsified"]["conv2"]
+    assert not read_sparsity(built)
 
 
 def _fake_tables(space):
