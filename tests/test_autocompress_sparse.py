@@ -315,3 +315,21 @@ def test_real_tvm_backend_sparse_end_to_end_cli(tmp_path):
     err = verify_models(path, out, data=str(verify), input_shapes={"x": (1, 3, 8, 8)},
                         batches=16)
     assert abs(err.max_rel_l2 - data["final"]["rel_l2"]) < 1e-6
+
+
+def test_picks_are_policies_as_built_so_a_sparse_layer_is_not_measured_twice():
+    """int8 + sparse on one layer builds the same model as sparse alone (repair): the
+    search must not measure that model again under the other policy."""
+    from types import SimpleNamespace
+
+    from onnxforge.autocompress.run import _Job, policy_key
+    from onnxforge.autocompress.space import Knob, Space
+
+    space = Space([Knob("sparse", "conv2", (0.0, 0.5)), Knob("bits", "conv2", (32, 8)),
+                   Knob("bits", "fc1", (32, 8))])
+    measured = (1, 0, 0)  # conv2 sparse, measured already
+    job = SimpleNamespace(space=space, records={policy_key(measured): {}},
+                          best=lambda: None, _error_limit=lambda: float("inf"))
+    front = [((1, 1, 0), (0.5, 0.1)), ((1, 1, 1), (0.4, 0.2))]
+    picks = _Job._picks(job, front, limit=0.01)
+    assert picks == [(1, 0, 1)]  # (1, 1, 0) is the measured (1, 0, 0) as built

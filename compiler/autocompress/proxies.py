@@ -36,7 +36,12 @@ Predictions:
       is measured from the all-int8 end and shared out by how much each layer's leave-one-
       out moved it; exact for the input model and all-int8, bounded in between
   size, MACs    the input model's plus each choice's change
-  error         the sum of each choice's error (conservative for errors that partly cancel)
+  error         the root of the sum of the squares of each choice's error (rel L2): the
+                output perturbations of different layers add up about like independent
+                vectors. On PP-OCRv4 rec's 58 measured candidates, once scaled by its
+                factor, it is off by a mean |log| of 0.24 against 0.63 for the plain sum
+                (digits on TVM, 42 candidates: 0.27 against 0.32); both rank them alike
+                (Spearman 0.89)
 `Correction` then scales each predicted change by the least-squares factor measured/
 predicted over the candidates built so far.
 
@@ -178,14 +183,14 @@ def predict(tables: ProxyTables, space: Space, policy: Policy, trust: float = 1.
     policy = space.repair(policy)  # as built: a sparse layer's int8/rank choice dropped
     base = tables.base
     float_part, int8_term = 1.0, 0.0
-    size_float, int8_bytes, macs, error = base["size_bytes"], 0.0, base["macs"], 0.0
+    size_float, int8_bytes, macs, error_sq = base["size_bytes"], 0.0, base["macs"], 0.0
     bits = [i for i, k in enumerate(space.knobs) if k.kind == "bits"]
     any_int8 = any(policy[i] for i in bits)
     for i, choice in enumerate(policy):
         if not choice:
             continue
         row = tables.single[knob_id(space, i)][str(choice)]
-        error += row["error"]
+        error_sq += row["error"] ** 2
         if space.knobs[i].kind == "bits":
             int8_bytes += row["size_bytes"] - base["size_bytes"]
             continue
@@ -208,7 +213,7 @@ def predict(tables: ProxyTables, space: Space, policy: Policy, trust: float = 1.
     ratio = max(float_part, 0.05) * max(1.0 + int8_term, 0.05)
     # int8 saves on what pruning and low rank left: its saving scaled by the size left
     size = size_float + int8_bytes * max(size_float, 0.0) / max(base["size_bytes"], 1.0)
-    return Prediction(ratio, max(size, 0.0), max(macs, 0.0), error)
+    return Prediction(ratio, max(size, 0.0), max(macs, 0.0), math.sqrt(error_sq))
 
 
 @dataclass

@@ -493,7 +493,10 @@ class _Job:
         """What to build next (`search.choose_picks`), from the proxy front's points not
         measured yet; once a candidate meets everything, pick 1 only takes points
         predicted to have less error than it (with 50 % slack for the proxies' error)."""
-        fresh = [(p, o) for p, o in front if policy_key(p) not in self.records]
+        # as built (a sparse layer's int8/rank choice dropped): two policies that build
+        # the same model are one candidate
+        built = {self.space.repair(p): o for p, o in front}
+        fresh = [(p, o) for p, o in built.items() if policy_key(p) not in self.records]
         best = self.best()
         bound = float("inf") if best is None else 1.5 * (best.get("calib_error") or 0.0)
         return choose_picks(fresh, limit, self._error_limit(), bound)
