@@ -715,3 +715,19 @@ def test_latency_of_prune_entries_modelled_from_macs_until_candidates_trust_thei
     noise = [record((1, 0, 0, 1), 0.9), record((0, 1, 0, 1), 0.95), record((0, 0, 0, 1), 1.0),
              record((1, 1, 0, 0), 0.85)]
     assert Correction.fit(tables, space, noise, base["size_bytes"]).trust == 0.0
+
+
+def test_first_round_measures_what_each_technique_alone_measures_first(files, tmp_path):
+    """The joint search's first round includes each single-technique search's first
+    candidate (same seed, same proxies), so no technique alone gets ahead in round 1."""
+    firsts = []
+    for kind in ("prune", "rank", "bits"):
+        alone = run(files, tmp_path, speedup=3.0, max_error=0.5, kinds=(kind,),
+                    max_candidates=1, force=True)
+        measured = [c["policy"] for c in alone.report["candidates"] if any(c["policy"])]
+        firsts += measured[:1]
+    assert len(firsts) == 3
+    joint = run(files, tmp_path, speedup=3.0, max_error=0.5, max_candidates=6, force=True)
+    rounds = joint.report["search"]["rounds"]
+    joint_policies = [c["policy"] for c in joint.report["candidates"]]
+    assert all(first in joint_policies for first in firsts), (firsts, rounds)

@@ -462,10 +462,18 @@ class _Job:
                                                                          self.allowed))
                              if knob.kind == kind and len(allowed) > 1]
                       for kind in self.kinds}
+            own_fronts: dict[str, list[tuple[Policy, tuple[float, float]]]] = {}
             front = evolve_joint(self.allowed, groups, self._objectives, start=start,
-                                 seed=self.seed + self.stats["rounds"])
+                                 seed=self.seed + self.stats["rounds"], own_fronts=own_fronts)
             display.update(front=len(self._measured_front()))
             picks = self._picks(front, limit)
+            if self.stats["rounds"] == 1:
+                # what each technique searched alone would measure first: the joint search
+                # measures it too, so no single technique gets ahead by its first round
+                # (MiniLM: the joint's own first picks were all prune+rank+int8 mixes far
+                # past the limit, and it never measured all-int8, int8 alone's best)
+                for own in own_fronts.values():
+                    picks += [p for p in self._picks(own, limit)[:1] if p not in picks]
             if not picks:
                 self.stats["stopped"] = "converged: nothing new near the budget on the front"
                 return

@@ -67,19 +67,25 @@ def _crowding(points: list[Objectives], front: list[int]) -> dict[int, float]:
 
 def evolve_joint(choices: list[list[int]], groups: dict[str, list[int]],
                  evaluate: Callable[[Policy], Objectives], *, seed: int,
-                 start: Iterable[Policy] = ()) -> list[tuple[Policy, Objectives]]:
+                 start: Iterable[Policy] = (),
+                 own_fronts: dict[str, list[tuple[Policy, Objectives]]] | None = None
+                 ) -> list[tuple[Policy, Objectives]]:
     """`evolve` over every knob, its first population seeded with each group's own front
     (the knobs of `groups[name]` searched alone, every other knob unchanged, from the
     `start` policies that change only that group's knobs). Every seed is evaluated, so the
-    front returned weakly dominates each group's front on `evaluate`."""
+    front returned weakly dominates each group's front on `evaluate`. `own_fronts`, when
+    given, receives each group's own front by name."""
     start = list(start)
     seeds = list(start)
     if sum(1 for knobs in groups.values() if knobs) > 1:
-        for knobs in groups.values():
+        for name, knobs in groups.items():
             inside = set(knobs)
             alone = [c if i in inside else [0] for i, c in enumerate(choices)]
             own = [p for p in start if all(not c or i in inside for i, c in enumerate(p))]
-            seeds += [p for p, _ in evolve(alone, evaluate, seed=seed, start=own)]
+            front = evolve(alone, evaluate, seed=seed, start=own)
+            if own_fronts is not None:
+                own_fronts[name] = front
+            seeds += [p for p, _ in front]
     return evolve(choices, evaluate, seed=seed, start=seeds)
 
 
