@@ -187,8 +187,6 @@ def side_by_side(data: dict, results: dict[str, dict], threads: int, repeats: in
     TvmLatency with --backend tvm; `repeats` times, median of the ratios): one comparison
     under one load, where each run's own re-measurement was taken minutes apart.
     {run: speedup}."""
-    import statistics
-
     from onnxforge.autocompress.build import build
     from onnxforge.autocompress.measure import OrtLatency, TvmLatency
     from onnxforge.autocompress.space import discover, sparse_support
@@ -210,12 +208,20 @@ def side_by_side(data: dict, results: dict[str, dict], threads: int, repeats: in
         models.append(build(original, space, tuple(chosen["policy"]), context)[0])
     lat = OrtLatency(threads=threads) if backend == "ort" else \
         TvmLatency(target, threads, shapes)
-    ratios: dict[str, list[float]] = {n: [] for n in names}
+    return dict(zip(names, time_together(lat, original, models, calib.first(), repeats)))
+
+
+def time_together(lat, original, models: list, inputs: dict, repeats: int = 3) -> list[float]:
+    """Speedup of each of `models` over `original`, all timed by `lat` in the same
+    interleaved rounds, `repeats` times; the median of each one's ratios."""
+    import statistics
+
+    ratios: list[list[float]] = [[] for _ in models]
     for _ in range(repeats):
-        times = lat.time([original, *models], calib.first())
-        for n, t in zip(names, times[1:]):
-            ratios[n].append(times[0] / t)
-    return {n: statistics.median(r) for n, r in ratios.items()}
+        times = lat.time([original, *models], inputs)
+        for r, t in zip(ratios, times[1:]):
+            r.append(times[0] / t)
+    return [statistics.median(r) for r in ratios]
 
 
 def main() -> None:
@@ -247,7 +253,7 @@ def main() -> None:
                     "one table and plot with the baselines measured before)")
     ap.add_argument("--side-by-side", action="store_true",
                     help="at the end, build each run's chosen model again and time them all "
-                    "with the input model in the same interleaved rounds (ORT)")
+                    "with the input model in the same interleaved rounds (on --backend)")
     args = ap.parse_args()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     reuse = {r.strip() for r in args.reuse.split(",") if r.strip()}

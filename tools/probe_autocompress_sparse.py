@@ -11,7 +11,6 @@ times each model with the input model in the same interleaved rounds (TvmLatency
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,6 +21,9 @@ from onnxforge.autocompress.space import discover, sparse_support
 from onnxforge.calibration import open_calibration
 from onnxforge.ir import load_model
 from onnxforge.passes.base import PassContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_autocompress import time_together
 
 
 def main() -> None:
@@ -50,15 +52,10 @@ def main() -> None:
         "both convs sparse 50 %, all fp32": with_sparse(none, ["/1/1.0/Conv", "/3/3.0/Conv"]),
     }
     models = [build(model, space, p, context)[0] for p in policies.values()]
-    lat = TvmLatency("host", 1, shapes)
-    ratios: dict[str, list[float]] = {n: [] for n in policies}
-    for _ in range(3):
-        times = lat.time([model, *models], calib.first())
-        for name, t in zip(policies, times[1:]):
-            ratios[name].append(times[0] / t)
-    for name, built in zip(policies, models):
+    speedups = time_together(TvmLatency("host", 1, shapes), model, models, calib.first())
+    for name, built, speedup in zip(policies, models, speedups):
         q = measure_quality(model, built, test, threads=1)
-        print(f"{name}: {statistics.median(ratios[name]):.2f}x, accuracy drop "
+        print(f"{name}: {speedup:.2f}x, accuracy drop "
               f"{100 * (q.reference_accuracy - q.accuracy):.2f} pt, rel L2 {q.rel_l2:.3f}")
 
 

@@ -276,6 +276,7 @@ class _Job:
         self.metric, self.calib_batches, self.guard = metric, calib_batches, guard
         self.cache, self.seed = cache, seed
         self.proxy_lat = lat  # where the proxy tables' latencies are timed
+        self.sparse_table: dict[str, dict[str, float]] | None = None  # None: no sparse knobs
         self.records: dict[str, dict[str, Any]] = {}
         self.space: Space | None = None
         self.tables: ProxyTables | None = None
@@ -379,8 +380,7 @@ class _Job:
         display.update(phase="measuring the input model")
         self.origin = self._origin_record()
         display.update(phase="finding the decision space")
-        self.space = discover(self.original, self.context,
-                              sparse=getattr(self, "sparse_table", None))
+        self.space = discover(self.original, self.context, sparse=self.sparse_table)
         self.records[policy_key(self.space.origin)] = {**self.origin,
                                                         "policy": list(self.space.origin)}
         for k, rec in self.cache.candidates.items():
@@ -446,6 +446,10 @@ class _Job:
         for kind in ("prune", "rank"):
             extremes.append(tuple(max(self.allowed[i]) if self.space.knobs[i].kind == kind
                                   else 0 for i in range(n)))
+        groups = {kind: [i for i, (knob, allowed) in enumerate(zip(self.space.knobs,
+                                                                     self.allowed))
+                         if knob.kind == kind and len(allowed) > 1]
+                  for kind in self.kinds}
         while True:
             if clock.left() <= 0:
                 self.stats["stopped"] = "time budget"
@@ -458,10 +462,6 @@ class _Job:
             display.update(phase=f"round {self.stats['rounds']}: searching the proxies")
             start = [self.space.origin, *extremes,
                      *(tuple(r["policy"]) for r in self.records.values() if "failed" not in r)]
-            groups = {kind: [i for i, (knob, allowed) in enumerate(zip(self.space.knobs,
-                                                                         self.allowed))
-                             if knob.kind == kind and len(allowed) > 1]
-                      for kind in self.kinds}
             own_fronts: dict[str, list[tuple[Policy, tuple[float, float]]]] = {}
             front = evolve_joint(self.allowed, groups, self._objectives, start=start,
                                  seed=self.seed + self.stats["rounds"], own_fronts=own_fronts)
